@@ -1,0 +1,240 @@
+//! The mesh root CA: creation, loading, and issuing node certificates.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rand::RngExt;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+use super::cert::{GATEWAY_OU, NODE_OU};
+use super::files::{read_private_key, read_text, write_file, write_private_file};
+use super::identity::check_name;
+use super::{Identity, PkiError, Role};
+
+/// Root CA lifetime. Ten years: rotation of the root is an explicit operator act.
+pub const DEFAULT_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Offline-issued node certificates. One year until automatic renewal exists for them.
+pub const DEFAULT_NODE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Backdating absorbs clock skew between the CA and the verifying nodes.
+const BACKDATE: Duration = Duration::from_secs(5 * 60);
+
+pub const CA_CERT_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca.key";
+
+/// A mesh root CA whose private key is at hand.
+pub struct Ca {
+    mesh: String,
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A freshly issued node certificate with its private key (PEM).
+pub struct IssuedCert {
+    pub identity: Identity,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+// === impl Ca ===
+
+impl Ca {
+    /// Creates a new root CA for `mesh`.
+    pub fn generate(mesh: &str, validity: Duration) -> Result<Self, PkiError> {
+        check_name("mesh", mesh)?;
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "meshnode");
+        dn.push(DnType::CommonName, format!("meshnode CA {mesh}"));
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        // The mesh name is carried as the CA's only URI SAN, so a loaded CA knows its trust domain.
+        p.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://{mesh}").try_into().map_err(rcgen::Error::from)?,
+        )];
+        set_validity(&mut p, validity);
+        p.serial_number = Some(random_serial());
+        let cert = p.self_signed(&key)?;
+        Ok(Self {
+            mesh: mesh.to_string(),
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(p, key),
+        })
+    }
+
+    /// Loads `ca.pem` and `ca.key` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self, PkiError> {
+        let cert_pem = read_text(&dir.join(CA_CERT_FILE))?;
+        let (key_pem, _) = read_private_key(&dir.join(CA_KEY_FILE))?;
+        let key = KeyPair::from_pem(&key_pem)?;
+        let mesh = mesh_of_ca_pem(&cert_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
+        Ok(Self {
+            mesh,
+            cert_pem,
+            issuer,
+        })
+    }
+
+    /// Writes `ca.pem` (0644) and `ca.key` (0600) into `dir`, creating it.
+    pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
+        std::fs::create_dir_all(dir).map_err(|source| PkiError::Write {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        write_private_file(
+            &dir.join(CA_KEY_FILE),
+            self.issuer.key().serialize_pem().as_bytes(),
+        )?;
+        write_file(&dir.join(CA_CERT_FILE), self.cert_pem.as_bytes(), 0o644)
+    }
+
+    pub fn mesh(&self) -> &str {
+        &self.mesh
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a node certificate with a new key pair.
+    pub fn issue(
+        &self,
+        cluster: &str,
+        node: &str,
+        role: Role,
+        validity: Duration,
+    ) -> Result<IssuedCert, PkiError> {
+        let identity = Identity::new(&self.mesh, cluster, node)?;
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "meshnode");
+        dn.push(
+            DnType::OrganizationalUnitName,
+            match role {
+                Role::Gateway => GATEWAY_OU,
+                Role::Node => NODE_OU,
+            },
+        );
+        dn.push(DnType::CommonName, node);
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.subject_alt_names = vec![SanType::URI(
+            identity.uri().try_into().map_err(rcgen::Error::from)?,
+        )];
+        p.use_authority_key_identifier_extension = true;
+        set_validity(&mut p, validity);
+        p.serial_number = Some(random_serial());
+        let cert = p.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            identity,
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+// === impl IssuedCert ===
+
+impl IssuedCert {
+    /// Writes `node.pem` (0644), `node.key` (0600) and a copy of the CA as `ca.pem` into `dir`.
+    pub fn save(&self, dir: &Path, ca_pem: &str) -> Result<(), PkiError> {
+        std::fs::create_dir_all(dir).map_err(|source| PkiError::Write {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        write_private_file(&dir.join("node.key"), self.key_pem.as_bytes())?;
+        write_file(&dir.join("node.pem"), self.cert_pem.as_bytes(), 0o644)?;
+        write_file(&dir.join(CA_CERT_FILE), ca_pem.as_bytes(), 0o644)
+    }
+}
+
+fn set_validity(p: &mut CertificateParams, validity: Duration) {
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - BACKDATE;
+    p.not_after = now + validity;
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::rng().random();
+    bytes[0] &= 0x7f; // keep it a positive INTEGER
+    SerialNumber::from_slice(&bytes)
+}
+
+/// The trust domain of a CA certificate: its `spiffe://<mesh>` URI SAN.
+pub fn mesh_of_ca_pem(pem: &str) -> Result<String, PkiError> {
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let certs = super::files::parse_certs("CA certificate", pem)?;
+    let bad = |reason: String| PkiError::BadCertificate {
+        what: "CA certificate".to_string(),
+        reason,
+    };
+    let der = certs.first().ok_or_else(|| bad("empty".to_string()))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| bad(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| bad(e.to_string()))?
+        .ok_or_else(|| bad("no spiffe://<mesh> URI SAN: not a meshnode CA".to_string()))?;
+    for n in &san.value.general_names {
+        if let GeneralName::URI(u) = n {
+            if let Some(mesh) = u.strip_prefix("spiffe://") {
+                check_name("mesh", mesh)?;
+                return Ok(mesh.to_string());
+            }
+        }
+    }
+    Err(bad("no spiffe://<mesh> URI SAN: not a meshnode CA".to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::PeerCert;
+
+    #[test]
+    fn issued_cert_carries_identity_and_role() {
+        let ca = Ca::generate("acme", DEFAULT_CA_VALIDITY).unwrap();
+        let gw = ca
+            .issue("east", "gw-1", Role::Gateway, Duration::from_secs(3600))
+            .unwrap();
+        let der = crate::pki::files::parse_certs("t", &gw.cert_pem).unwrap();
+        let peer = PeerCert::from_der(&der[0]).unwrap();
+        assert_eq!(
+            peer.identity.to_string(),
+            "spiffe://acme/cluster/east/node/gw-1"
+        );
+        assert_eq!(peer.role, Role::Gateway);
+        let node = ca
+            .issue("east", "vm-1", Role::Node, Duration::from_secs(3600))
+            .unwrap();
+        let der = crate::pki::files::parse_certs("t", &node.cert_pem).unwrap();
+        assert_eq!(PeerCert::from_der(&der[0]).unwrap().role, Role::Node);
+    }
+
+    #[test]
+    fn save_and_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("acme", DEFAULT_CA_VALIDITY).unwrap();
+        ca.save(dir.path()).unwrap();
+        let loaded = Ca::load(dir.path()).unwrap();
+        assert_eq!(loaded.mesh(), "acme");
+        assert!(Ca::generate("bad mesh", DEFAULT_CA_VALIDITY).is_err());
+        assert!(matches!(ca.save(dir.path()), Err(PkiError::Exists { .. })));
+    }
+}

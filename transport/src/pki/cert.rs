@@ -1,0 +1,94 @@
+//! Reading what a node certificate says: its identity and its role.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::{Identity, PkiError};
+
+/// Value of the subject's organizationalUnit that marks a gateway certificate.
+/// Kept in the subject so `openssl x509 -noout -subject` shows the role.
+pub(crate) const GATEWAY_OU: &str = "gateway";
+pub(crate) const NODE_OU: &str = "node";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Node,
+    Gateway,
+}
+
+/// What meshnode trusts about a peer once its chain has been verified.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCert {
+    pub identity: Identity,
+    pub role: Role,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+// === impl Role ===
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Node => NODE_OU,
+            Role::Gateway => GATEWAY_OU,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl PeerCert ===
+
+impl PeerCert {
+    /// Parses a node certificate (DER). Requires exactly one URI SAN holding a node SPIFFE ID.
+    /// Does not verify the chain: callers run this after rustls has.
+    pub fn from_der(der: &[u8]) -> Result<Self, PkiError> {
+        let bad = |reason: String| PkiError::BadCertificate {
+            what: "peer certificate".to_string(),
+            reason,
+        };
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| bad(e.to_string()))?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| bad(e.to_string()))?
+            .ok_or_else(|| bad("no subjectAltName extension".to_string()))?;
+        let uris: Vec<&str> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect();
+        let [uri] = uris.as_slice() else {
+            return Err(bad(format!(
+                "expected exactly one URI SAN, found {}",
+                uris.len()
+            )));
+        };
+        let identity: Identity = uri.parse()?;
+        let gateway = cert
+            .subject()
+            .iter_organizational_unit()
+            .any(|ou| ou.as_str().ok() == Some(GATEWAY_OU));
+        Ok(PeerCert {
+            identity,
+            role: if gateway { Role::Gateway } else { Role::Node },
+            not_after: cert.validity().not_after.timestamp(),
+        })
+    }
+
+    pub fn is_gateway(&self) -> bool {
+        self.role == Role::Gateway
+    }
+}

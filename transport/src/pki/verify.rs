@@ -1,0 +1,238 @@
+//! rustls verifiers for the mesh. They wrap, never replace, the standard WebPKI
+//! chain check (signature, validity, EKU) and then add meshnode's rule: the peer
+//! holds a node certificate of *this* mesh. Pool-level rules (same cluster for
+//! the LAN pool, gateway-only for the WAN pool) are checked on the verified
+//! [`PeerCert`] after the handshake, per protocol.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+
+use super::PeerCert;
+
+/// The pure part: does this (chain-verified) certificate belong to `mesh`?
+pub fn check_mesh(end_entity: &[u8], mesh: &str) -> Result<PeerCert, String> {
+    let peer = PeerCert::from_der(end_entity).map_err(|e| e.to_string())?;
+    if peer.identity.mesh() != mesh {
+        return Err(format!(
+            "peer {} belongs to mesh {:?}, not {:?}",
+            peer.identity,
+            peer.identity.mesh(),
+            mesh
+        ));
+    }
+    Ok(peer)
+}
+
+fn reject(reason: String) -> rustls::Error {
+    tracing::debug!(%reason, "rejected peer certificate");
+    rustls::Error::General(reason)
+}
+
+/// Server side: verifies a client's certificate.
+pub struct MeshClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    mesh: String,
+}
+
+/// Client side: verifies a server's certificate. SPIFFE IDs are not DNS names,
+/// so the server name is not checked; the identity check replaces it.
+pub struct MeshServerVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    mesh: String,
+}
+
+// === impl MeshClientVerifier ===
+
+impl MeshClientVerifier {
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        provider: Arc<CryptoProvider>,
+        mesh: &str,
+    ) -> Result<Self, rustls::server::VerifierBuilderError> {
+        let inner = WebPkiClientVerifier::builder_with_provider(roots, provider).build()?;
+        Ok(Self {
+            inner,
+            mesh: mesh.to_string(),
+        })
+    }
+}
+
+impl fmt::Debug for MeshClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshClientVerifier")
+            .field("mesh", &self.mesh)
+            .finish()
+    }
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_mesh(end_entity, &self.mesh).map_err(reject)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+// === impl MeshServerVerifier ===
+
+impl MeshServerVerifier {
+    pub fn new(roots: Arc<RootCertStore>, provider: Arc<CryptoProvider>, mesh: &str) -> Self {
+        Self {
+            roots,
+            provider,
+            mesh: mesh.to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for MeshServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshServerVerifier")
+            .field("mesh", &self.mesh)
+            .finish()
+    }
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        check_mesh(end_entity, &self.mesh).map_err(reject)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pki::{Ca, Role};
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        crate::pki::files::parse_certs("t", pem).unwrap().remove(0)
+    }
+
+    fn verifier(ca: &Ca, mesh: &str) -> MeshServerVerifier {
+        let mut roots = RootCertStore::empty();
+        roots.add(der(ca.cert_pem())).unwrap();
+        MeshServerVerifier::new(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+            mesh,
+        )
+    }
+
+    fn verify(v: &MeshServerVerifier, pem: &str) -> Result<ServerCertVerified, rustls::Error> {
+        let name = ServerName::try_from("meshnode").unwrap();
+        v.verify_server_cert(&der(pem), &[], &name, &[], UnixTime::now())
+    }
+
+    #[test]
+    fn accepts_own_mesh_and_rejects_foreign_ca_and_mesh() {
+        let ca = Ca::generate("acme", Duration::from_secs(3600)).unwrap();
+        let other = Ca::generate("acme", Duration::from_secs(3600)).unwrap();
+        let good = ca
+            .issue("east", "a", Role::Node, Duration::from_secs(60))
+            .unwrap();
+        let foreign = other
+            .issue("east", "a", Role::Node, Duration::from_secs(60))
+            .unwrap();
+        assert!(verify(&verifier(&ca, "acme"), &good.cert_pem).is_ok());
+        assert!(verify(&verifier(&ca, "acme"), &foreign.cert_pem).is_err());
+        // Same CA, but this verifier serves another trust domain.
+        let err = verify(&verifier(&ca, "globex"), &good.cert_pem).unwrap_err();
+        assert!(err.to_string().contains("globex"), "{err}");
+    }
+}

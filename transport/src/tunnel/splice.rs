@@ -1,0 +1,107 @@
+//! Copies bytes between a TCP connection and a tunnel stream, both ways,
+//! carrying half-close (FIN <-> finish) and aborts (RST <-> reset) across.
+
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::code;
+
+/// Large enough to keep a 1 MiB stream window busy with few syscalls.
+const BUF_LEN: usize = 64 * 1024;
+
+/// How a spliced connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Both directions finished cleanly.
+    Done,
+    /// The local TCP side failed or was reset; the stream was reset.
+    LocalAbort,
+    /// The peer reset the stream or the connection was lost; the TCP side was reset.
+    PeerAbort,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpliceStats {
+    /// Bytes read from TCP and written to the stream.
+    pub to_peer: u64,
+    /// Bytes read from the stream and written to TCP.
+    pub from_peer: u64,
+    pub ending: Ending,
+}
+
+// === impl Ending ===
+
+impl Ending {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ending::Done => "ok",
+            Ending::LocalAbort => "local_abort",
+            Ending::PeerAbort => "peer_abort",
+        }
+    }
+}
+
+/// Runs until both directions are finished or one side aborts.
+pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStream) -> SpliceStats {
+    let _ = tcp.set_nodelay(true);
+    let mut to_peer = 0u64;
+    let mut from_peer = 0u64;
+    let result = {
+        let (mut tcp_read, mut tcp_write) = tcp.split();
+        let up = async {
+            let mut buf = vec![0u8; BUF_LEN];
+            loop {
+                match tcp_read.read(&mut buf).await {
+                    Ok(0) => {
+                        let _ = send.finish();
+                        return Ok(());
+                    }
+                    Ok(n) => {
+                        send.write_all(&buf[..n])
+                            .await
+                            .map_err(|_| Ending::PeerAbort)?;
+                        to_peer += n as u64;
+                    }
+                    Err(_) => return Err(Ending::LocalAbort),
+                }
+            }
+        };
+        let down = async {
+            loop {
+                match recv.read_chunk(BUF_LEN, true).await {
+                    Ok(Some(chunk)) => {
+                        tcp_write
+                            .write_all(&chunk.bytes)
+                            .await
+                            .map_err(|_| Ending::LocalAbort)?;
+                        from_peer += chunk.bytes.len() as u64;
+                    }
+                    Ok(None) => {
+                        let _ = tcp_write.shutdown().await;
+                        return Ok(());
+                    }
+                    Err(_) => return Err(Ending::PeerAbort),
+                }
+            }
+        };
+        tokio::try_join!(up, down)
+    };
+    let ending = match result {
+        Ok(_) => Ending::Done,
+        Err(ending) => {
+            // Whichever side failed, abort both: the stream with a reset, TCP with an RST.
+            let _ = send.reset(code::RESET);
+            let _ = recv.stop(code::RESET);
+            if ending == Ending::PeerAbort {
+                let _ = tcp.set_zero_linger();
+            }
+            ending
+        }
+    };
+    SpliceStats {
+        to_peer,
+        from_peer,
+        ending,
+    }
+}
