@@ -1,1 +1,2 @@
-
+//! The meshnode agent.
+pub mod config;

@@ -1,0 +1,206 @@
+//! The key schema of a node's gossip state.
+//!
+//! | key | value |
+//! |---|---|
+//! | `node` | [`NodeInfo`] |
+//! | `svc:<name>:<port>` | [`ServiceRecord`] |
+//! | `leaving` | `"1"` once the node leaves gracefully |
+//!
+//! Values are base64 of the bincode [`codec`](meshnode_transport::codec) encoding
+//! of a versioned enum. Keys stay ASCII (chitchat slices key bytes) and values
+//! stay under [`MAX_VALUE_LEN`]: a chitchat value above ~65 KB is never sent and
+//! blocks every later update of its node.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
+use base64::Engine;
+use meshnode_transport::codec;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+pub const NODE_KEY: &str = "node";
+pub const LEAVING_KEY: &str = "leaving";
+pub const SERVICE_PREFIX: &str = "svc:";
+/// Cap on one encoded value.
+pub const MAX_VALUE_LEN: usize = 8 * 1024;
+
+/// What a node says about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub cluster: String,
+    /// The node's QUIC address (gossip and tunnels).
+    pub advertise: SocketAddr,
+    pub gateway: bool,
+    /// meshnode version of the node.
+    pub version: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Http,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Passing,
+    Warning,
+    Critical,
+}
+
+/// One service instance hosted by the publishing node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub name: String,
+    /// Address of the application on its node (usually loopback).
+    pub address: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub tags: Vec<String>,
+    pub health: Health,
+}
+
+#[derive(Serialize, Deserialize)]
+enum WireNode {
+    V1(NodeInfo),
+}
+
+#[derive(Serialize, Deserialize)]
+enum WireService {
+    V1(ServiceRecord),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("value is {0} bytes encoded, over the {MAX_VALUE_LEN}-byte cap")]
+    TooLarge(usize),
+    #[error("not base64: {0}")]
+    Base64(String),
+    #[error(transparent)]
+    Codec(#[from] codec::CodecError),
+}
+
+// === impl Protocol / Health ===
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Passing => "passing",
+            Health::Warning => "warning",
+            Health::Critical => "critical",
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl ServiceRecord ===
+
+impl ServiceRecord {
+    pub fn key(&self) -> String {
+        service_key(&self.name, self.port)
+    }
+}
+
+pub fn service_key(name: &str, port: u16) -> String {
+    format!("{SERVICE_PREFIX}{name}:{port}")
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<String, KeyError> {
+    let s = B64.encode(codec::encode(v)?);
+    if s.len() > MAX_VALUE_LEN {
+        return Err(KeyError::TooLarge(s.len()));
+    }
+    Ok(s)
+}
+
+fn decode<T: DeserializeOwned>(s: &str) -> Result<T, KeyError> {
+    if s.len() > MAX_VALUE_LEN {
+        return Err(KeyError::TooLarge(s.len()));
+    }
+    let bytes = B64
+        .decode(s.as_bytes())
+        .map_err(|e| KeyError::Base64(e.to_string()))?;
+    Ok(codec::decode(&bytes)?)
+}
+
+pub fn encode_node(info: &NodeInfo) -> Result<String, KeyError> {
+    encode(&WireNode::V1(info.clone()))
+}
+
+pub fn decode_node(s: &str) -> Result<NodeInfo, KeyError> {
+    let WireNode::V1(info) = decode(s)?;
+    Ok(info)
+}
+
+pub fn encode_service(rec: &ServiceRecord) -> Result<String, KeyError> {
+    encode(&WireService::V1(rec.clone()))
+}
+
+pub fn decode_service(s: &str) -> Result<ServiceRecord, KeyError> {
+    let WireService::V1(rec) = decode(s)?;
+    Ok(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    pub(crate) fn record(name: &str, port: u16) -> ServiceRecord {
+        ServiceRecord {
+            name: name.into(),
+            address: "127.0.0.1".into(),
+            port,
+            protocol: Protocol::Tcp,
+            tags: vec!["version=v1".into()],
+            health: Health::Passing,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let info = NodeInfo {
+            cluster: "east".into(),
+            advertise: "127.0.0.2:9470".parse().unwrap(),
+            gateway: false,
+            version: "0.1.0".into(),
+        };
+        assert_eq!(decode_node(&encode_node(&info).unwrap()).unwrap(), info);
+        let rec = record("api", 8080);
+        assert_eq!(decode_service(&encode_service(&rec).unwrap()).unwrap(), rec);
+        assert_eq!(rec.key(), "svc:api:8080");
+    }
+
+    #[test]
+    fn oversized_record_is_refused() {
+        let mut rec = record("api", 1);
+        rec.tags = vec!["t".repeat(MAX_VALUE_LEN)];
+        assert!(matches!(encode_service(&rec), Err(KeyError::TooLarge(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_values_never_panic(s in ".{0,300}") {
+            let _ = decode_service(&s);
+            let _ = decode_node(&s);
+        }
+    }
+}

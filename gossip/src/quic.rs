@@ -1,0 +1,216 @@
+//! chitchat's `Transport` over the node's QUIC endpoint.
+//!
+//! One uni stream per gossip message on a pooled `meshnode-gossip/1`
+//! connection. Only peers with a mesh certificate *of this cluster* get their
+//! frames parsed: chitchat's decoder is expensive on hostile input, so nothing
+//! reaches it unauthenticated. The sender address handed to chitchat (which it
+//! replies to) is the connection's remote address, never a claim in the frame.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use async_trait::async_trait;
+use chitchat::transport::{Socket, Transport};
+use chitchat::{ChitchatMessage, Deserializable, Serializable};
+use meshnode_transport::alpn::Alpn;
+use meshnode_transport::{Accepted, Endpoint};
+use tokio::sync::mpsc;
+use tracing::{debug, trace};
+
+use crate::metrics::{BYTES, DROPPED, MESSAGES};
+
+/// chitchat's own message cap (a UDP datagram); anything larger is not gossip.
+const MAX_FRAME: usize = 65_507;
+/// Queued outbound messages per peer; gossip is lossy by design, so overflow drops.
+const PEER_QUEUE: usize = 32;
+const IN_QUEUE: usize = 1024;
+/// A per-peer sender with nothing to send for this long exits.
+const PEER_IDLE: Duration = Duration::from_secs(60);
+const CLOSE_WRONG_POOL: quinn::VarInt = quinn::VarInt::from_u32(0x20);
+
+/// Hands chitchat a socket over QUIC. `open` may be called once.
+pub struct QuicTransport {
+    parts: Mutex<Option<Parts>>,
+}
+
+struct Parts {
+    endpoint: Endpoint,
+    incoming: mpsc::Receiver<Accepted>,
+    cluster: String,
+}
+
+struct QuicSocket {
+    out: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    inbox: mpsc::Receiver<(SocketAddr, ChitchatMessage)>,
+}
+
+// === impl QuicTransport ===
+
+impl QuicTransport {
+    /// `cluster` is the pool: only peers whose certificate names it may gossip.
+    pub fn new(endpoint: Endpoint, incoming: mpsc::Receiver<Accepted>, cluster: &str) -> Self {
+        Self {
+            parts: Mutex::new(Some(Parts {
+                endpoint,
+                incoming,
+                cluster: cluster.to_string(),
+            })),
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for QuicTransport {
+    async fn open(&self, _listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let parts = self
+            .parts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| anyhow!("the QUIC gossip transport was already opened"))?;
+        let (in_tx, inbox) = mpsc::channel(IN_QUEUE);
+        let (out, out_rx) = mpsc::channel(IN_QUEUE);
+        tokio::spawn(accept_loop(parts.incoming, parts.cluster.clone(), in_tx));
+        tokio::spawn(send_loop(parts.endpoint, parts.cluster, out_rx));
+        Ok(Box::new(QuicSocket { out, inbox }))
+    }
+}
+
+#[async_trait]
+impl Socket for QuicSocket {
+    async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+        // Never wait on the network here: chitchat awaits send inline in its only task.
+        let bytes = msg.serialize_to_vec();
+        if self.out.try_send((to, bytes)).is_err() {
+            metrics::counter!(DROPPED, "reason" => "queue_full").increment(1);
+        }
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
+        // Cancel-safe: chitchat polls this in a select!.
+        self.inbox
+            .recv()
+            .await
+            .ok_or_else(|| anyhow!("QUIC endpoint closed"))
+    }
+}
+
+async fn accept_loop(
+    mut incoming: mpsc::Receiver<Accepted>,
+    cluster: String,
+    inbox: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
+) {
+    while let Some(Accepted { conn, peer }) = incoming.recv().await {
+        if peer.identity.cluster() != cluster {
+            debug!(peer = %peer.identity, "refusing gossip from another cluster's pool");
+            metrics::counter!(DROPPED, "reason" => "wrong_pool").increment(1);
+            conn.close(CLOSE_WRONG_POOL, b"not a member of this cluster's pool");
+            continue;
+        }
+        let inbox = inbox.clone();
+        tokio::spawn(async move {
+            let from = conn.remote_address();
+            while let Ok(mut stream) = conn.accept_uni().await {
+                let inbox = inbox.clone();
+                tokio::spawn(async move {
+                    let bytes = match stream.read_to_end(MAX_FRAME).await {
+                        Ok(b) => b,
+                        Err(quinn::ReadToEndError::TooLong) => {
+                            metrics::counter!(DROPPED, "reason" => "oversized").increment(1);
+                            let _ = stream.stop(CLOSE_WRONG_POOL);
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let mut cursor = bytes.as_slice();
+                    match ChitchatMessage::deserialize(&mut cursor) {
+                        Ok(msg) if cursor.is_empty() => {
+                            metrics::counter!(MESSAGES, "direction" => "received").increment(1);
+                            metrics::counter!(BYTES, "direction" => "received")
+                                .increment(bytes.len() as u64);
+                            if inbox.try_send((from, msg)).is_err() {
+                                metrics::counter!(DROPPED, "reason" => "queue_full").increment(1);
+                            }
+                        }
+                        _ => {
+                            trace!(%from, "malformed gossip frame");
+                            metrics::counter!(DROPPED, "reason" => "malformed").increment(1);
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+async fn send_loop(
+    endpoint: Endpoint,
+    cluster: String,
+    mut out: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+) {
+    let mut peers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    while let Some((to, bytes)) = out.recv().await {
+        let tx = peers.entry(to).or_insert_with(|| spawn_peer(&endpoint, &cluster, to));
+        let bytes = match tx.try_send(bytes) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!(DROPPED, "reason" => "queue_full").increment(1);
+                continue;
+            }
+            Err(mpsc::error::TrySendError::Closed(bytes)) => bytes,
+        };
+        // The peer's sender exited while idle: start a new one.
+        let tx = spawn_peer(&endpoint, &cluster, to);
+        let _ = tx.try_send(bytes);
+        peers.insert(to, tx);
+        peers.retain(|_, tx| !tx.is_closed());
+    }
+}
+
+/// One sender per peer, so a slow handshake with one peer never delays the others.
+fn spawn_peer(endpoint: &Endpoint, cluster: &str, to: SocketAddr) -> mpsc::Sender<Vec<u8>> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
+    let endpoint = endpoint.clone();
+    let cluster = cluster.to_string();
+    tokio::spawn(async move {
+        while let Ok(Some(bytes)) = tokio::time::timeout(PEER_IDLE, rx.recv()).await {
+            let conn = match endpoint.connect(to, Alpn::Gossip).await {
+                Ok((conn, peer)) if peer.identity.cluster() == cluster => conn,
+                Ok((_, peer)) => {
+                    debug!(%to, peer = %peer.identity, "seed or peer belongs to another cluster; not gossiping with it");
+                    metrics::counter!(DROPPED, "reason" => "wrong_pool").increment(1);
+                    continue;
+                }
+                Err(e) => {
+                    trace!(%to, error = %e, "gossip dial failed");
+                    metrics::counter!(DROPPED, "reason" => "dial").increment(1);
+                    // Whatever queued up while dialling is stale by now.
+                    while rx.try_recv().is_ok() {}
+                    continue;
+                }
+            };
+            let len = bytes.len() as u64;
+            let sent = async {
+                let mut s = conn.open_uni().await?;
+                s.write_all(&bytes).await?;
+                s.finish()?;
+                anyhow::Ok(())
+            };
+            match sent.await {
+                Ok(()) => {
+                    metrics::counter!(MESSAGES, "direction" => "sent").increment(1);
+                    metrics::counter!(BYTES, "direction" => "sent").increment(len);
+                }
+                Err(e) => {
+                    trace!(%to, error = %e, "gossip send failed");
+                    metrics::counter!(DROPPED, "reason" => "dial").increment(1);
+                }
+            }
+        }
+    });
+    tx
+}

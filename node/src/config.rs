@@ -1,0 +1,170 @@
+//! The agent's configuration: the TOML contract of `../shared/design.md`.
+//!
+//! Parsing happens in two steps. [`RawConfig`] mirrors the file with loose types
+//! (addresses and durations as strings) so that nearly any well-formed TOML
+//! deserializes; unknown keys are collected, not fatal. [`RawConfig::validate`]
+//! then checks every key and reports *all* problems at once, each naming its
+//! dotted key (`service[1].check.interval`).
+
+mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshnode_gossip::Protocol;
+use serde::Serialize;
+
+pub use raw::RawConfig;
+
+/// The validated configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub node: String,
+    pub cluster: String,
+    pub mesh: String,
+    pub data_dir: PathBuf,
+    pub bind: SocketAddr,
+    pub advertise: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub seeds: Vec<SocketAddr>,
+    pub gateway: bool,
+    pub wan_advertise: Option<SocketAddr>,
+    pub wan_seeds: Vec<SocketAddr>,
+    pub tls: TlsPaths,
+    pub services: Vec<ServiceConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub gossip: GossipSettings,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub tags: Vec<String>,
+    pub check: Option<CheckConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckTarget {
+    Tcp(String),
+    Http(String),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckConfig {
+    pub target: CheckTarget,
+    #[serde(with = "humantime_serde_compat")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring a failed instance back to passing.
+    pub rise: u32,
+    /// Consecutive failures that make an instance critical.
+    pub fall: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct UpstreamConfig {
+    pub service: String,
+    pub listen: SocketAddr,
+    /// Cluster order to try when the own cluster has no healthy instance.
+    pub failover: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GossipSettings {
+    #[serde(with = "humantime_serde_compat")]
+    pub interval: Duration,
+    pub phi_threshold: f64,
+}
+
+/// One problem with one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", render(.0))]
+    Invalid(Vec<ConfigError>),
+}
+
+fn render(errors: &[ConfigError]) -> String {
+    let mut s = format!(
+        "config has {} error{}:",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    );
+    for e in errors {
+        s.push_str(&format!("\n  {e}"));
+    }
+    s
+}
+
+// === impl ConfigError ===
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Parses and validates TOML text. Pure: no file or network access.
+    pub fn from_toml_str(text: &str) -> Result<Config, LoadError> {
+        RawConfig::parse(text)?
+            .validate()
+            .map_err(LoadError::Invalid)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+}
+
+/// Durations are shown the way they are written: `2s`, `250ms`.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,411 @@
+//! The loosely typed mirror of the config file, and its validation.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use meshnode_gossip::Protocol;
+use serde::Deserialize;
+
+use super::{
+    CheckConfig, CheckTarget, Config, ConfigError, GossipSettings, LoadError, ServiceConfig,
+    TlsPaths, UpstreamConfig,
+};
+
+// Defaults, each with its reason.
+/// One UDP port for gossip, tunnels and join (design contract).
+const DEFAULT_BIND: &str = "0.0.0.0:9470";
+/// The admin API stays on loopback by default: it is unauthenticated.
+const DEFAULT_ADMIN: &str = "127.0.0.1:9471";
+const DEFAULT_DATA_DIR: &str = "/var/lib/meshnode";
+/// Consul's default check interval; fast enough to fail over within seconds.
+const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Two successes before a failed instance takes traffic again (avoids flapping).
+const DEFAULT_RISE: u32 = 2;
+/// Three failures in a row before an instance is critical (one lost probe is not an outage).
+const DEFAULT_FALL: u32 = 3;
+/// Measured: 250 ms rounds spread a change to 30 nodes in well under a second (ARCHITECTURE.md).
+const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_millis(250);
+const DEFAULT_PHI: f64 = 8.0;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawConfig {
+    node: Option<String>,
+    cluster: Option<String>,
+    mesh: Option<String>,
+    data_dir: Option<String>,
+    bind: Option<String>,
+    advertise: Option<String>,
+    admin: Option<String>,
+    seeds: Vec<String>,
+    gateway: bool,
+    wan_advertise: Option<String>,
+    wan_seeds: Vec<String>,
+    tls: Option<RawTls>,
+    service: Vec<RawService>,
+    upstream: Vec<RawUpstream>,
+    gossip: Option<RawGossip>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawTls {
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawService {
+    name: Option<String>,
+    address: Option<String>,
+    port: Option<i64>,
+    protocol: Option<String>,
+    tags: Vec<String>,
+    check: Option<RawCheck>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawCheck {
+    http: Option<String>,
+    tcp: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<i64>,
+    fall: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawUpstream {
+    service: Option<String>,
+    listen: Option<String>,
+    failover: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawGossip {
+    interval: Option<String>,
+    phi_threshold: Option<f64>,
+}
+
+/// Collects problems as validation walks the keys.
+#[derive(Default)]
+struct Errors(Vec<ConfigError>);
+
+// === impl Errors ===
+
+impl Errors {
+    fn push(&mut self, key: impl Into<String>, msg: impl Into<String>) {
+        self.0.push(ConfigError::new(key, msg));
+    }
+
+    fn addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.push(key, format!("{value:?} is not an ip:port address (e.g. \"10.0.1.5:9470\")"));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.push(key, "must be longer than zero");
+                default
+            }
+            Err(_) => {
+                self.push(key, format!("{value:?} is not a duration (e.g. \"500ms\", \"2s\", \"1h\")"));
+                default
+            }
+        }
+    }
+
+    fn name(&mut self, key: &str, value: &str) {
+        if let Err(e) = meshnode_transport::pki::Identity::new("m", "c", value) {
+            let _ = e;
+            self.push(
+                key,
+                format!("{value:?} is not a valid name: use 1-63 characters from a-z, A-Z, 0-9, '-', '_' and '.'"),
+            );
+        }
+    }
+}
+
+fn service_name_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+// === impl RawConfig ===
+
+impl RawConfig {
+    /// Deserializes TOML. Syntax and type errors stop here (with their key);
+    /// unknown keys are all collected and reported.
+    pub fn parse(text: &str) -> Result<RawConfig, LoadError> {
+        let mut unknown = Vec::new();
+        let de = toml::Deserializer::new(text);
+        let mut on_unknown = |path: serde_ignored::Path<'_>| unknown.push(dotted(&path));
+        let ignored = serde_ignored::Deserializer::new(de, &mut on_unknown);
+        let raw: Result<RawConfig, _> = serde_path_to_error::deserialize(ignored);
+        match raw {
+            Ok(raw) if unknown.is_empty() => Ok(raw),
+            Ok(_) => Err(LoadError::Invalid(
+                unknown
+                    .into_iter()
+                    .map(|k| ConfigError::new(k, "unknown key (check its spelling and section)"))
+                    .collect(),
+            )),
+            Err(e) => {
+                let key = e.path().to_string();
+                let key = if key == "." { "(file)".to_string() } else { key };
+                let msg = e.into_inner().message().trim().to_string();
+                Err(LoadError::Invalid(vec![ConfigError::new(key, msg)]))
+            }
+        }
+    }
+
+    /// Checks every key and builds the typed config, or returns every problem found.
+    pub fn validate(self) -> Result<Config, Vec<ConfigError>> {
+        let mut e = Errors::default();
+        let node = self.node.clone().unwrap_or_else(hostname);
+        e.name("node", &node);
+        let cluster = match &self.cluster {
+            Some(c) => {
+                e.name("cluster", c);
+                c.clone()
+            }
+            None => {
+                e.push("cluster", "missing: name the cluster this node belongs to");
+                String::new()
+            }
+        };
+        let mesh = match &self.mesh {
+            Some(m) => {
+                e.name("mesh", m);
+                m.clone()
+            }
+            None => {
+                e.push("mesh", "missing: name the mesh (the trust domain of the CA)");
+                String::new()
+            }
+        };
+        let data_dir = PathBuf::from(self.data_dir.as_deref().unwrap_or(DEFAULT_DATA_DIR));
+        let bind = e.addr("bind", self.bind.as_deref().unwrap_or(DEFAULT_BIND));
+        let advertise = self.advertise.as_deref().and_then(|a| e.addr("advertise", a));
+        if let Some(a) = advertise {
+            if a.ip().is_unspecified() || a.port() == 0 {
+                e.push("advertise", "must be a concrete address other nodes can reach");
+            }
+        }
+        let admin = e.addr("admin", self.admin.as_deref().unwrap_or(DEFAULT_ADMIN));
+        let seeds: Vec<SocketAddr> = self
+            .seeds
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| e.addr(&format!("seeds[{i}]"), s))
+            .collect();
+        let wan_advertise = self.wan_advertise.as_deref().and_then(|a| e.addr("wan_advertise", a));
+        let wan_seeds: Vec<SocketAddr> = self
+            .wan_seeds
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| e.addr(&format!("wan_seeds[{i}]"), s))
+            .collect();
+        if !self.gateway {
+            if self.wan_advertise.is_some() {
+                e.push("wan_advertise", "only gateways (gateway = true) join the WAN pool");
+            }
+            if !self.wan_seeds.is_empty() {
+                e.push("wan_seeds", "only gateways (gateway = true) join the WAN pool");
+            }
+        }
+        let tls = self.tls.unwrap_or_default();
+        let tls = TlsPaths {
+            ca: tls.ca.map(PathBuf::from).unwrap_or_else(|| data_dir.join("ca.pem")),
+            cert: tls.cert.map(PathBuf::from).unwrap_or_else(|| data_dir.join("node.pem")),
+            key: tls.key.map(PathBuf::from).unwrap_or_else(|| data_dir.join("node.key")),
+        };
+        let services = validate_services(&mut e, self.service);
+        let upstreams = validate_upstreams(&mut e, self.upstream, admin, bind);
+        let gossip = self.gossip.unwrap_or_default();
+        let gossip = GossipSettings {
+            interval: e.duration("gossip.interval", gossip.interval.as_deref(), DEFAULT_GOSSIP_INTERVAL),
+            phi_threshold: match gossip.phi_threshold {
+                None => DEFAULT_PHI,
+                Some(p) if (1.0..=100.0).contains(&p) => p,
+                Some(p) => {
+                    e.push("gossip.phi_threshold", format!("{p} is out of range: use 1 to 100 (default {DEFAULT_PHI})"));
+                    DEFAULT_PHI
+                }
+            },
+        };
+        match (bind, admin) {
+            (Some(bind), Some(admin)) if e.0.is_empty() => Ok(Config {
+                node,
+                cluster,
+                mesh,
+                data_dir,
+                bind,
+                advertise,
+                admin,
+                seeds,
+                gateway: self.gateway,
+                wan_advertise,
+                wan_seeds,
+                tls,
+                services,
+                upstreams,
+                gossip,
+            }),
+            _ => Err(e.0),
+        }
+    }
+}
+
+fn validate_services(e: &mut Errors, raw: Vec<RawService>) -> Vec<ServiceConfig> {
+    let mut out: Vec<ServiceConfig> = Vec::new();
+    for (i, s) in raw.into_iter().enumerate() {
+        let k = |f: &str| format!("service[{i}].{f}");
+        let name = s.name.unwrap_or_default();
+        if name.is_empty() {
+            e.push(k("name"), "missing: every service needs a name");
+        } else if !service_name_ok(&name) {
+            e.push(k("name"), format!("{name:?} is not a valid service name: use a-z, A-Z, 0-9, '-', '_' and '.'"));
+        }
+        let address = s.address.unwrap_or_else(|| "127.0.0.1".to_string());
+        if address.parse::<std::net::IpAddr>().is_err() {
+            e.push(k("address"), format!("{address:?} is not an IP address"));
+        }
+        let port = match s.port {
+            Some(p) if (1..=65535).contains(&p) => p as u16,
+            Some(p) => {
+                e.push(k("port"), format!("{p} is not a port: use 1-65535"));
+                0
+            }
+            None => {
+                e.push(k("port"), "missing: the port the application listens on");
+                0
+            }
+        };
+        let protocol = match s.protocol.as_deref() {
+            None | Some("tcp") => Protocol::Tcp,
+            Some("http") => Protocol::Http,
+            Some(other) => {
+                e.push(k("protocol"), format!("{other:?} is not a protocol: use \"tcp\" or \"http\""));
+                Protocol::Tcp
+            }
+        };
+        let check = s.check.and_then(|c| {
+            let target = match (c.http, c.tcp) {
+                (Some(url), None) => {
+                    if !url.starts_with("http://") {
+                        e.push(k("check.http"), format!("{url:?} must be an http:// URL"));
+                    }
+                    CheckTarget::Http(url)
+                }
+                (None, Some(addr)) => {
+                    if addr.parse::<SocketAddr>().is_err() {
+                        e.push(k("check.tcp"), format!("{addr:?} is not an ip:port address"));
+                    }
+                    CheckTarget::Tcp(addr)
+                }
+                (Some(_), Some(_)) => {
+                    e.push(k("check"), "set either http or tcp, not both");
+                    return None;
+                }
+                (None, None) => {
+                    e.push(k("check"), "set http = \"http://...\" or tcp = \"host:port\"");
+                    return None;
+                }
+            };
+            let interval = e.duration(&k("check.interval"), c.interval.as_deref(), DEFAULT_CHECK_INTERVAL);
+            let timeout = e.duration(&k("check.timeout"), c.timeout.as_deref(), DEFAULT_CHECK_TIMEOUT);
+            if timeout > interval {
+                e.push(k("check.timeout"), "must not be longer than check.interval");
+            }
+            let mut threshold = |f: &str, v: Option<i64>, d: u32| match v {
+                None => d,
+                Some(n) if (1..=100).contains(&n) => n as u32,
+                Some(n) => {
+                    e.push(k(&format!("check.{f}")), format!("{n} is out of range: use 1 to 100"));
+                    d
+                }
+            };
+            let rise = threshold("rise", c.rise, DEFAULT_RISE);
+            let fall = threshold("fall", c.fall, DEFAULT_FALL);
+            Some(CheckConfig { target, interval, timeout, rise, fall })
+        });
+        if out.iter().any(|o| o.name == name && o.port == port) && port != 0 {
+            e.push(k("port"), format!("service {name:?} is already registered on port {port}"));
+        }
+        out.push(ServiceConfig { name, address, port, protocol, tags: s.tags, check });
+    }
+    out
+}
+
+fn validate_upstreams(
+    e: &mut Errors,
+    raw: Vec<RawUpstream>,
+    admin: Option<SocketAddr>,
+    bind: Option<SocketAddr>,
+) -> Vec<UpstreamConfig> {
+    let mut out: Vec<UpstreamConfig> = Vec::new();
+    for (i, u) in raw.into_iter().enumerate() {
+        let k = |f: &str| format!("upstream[{i}].{f}");
+        let service = u.service.unwrap_or_default();
+        if !service_name_ok(&service) {
+            e.push(k("service"), "missing or invalid: name the mesh service to reach");
+        }
+        let Some(listen) = u.listen.as_deref().and_then(|l| e.addr(&k("listen"), l)) else {
+            if u.listen.is_none() {
+                e.push(k("listen"), "missing: the local address apps connect to, e.g. \"127.0.0.1:15432\"");
+            }
+            continue;
+        };
+        if Some(listen) == admin {
+            e.push(k("listen"), "is the admin API's address");
+        }
+        if bind.is_some_and(|b| b.port() == listen.port() && (b.ip().is_unspecified() || b.ip() == listen.ip())) {
+            e.push(k("listen"), "collides with bind (QUIC uses UDP, but keep them apart to avoid confusion)");
+        }
+        if out.iter().any(|o| o.listen == listen) {
+            e.push(k("listen"), format!("{listen} is used by another upstream"));
+        }
+        for (j, c) in u.failover.iter().enumerate() {
+            e.name(&k(&format!("failover[{j}]")), c);
+        }
+        out.push(UpstreamConfig { service, listen, failover: u.failover });
+    }
+    out
+}
+
+/// `service[2].nmae` from serde_ignored's path.
+fn dotted(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", dotted(parent)),
+        Path::Map { parent, key } => {
+            let p = dotted(parent);
+            if p.is_empty() { key.clone() } else { format!("{p}.{key}") }
+        }
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+            dotted(parent)
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}

@@ -1,0 +1,135 @@
+use super::*;
+
+const FULL: &str = r#"
+node = "vm-east-1"
+cluster = "east"
+mesh = "acme"
+data_dir = "/var/lib/meshnode"
+bind = "0.0.0.0:9470"
+advertise = "10.0.1.5:9470"
+admin = "127.0.0.1:9471"
+seeds = ["10.0.1.4:9470"]
+gateway = false
+
+[tls]
+ca = "/var/lib/meshnode/ca.pem"
+cert = "/var/lib/meshnode/node.pem"
+key = "/var/lib/meshnode/node.key"
+
+[[service]]
+name = "api"
+address = "127.0.0.1"
+port = 8080
+protocol = "http"
+tags = ["version=v2"]
+check = { http = "http://127.0.0.1:8080/healthz", interval = "2s", timeout = "1s" }
+
+[[upstream]]
+service = "db"
+listen = "127.0.0.1:15432"
+failover = ["west", "central"]
+"#;
+
+fn errors(text: &str) -> Vec<String> {
+    match Config::from_toml_str(text) {
+        Ok(_) => panic!("config should be rejected"),
+        Err(LoadError::Invalid(errs)) => errs.into_iter().map(|e| e.to_string()).collect(),
+        Err(other) => panic!("{other}"),
+    }
+}
+
+#[test]
+fn design_contract_example_parses() {
+    let c = Config::from_toml_str(FULL).unwrap();
+    assert_eq!(c.node, "vm-east-1");
+    assert_eq!(c.services[0].check.as_ref().unwrap().interval, Duration::from_secs(2));
+    assert_eq!(
+        c.services[0].check.as_ref().unwrap().target,
+        CheckTarget::Http("http://127.0.0.1:8080/healthz".into())
+    );
+    assert_eq!(c.upstreams[0].failover, vec!["west", "central"]);
+    assert_eq!(c.gossip.interval, Duration::from_millis(250));
+}
+
+#[test]
+fn tls_paths_default_to_the_data_dir() {
+    let c = Config::from_toml_str("cluster = \"c\"\nmesh = \"m\"\ndata_dir = \"/d\"").unwrap();
+    assert_eq!(c.tls.key, PathBuf::from("/d/node.key"));
+}
+
+#[test]
+fn every_unknown_key_is_reported_with_its_path() {
+    let errs = errors(
+        "cluster = \"c\"\nmesh = \"m\"\nbnd = \"x\"\n[[service]]\nname = \"a\"\nport = 1\nprot = \"tcp\"\n",
+    );
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(errs[0].starts_with("bnd: unknown key"), "{errs:?}");
+    assert!(errs[1].starts_with("service[0].prot: unknown key"), "{errs:?}");
+}
+
+#[test]
+fn all_semantic_errors_are_reported_at_once() {
+    let errs = errors(
+        r#"
+mesh = "acme"
+bind = "nowhere"
+seeds = ["10.0.0.1:9470", "bad"]
+[[service]]
+name = "api"
+port = 70000
+check = { tcp = "127.0.0.1:1", interval = "soon", timeout = "1s" }
+[[service]]
+port = 80
+protocol = "udp"
+[[upstream]]
+service = "db"
+"#,
+    );
+    let keys: Vec<&str> = errs.iter().map(|e| e.split(':').next().unwrap()).collect();
+    assert_eq!(
+        keys,
+        vec![
+            "cluster",
+            "bind",
+            "seeds[1]",
+            "service[0].port",
+            "service[0].check.interval",
+            "service[1].name",
+            "service[1].protocol",
+            "upstream[0].listen"
+        ],
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn type_errors_name_the_key() {
+    let errs = errors("cluster = \"c\"\nmesh = \"m\"\n[[service]]\nname = \"a\"\nport = \"eighty\"\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("service[0].port:"), "{errs:?}");
+}
+
+#[test]
+fn syntax_errors_are_reported_not_panicked() {
+    let errs = errors("cluster = \n");
+    assert_eq!(errs.len(), 1);
+}
+
+#[test]
+fn wan_keys_need_a_gateway_and_timeouts_fit_intervals() {
+    let errs = errors(
+        r#"
+cluster = "c"
+mesh = "m"
+wan_seeds = ["1.2.3.4:9470"]
+[[service]]
+name = "a"
+port = 1
+check = { tcp = "127.0.0.1:1", interval = "1s", timeout = "2s", rise = 0 }
+"#,
+    );
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    assert!(errs[0].starts_with("wan_seeds:"));
+    assert!(errs[1].starts_with("service[0].check.timeout:"));
+    assert!(errs[2].starts_with("service[0].check.rise:"));
+}
