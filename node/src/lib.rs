@@ -1,2 +1,17 @@
-//! The meshnode agent.
+//! The meshnode agent: configuration, upstream listeners, the tunnel server,
+//! health checks, load balancing and outlier detection, and the admin API.
+
+pub mod admin;
+pub mod app;
+pub mod balance;
 pub mod config;
+mod drain;
+pub mod health;
+mod inbound;
+pub mod metrics;
+pub mod outlier;
+mod registry;
+mod upstream;
+
+pub use app::{build, AppError, Bound};
+pub use config::Config;

@@ -1,0 +1,57 @@
+//! A minimal client for the admin API, used by the CLI.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the meshnode admin API at {addr}: {reason} (is the agent running? pass --admin ADDR)")]
+    Unreachable { addr: SocketAddr, reason: String },
+    #[error("admin API at {addr} answered {status}: {body}")]
+    Status { addr: SocketAddr, status: u16, body: String },
+}
+
+/// Sends a request and returns the body of a 2xx answer.
+pub async fn request(addr: SocketAddr, method: hyper::Method, path: &str) -> Result<String, ClientError> {
+    let unreachable = |reason: String| ClientError::Unreachable { addr, reason };
+    let work = async {
+        let stream = TcpStream::connect(addr).await.map_err(|e| unreachable(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| unreachable(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(ClientError::Status { addr, status: status.as_u16(), body })
+        }
+    };
+    tokio::time::timeout(TIMEOUT, work)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {TIMEOUT:?}")))?
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Result<String, ClientError> {
+    request(addr, hyper::Method::GET, path).await
+}
+
+pub async fn post(addr: SocketAddr, path: &str) -> Result<String, ClientError> {
+    request(addr, hyper::Method::POST, path).await
+}

@@ -1,0 +1,209 @@
+//! Bind, then run: `build` opens every socket and returns their real
+//! addresses (tests use port 0); `Bound::run` serves until shutdown.
+
+use std::future::Future;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshnode_gossip::{GossipConfig, GossipHandle, QuicTransport, Tuning};
+use meshnode_transport::endpoint::EndpointError;
+use meshnode_transport::tls::{TlsError, TlsMaterial};
+use meshnode_transport::{Endpoint, EndpointConfig, PeerCert};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::health;
+use crate::inbound;
+use crate::metrics::CERT_EXPIRY_SECONDS;
+use crate::registry::Registry;
+use crate::upstream::{self, Dialer};
+
+/// Open streams get this long to finish after SIGTERM or `leave`.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{key}: config says {config:?} but the node certificate says {cert:?} (identity {identity})")]
+    IdentityMismatch { key: &'static str, config: String, cert: String, identity: String },
+    #[error("advertise: cannot detect an address other nodes can reach (bind is {bind}); set advertise = \"IP:PORT\"")]
+    Advertise { bind: SocketAddr },
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot bind {what} on tcp {addr}: {source}")]
+    Bind { what: String, addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Gossip(#[from] meshnode_gossip::GossipError),
+}
+
+impl AppError {
+    /// Errors the operator fixes in the config or its files (CLI exit code 64).
+    pub fn is_config(&self) -> bool {
+        matches!(self, AppError::Tls(_) | AppError::IdentityMismatch { .. } | AppError::Advertise { .. })
+    }
+}
+
+/// A node whose sockets are open.
+pub struct Bound {
+    pub quic_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub upstream_addrs: Vec<SocketAddr>,
+    pub identity: PeerCert,
+    endpoint: Endpoint,
+    gossip: GossipHandle,
+    drain: Drain,
+    leave: Arc<Notify>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bound, AppError> {
+    let tls = TlsMaterial::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+    let me = tls.me().clone();
+    for (key, config, cert) in [
+        ("mesh", &cfg.mesh, me.identity.mesh()),
+        ("cluster", &cfg.cluster, me.identity.cluster()),
+        ("node", &cfg.node, me.identity.node()),
+    ] {
+        if config != cert {
+            return Err(AppError::IdentityMismatch {
+                key,
+                config: config.clone(),
+                cert: cert.to_string(),
+                identity: me.identity.to_string(),
+            });
+        }
+    }
+    if cfg.gateway && !me.is_gateway() {
+        warn!("gateway = true but the certificate is not a gateway certificate: peers will not treat this node as a gateway");
+    }
+    let (endpoint, incoming) = Endpoint::bind(EndpointConfig { bind: cfg.bind, tls })?;
+    let quic_addr = endpoint.local_addr().map_err(|source| AppError::Bind { what: "QUIC".into(), addr: cfg.bind, source })?;
+    let advertise = match cfg.advertise {
+        Some(a) => a,
+        None => detect_advertise(quic_addr, &cfg.seeds).ok_or(AppError::Advertise { bind: cfg.bind })?,
+    };
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let services_cfg = cfg.services.clone();
+    let gossip_cfg = GossipConfig {
+        me: me.identity.clone(),
+        generation,
+        advertise,
+        gateway: cfg.gateway && me.is_gateway(),
+        seeds: cfg.seeds.iter().copied().filter(|s| *s != advertise).collect(),
+        services: Vec::new(),
+        tuning: Tuning { interval: cfg.gossip.interval, phi_threshold: cfg.gossip.phi_threshold, ..Tuning::default() },
+    };
+    // Publish instances through the registry, so initial health is right from the first round.
+    let transport = QuicTransport::new(endpoint.clone(), incoming.gossip, me.identity.cluster());
+    let gossip = GossipHandle::spawn(gossip_cfg, transport).await?;
+    let registry = Arc::new(Registry::new(&services_cfg, gossip.clone()));
+    gossip.publish_services(&registry.records()).await?;
+
+    let drain = Drain::default();
+    let mut tasks = Vec::new();
+    let checks = services_cfg
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.check.clone().map(|c| (i, c)))
+        .collect();
+    health::spawn_checks(checks, registry.clone());
+    tasks.push(tokio::spawn(inbound::serve(incoming.tunnel, registry.clone(), drain.clone())));
+    tasks.push(tokio::spawn(refuse_join(incoming.join)));
+
+    let dialer = Arc::new(Dialer::new(endpoint.clone(), gossip.clone(), me.identity.cluster()));
+    let mut upstream_addrs = Vec::new();
+    for up in &cfg.upstreams {
+        let listener = TcpListener::bind(up.listen).await.map_err(|source| AppError::Bind {
+            what: format!("upstream {}", up.service),
+            addr: up.listen,
+            source,
+        })?;
+        upstream_addrs.push(listener.local_addr().unwrap_or(up.listen));
+        tasks.push(tokio::spawn(upstream::serve(listener, up.clone(), dialer.clone(), drain.clone())));
+    }
+
+    let admin_listener = TcpListener::bind(cfg.admin)
+        .await
+        .map_err(|source| AppError::Bind { what: "admin API".into(), addr: cfg.admin, source })?;
+    let admin_addr = admin_listener.local_addr().unwrap_or(cfg.admin);
+    let leave = Arc::new(Notify::new());
+    let state = Arc::new(AdminState {
+        gossip: gossip.clone(),
+        me: me.clone(),
+        has_seeds: !cfg.seeds.iter().all(|s| *s == advertise),
+        local_services: registry.len(),
+        upstreams: cfg.upstreams.len(),
+        drain: drain.clone(),
+        metrics,
+        leave: leave.clone(),
+    });
+    tasks.push(tokio::spawn(admin::serve(admin_listener, state)));
+    tasks.push(tokio::spawn(cert_expiry_gauge(me.not_after)));
+
+    info!(identity = %me.identity, quic = %quic_addr, %advertise, admin = %admin_addr, "node up");
+    Ok(Bound { quic_addr, admin_addr, upstream_addrs, identity: me, endpoint, gossip, drain, leave, tasks })
+}
+
+impl Bound {
+    /// Serves until `shutdown` resolves or `POST /v1/leave` arrives, then leaves
+    /// the pool, drains open streams (up to [`DRAIN_DEADLINE`]) and closes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::select! {
+            () = shutdown => info!("shutdown requested"),
+            () = self.leave.notified() => info!("leave requested"),
+        }
+        self.gossip.leave().await;
+        let left_open = self.drain.drain(DRAIN_DEADLINE).await;
+        if left_open > 0 {
+            warn!(streams = left_open, "drain deadline passed; closing open streams");
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.gossip.shutdown().await;
+        self.endpoint.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        info!("stopped");
+    }
+}
+
+/// The address peers should use: the bound one, or, when bound to 0.0.0.0,
+/// the local address the kernel would use to reach the first seed.
+fn detect_advertise(bound: SocketAddr, seeds: &[SocketAddr]) -> Option<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return Some(bound);
+    }
+    let seed = seeds.first()?;
+    let probe = UdpSocket::bind((bound.ip(), 0)).ok()?;
+    probe.connect(seed).ok()?;
+    let ip = probe.local_addr().ok()?.ip();
+    Some(SocketAddr::new(ip, bound.port()))
+}
+
+/// This node holds no CA key: join requests are refused with a reason.
+async fn refuse_join(mut incoming: tokio::sync::mpsc::Receiver<meshnode_transport::Accepted>) {
+    while let Some(a) = incoming.recv().await {
+        a.conn.close(quinn::VarInt::from_u32(0x30), b"this node cannot sign join requests");
+    }
+}
+
+async fn cert_expiry_gauge(not_after: i64) {
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        metrics::gauge!(CERT_EXPIRY_SECONDS).set((not_after - now) as f64);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+}

@@ -1,0 +1,184 @@
+//! Upstream listeners: local apps connect here and are tunnelled to an instance
+//! of the service somewhere in the mesh.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use meshnode_gossip::{GossipHandle, Instance};
+use meshnode_transport::alpn::Alpn;
+use meshnode_transport::tunnel::{self, Header, TunnelError};
+use meshnode_transport::Endpoint;
+use rand::RngExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::balance;
+use crate::config::UpstreamConfig;
+use crate::drain::Drain;
+use crate::metrics::{OUTLIER_EJECTIONS, TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_CONNECT_SECONDS, TUNNEL_STREAMS, UPSTREAM_RETRIES};
+use crate::outlier::{Key, Outliers};
+
+/// Shared by every upstream of a node: where to send, and what we learned from failures.
+pub struct Dialer {
+    endpoint: Endpoint,
+    gossip: GossipHandle,
+    cluster: String,
+    state: Mutex<Load>,
+}
+
+#[derive(Default)]
+struct Load {
+    outliers: Outliers,
+    active: HashMap<Key, u64>,
+}
+
+/// Decrements an instance's active count when its stream ends.
+struct ActiveGuard<'a> {
+    dialer: &'a Dialer,
+    key: Key,
+}
+
+fn key(i: &Instance) -> Key {
+    (i.node.clone(), i.port)
+}
+
+// === impl Dialer ===
+
+impl Dialer {
+    pub fn new(endpoint: Endpoint, gossip: GossipHandle, cluster: &str) -> Self {
+        Self { endpoint, gossip, cluster: cluster.to_string(), state: Mutex::new(Load::default()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Load> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens a tunnel to some healthy instance of `up.service`, retrying others on failure.
+    async fn open(&self, up: &UpstreamConfig) -> Result<(quinn::SendStream, quinn::RecvStream, Instance, ActiveGuard<'_>), String> {
+        let catalog = self.gossip.catalog();
+        let candidates: Vec<Instance> = {
+            let load = self.lock();
+            let now = Instant::now();
+            let mut rng = rand::rng();
+            balance::order(
+                catalog.instances(&up.service),
+                &self.cluster,
+                &up.failover,
+                |i| load.outliers.is_ejected(&key(i), now),
+                |i| load.active.get(&key(i)).copied().unwrap_or(0),
+                |n| rng.random_range(0..n),
+            )
+            .into_iter()
+            .cloned()
+            .collect()
+        };
+        if candidates.is_empty() {
+            return Err(format!("no healthy instance of {:?} in the catalog", up.service));
+        }
+        let mut last = String::new();
+        for (attempt, inst) in candidates.into_iter().enumerate() {
+            if attempt > 0 {
+                metrics::counter!(UPSTREAM_RETRIES, "service" => up.service.clone()).increment(1);
+            }
+            match self.try_instance(&inst).await {
+                Ok((send, recv)) => {
+                    let k = key(&inst);
+                    let mut load = self.lock();
+                    load.outliers.handle_success(&k);
+                    *load.active.entry(k.clone()).or_default() += 1;
+                    drop(load);
+                    return Ok((send, recv, inst, ActiveGuard { dialer: self, key: k }));
+                }
+                Err(e) => {
+                    debug!(service = %up.service, node = %inst.node, error = %e, "tunnel attempt failed");
+                    if let Some(period) = self.lock().outliers.handle_failure(&key(&inst), Instant::now()) {
+                        warn!(service = %up.service, node = %inst.node, ?period, "ejecting instance after repeated failures");
+                        metrics::counter!(OUTLIER_EJECTIONS, "service" => up.service.clone()).increment(1);
+                    }
+                    last = format!("{}: {e}", inst.node);
+                }
+            }
+        }
+        Err(format!("every attempt failed (last: {last})"))
+    }
+
+    async fn try_instance(&self, inst: &Instance) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
+        let (conn, peer) = self
+            .endpoint
+            .connect(inst.node_addr, Alpn::Tunnel)
+            .await
+            .map_err(|e| TunnelError::Stream(e.to_string()))?;
+        // The address came from gossip; the certificate says who really answered.
+        if peer.identity.node() != inst.node || peer.identity.cluster() != inst.cluster {
+            return Err(TunnelError::Stream(format!(
+                "{} answered at {} where the catalog has node {}",
+                peer.identity, inst.node_addr, inst.node
+            )));
+        }
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| TunnelError::Stream(e.to_string()))?;
+        tunnel::open(&mut send, &mut recv, &Header { service: inst.service.clone(), port: inst.port }).await?;
+        Ok((send, recv))
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        let mut load = self.dialer.lock();
+        if let Some(n) = load.active.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                load.active.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Accepts local connections until the listener is dropped.
+pub async fn serve(listener: TcpListener, up: UpstreamConfig, dialer: Arc<Dialer>, drain: Drain) {
+    info!(service = %up.service, listen = %up.listen, "upstream listening");
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "upstream accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if drain.is_draining() {
+            drop(tcp);
+            continue;
+        }
+        let up = up.clone();
+        let dialer = dialer.clone();
+        let guard = drain.enter();
+        tokio::spawn(async move {
+            let _guard = guard;
+            proxy(tcp, &up, &dialer).await;
+            debug!(%from, service = %up.service, "upstream connection done");
+        });
+    }
+}
+
+async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
+    let started = Instant::now();
+    let (send, recv, inst, _active) = match dialer.open(up).await {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(service = %up.service, error = %e, "cannot reach service; closing the local connection");
+            metrics::counter!(TUNNEL_STREAMS, "service" => up.service.clone(), "direction" => "out", "result" => "no_instance").increment(1);
+            let _ = tcp.set_zero_linger();
+            return;
+        }
+    };
+    metrics::histogram!(TUNNEL_CONNECT_SECONDS).record(started.elapsed().as_secs_f64());
+    let active = metrics::gauge!(TUNNEL_ACTIVE, "direction" => "out");
+    active.increment(1.0);
+    let stats = tunnel::splice(tcp, send, recv).await;
+    active.decrement(1.0);
+    metrics::counter!(TUNNEL_BYTES, "service" => up.service.clone(), "direction" => "out").increment(stats.to_peer);
+    metrics::counter!(TUNNEL_BYTES, "service" => up.service.clone(), "direction" => "in").increment(stats.from_peer);
+    metrics::counter!(TUNNEL_STREAMS, "service" => up.service.clone(), "direction" => "out", "result" => stats.ending.as_str()).increment(1);
+    debug!(service = %up.service, node = %inst.node, sent = stats.to_peer, received = stats.from_peer, "tunnel closed");
+}
