@@ -15,7 +15,7 @@ use crate::metrics::{TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_STREAMS};
 use crate::registry::Registry;
 
 /// Connecting to a local application should be near-instant; a slow one is broken.
-const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub async fn serve(mut incoming: mpsc::Receiver<Accepted>, registry: Arc<Registry>, drain: Drain) {
     while let Some(Accepted { conn, peer }) = incoming.recv().await {

@@ -19,6 +19,10 @@ use crate::drain::Drain;
 use crate::metrics::{OUTLIER_EJECTIONS, TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_CONNECT_SECONDS, TUNNEL_STREAMS, UPSTREAM_RETRIES};
 use crate::outlier::{Key, Outliers};
 
+/// A receiver answers within its local connect timeout (1 s); silence past this
+/// means the peer is gone, and the next instance is tried.
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Shared by every upstream of a node: where to send, and what we learned from failures.
 pub struct Dialer {
     endpoint: Endpoint,
@@ -117,7 +121,7 @@ impl Dialer {
             )));
         }
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| TunnelError::Stream(e.to_string()))?;
-        tunnel::open(&mut send, &mut recv, &Header { service: inst.service.clone(), port: inst.port }).await?;
+        tunnel::open(&mut send, &mut recv, &Header { service: inst.service.clone(), port: inst.port }, STATUS_TIMEOUT).await?;
         Ok((send, recv))
     }
 }

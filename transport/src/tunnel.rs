@@ -42,17 +42,20 @@ pub enum TunnelError {
 }
 
 /// Caller side: writes the header and waits for the status.
+/// `wait` bounds the wait for the status: a peer that died silently must not
+/// hold the caller for longer than it takes to try another instance.
 pub async fn open(
     send: &mut SendStream,
     recv: &mut RecvStream,
     header: &Header,
+    wait: Duration,
 ) -> Result<(), TunnelError> {
     let bytes = encode_header(header)?;
     send.write_all(&bytes)
         .await
         .map_err(|e| TunnelError::Stream(e.to_string()))?;
     let mut status = [0u8; 1];
-    timeout(HEADER_TIMEOUT, recv.read_exact(&mut status))
+    timeout(wait, recv.read_exact(&mut status))
         .await
         .map_err(|_| TunnelError::Timeout("the tunnel status"))?
         .map_err(|e| match e {

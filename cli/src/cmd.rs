@@ -1,0 +1,142 @@
+//! The commands: one file each.
+
+mod admin;
+mod ca;
+mod demo;
+mod run;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::Failure;
+
+#[derive(Parser)]
+#[command(name = "meshnode", version, about = "A multi-cluster service mesh node: gossip discovery, QUIC tunnels, mutual TLS.")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct AdminArgs {
+    /// Admin API address of the running agent.
+    #[arg(long, default_value = "127.0.0.1:9471", env = "MESHNODE_ADMIN")]
+    pub admin: SocketAddr,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file without starting.
+    Validate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a whole mesh on loopback with demo services, traffic and a node failure.
+    Demo {
+        /// Keep the mesh up at the end and print the admin addresses to poke with the CLI.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Mesh CA operations.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Node certificate operations.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// The gossip pool as this node sees it.
+    Members {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The WAN pool of gateways.
+        #[arg(long)]
+        wan: bool,
+    },
+    /// Services in the catalog.
+    Services {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Instances of one service.
+    Endpoints {
+        service: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// This node: identity, certificate expiry, pools, counts, warnings.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Leave the pool gracefully: instances are withdrawn at once, streams drain, the agent exits.
+    Leave {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Create the mesh root CA.
+    Init {
+        #[arg(long)]
+        mesh: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CertCommand {
+    /// Issue a node certificate offline.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        node: String,
+        /// Mark the certificate as a gateway's.
+        #[arg(long)]
+        gateway: bool,
+        /// Certificate lifetime.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        validity: std::time::Duration,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+impl Cli {
+    /// Long-running agent commands log at info by default.
+    pub fn is_agent(&self) -> bool {
+        matches!(self.command, Command::Run { .. })
+    }
+
+    pub async fn run(self) -> Result<(), Failure> {
+        match self.command {
+            Command::Run { config } => run::run(&config).await,
+            Command::Validate { config } => run::validate(&config),
+            Command::Demo { hold } => demo::demo(hold).await,
+            Command::Ca(CaCommand::Init { mesh, out }) => ca::init(&mesh, &out),
+            Command::Cert(CertCommand::Issue { ca, cluster, node, gateway, validity, out }) => {
+                ca::issue(&ca, &cluster, &node, gateway, validity, &out)
+            }
+            Command::Members { admin, wan } => admin::members(&admin, wan).await,
+            Command::Services { admin } => admin::services(&admin).await,
+            Command::Endpoints { service, admin } => admin::endpoints(&admin, &service).await,
+            Command::Status { admin } => admin::status(&admin).await,
+            Command::Leave { admin } => admin::leave(&admin).await,
+        }
+    }
+}
