@@ -13,7 +13,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::Failure;
 
 #[derive(Parser)]
-#[command(name = "meshnode", version, about = "A multi-cluster service mesh node: gossip discovery, QUIC tunnels, mutual TLS.")]
+#[command(
+    name = "meshnode",
+    version,
+    about = "A multi-cluster service mesh node: gossip discovery, QUIC tunnels, mutual TLS."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -129,9 +133,14 @@ impl Cli {
             Command::Validate { config } => run::validate(&config),
             Command::Demo { hold } => demo::demo(hold).await,
             Command::Ca(CaCommand::Init { mesh, out }) => ca::init(&mesh, &out),
-            Command::Cert(CertCommand::Issue { ca, cluster, node, gateway, validity, out }) => {
-                ca::issue(&ca, &cluster, &node, gateway, validity, &out)
-            }
+            Command::Cert(CertCommand::Issue {
+                ca,
+                cluster,
+                node,
+                gateway,
+                validity,
+                out,
+            }) => ca::issue(&ca, &cluster, &node, gateway, validity, &out),
             Command::Members { admin, wan } => admin::members(&admin, wan).await,
             Command::Services { admin } => admin::services(&admin).await,
             Command::Endpoints { service, admin } => admin::endpoints(&admin, &service).await,

@@ -44,7 +44,16 @@ pub fn cell(v: &serde_json::Value) -> String {
 mod tests {
     #[test]
     fn columns_align() {
-        let t = super::table(&["NODE", "STATE"], &[vec!["a-long-name".into(), "alive".into()], vec!["b".into(), "dead".into()]]);
-        assert_eq!(t, "NODE         STATE\na-long-name  alive\nb            dead");
+        let t = super::table(
+            &["NODE", "STATE"],
+            &[
+                vec!["a-long-name".into(), "alive".into()],
+                vec!["b".into(), "dead".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "NODE         STATE\na-long-name  alive\nb            dead"
+        );
     }
 }

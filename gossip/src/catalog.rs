@@ -136,17 +136,20 @@ impl Catalog {
                     cat.bad_records += 1;
                     continue;
                 };
-                cat.services.entry(rec.name.clone()).or_default().push(Instance {
-                    service: rec.name,
-                    node: n.node.clone(),
-                    cluster: info.cluster.clone(),
-                    node_addr: info.advertise,
-                    addr: rec.address,
-                    port: rec.port,
-                    protocol: rec.protocol,
-                    tags: rec.tags,
-                    health: rec.health,
-                });
+                cat.services
+                    .entry(rec.name.clone())
+                    .or_default()
+                    .push(Instance {
+                        service: rec.name,
+                        node: n.node.clone(),
+                        cluster: info.cluster.clone(),
+                        node_addr: info.advertise,
+                        addr: rec.address,
+                        port: rec.port,
+                        protocol: rec.protocol,
+                        tags: rec.tags,
+                        health: rec.health,
+                    });
             }
         }
         for list in cat.services.values_mut() {
@@ -165,8 +168,15 @@ mod tests {
     use super::*;
     use crate::keys::{encode_node, encode_service, ServiceRecord};
 
-    fn node(name: &str, generation: u64, live: bool, services: &[(&str, u16, Health)]) -> NodeSnapshot {
-        let addr: SocketAddr = format!("127.0.0.{}:9470", generation % 200 + 1).parse().unwrap();
+    fn node(
+        name: &str,
+        generation: u64,
+        live: bool,
+        services: &[(&str, u16, Health)],
+    ) -> NodeSnapshot {
+        let addr: SocketAddr = format!("127.0.0.{}:9470", generation % 200 + 1)
+            .parse()
+            .unwrap();
         let mut kvs = BTreeMap::new();
         kvs.insert(
             NODE_KEY.to_string(),
@@ -203,16 +213,28 @@ mod tests {
         let mut leaving = node("c", 1, true, &[("api", 3, Health::Passing)]);
         leaving.kvs.insert(LEAVING_KEY.into(), "1".into());
         let nodes = vec![
-            node("a", 1, true, &[("api", 1, Health::Passing), ("db", 5432, Health::Critical)]),
+            node(
+                "a",
+                1,
+                true,
+                &[("api", 1, Health::Passing), ("db", 5432, Health::Critical)],
+            ),
             node("b", 1, false, &[("api", 2, Health::Passing)]),
             leaving,
         ];
         let cat = Catalog::derive(&nodes);
-        let api: Vec<_> = cat.instances("api").iter().map(|i| (i.node.as_str(), i.port)).collect();
+        let api: Vec<_> = cat
+            .instances("api")
+            .iter()
+            .map(|i| (i.node.as_str(), i.port))
+            .collect();
         assert_eq!(api, vec![("a", 1)]);
         // Health is reported, not filtered: the balancer decides.
         assert_eq!(cat.instances("db")[0].health, Health::Critical);
-        let states: Vec<_> = members(&nodes).into_iter().map(|m| (m.node, m.state)).collect();
+        let states: Vec<_> = members(&nodes)
+            .into_iter()
+            .map(|m| (m.node, m.state))
+            .collect();
         assert_eq!(
             states,
             vec![

@@ -7,7 +7,10 @@ pub const DROPPED: &str = "meshnode_gossip_dropped_total";
 pub const BAD_RECORDS: &str = "meshnode_gossip_bad_records_total";
 
 pub fn describe() {
-    metrics::describe_gauge!(MEMBERS, "Members of the gossip pool by state (alive, dead, left)");
+    metrics::describe_gauge!(
+        MEMBERS,
+        "Members of the gossip pool by state (alive, dead, left)"
+    );
     metrics::describe_counter!(
         BYTES,
         metrics::Unit::Bytes,

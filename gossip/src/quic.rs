@@ -154,7 +154,9 @@ async fn send_loop(
 ) {
     let mut peers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     while let Some((to, bytes)) = out.recv().await {
-        let tx = peers.entry(to).or_insert_with(|| spawn_peer(&endpoint, &cluster, to));
+        let tx = peers
+            .entry(to)
+            .or_insert_with(|| spawn_peer(&endpoint, &cluster, to));
         let bytes = match tx.try_send(bytes) {
             Ok(()) => continue,
             Err(mpsc::error::TrySendError::Full(_)) => {

@@ -39,7 +39,9 @@ pub struct AdminState {
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
@@ -57,7 +59,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
-    let bytes = serde_json::to_vec_pretty(body).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    let bytes = serde_json::to_vec_pretty(body)
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -76,12 +79,18 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
             if joined(s).await {
                 json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
             } else {
-                json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({ "status": "joining" }))
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &serde_json::json!({ "status": "joining" }),
+                )
             }
         }
         (&Method::GET, "/v1/members") => {
             if query.split('&').any(|kv| kv == "pool=wan") {
-                return error(StatusCode::NOT_FOUND, "this node is not in a WAN pool (only gateways are)");
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "this node is not in a WAN pool (only gateways are)",
+                );
             }
             json(StatusCode::OK, &s.gossip.members().await)
         }
@@ -92,15 +101,22 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
                 .header("content-type", "text/plain; version=0.0.4")
                 .body(Full::new(Bytes::from(h.render())))
                 .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))),
-            None => error(StatusCode::SERVICE_UNAVAILABLE, "no metrics recorder in this process"),
+            None => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no metrics recorder in this process",
+            ),
         },
         (&Method::POST, "/v1/leave") => {
             s.leave.notify_one();
-            json(StatusCode::ACCEPTED, &serde_json::json!({ "status": "leaving" }))
+            json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "status": "leaving" }),
+            )
         }
-        (_, "/v1/health" | "/v1/members" | "/v1/services" | "/v1/status" | "/metrics" | "/v1/leave") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-        }
+        (
+            _,
+            "/v1/health" | "/v1/members" | "/v1/services" | "/v1/status" | "/metrics" | "/v1/leave",
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     }
 }
@@ -127,10 +143,15 @@ async fn status(s: &AdminState) -> Status {
     let expires_in = s.me.not_after - now;
     let mut warnings = Vec::new();
     if expires_in < EXPIRY_WARNING_SECS {
-        warnings.push(format!("node certificate expires in {}s", expires_in.max(0)));
+        warnings.push(format!(
+            "node certificate expires in {}s",
+            expires_in.max(0)
+        ));
     }
     if !joined(s).await {
-        warnings.push("no other live member yet: check seeds and that they are reachable over UDP".into());
+        warnings.push(
+            "no other live member yet: check seeds and that they are reachable over UDP".into(),
+        );
     }
     let catalog = s.gossip.catalog();
     Status {
@@ -142,7 +163,11 @@ async fn status(s: &AdminState) -> Status {
         cert_not_after: s.me.not_after,
         cert_expires_in_seconds: expires_in,
         pools: types::Pools {
-            lan: PoolCounts { alive: count(MemberState::Alive), dead: count(MemberState::Dead), left: count(MemberState::Left) },
+            lan: PoolCounts {
+                alive: count(MemberState::Alive),
+                dead: count(MemberState::Dead),
+                left: count(MemberState::Left),
+            },
         },
         local_services: s.local_services,
         catalog_services: catalog.services.len(),

@@ -32,13 +32,22 @@ pub enum AppError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("{key}: config says {config:?} but the node certificate says {cert:?} (identity {identity})")]
-    IdentityMismatch { key: &'static str, config: String, cert: String, identity: String },
+    IdentityMismatch {
+        key: &'static str,
+        config: String,
+        cert: String,
+        identity: String,
+    },
     #[error("advertise: cannot detect an address other nodes can reach (bind is {bind}); set advertise = \"IP:PORT\"")]
     Advertise { bind: SocketAddr },
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
     #[error("cannot bind {what} on tcp {addr}: {source}")]
-    Bind { what: String, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Gossip(#[from] meshnode_gossip::GossipError),
 }
@@ -46,7 +55,10 @@ pub enum AppError {
 impl AppError {
     /// Errors the operator fixes in the config or its files (CLI exit code 64).
     pub fn is_config(&self) -> bool {
-        matches!(self, AppError::Tls(_) | AppError::IdentityMismatch { .. } | AppError::Advertise { .. })
+        matches!(
+            self,
+            AppError::Tls(_) | AppError::IdentityMismatch { .. } | AppError::Advertise { .. }
+        )
     }
 }
 
@@ -83,11 +95,20 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     if cfg.gateway && !me.is_gateway() {
         warn!("gateway = true but the certificate is not a gateway certificate: peers will not treat this node as a gateway");
     }
-    let (endpoint, incoming) = Endpoint::bind(EndpointConfig { bind: cfg.bind, tls })?;
-    let quic_addr = endpoint.local_addr().map_err(|source| AppError::Bind { what: "QUIC".into(), addr: cfg.bind, source })?;
+    let (endpoint, incoming) = Endpoint::bind(EndpointConfig {
+        bind: cfg.bind,
+        tls,
+    })?;
+    let quic_addr = endpoint.local_addr().map_err(|source| AppError::Bind {
+        what: "QUIC".into(),
+        addr: cfg.bind,
+        source,
+    })?;
     let advertise = match cfg.advertise {
         Some(a) => a,
-        None => detect_advertise(quic_addr, &cfg.seeds).ok_or(AppError::Advertise { bind: cfg.bind })?,
+        None => {
+            detect_advertise(quic_addr, &cfg.seeds).ok_or(AppError::Advertise { bind: cfg.bind })?
+        }
     };
     let generation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -99,9 +120,18 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         generation,
         advertise,
         gateway: cfg.gateway && me.is_gateway(),
-        seeds: cfg.seeds.iter().copied().filter(|s| *s != advertise).collect(),
+        seeds: cfg
+            .seeds
+            .iter()
+            .copied()
+            .filter(|s| *s != advertise)
+            .collect(),
         services: Vec::new(),
-        tuning: Tuning { interval: cfg.gossip.interval, phi_threshold: cfg.gossip.phi_threshold, ..Tuning::default() },
+        tuning: Tuning {
+            interval: cfg.gossip.interval,
+            phi_threshold: cfg.gossip.phi_threshold,
+            ..Tuning::default()
+        },
     };
     // Publish instances through the registry, so initial health is right from the first round.
     let transport = QuicTransport::new(endpoint.clone(), incoming.gossip, me.identity.cluster());
@@ -117,24 +147,43 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         .filter_map(|(i, s)| s.check.clone().map(|c| (i, c)))
         .collect();
     health::spawn_checks(checks, registry.clone());
-    tasks.push(tokio::spawn(inbound::serve(incoming.tunnel, registry.clone(), drain.clone())));
+    tasks.push(tokio::spawn(inbound::serve(
+        incoming.tunnel,
+        registry.clone(),
+        drain.clone(),
+    )));
     tasks.push(tokio::spawn(refuse_join(incoming.join)));
 
-    let dialer = Arc::new(Dialer::new(endpoint.clone(), gossip.clone(), me.identity.cluster()));
+    let dialer = Arc::new(Dialer::new(
+        endpoint.clone(),
+        gossip.clone(),
+        me.identity.cluster(),
+    ));
     let mut upstream_addrs = Vec::new();
     for up in &cfg.upstreams {
-        let listener = TcpListener::bind(up.listen).await.map_err(|source| AppError::Bind {
-            what: format!("upstream {}", up.service),
-            addr: up.listen,
-            source,
-        })?;
+        let listener = TcpListener::bind(up.listen)
+            .await
+            .map_err(|source| AppError::Bind {
+                what: format!("upstream {}", up.service),
+                addr: up.listen,
+                source,
+            })?;
         upstream_addrs.push(listener.local_addr().unwrap_or(up.listen));
-        tasks.push(tokio::spawn(upstream::serve(listener, up.clone(), dialer.clone(), drain.clone())));
+        tasks.push(tokio::spawn(upstream::serve(
+            listener,
+            up.clone(),
+            dialer.clone(),
+            drain.clone(),
+        )));
     }
 
     let admin_listener = TcpListener::bind(cfg.admin)
         .await
-        .map_err(|source| AppError::Bind { what: "admin API".into(), addr: cfg.admin, source })?;
+        .map_err(|source| AppError::Bind {
+            what: "admin API".into(),
+            addr: cfg.admin,
+            source,
+        })?;
     let admin_addr = admin_listener.local_addr().unwrap_or(cfg.admin);
     let leave = Arc::new(Notify::new());
     let state = Arc::new(AdminState {
@@ -151,7 +200,17 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     tasks.push(tokio::spawn(cert_expiry_gauge(me.not_after)));
 
     info!(identity = %me.identity, quic = %quic_addr, %advertise, admin = %admin_addr, "node up");
-    Ok(Bound { quic_addr, admin_addr, upstream_addrs, identity: me, endpoint, gossip, drain, leave, tasks })
+    Ok(Bound {
+        quic_addr,
+        admin_addr,
+        upstream_addrs,
+        identity: me,
+        endpoint,
+        gossip,
+        drain,
+        leave,
+        tasks,
+    })
 }
 
 impl Bound {
@@ -165,7 +224,10 @@ impl Bound {
         self.gossip.leave().await;
         let left_open = self.drain.drain(DRAIN_DEADLINE).await;
         if left_open > 0 {
-            warn!(streams = left_open, "drain deadline passed; closing open streams");
+            warn!(
+                streams = left_open,
+                "drain deadline passed; closing open streams"
+            );
         }
         for t in &self.tasks {
             t.abort();
@@ -193,7 +255,10 @@ fn detect_advertise(bound: SocketAddr, seeds: &[SocketAddr]) -> Option<SocketAdd
 /// This node holds no CA key: join requests are refused with a reason.
 async fn refuse_join(mut incoming: tokio::sync::mpsc::Receiver<meshnode_transport::Accepted>) {
     while let Some(a) = incoming.recv().await {
-        a.conn.close(quinn::VarInt::from_u32(0x30), b"this node cannot sign join requests");
+        a.conn.close(
+            quinn::VarInt::from_u32(0x30),
+            b"this node cannot sign join requests",
+        );
     }
 }
 

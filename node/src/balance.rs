@@ -22,7 +22,10 @@ pub fn order<'a>(
     active: impl Fn(&Instance) -> u64,
     mut random: impl FnMut(usize) -> usize,
 ) -> Vec<&'a Instance> {
-    let healthy: Vec<&Instance> = instances.iter().filter(|i| i.health != Health::Critical).collect();
+    let healthy: Vec<&Instance> = instances
+        .iter()
+        .filter(|i| i.health != Health::Critical)
+        .collect();
     let mut usable: Vec<&Instance> = healthy.iter().copied().filter(|i| !ejected(i)).collect();
     if usable.is_empty() {
         usable = healthy;
@@ -44,7 +47,11 @@ pub fn order<'a>(
         if n >= 2 {
             let a = random(n);
             let b = (a + 1 + random(n - 1)) % n;
-            let pick = if active(usable[b]) < active(usable[a]) { b } else { a };
+            let pick = if active(usable[b]) < active(usable[a]) {
+                b
+            } else {
+                a
+            };
             let first = usable.remove(pick);
             usable.insert(0, first);
         }
@@ -97,7 +104,10 @@ mod tests {
 
     #[test]
     fn ejected_instances_are_skipped_unless_all_are_ejected() {
-        let all = vec![inst("a", "east", Health::Passing), inst("b", "east", Health::Passing)];
+        let all = vec![
+            inst("a", "east", Health::Passing),
+            inst("b", "east", Health::Passing),
+        ];
         let got = order(&all, "east", &[], |i| i.node == "a", |_| 0, |_| 0);
         assert_eq!(nodes(&got), vec!["b"]);
         let got = order(&all, "east", &[], |_| true, |_| 0, |_| 0);
@@ -106,29 +116,56 @@ mod tests {
 
     #[test]
     fn two_choices_prefers_the_less_loaded() {
-        let all = vec![inst("a", "east", Health::Passing), inst("b", "east", Health::Passing), inst("c", "east", Health::Passing)];
+        let all = vec![
+            inst("a", "east", Health::Passing),
+            inst("b", "east", Health::Passing),
+            inst("c", "east", Health::Passing),
+        ];
         let load: HashMap<&str, u64> = [("a", 9), ("b", 1), ("c", 5)].into();
         // Sorted by load: b(1), c(5), a(9). Random picks indexes 1 (c) and then 2 (a) -> c wins.
         let mut seq = [1usize, 0].into_iter();
-        let got = order(&all, "east", &[], |_| false, |i| load[i.node.as_str()], |_| seq.next().unwrap_or(0));
+        let got = order(
+            &all,
+            "east",
+            &[],
+            |_| false,
+            |i| load[i.node.as_str()],
+            |_| seq.next().unwrap_or(0),
+        );
         assert_eq!(nodes(&got)[0], "c");
     }
 
     #[test]
     fn load_spreads_evenly_over_many_picks() {
-        let all: Vec<Instance> = (0..4).map(|n| inst(&format!("n{n}"), "east", Health::Passing)).collect();
+        let all: Vec<Instance> = (0..4)
+            .map(|n| inst(&format!("n{n}"), "east", Health::Passing))
+            .collect();
         let mut active: HashMap<String, u64> = HashMap::new();
         let mut x = 12345u64;
         for _ in 0..400 {
             let mut rnd = |n: usize| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((x >> 33) as usize) % n
             };
-            let pick = order(&all, "east", &[], |_| false, |i| active.get(&i.node).copied().unwrap_or(0), &mut rnd)[0].node.clone();
+            let pick = order(
+                &all,
+                "east",
+                &[],
+                |_| false,
+                |i| active.get(&i.node).copied().unwrap_or(0),
+                &mut rnd,
+            )[0]
+            .node
+            .clone();
             *active.entry(pick).or_default() += 1;
         }
         // Streams never finish here, so P2C must keep the counts within a small band.
-        let (min, max) = (active.values().min().unwrap(), active.values().max().unwrap());
+        let (min, max) = (
+            active.values().min().unwrap(),
+            active.values().max().unwrap(),
+        );
         assert!(max - min <= 3, "{active:?}");
     }
 }

@@ -26,7 +26,9 @@ pub struct Guard {
 impl Drain {
     pub fn enter(&self) -> Guard {
         self.inner.active.fetch_add(1, Ordering::SeqCst);
-        Guard { inner: self.inner.clone() }
+        Guard {
+            inner: self.inner.clone(),
+        }
     }
 
     pub fn active(&self) -> usize {

@@ -26,7 +26,13 @@ pub async fn serve(mut incoming: mpsc::Receiver<Accepted>, registry: Arc<Registr
             async move {
                 let peer = Arc::new(peer);
                 while let Ok((send, recv)) = conn.accept_bi().await {
-                    tokio::spawn(handle_stream(send, recv, peer.clone(), registry.clone(), drain.clone()));
+                    tokio::spawn(handle_stream(
+                        send,
+                        recv,
+                        peer.clone(),
+                        registry.clone(),
+                        drain.clone(),
+                    ));
                 }
             }
             .instrument(span),
@@ -84,8 +90,10 @@ async fn handle_stream(
     let stats = tunnel::splice(tcp, send, recv).await;
     active.decrement(1.0);
     // The caller's bytes arrive from the peer; ours go out to it.
-    metrics::counter!(TUNNEL_BYTES, "service" => service.clone(), "direction" => "in").increment(stats.from_peer);
-    metrics::counter!(TUNNEL_BYTES, "service" => service.clone(), "direction" => "out").increment(stats.to_peer);
+    metrics::counter!(TUNNEL_BYTES, "service" => service.clone(), "direction" => "in")
+        .increment(stats.from_peer);
+    metrics::counter!(TUNNEL_BYTES, "service" => service.clone(), "direction" => "out")
+        .increment(stats.to_peer);
     count(stats.ending.as_str());
     debug!(caller = %peer.identity, %service, sent = stats.to_peer, received = stats.from_peer, ending = stats.ending.as_str(), "stream closed");
 }

@@ -20,18 +20,38 @@ const CONNECT_BUCKETS: [f64; 12] = [
 
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(TUNNEL_STREAMS, "Tunnel streams by service, direction (in, out) and result");
-    describe_counter!(TUNNEL_BYTES, Unit::Bytes, "Tunnelled bytes by service and direction (in, out)");
+    describe_counter!(
+        TUNNEL_STREAMS,
+        "Tunnel streams by service, direction (in, out) and result"
+    );
+    describe_counter!(
+        TUNNEL_BYTES,
+        Unit::Bytes,
+        "Tunnelled bytes by service and direction (in, out)"
+    );
     describe_gauge!(TUNNEL_ACTIVE, "Tunnel streams open now, by direction");
     describe_histogram!(
         TUNNEL_CONNECT_SECONDS,
         Unit::Seconds,
         "Time from accepting an upstream connection to an open tunnel (including retries)"
     );
-    describe_counter!(UPSTREAM_RETRIES, "Upstream connection attempts retried on another instance, by service");
-    describe_counter!(OUTLIER_EJECTIONS, "Instances ejected by outlier detection, by service");
-    describe_counter!(HEALTH_CHECKS, "Health check probes by service and result (pass, fail)");
-    describe_gauge!(CERT_EXPIRY_SECONDS, Unit::Seconds, "Seconds until the node certificate expires");
+    describe_counter!(
+        UPSTREAM_RETRIES,
+        "Upstream connection attempts retried on another instance, by service"
+    );
+    describe_counter!(
+        OUTLIER_EJECTIONS,
+        "Instances ejected by outlier detection, by service"
+    );
+    describe_counter!(
+        HEALTH_CHECKS,
+        "Health check probes by service and result (pass, fail)"
+    );
+    describe_gauge!(
+        CERT_EXPIRY_SECONDS,
+        Unit::Seconds,
+        "Seconds until the node certificate expires"
+    );
     meshnode_transport::metrics::describe();
     meshnode_gossip::metrics::describe();
 }

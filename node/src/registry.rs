@@ -27,7 +27,11 @@ impl Registry {
                 port: s.port,
                 protocol: s.protocol,
                 tags: s.tags.clone(),
-                health: if s.check.is_some() { Health::Critical } else { Health::Passing },
+                health: if s.check.is_some() {
+                    Health::Critical
+                } else {
+                    Health::Passing
+                },
             })
             .collect();
         let targets = services
@@ -37,16 +41,26 @@ impl Registry {
                 Some(((s.name.clone(), s.port), SocketAddr::new(ip, s.port)))
             })
             .collect();
-        Self { records: Mutex::new(records), targets, gossip }
+        Self {
+            records: Mutex::new(records),
+            targets,
+            gossip,
+        }
     }
 
     /// The records as first published.
     pub fn records(&self) -> Vec<ServiceRecord> {
-        self.records.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn name(&self, index: usize) -> String {
-        self.records().get(index).map(|r| r.name.clone()).unwrap_or_default()
+        self.records()
+            .get(index)
+            .map(|r| r.name.clone())
+            .unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {

@@ -16,7 +16,10 @@ use tracing::{debug, info, warn};
 use crate::balance;
 use crate::config::UpstreamConfig;
 use crate::drain::Drain;
-use crate::metrics::{OUTLIER_EJECTIONS, TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_CONNECT_SECONDS, TUNNEL_STREAMS, UPSTREAM_RETRIES};
+use crate::metrics::{
+    OUTLIER_EJECTIONS, TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_CONNECT_SECONDS, TUNNEL_STREAMS,
+    UPSTREAM_RETRIES,
+};
 use crate::outlier::{Key, Outliers};
 
 /// A receiver answers within its local connect timeout (1 s); silence past this
@@ -51,7 +54,12 @@ fn key(i: &Instance) -> Key {
 
 impl Dialer {
     pub fn new(endpoint: Endpoint, gossip: GossipHandle, cluster: &str) -> Self {
-        Self { endpoint, gossip, cluster: cluster.to_string(), state: Mutex::new(Load::default()) }
+        Self {
+            endpoint,
+            gossip,
+            cluster: cluster.to_string(),
+            state: Mutex::new(Load::default()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Load> {
@@ -59,7 +67,18 @@ impl Dialer {
     }
 
     /// Opens a tunnel to some healthy instance of `up.service`, retrying others on failure.
-    async fn open(&self, up: &UpstreamConfig) -> Result<(quinn::SendStream, quinn::RecvStream, Instance, ActiveGuard<'_>), String> {
+    async fn open(
+        &self,
+        up: &UpstreamConfig,
+    ) -> Result<
+        (
+            quinn::SendStream,
+            quinn::RecvStream,
+            Instance,
+            ActiveGuard<'_>,
+        ),
+        String,
+    > {
         let catalog = self.gossip.catalog();
         let candidates: Vec<Instance> = {
             let load = self.lock();
@@ -78,7 +97,10 @@ impl Dialer {
             .collect()
         };
         if candidates.is_empty() {
-            return Err(format!("no healthy instance of {:?} in the catalog", up.service));
+            return Err(format!(
+                "no healthy instance of {:?} in the catalog",
+                up.service
+            ));
         }
         let mut last = String::new();
         for (attempt, inst) in candidates.into_iter().enumerate() {
@@ -92,13 +114,26 @@ impl Dialer {
                     load.outliers.handle_success(&k);
                     *load.active.entry(k.clone()).or_default() += 1;
                     drop(load);
-                    return Ok((send, recv, inst, ActiveGuard { dialer: self, key: k }));
+                    return Ok((
+                        send,
+                        recv,
+                        inst,
+                        ActiveGuard {
+                            dialer: self,
+                            key: k,
+                        },
+                    ));
                 }
                 Err(e) => {
                     debug!(service = %up.service, node = %inst.node, error = %e, "tunnel attempt failed");
-                    if let Some(period) = self.lock().outliers.handle_failure(&key(&inst), Instant::now()) {
+                    if let Some(period) = self
+                        .lock()
+                        .outliers
+                        .handle_failure(&key(&inst), Instant::now())
+                    {
                         warn!(service = %up.service, node = %inst.node, ?period, "ejecting instance after repeated failures");
-                        metrics::counter!(OUTLIER_EJECTIONS, "service" => up.service.clone()).increment(1);
+                        metrics::counter!(OUTLIER_EJECTIONS, "service" => up.service.clone())
+                            .increment(1);
                     }
                     last = format!("{}: {e}", inst.node);
                 }
@@ -107,7 +142,10 @@ impl Dialer {
         Err(format!("every attempt failed (last: {last})"))
     }
 
-    async fn try_instance(&self, inst: &Instance) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
+    async fn try_instance(
+        &self,
+        inst: &Instance,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
         let (conn, peer) = self
             .endpoint
             .connect(inst.node_addr, Alpn::Tunnel)
@@ -120,8 +158,20 @@ impl Dialer {
                 peer.identity, inst.node_addr, inst.node
             )));
         }
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| TunnelError::Stream(e.to_string()))?;
-        tunnel::open(&mut send, &mut recv, &Header { service: inst.service.clone(), port: inst.port }, STATUS_TIMEOUT).await?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| TunnelError::Stream(e.to_string()))?;
+        tunnel::open(
+            &mut send,
+            &mut recv,
+            &Header {
+                service: inst.service.clone(),
+                port: inst.port,
+            },
+            STATUS_TIMEOUT,
+        )
+        .await?;
         Ok((send, recv))
     }
 }
@@ -181,8 +231,10 @@ async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
     active.increment(1.0);
     let stats = tunnel::splice(tcp, send, recv).await;
     active.decrement(1.0);
-    metrics::counter!(TUNNEL_BYTES, "service" => up.service.clone(), "direction" => "out").increment(stats.to_peer);
-    metrics::counter!(TUNNEL_BYTES, "service" => up.service.clone(), "direction" => "in").increment(stats.from_peer);
+    metrics::counter!(TUNNEL_BYTES, "service" => up.service.clone(), "direction" => "out")
+        .increment(stats.to_peer);
+    metrics::counter!(TUNNEL_BYTES, "service" => up.service.clone(), "direction" => "in")
+        .increment(stats.from_peer);
     metrics::counter!(TUNNEL_STREAMS, "service" => up.service.clone(), "direction" => "out", "result" => stats.ending.as_str()).increment(1);
     debug!(service = %up.service, node = %inst.node, sent = stats.to_peer, received = stats.from_peer, "tunnel closed");
 }

@@ -1,1 +1,316 @@
+//! Process-level test helpers: a mesh of real `meshnode` processes on loopback.
+//!
+//! Each test picks its own random `127.x.y.0/24`-style addresses, so tests can
+//! run in parallel; every child process is killed when its guard drops.
 
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use meshnode_transport::pki::Ca;
+use meshnode_transport::Role;
+use rand::RngExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[cfg(test)]
+mod tests;
+
+pub const MESH: &str = "acme";
+pub const CLUSTER: &str = "east";
+
+/// The `meshnode` binary of this workspace, built on first use.
+pub fn meshnode_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test-binary> -> target/<profile>/meshnode
+        let exe = std::env::current_exe().expect("test binary path");
+        let dir = exe.parent().and_then(Path::parent).expect("target dir");
+        let bin = dir.join("meshnode");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "meshnode-cli", "--bin", "meshnode"])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build of meshnode failed");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// Runs `meshnode ARGS` to completion.
+pub fn meshnode(args: &[&str]) -> Output {
+    Command::new(meshnode_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running meshnode")
+}
+
+/// A random loopback /24 for one test: 127.A.B.1 .. 127.A.B.254.
+pub fn subnet() -> [u8; 2] {
+    let mut r = rand::rng();
+    [r.random_range(1..=254), r.random_range(1..=254)]
+}
+
+pub fn free_udp(ip: Ipv4Addr) -> SocketAddr {
+    std::net::UdpSocket::bind((ip, 0))
+        .and_then(|s| s.local_addr())
+        .expect("free udp port")
+}
+
+pub fn free_tcp(ip: Ipv4Addr) -> SocketAddr {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|s| s.local_addr())
+        .expect("free tcp port")
+}
+
+/// A CA and a scratch directory for one test.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+            ca: Ca::generate(MESH, Duration::from_secs(3600)).expect("CA"),
+        }
+    }
+
+    /// Writes node.pem, node.key and ca.pem into `<dir>/<name>` and returns that dir.
+    pub fn issue(&self, cluster: &str, name: &str) -> PathBuf {
+        let d = self.dir.path().join(name);
+        self.ca
+            .issue(cluster, name, Role::Node, Duration::from_secs(3600))
+            .expect("issue")
+            .save(&d, self.ca.cert_pem())
+            .expect("save cert");
+        d
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A node's addresses and extra config.
+pub struct NodeSpec {
+    pub name: String,
+    pub cluster: String,
+    pub ip: Ipv4Addr,
+    pub quic: SocketAddr,
+    pub admin: SocketAddr,
+    pub seeds: Vec<SocketAddr>,
+    /// Extra TOML appended to the config (services, upstreams).
+    pub extra: String,
+}
+
+impl NodeSpec {
+    pub fn new(net: [u8; 2], host: u8, name: &str) -> Self {
+        let ip = Ipv4Addr::new(127, net[0], net[1], host);
+        Self {
+            name: name.to_string(),
+            cluster: CLUSTER.to_string(),
+            ip,
+            quic: free_udp(ip),
+            admin: free_tcp(ip),
+            seeds: Vec::new(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn config(&self, data_dir: &Path) -> String {
+        let seeds: Vec<String> = self.seeds.iter().map(|s| format!("\"{s}\"")).collect();
+        format!(
+            "node = \"{}\"\ncluster = \"{}\"\nmesh = \"{MESH}\"\ndata_dir = \"{}\"\nbind = \"{}\"\nadmin = \"{}\"\nseeds = [{}]\n[gossip]\ninterval = \"250ms\"\n{}",
+            self.name,
+            self.cluster,
+            data_dir.display(),
+            self.quic,
+            self.admin,
+            seeds.join(", "),
+            self.extra
+        )
+    }
+}
+
+/// A running `meshnode run`; killed (SIGKILL) on drop.
+pub struct NodeProc {
+    pub spec: NodeSpec,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl NodeProc {
+    /// Writes the config into `data_dir` and starts the node.
+    pub fn start(spec: NodeSpec, data_dir: &Path) -> Self {
+        let cfg = data_dir.join("config.toml");
+        std::fs::write(&cfg, spec.config(data_dir)).expect("write config");
+        let log = data_dir.join("node.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(meshnode_bin())
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("MESHNODE_LOG", "info,meshnode_transport=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn meshnode run");
+        Self {
+            spec,
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &c.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    self.child = None;
+                    return st.code();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn get(&self, path: &str) -> Option<serde_json::Value> {
+        let body = http_get(self.spec.admin, path).await?;
+        serde_json::from_str(&body).ok()
+    }
+
+    /// `(node, state)` pairs from `/v1/members`.
+    pub async fn members(&self) -> Vec<(String, String)> {
+        let v = self.get("/v1/members").await.unwrap_or_default();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| (s(m, "node"), s(m, "state")))
+            .collect()
+    }
+
+    /// `(node, health)` of one service's instances from `/v1/services`.
+    pub async fn instances(&self, service: &str) -> Vec<(String, String)> {
+        let v = self.get("/v1/services").await.unwrap_or_default();
+        v.get(service)
+            .and_then(|l| l.as_array())
+            .into_iter()
+            .flatten()
+            .map(|i| (s(i, "node"), s(i, "health")))
+            .collect()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- log of {} ---\n{}", self.spec.name, self.log_text());
+        }
+    }
+}
+
+fn s(v: &serde_json::Value, k: &str) -> String {
+    v.get(k)
+        .and_then(|x| x.as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A plain HTTP/1.1 GET; returns the body of any answer.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let work = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Polls `cond` every 50 ms; returns the time it took, or None after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, mut cond: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// A TCP echo server that also carries half-close: on EOF it shuts down its write side.
+pub async fn echo_server(ip: Ipv4Addr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind((ip, 0))
+        .await
+        .expect("bind echo");
+    let addr = l.local_addr().expect("echo addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// TOML for an echo service entry.
+pub fn echo_service(name: &str, addr: SocketAddr) -> String {
+    format!(
+        "\n[[service]]\nname = \"{name}\"\naddress = \"{}\"\nport = {}\ncheck = {{ tcp = \"{addr}\", interval = \"200ms\", timeout = \"150ms\" }}\n",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+pub fn upstream(service: &str, listen: SocketAddr) -> String {
+    format!("\n[[upstream]]\nservice = \"{service}\"\nlisten = \"{listen}\"\n")
+}

@@ -4,7 +4,7 @@
 //! hostile length prefix fail with `LimitExceeded` before anything is allocated,
 //! and trailing bytes, which bincode accepts, are rejected here.
 
-use bincode::config::{Configuration, LittleEndian, Limit, Varint};
+use bincode::config::{Configuration, Limit, LittleEndian, Varint};
 use serde::{de::DeserializeOwned, Serialize};
 
 /// The largest message this codec will produce or accept.

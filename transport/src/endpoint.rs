@@ -64,12 +64,11 @@ impl Endpoint {
     pub fn bind(cfg: EndpointConfig) -> Result<(Endpoint, Incoming), EndpointError> {
         let transport = Arc::new(transport_config());
         let server = cfg.tls.server_config(transport.clone())?;
-        let quic = quinn::Endpoint::server(server, cfg.bind).map_err(|source| {
-            EndpointError::Bind {
+        let quic =
+            quinn::Endpoint::server(server, cfg.bind).map_err(|source| EndpointError::Bind {
                 addr: cfg.bind,
                 source,
-            }
-        })?;
+            })?;
         let clients = [Alpn::Gossip, Alpn::Tunnel, Alpn::Join]
             .into_iter()
             .map(|a| Ok((a, cfg.tls.client_config(a.as_bytes(), transport.clone())?)))
@@ -122,7 +121,8 @@ impl Endpoint {
 
     /// Closes every connection and stops accepting.
     pub fn close(&self) {
-        self.quic.close(quinn::VarInt::from_u32(0), b"node shutting down");
+        self.quic
+            .close(quinn::VarInt::from_u32(0), b"node shutting down");
     }
 
     /// Waits until all connections are closed (bounded by the peers' idle timeout).

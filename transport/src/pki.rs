@@ -32,7 +32,10 @@ pub enum PkiError {
     )]
     KeyPermissions { path: String, mode: u32 },
     #[error("{what}: no PEM block found (expected {expected})")]
-    NoPem { what: String, expected: &'static str },
+    NoPem {
+        what: String,
+        expected: &'static str,
+    },
     #[error("{what}: {reason}")]
     BadCertificate { what: String, reason: String },
     #[error("certificate generation failed: {0}")]

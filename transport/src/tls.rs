@@ -51,18 +51,23 @@ impl TlsMaterial {
         let ca_certs = read_certs(ca)?;
         let chain = read_certs(cert)?;
         let (_, key_der) = read_private_key(key)?;
-        Self::new(ca_certs, chain, key_der, &cert.display().to_string(), &ca.display().to_string())
+        Self::new(
+            ca_certs,
+            chain,
+            key_der,
+            &cert.display().to_string(),
+            &ca.display().to_string(),
+        )
     }
 
     /// Builds material from PEM strings (used by tests and by `join`).
     pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         use rustls::pki_types::pem::PemObject;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| {
-            PkiError::NoPem {
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| PkiError::NoPem {
                 what: "node key".into(),
                 expected: "a PKCS#8 private key",
-            }
-        })?;
+            })?;
         Self::new(
             parse_certs("CA", ca_pem)?,
             parse_certs("node certificate", cert_pem)?,
@@ -91,7 +96,8 @@ impl TlsMaterial {
         // Fail at startup, not at the first handshake, when cert and CA do not match.
         let name = rustls::pki_types::ServerName::try_from("meshnode")
             .map_err(|e| TlsError::Quic(e.to_string()))?;
-        let verifier = MeshServerVerifier::new(material.roots()?, provider(), material.me.identity.mesh());
+        let verifier =
+            MeshServerVerifier::new(material.roots()?, provider(), material.me.identity.mesh());
         rustls::client::danger::ServerCertVerifier::verify_server_cert(
             &verifier,
             &material.chain[0],
@@ -121,7 +127,10 @@ impl TlsMaterial {
     }
 
     /// The server side of the node's endpoint: serves every meshnode ALPN.
-    pub fn server_config(&self, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ServerConfig, TlsError> {
+    pub fn server_config(
+        &self,
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ServerConfig, TlsError> {
         let verifier = MeshClientVerifier::new(self.roots()?, provider(), self.me.identity.mesh())?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?

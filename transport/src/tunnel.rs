@@ -7,7 +7,9 @@
 mod header;
 mod splice;
 
-pub use header::{decode_frame, decode_header, encode_header, Header, HeaderError, Status, MAX_HEADER_LEN};
+pub use header::{
+    decode_frame, decode_header, encode_header, Header, HeaderError, Status, MAX_HEADER_LEN,
+};
 pub use splice::{splice, SpliceStats};
 
 use quinn::{RecvStream, SendStream, VarInt};
@@ -65,7 +67,10 @@ pub async fn open(
     match Status::from_u8(status[0]) {
         Some(Status::Ok) => Ok(()),
         Some(other) => Err(TunnelError::Refused(other)),
-        None => Err(TunnelError::Stream(format!("unknown status byte {}", status[0]))),
+        None => Err(TunnelError::Stream(format!(
+            "unknown status byte {}",
+            status[0]
+        ))),
     }
 }
 
@@ -90,9 +95,7 @@ pub async fn read_header(recv: &mut RecvStream) -> Result<Header, TunnelError> {
 
 fn read_err(e: quinn::ReadExactError) -> TunnelError {
     match e {
-        quinn::ReadExactError::FinishedEarly(_) => {
-            TunnelError::Header(HeaderError::Truncated)
-        }
+        quinn::ReadExactError::FinishedEarly(_) => TunnelError::Header(HeaderError::Truncated),
         quinn::ReadExactError::ReadError(e) => TunnelError::Stream(e.to_string()),
     }
 }

@@ -24,7 +24,15 @@ fn field(v: &Value, k: &str) -> String {
 }
 
 pub async fn members(a: &AdminArgs, wan: bool) -> Result<(), Failure> {
-    let v = get(a, if wan { "/v1/members?pool=wan" } else { "/v1/members" }).await?;
+    let v = get(
+        a,
+        if wan {
+            "/v1/members?pool=wan"
+        } else {
+            "/v1/members"
+        },
+    )
+    .await?;
     if a.json {
         print_json(&v);
         return Ok(());
@@ -34,13 +42,26 @@ pub async fn members(a: &AdminArgs, wan: bool) -> Result<(), Failure> {
         .map(|ms| {
             ms.iter()
                 .map(|m| {
-                    let role = if m.get("gateway").and_then(Value::as_bool).unwrap_or(false) { "gateway" } else { "node" };
-                    vec![field(m, "node"), field(m, "cluster"), field(m, "addr"), field(m, "state"), role.into()]
+                    let role = if m.get("gateway").and_then(Value::as_bool).unwrap_or(false) {
+                        "gateway"
+                    } else {
+                        "node"
+                    };
+                    vec![
+                        field(m, "node"),
+                        field(m, "cluster"),
+                        field(m, "addr"),
+                        field(m, "state"),
+                        role.into(),
+                    ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    println!("{}", table(&["NODE", "CLUSTER", "ADDRESS", "STATE", "ROLE"], &rows));
+    println!(
+        "{}",
+        table(&["NODE", "CLUSTER", "ADDRESS", "STATE", "ROLE"], &rows)
+    );
     Ok(())
 }
 
@@ -56,16 +77,28 @@ pub async fn services(a: &AdminArgs) -> Result<(), Failure> {
             m.iter()
                 .map(|(name, insts)| {
                     let list = insts.as_array().cloned().unwrap_or_default();
-                    let passing = list.iter().filter(|i| i.get("health").and_then(Value::as_str) == Some("passing")).count();
-                    let mut clusters: Vec<String> = list.iter().map(|i| field(i, "cluster")).collect();
+                    let passing = list
+                        .iter()
+                        .filter(|i| i.get("health").and_then(Value::as_str) == Some("passing"))
+                        .count();
+                    let mut clusters: Vec<String> =
+                        list.iter().map(|i| field(i, "cluster")).collect();
                     clusters.sort();
                     clusters.dedup();
-                    vec![name.clone(), list.len().to_string(), passing.to_string(), clusters.join(",")]
+                    vec![
+                        name.clone(),
+                        list.len().to_string(),
+                        passing.to_string(),
+                        clusters.join(","),
+                    ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    println!("{}", table(&["SERVICE", "INSTANCES", "PASSING", "CLUSTERS"], &rows));
+    println!(
+        "{}",
+        table(&["SERVICE", "INSTANCES", "PASSING", "CLUSTERS"], &rows)
+    );
     Ok(())
 }
 
@@ -97,7 +130,20 @@ pub async fn endpoints(a: &AdminArgs, service: &str) -> Result<(), Failure> {
                 .collect()
         })
         .unwrap_or_default();
-    println!("{}", table(&["NODE", "CLUSTER", "NODE ADDRESS", "INSTANCE", "TAGS", "HEALTH"], &rows));
+    println!(
+        "{}",
+        table(
+            &[
+                "NODE",
+                "CLUSTER",
+                "NODE ADDRESS",
+                "INSTANCE",
+                "TAGS",
+                "HEALTH"
+            ],
+            &rows
+        )
+    );
     Ok(())
 }
 
@@ -108,26 +154,62 @@ pub async fn status(a: &AdminArgs) -> Result<(), Failure> {
         return Ok(());
     }
     let lan = v.pointer("/pools/lan").cloned().unwrap_or(Value::Null);
-    let expires = v.get("cert_expires_in_seconds").and_then(Value::as_i64).unwrap_or(0);
+    let expires = v
+        .get("cert_expires_in_seconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
     let rows = vec![
         vec!["identity".into(), field(&v, "identity")],
-        vec!["role".into(), if v.get("gateway").and_then(Value::as_bool).unwrap_or(false) { "gateway".into() } else { "node".into() }],
-        vec!["cert expires in".into(), humantime::format_duration(std::time::Duration::from_secs(expires.max(0) as u64)).to_string()],
-        vec!["lan pool".into(), format!("{} alive, {} dead, {} left", field(&lan, "alive"), field(&lan, "dead"), field(&lan, "left"))],
+        vec![
+            "role".into(),
+            if v.get("gateway").and_then(Value::as_bool).unwrap_or(false) {
+                "gateway".into()
+            } else {
+                "node".into()
+            },
+        ],
+        vec![
+            "cert expires in".into(),
+            humantime::format_duration(std::time::Duration::from_secs(expires.max(0) as u64))
+                .to_string(),
+        ],
+        vec![
+            "lan pool".into(),
+            format!(
+                "{} alive, {} dead, {} left",
+                field(&lan, "alive"),
+                field(&lan, "dead"),
+                field(&lan, "left")
+            ),
+        ],
         vec!["local services".into(), field(&v, "local_services")],
-        vec!["catalog".into(), format!("{} services, {} instances", field(&v, "catalog_services"), field(&v, "catalog_instances"))],
+        vec![
+            "catalog".into(),
+            format!(
+                "{} services, {} instances",
+                field(&v, "catalog_services"),
+                field(&v, "catalog_instances")
+            ),
+        ],
         vec!["upstreams".into(), field(&v, "upstreams")],
         vec!["active streams".into(), field(&v, "active_streams")],
     ];
     println!("{}", table(&["KEY", "VALUE"], &rows));
-    for w in v.get("warnings").and_then(Value::as_array).into_iter().flatten() {
+    for w in v
+        .get("warnings")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         println!("warning: {}", cell(w));
     }
     Ok(())
 }
 
 pub async fn leave(a: &AdminArgs) -> Result<(), Failure> {
-    client::post(a.admin, "/v1/leave").await.map_err(Failure::runtime)?;
+    client::post(a.admin, "/v1/leave")
+        .await
+        .map_err(Failure::runtime)?;
     println!("leaving: the node withdraws its instances now, drains open streams and exits");
     Ok(())
 }

@@ -15,21 +15,45 @@ pub fn init(mesh: &str, out: &Path) -> Result<(), Failure> {
         .with_context(|| format!("writing the CA into {}", out.display()))
         .map_err(Failure::runtime)?;
     println!("created the root CA of mesh {mesh:?}");
-    println!("  {}  (certificate: copy to every node)", out.join("ca.pem").display());
-    println!("  {}  (private key, 0600: keep it offline or on CA nodes only)", out.join("ca.key").display());
+    println!(
+        "  {}  (certificate: copy to every node)",
+        out.join("ca.pem").display()
+    );
+    println!(
+        "  {}  (private key, 0600: keep it offline or on CA nodes only)",
+        out.join("ca.key").display()
+    );
     Ok(())
 }
 
-pub fn issue(ca_dir: &Path, cluster: &str, node: &str, gateway: bool, validity: Duration, out: &Path) -> Result<(), Failure> {
+pub fn issue(
+    ca_dir: &Path,
+    cluster: &str,
+    node: &str,
+    gateway: bool,
+    validity: Duration,
+    out: &Path,
+) -> Result<(), Failure> {
     let ca = Ca::load(ca_dir)
-        .with_context(|| format!("loading the CA from {} (expects ca.pem and ca.key)", ca_dir.display()))
+        .with_context(|| {
+            format!(
+                "loading the CA from {} (expects ca.pem and ca.key)",
+                ca_dir.display()
+            )
+        })
         .map_err(Failure::usage)?;
     let role = if gateway { Role::Gateway } else { Role::Node };
-    let cert = ca.issue(cluster, node, role, validity).map_err(Failure::usage)?;
+    let cert = ca
+        .issue(cluster, node, role, validity)
+        .map_err(Failure::usage)?;
     cert.save(out, ca.cert_pem())
         .with_context(|| format!("writing the certificate into {}", out.display()))
         .map_err(Failure::runtime)?;
-    println!("issued {} ({role}) valid for {}", cert.identity, humantime::format_duration(validity));
+    println!(
+        "issued {} ({role}) valid for {}",
+        cert.identity,
+        humantime::format_duration(validity)
+    );
     for f in ["node.pem", "node.key", "ca.pem"] {
         println!("  {}", out.join(f).display());
     }

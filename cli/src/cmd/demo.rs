@@ -44,7 +44,10 @@ fn step(msg: &str) {
 }
 
 async fn run(hold: bool) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("meshnode-demo-").tempdir().context("creating a temp dir")?;
+    let dir = tempfile::Builder::new()
+        .prefix("meshnode-demo-")
+        .tempdir()
+        .context("creating a temp dir")?;
     let exe = std::env::current_exe().context("locating the meshnode binary")?;
 
     step("creating a mesh CA and certificates for 3 nodes");
@@ -55,9 +58,18 @@ async fn run(hold: bool) -> anyhow::Result<()> {
         let name = format!("node-{i}");
         ca.issue(CLUSTER, &name, Role::Node, Duration::from_secs(24 * 3600))?
             .save(&dir.path().join(&name), ca.cert_pem())?;
-        nodes.push(DemoNode { name, ip, quic: free_udp(ip)?, admin: free_tcp(ip).await?, child: None });
+        nodes.push(DemoNode {
+            name,
+            ip,
+            quic: free_udp(ip)?,
+            admin: free_tcp(ip).await?,
+            child: None,
+        });
     }
-    println!("    mesh {MESH:?}, cluster {CLUSTER:?}, files in {}", dir.path().display());
+    println!(
+        "    mesh {MESH:?}, cluster {CLUSTER:?}, files in {}",
+        dir.path().display()
+    );
 
     step("starting demo service \"api\" on node-1 and node-2, an upstream on node-3");
     let mut apps = Vec::new();
@@ -68,7 +80,11 @@ async fn run(hold: bool) -> anyhow::Result<()> {
     // node-1 starts the pool; the others join through it.
     let seed = nodes[0].quic;
     for (i, n) in nodes.iter_mut().enumerate() {
-        let seeds = if i == 0 { String::new() } else { format!("\"{seed}\"") };
+        let seeds = if i == 0 {
+            String::new()
+        } else {
+            format!("\"{seed}\"")
+        };
         let mut text = format!(
             "node = \"{name}\"\ncluster = \"{CLUSTER}\"\nmesh = \"{MESH}\"\ndata_dir = \"{dd}\"\nbind = \"{quic}\"\nadmin = \"{admin}\"\nseeds = [{seeds}]\n",
             name = n.name,
@@ -84,7 +100,9 @@ async fn run(hold: bool) -> anyhow::Result<()> {
             ));
         }
         if i == 2 {
-            text.push_str(&format!("\n[[upstream]]\nservice = \"{SERVICE}\"\nlisten = \"{upstream}\"\n"));
+            text.push_str(&format!(
+                "\n[[upstream]]\nservice = \"{SERVICE}\"\nlisten = \"{upstream}\"\n"
+            ));
         }
         let path = dir.path().join(&n.name).join("config.toml");
         std::fs::write(&path, text)?;
@@ -106,9 +124,17 @@ async fn run(hold: bool) -> anyhow::Result<()> {
     let result = scenario(&mut nodes, upstream, hold).await;
     if result.is_err() {
         for n in &nodes {
-            let log = std::fs::read_to_string(dir.path().join(format!("{}.log", n.name))).unwrap_or_default();
+            let log = std::fs::read_to_string(dir.path().join(format!("{}.log", n.name)))
+                .unwrap_or_default();
             eprintln!("--- last lines of {}'s log ---", n.name);
-            for line in log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev() {
+            for line in log
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
                 eprintln!("{line}");
             }
         }
@@ -143,7 +169,9 @@ async fn scenario(nodes: &mut [DemoNode], upstream: SocketAddr, hold: bool) -> a
     println!("    ready after {:.1} s", t.elapsed().as_secs_f64());
     print_members(watcher).await?;
 
-    step(&format!("sending {REQUESTS} requests through node-3's upstream {upstream}"));
+    step(&format!(
+        "sending {REQUESTS} requests through node-3's upstream {upstream}"
+    ));
     let before = traffic(upstream, REQUESTS).await;
     print_tally(&before);
 
@@ -163,23 +191,47 @@ async fn scenario(nodes: &mut [DemoNode], upstream: SocketAddr, hold: bool) -> a
             bail!("node-1's instance was still in node-3's catalog 30 s after the kill");
         }
     };
-    println!("    node-1's instance left node-3's catalog {:.2} s after the kill", detected.as_secs_f64());
+    println!(
+        "    node-1's instance left node-3's catalog {:.2} s after the kill",
+        detected.as_secs_f64()
+    );
     print_tally(&during);
     print_members(watcher).await?;
 
-    step(&format!("sending {REQUESTS} more requests: all must land on node-2"));
+    step(&format!(
+        "sending {REQUESTS} more requests: all must land on node-2"
+    ));
     let after = traffic(upstream, REQUESTS).await;
     print_tally(&after);
 
     step("summary");
     let rows = vec![
-        vec!["before the kill".into(), before.ok.to_string(), before.failed.to_string(), before.spread()],
-        vec!["while detecting".into(), during.ok.to_string(), during.failed.to_string(), during.spread()],
-        vec!["after detection".into(), after.ok.to_string(), after.failed.to_string(), after.spread()],
+        vec![
+            "before the kill".into(),
+            before.ok.to_string(),
+            before.failed.to_string(),
+            before.spread(),
+        ],
+        vec![
+            "while detecting".into(),
+            during.ok.to_string(),
+            during.failed.to_string(),
+            during.spread(),
+        ],
+        vec![
+            "after detection".into(),
+            after.ok.to_string(),
+            after.failed.to_string(),
+            after.spread(),
+        ],
     ];
     println!("{}", table(&["PHASE", "OK", "FAILED", "LANDED ON"], &rows));
-    println!("kill -9 detected and instance removed in {:.2} s", detected.as_secs_f64());
-    if before.ok != REQUESTS || after.ok != REQUESTS || after.by_node.keys().any(|n| n != "node-2") {
+    println!(
+        "kill -9 detected and instance removed in {:.2} s",
+        detected.as_secs_f64()
+    );
+    if before.ok != REQUESTS || after.ok != REQUESTS || after.by_node.keys().any(|n| n != "node-2")
+    {
         bail!("traffic did not behave as expected (see the table above)");
     }
     if hold {
@@ -212,12 +264,21 @@ impl Tally {
     }
 
     fn spread(&self) -> String {
-        self.by_node.iter().map(|(n, c)| format!("{n}:{c}")).collect::<Vec<_>>().join(" ")
+        self.by_node
+            .iter()
+            .map(|(n, c)| format!("{n}:{c}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
 fn print_tally(t: &Tally) {
-    println!("    {} ok, {} failed; landed on {}", t.ok, t.failed, t.spread());
+    println!(
+        "    {} ok, {} failed; landed on {}",
+        t.ok,
+        t.failed,
+        t.spread()
+    );
 }
 
 async fn traffic(upstream: SocketAddr, n: usize) -> Tally {
@@ -232,15 +293,24 @@ async fn traffic(upstream: SocketAddr, n: usize) -> Tally {
 async fn request(upstream: SocketAddr) -> anyhow::Result<String> {
     let work = async {
         let mut s = TcpStream::connect(upstream).await?;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n").await?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+            .await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         let text = String::from_utf8_lossy(&buf);
-        let body = text.split("\r\n\r\n").nth(1).ok_or_else(|| anyhow!("no HTTP response"))?;
-        let node = body.trim().strip_prefix("hello from ").ok_or_else(|| anyhow!("unexpected body {body:?}"))?;
+        let body = text
+            .split("\r\n\r\n")
+            .nth(1)
+            .ok_or_else(|| anyhow!("no HTTP response"))?;
+        let node = body
+            .trim()
+            .strip_prefix("hello from ")
+            .ok_or_else(|| anyhow!("unexpected body {body:?}"))?;
         anyhow::Ok(node.to_string())
     };
-    tokio::time::timeout(Duration::from_secs(10), work).await.map_err(|_| anyhow!("timed out"))?
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .map_err(|_| anyhow!("timed out"))?
 }
 
 async fn instances(admin: SocketAddr) -> anyhow::Result<Vec<(String, String)>> {
@@ -250,7 +320,12 @@ async fn instances(admin: SocketAddr) -> anyhow::Result<Vec<(String, String)>> {
         .map(|l| {
             l.iter()
                 .map(|i| {
-                    let s = |k: &str| i.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+                    let s = |k: &str| {
+                        i.get(k)
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_string()
+                    };
                     (s("node"), s("health"))
                 })
                 .collect()
@@ -264,7 +339,12 @@ async fn print_members(admin: SocketAddr) -> anyhow::Result<()> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|m| ["node", "addr", "state"].iter().map(|k| crate::output::cell(m.get(*k).unwrap_or(&Value::Null))).collect())
+        .map(|m| {
+            ["node", "addr", "state"]
+                .iter()
+                .map(|k| crate::output::cell(m.get(*k).unwrap_or(&Value::Null)))
+                .collect()
+        })
         .collect();
     println!("{}", table(&["NODE", "ADDRESS", "STATE"], &rows));
     Ok(())
@@ -286,12 +366,15 @@ where
 }
 
 fn free_udp(ip: Ipv4Addr) -> anyhow::Result<SocketAddr> {
-    let s = std::net::UdpSocket::bind((ip, 0)).with_context(|| format!("binding a UDP port on {ip}"))?;
+    let s = std::net::UdpSocket::bind((ip, 0))
+        .with_context(|| format!("binding a UDP port on {ip}"))?;
     Ok(s.local_addr()?)
 }
 
 async fn free_tcp(ip: Ipv4Addr) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind((ip, 0)).await.with_context(|| format!("binding a TCP port on {ip}"))?;
+    let l = TcpListener::bind((ip, 0))
+        .await
+        .with_context(|| format!("binding a TCP port on {ip}"))?;
     Ok(l.local_addr()?)
 }
 
@@ -321,11 +404,21 @@ async fn start_app(node: &str) -> anyhow::Result<App> {
         while let Ok((stream, _)) = listener.accept().await {
             let body = body.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let text = if req.uri().path() == "/healthz" { "ok\n".to_string() } else { body.clone() };
-                    async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(text)))) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let text = if req.uri().path() == "/healthz" {
+                            "ok\n".to_string()
+                        } else {
+                            body.clone()
+                        };
+                        async move {
+                            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });

@@ -17,10 +17,17 @@ fn load(path: &Path) -> Result<Config, Failure> {
 
 pub async fn run(path: &Path) -> Result<(), Failure> {
     let cfg = load(path)?;
-    let metrics = meshnode_node::metrics::install(&cfg.node).map_err(|e| Failure::runtime(anyhow::anyhow!("metrics: {e}")))?;
-    let bound = meshnode_node::build(cfg, Some(metrics)).await.map_err(|e| {
-        if e.is_config() { Failure::usage(e) } else { Failure::runtime(e) }
-    })?;
+    let metrics = meshnode_node::metrics::install(&cfg.node)
+        .map_err(|e| Failure::runtime(anyhow::anyhow!("metrics: {e}")))?;
+    let bound = meshnode_node::build(cfg, Some(metrics))
+        .await
+        .map_err(|e| {
+            if e.is_config() {
+                Failure::usage(e)
+            } else {
+                Failure::runtime(e)
+            }
+        })?;
     let mut term = signal(SignalKind::terminate()).map_err(Failure::runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Failure::runtime)?;
     bound
@@ -45,9 +52,16 @@ pub fn validate(path: &Path) -> Result<(), Failure> {
         cfg.services.len(),
         cfg.upstreams.len()
     );
-    for (key, p) in [("tls.ca", &cfg.tls.ca), ("tls.cert", &cfg.tls.cert), ("tls.key", &cfg.tls.key)] {
+    for (key, p) in [
+        ("tls.ca", &cfg.tls.ca),
+        ("tls.cert", &cfg.tls.cert),
+        ("tls.key", &cfg.tls.key),
+    ] {
         if !p.exists() {
-            println!("note: {key} {} does not exist yet (meshnode join or cert issue writes it)", p.display());
+            println!(
+                "note: {key} {} does not exist yet (meshnode join or cert issue writes it)",
+                p.display()
+            );
         }
     }
     Ok(())

@@ -15,14 +15,24 @@ pub enum ClientError {
     #[error("cannot reach the meshnode admin API at {addr}: {reason} (is the agent running? pass --admin ADDR)")]
     Unreachable { addr: SocketAddr, reason: String },
     #[error("admin API at {addr} answered {status}: {body}")]
-    Status { addr: SocketAddr, status: u16, body: String },
+    Status {
+        addr: SocketAddr,
+        status: u16,
+        body: String,
+    },
 }
 
 /// Sends a request and returns the body of a 2xx answer.
-pub async fn request(addr: SocketAddr, method: hyper::Method, path: &str) -> Result<String, ClientError> {
+pub async fn request(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+) -> Result<String, ClientError> {
     let unreachable = |reason: String| ClientError::Unreachable { addr, reason };
     let work = async {
-        let stream = TcpStream::connect(addr).await.map_err(|e| unreachable(e.to_string()))?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
@@ -33,14 +43,26 @@ pub async fn request(addr: SocketAddr, method: hyper::Method, path: &str) -> Res
             .header(hyper::header::HOST, addr.to_string())
             .body(Empty::<Bytes>::new())
             .map_err(|e| unreachable(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| unreachable(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| unreachable(e.to_string()))?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .to_bytes();
         let body = String::from_utf8_lossy(&body).into_owned();
         if status.is_success() {
             Ok(body)
         } else {
-            Err(ClientError::Status { addr, status: status.as_u16(), body })
+            Err(ClientError::Status {
+                addr,
+                status: status.as_u16(),
+                body,
+            })
         }
     };
     tokio::time::timeout(TIMEOUT, work)

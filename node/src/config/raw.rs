@@ -109,7 +109,10 @@ impl Errors {
         match value.parse() {
             Ok(a) => Some(a),
             Err(_) => {
-                self.push(key, format!("{value:?} is not an ip:port address (e.g. \"10.0.1.5:9470\")"));
+                self.push(
+                    key,
+                    format!("{value:?} is not an ip:port address (e.g. \"10.0.1.5:9470\")"),
+                );
                 None
             }
         }
@@ -124,7 +127,10 @@ impl Errors {
                 default
             }
             Err(_) => {
-                self.push(key, format!("{value:?} is not a duration (e.g. \"500ms\", \"2s\", \"1h\")"));
+                self.push(
+                    key,
+                    format!("{value:?} is not a duration (e.g. \"500ms\", \"2s\", \"1h\")"),
+                );
                 default
             }
         }
@@ -142,7 +148,10 @@ impl Errors {
 }
 
 fn service_name_ok(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 // === impl RawConfig ===
@@ -166,7 +175,11 @@ impl RawConfig {
             )),
             Err(e) => {
                 let key = e.path().to_string();
-                let key = if key == "." { "(file)".to_string() } else { key };
+                let key = if key == "." {
+                    "(file)".to_string()
+                } else {
+                    key
+                };
                 let msg = e.into_inner().message().trim().to_string();
                 Err(LoadError::Invalid(vec![ConfigError::new(key, msg)]))
             }
@@ -194,16 +207,25 @@ impl RawConfig {
                 m.clone()
             }
             None => {
-                e.push("mesh", "missing: name the mesh (the trust domain of the CA)");
+                e.push(
+                    "mesh",
+                    "missing: name the mesh (the trust domain of the CA)",
+                );
                 String::new()
             }
         };
         let data_dir = PathBuf::from(self.data_dir.as_deref().unwrap_or(DEFAULT_DATA_DIR));
         let bind = e.addr("bind", self.bind.as_deref().unwrap_or(DEFAULT_BIND));
-        let advertise = self.advertise.as_deref().and_then(|a| e.addr("advertise", a));
+        let advertise = self
+            .advertise
+            .as_deref()
+            .and_then(|a| e.addr("advertise", a));
         if let Some(a) = advertise {
             if a.ip().is_unspecified() || a.port() == 0 {
-                e.push("advertise", "must be a concrete address other nodes can reach");
+                e.push(
+                    "advertise",
+                    "must be a concrete address other nodes can reach",
+                );
             }
         }
         let admin = e.addr("admin", self.admin.as_deref().unwrap_or(DEFAULT_ADMIN));
@@ -213,7 +235,10 @@ impl RawConfig {
             .enumerate()
             .filter_map(|(i, s)| e.addr(&format!("seeds[{i}]"), s))
             .collect();
-        let wan_advertise = self.wan_advertise.as_deref().and_then(|a| e.addr("wan_advertise", a));
+        let wan_advertise = self
+            .wan_advertise
+            .as_deref()
+            .and_then(|a| e.addr("wan_advertise", a));
         let wan_seeds: Vec<SocketAddr> = self
             .wan_seeds
             .iter()
@@ -222,28 +247,50 @@ impl RawConfig {
             .collect();
         if !self.gateway {
             if self.wan_advertise.is_some() {
-                e.push("wan_advertise", "only gateways (gateway = true) join the WAN pool");
+                e.push(
+                    "wan_advertise",
+                    "only gateways (gateway = true) join the WAN pool",
+                );
             }
             if !self.wan_seeds.is_empty() {
-                e.push("wan_seeds", "only gateways (gateway = true) join the WAN pool");
+                e.push(
+                    "wan_seeds",
+                    "only gateways (gateway = true) join the WAN pool",
+                );
             }
         }
         let tls = self.tls.unwrap_or_default();
         let tls = TlsPaths {
-            ca: tls.ca.map(PathBuf::from).unwrap_or_else(|| data_dir.join("ca.pem")),
-            cert: tls.cert.map(PathBuf::from).unwrap_or_else(|| data_dir.join("node.pem")),
-            key: tls.key.map(PathBuf::from).unwrap_or_else(|| data_dir.join("node.key")),
+            ca: tls
+                .ca
+                .map(PathBuf::from)
+                .unwrap_or_else(|| data_dir.join("ca.pem")),
+            cert: tls
+                .cert
+                .map(PathBuf::from)
+                .unwrap_or_else(|| data_dir.join("node.pem")),
+            key: tls
+                .key
+                .map(PathBuf::from)
+                .unwrap_or_else(|| data_dir.join("node.key")),
         };
         let services = validate_services(&mut e, self.service);
         let upstreams = validate_upstreams(&mut e, self.upstream, admin, bind);
         let gossip = self.gossip.unwrap_or_default();
         let gossip = GossipSettings {
-            interval: e.duration("gossip.interval", gossip.interval.as_deref(), DEFAULT_GOSSIP_INTERVAL),
+            interval: e.duration(
+                "gossip.interval",
+                gossip.interval.as_deref(),
+                DEFAULT_GOSSIP_INTERVAL,
+            ),
             phi_threshold: match gossip.phi_threshold {
                 None => DEFAULT_PHI,
                 Some(p) if (1.0..=100.0).contains(&p) => p,
                 Some(p) => {
-                    e.push("gossip.phi_threshold", format!("{p} is out of range: use 1 to 100 (default {DEFAULT_PHI})"));
+                    e.push(
+                        "gossip.phi_threshold",
+                        format!("{p} is out of range: use 1 to 100 (default {DEFAULT_PHI})"),
+                    );
                     DEFAULT_PHI
                 }
             },
@@ -279,7 +326,12 @@ fn validate_services(e: &mut Errors, raw: Vec<RawService>) -> Vec<ServiceConfig>
         if name.is_empty() {
             e.push(k("name"), "missing: every service needs a name");
         } else if !service_name_ok(&name) {
-            e.push(k("name"), format!("{name:?} is not a valid service name: use a-z, A-Z, 0-9, '-', '_' and '.'"));
+            e.push(
+                k("name"),
+                format!(
+                    "{name:?} is not a valid service name: use a-z, A-Z, 0-9, '-', '_' and '.'"
+                ),
+            );
         }
         let address = s.address.unwrap_or_else(|| "127.0.0.1".to_string());
         if address.parse::<std::net::IpAddr>().is_err() {
@@ -300,7 +352,10 @@ fn validate_services(e: &mut Errors, raw: Vec<RawService>) -> Vec<ServiceConfig>
             None | Some("tcp") => Protocol::Tcp,
             Some("http") => Protocol::Http,
             Some(other) => {
-                e.push(k("protocol"), format!("{other:?} is not a protocol: use \"tcp\" or \"http\""));
+                e.push(
+                    k("protocol"),
+                    format!("{other:?} is not a protocol: use \"tcp\" or \"http\""),
+                );
                 Protocol::Tcp
             }
         };
@@ -314,7 +369,10 @@ fn validate_services(e: &mut Errors, raw: Vec<RawService>) -> Vec<ServiceConfig>
                 }
                 (None, Some(addr)) => {
                     if addr.parse::<SocketAddr>().is_err() {
-                        e.push(k("check.tcp"), format!("{addr:?} is not an ip:port address"));
+                        e.push(
+                            k("check.tcp"),
+                            format!("{addr:?} is not an ip:port address"),
+                        );
                     }
                     CheckTarget::Tcp(addr)
                 }
@@ -323,12 +381,23 @@ fn validate_services(e: &mut Errors, raw: Vec<RawService>) -> Vec<ServiceConfig>
                     return None;
                 }
                 (None, None) => {
-                    e.push(k("check"), "set http = \"http://...\" or tcp = \"host:port\"");
+                    e.push(
+                        k("check"),
+                        "set http = \"http://...\" or tcp = \"host:port\"",
+                    );
                     return None;
                 }
             };
-            let interval = e.duration(&k("check.interval"), c.interval.as_deref(), DEFAULT_CHECK_INTERVAL);
-            let timeout = e.duration(&k("check.timeout"), c.timeout.as_deref(), DEFAULT_CHECK_TIMEOUT);
+            let interval = e.duration(
+                &k("check.interval"),
+                c.interval.as_deref(),
+                DEFAULT_CHECK_INTERVAL,
+            );
+            let timeout = e.duration(
+                &k("check.timeout"),
+                c.timeout.as_deref(),
+                DEFAULT_CHECK_TIMEOUT,
+            );
             if timeout > interval {
                 e.push(k("check.timeout"), "must not be longer than check.interval");
             }
@@ -336,18 +405,37 @@ fn validate_services(e: &mut Errors, raw: Vec<RawService>) -> Vec<ServiceConfig>
                 None => d,
                 Some(n) if (1..=100).contains(&n) => n as u32,
                 Some(n) => {
-                    e.push(k(&format!("check.{f}")), format!("{n} is out of range: use 1 to 100"));
+                    e.push(
+                        k(&format!("check.{f}")),
+                        format!("{n} is out of range: use 1 to 100"),
+                    );
                     d
                 }
             };
             let rise = threshold("rise", c.rise, DEFAULT_RISE);
             let fall = threshold("fall", c.fall, DEFAULT_FALL);
-            Some(CheckConfig { target, interval, timeout, rise, fall })
+            Some(CheckConfig {
+                target,
+                interval,
+                timeout,
+                rise,
+                fall,
+            })
         });
         if out.iter().any(|o| o.name == name && o.port == port) && port != 0 {
-            e.push(k("port"), format!("service {name:?} is already registered on port {port}"));
+            e.push(
+                k("port"),
+                format!("service {name:?} is already registered on port {port}"),
+            );
         }
-        out.push(ServiceConfig { name, address, port, protocol, tags: s.tags, check });
+        out.push(ServiceConfig {
+            name,
+            address,
+            port,
+            protocol,
+            tags: s.tags,
+            check,
+        });
     }
     out
 }
@@ -363,19 +451,30 @@ fn validate_upstreams(
         let k = |f: &str| format!("upstream[{i}].{f}");
         let service = u.service.unwrap_or_default();
         if !service_name_ok(&service) {
-            e.push(k("service"), "missing or invalid: name the mesh service to reach");
+            e.push(
+                k("service"),
+                "missing or invalid: name the mesh service to reach",
+            );
         }
         let Some(listen) = u.listen.as_deref().and_then(|l| e.addr(&k("listen"), l)) else {
             if u.listen.is_none() {
-                e.push(k("listen"), "missing: the local address apps connect to, e.g. \"127.0.0.1:15432\"");
+                e.push(
+                    k("listen"),
+                    "missing: the local address apps connect to, e.g. \"127.0.0.1:15432\"",
+                );
             }
             continue;
         };
         if Some(listen) == admin {
             e.push(k("listen"), "is the admin API's address");
         }
-        if bind.is_some_and(|b| b.port() == listen.port() && (b.ip().is_unspecified() || b.ip() == listen.ip())) {
-            e.push(k("listen"), "collides with bind (QUIC uses UDP, but keep them apart to avoid confusion)");
+        if bind.is_some_and(|b| {
+            b.port() == listen.port() && (b.ip().is_unspecified() || b.ip() == listen.ip())
+        }) {
+            e.push(
+                k("listen"),
+                "collides with bind (QUIC uses UDP, but keep them apart to avoid confusion)",
+            );
         }
         if out.iter().any(|o| o.listen == listen) {
             e.push(k("listen"), format!("{listen} is used by another upstream"));
@@ -383,7 +482,11 @@ fn validate_upstreams(
         for (j, c) in u.failover.iter().enumerate() {
             e.name(&k(&format!("failover[{j}]")), c);
         }
-        out.push(UpstreamConfig { service, listen, failover: u.failover });
+        out.push(UpstreamConfig {
+            service,
+            listen,
+            failover: u.failover,
+        });
     }
     out
 }
@@ -396,11 +499,15 @@ fn dotted(path: &serde_ignored::Path<'_>) -> String {
         Path::Seq { parent, index } => format!("{}[{index}]", dotted(parent)),
         Path::Map { parent, key } => {
             let p = dotted(parent);
-            if p.is_empty() { key.clone() } else { format!("{p}.{key}") }
+            if p.is_empty() {
+                key.clone()
+            } else {
+                format!("{p}.{key}")
+            }
         }
-        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
-            dotted(parent)
-        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => dotted(parent),
     }
 }
 

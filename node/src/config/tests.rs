@@ -42,7 +42,10 @@ fn errors(text: &str) -> Vec<String> {
 fn design_contract_example_parses() {
     let c = Config::from_toml_str(FULL).unwrap();
     assert_eq!(c.node, "vm-east-1");
-    assert_eq!(c.services[0].check.as_ref().unwrap().interval, Duration::from_secs(2));
+    assert_eq!(
+        c.services[0].check.as_ref().unwrap().interval,
+        Duration::from_secs(2)
+    );
     assert_eq!(
         c.services[0].check.as_ref().unwrap().target,
         CheckTarget::Http("http://127.0.0.1:8080/healthz".into())
@@ -64,7 +67,10 @@ fn every_unknown_key_is_reported_with_its_path() {
     );
     assert_eq!(errs.len(), 2, "{errs:?}");
     assert!(errs[0].starts_with("bnd: unknown key"), "{errs:?}");
-    assert!(errs[1].starts_with("service[0].prot: unknown key"), "{errs:?}");
+    assert!(
+        errs[1].starts_with("service[0].prot: unknown key"),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -104,7 +110,8 @@ service = "db"
 
 #[test]
 fn type_errors_name_the_key() {
-    let errs = errors("cluster = \"c\"\nmesh = \"m\"\n[[service]]\nname = \"a\"\nport = \"eighty\"\n");
+    let errs =
+        errors("cluster = \"c\"\nmesh = \"m\"\n[[service]]\nname = \"a\"\nport = \"eighty\"\n");
     assert_eq!(errs.len(), 1);
     assert!(errs[0].starts_with("service[0].port:"), "{errs:?}");
 }

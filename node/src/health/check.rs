@@ -19,7 +19,10 @@ use crate::registry::Registry;
 pub async fn probe(target: &CheckTarget, timeout: Duration) -> Result<(), String> {
     match tokio::time::timeout(timeout, run_probe(target)).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer within {}", humantime::format_duration(timeout))),
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        )),
     }
 }
 
@@ -35,7 +38,10 @@ async fn run_probe(target: &CheckTarget) -> Result<(), String> {
 
 async fn http_get(url: &str) -> Result<(), String> {
     let uri: Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
-    let authority = uri.authority().ok_or_else(|| format!("no host in {url}"))?.clone();
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("no host in {url}"))?
+        .clone();
     let port = authority.port_u16().unwrap_or(80);
     let stream = TcpStream::connect((authority.host(), port))
         .await
@@ -82,7 +88,9 @@ pub fn spawn_checks(checks: Vec<(usize, CheckConfig)>, registry: Arc<Registry>) 
                 if before != after {
                     match &result {
                         Ok(()) => info!(service = %name, health = %after, "health changed"),
-                        Err(reason) => warn!(service = %name, health = %after, %reason, "health changed"),
+                        Err(reason) => {
+                            warn!(service = %name, health = %after, %reason, "health changed")
+                        }
                     }
                     if !registry.set_health(index, after).await {
                         return;

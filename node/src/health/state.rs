@@ -37,7 +37,8 @@ impl HealthState {
         if ok {
             self.failures = 0;
             self.successes += 1;
-            let recovered = self.health != Health::Critical || !self.ever_passed || self.successes >= self.rise;
+            let recovered =
+                self.health != Health::Critical || !self.ever_passed || self.successes >= self.rise;
             if recovered {
                 self.health = Health::Passing;
                 self.ever_passed = true;

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use rand::RngExt;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -58,9 +58,7 @@ impl Ca {
             KeyUsagePurpose::DigitalSignature,
         ];
         // The mesh name is carried as the CA's only URI SAN, so a loaded CA knows its trust domain.
-        p.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{mesh}").try_into().map_err(rcgen::Error::from)?,
-        )];
+        p.subject_alt_names = vec![SanType::URI(format!("spiffe://{mesh}").try_into()?)];
         set_validity(&mut p, validity);
         p.serial_number = Some(random_serial());
         let cert = p.self_signed(&key)?;
@@ -134,9 +132,7 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        p.subject_alt_names = vec![SanType::URI(
-            identity.uri().try_into().map_err(rcgen::Error::from)?,
-        )];
+        p.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
         p.use_authority_key_identifier_extension = true;
         set_validity(&mut p, validity);
         p.serial_number = Some(random_serial());
@@ -199,7 +195,9 @@ pub fn mesh_of_ca_pem(pem: &str) -> Result<String, PkiError> {
             }
         }
     }
-    Err(bad("no spiffe://<mesh> URI SAN: not a meshnode CA".to_string()))
+    Err(bad(
+        "no spiffe://<mesh> URI SAN: not a meshnode CA".to_string()
+    ))
 }
 
 #[cfg(test)]

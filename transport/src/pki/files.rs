@@ -74,10 +74,7 @@ pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Pk
     parse_certs(&path.display().to_string(), &pem)
 }
 
-pub(crate) fn parse_certs(
-    what: &str,
-    pem: &str,
-) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+pub(crate) fn parse_certs(what: &str, pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
     match certs {
         Ok(certs) if !certs.is_empty() => Ok(certs),

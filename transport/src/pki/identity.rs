@@ -19,9 +19,7 @@ pub struct Identity {
 pub enum IdentityError {
     #[error("identity {0:?} does not start with spiffe://")]
     Scheme(String),
-    #[error(
-        "identity {0:?} is not of the form spiffe://<mesh>/cluster/<cluster>/node/<node>"
-    )]
+    #[error("identity {0:?} is not of the form spiffe://<mesh>/cluster/<cluster>/node/<node>")]
     Shape(String),
     #[error(
         "{what} name {value:?} is invalid: use 1-{MAX_SEGMENT_LEN} characters from a-z, A-Z, 0-9, '-', '_' and '.', not starting with '.' or '-'"

@@ -1,0 +1,45 @@
+mod cli;
+mod pool;
+mod tunnel;
+
+use std::time::Duration;
+
+use crate::{NodeProc, NodeSpec, Pki};
+
+/// Starts nodes with the given extra config; node 1 seeds the others.
+/// Returns once every node sees `specs.len()` alive members.
+pub(crate) async fn start_pool(pki: &Pki, net: [u8; 2], extras: Vec<String>) -> Vec<NodeProc> {
+    let n = extras.len();
+    let mut nodes = Vec::new();
+    let mut seed = None;
+    for (i, extra) in extras.into_iter().enumerate() {
+        let name = format!("node-{}", i + 1);
+        let mut spec = NodeSpec::new(net, (i + 1) as u8, &name);
+        spec.extra = extra;
+        if let Some(s) = seed {
+            spec.seeds = vec![s];
+        } else {
+            seed = Some(spec.quic);
+        }
+        let dir = pki.issue(&spec.cluster, &name);
+        nodes.push(NodeProc::start(spec, &dir));
+    }
+    for node in &nodes {
+        let formed = crate::wait_until(Duration::from_secs(20), || async {
+            node.members()
+                .await
+                .iter()
+                .filter(|(_, st)| st == "alive")
+                .count()
+                == n
+        })
+        .await;
+        assert!(
+            formed.is_some(),
+            "{} did not see {n} alive members: {:?}",
+            node.spec.name,
+            node.members().await
+        );
+    }
+    nodes
+}

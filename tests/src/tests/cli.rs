@@ -1,0 +1,201 @@
+//! The command line: exit codes, messages, offline PKI, and the demo.
+
+use std::os::unix::fs::PermissionsExt;
+
+use crate::meshnode;
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn a_bad_config_exits_64_and_names_every_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "mesh = \"acme\"\nclustr = \"east\"\nbind = \"nowhere\"\n",
+    )
+    .unwrap();
+    for cmd in ["validate", "run"] {
+        let out = meshnode(&[cmd, "--config", cfg.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64), "{cmd}: {}", text(&out));
+        assert!(text(&out).contains("clustr: unknown key"), "{}", text(&out));
+    }
+    std::fs::write(
+        &cfg,
+        "mesh = \"acme\"\nbind = \"nowhere\"\n[[service]]\nname = \"a\"\nport = 0\n",
+    )
+    .unwrap();
+    let out = meshnode(&["validate", "--config", cfg.to_str().unwrap()]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(64));
+    for key in ["cluster:", "bind:", "service[0].port:"] {
+        assert!(t.contains(key), "missing {key} in {t}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    assert_eq!(meshnode(&["frobnicate"]).status.code(), Some(64));
+    assert_eq!(
+        meshnode(&["cert", "issue", "--ca", "/nonexistent"])
+            .status
+            .code(),
+        Some(64)
+    );
+    assert_eq!(meshnode(&["--help"]).status.code(), Some(0));
+}
+
+#[test]
+fn ca_init_and_cert_issue_write_private_keys_0600_and_run_refuses_a_readable_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let node = dir.path().join("n1");
+    let out = meshnode(&[
+        "ca",
+        "init",
+        "--mesh",
+        "acme",
+        "--out",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = meshnode(&[
+        "cert",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--cluster",
+        "east",
+        "--node",
+        "n1",
+        "--gateway",
+        "--out",
+        node.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("spiffe://acme/cluster/east/node/n1 (gateway)"),
+        "{}",
+        text(&out)
+    );
+    for key in [ca.join("ca.key"), node.join("node.key")] {
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    // Issuing into the same place again must not overwrite the key.
+    let again = meshnode(&[
+        "cert",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--cluster",
+        "east",
+        "--node",
+        "n1",
+        "--out",
+        node.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again).contains("refusing to overwrite"),
+        "{}",
+        text(&again)
+    );
+
+    std::fs::set_permissions(
+        node.join("node.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let cfg = dir.path().join("n1.toml");
+    std::fs::write(
+        &cfg,
+        format!("node = \"n1\"\ncluster = \"east\"\nmesh = \"acme\"\ndata_dir = \"{}\"\nbind = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n", node.display()),
+    )
+    .unwrap();
+    let out = meshnode(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("chmod 600"), "{}", text(&out));
+
+    // A config whose identity disagrees with the certificate is refused, naming the key.
+    std::fs::set_permissions(
+        node.join("node.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("cluster = \"east\"", "cluster = \"west\""),
+    )
+    .unwrap();
+    let out = meshnode(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("cluster: config says \"west\""),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn admin_commands_explain_an_unreachable_agent() {
+    let out = meshnode(&["members", "--admin", "127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("is the agent running?"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn the_example_config_validates() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/meshnode.example.toml"
+    );
+    let out = meshnode(&["validate", "--config", example]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn demo_exits_zero_and_leaves_no_files() {
+    let before: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("meshnode-demo-")
+        })
+        .map(|e| e.path())
+        .collect();
+    let out = meshnode(&["demo"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("kill -9 detected"), "{t}");
+    let after: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("meshnode-demo-")
+        })
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        after.iter().all(|p| before.contains(p)),
+        "demo left {after:?}"
+    );
+}

@@ -1,0 +1,174 @@
+//! Membership, catalog propagation, failure detection and graceful leave.
+
+use std::time::Duration;
+
+use crate::tests::start_pool;
+use crate::{echo_server, echo_service, subnet, wait_until, NodeProc, NodeSpec, Pki};
+
+/// Kill -9 must be noticed, and the instance withdrawn, on every survivor within this bound.
+/// Measured ~1.5-2.5 s with 250 ms rounds and phi 8.
+const DETECTION_BOUND: Duration = Duration::from_secs(6);
+/// A new instance must reach every node within this bound. Measured well under 1 s.
+const PROPAGATION_BOUND: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_nodes_form_a_pool_and_report_health() {
+    let pki = Pki::new();
+    let nodes = start_pool(&pki, subnet(), vec![String::new(); 3]).await;
+    for n in &nodes {
+        let members = n.members().await;
+        assert_eq!(members.len(), 3, "{members:?}");
+        let health = n.get("/v1/health").await.unwrap();
+        assert_eq!(health["status"], "ok");
+        let status = n.get("/v1/status").await.unwrap();
+        assert_eq!(status["pools"]["lan"]["alive"], 3);
+        assert!(status["cert_expires_in_seconds"].as_i64().unwrap() > 3000);
+        assert_eq!(
+            status["identity"],
+            format!("spiffe://acme/cluster/east/node/{}", n.spec.name)
+        );
+    }
+    let metrics = crate::http_get(nodes[0].spec.admin, "/metrics")
+        .await
+        .unwrap();
+    assert!(metrics.contains("meshnode_gossip_members{"), "{metrics}");
+    assert!(
+        metrics.contains("meshnode_gossip_messages_total{"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# HELP meshnode_gossip_members"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_service_reaches_every_node_and_a_kill_removes_it() {
+    let pki = Pki::new();
+    let net = subnet();
+    let nodes = start_pool(&pki, net, vec![String::new(); 3]).await;
+    // A fourth node registers a service after the pool formed.
+    let ip = std::net::Ipv4Addr::new(127, net[0], net[1], 4);
+    let (echo, _task) = echo_server(ip).await;
+    let mut spec = NodeSpec::new(net, 4, "node-4");
+    spec.seeds = vec![nodes[1].spec.quic];
+    spec.extra = echo_service("echo", echo);
+    let dir = pki.issue("east", "node-4");
+    let mut n4 = NodeProc::start(spec, &dir);
+    for n in &nodes {
+        let took = wait_until(Duration::from_secs(10) + PROPAGATION_BOUND, || async {
+            n.instances("echo").await == vec![("node-4".to_string(), "passing".to_string())]
+        })
+        .await;
+        assert!(
+            took.is_some(),
+            "{} never saw node-4's echo instance",
+            n.spec.name
+        );
+    }
+    n4.kill9();
+    for n in &nodes {
+        let took = wait_until(DETECTION_BOUND, || async {
+            n.instances("echo").await.is_empty()
+        })
+        .await;
+        let took = took.unwrap_or_else(|| {
+            panic!(
+                "{} still lists node-4's instance {DETECTION_BOUND:?} after kill -9",
+                n.spec.name
+            )
+        });
+        eprintln!(
+            "{} dropped node-4's instance {took:?} after kill -9",
+            n.spec.name
+        );
+        let members = n.members().await;
+        assert!(
+            members.contains(&("node-4".to_string(), "dead".to_string())),
+            "{members:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leave_and_sigterm_withdraw_instances_at_once_and_exit_zero() {
+    let pki = Pki::new();
+    let net = subnet();
+    let ip = std::net::Ipv4Addr::new(127, net[0], net[1], 1);
+    let (echo, _task) = echo_server(ip).await;
+    let mut nodes = start_pool(
+        &pki,
+        net,
+        vec![
+            String::new(),
+            echo_service("echo", echo),
+            echo_service("echo", echo),
+        ],
+    )
+    .await;
+    assert!(wait_until(Duration::from_secs(5), || async {
+        nodes[0].instances("echo").await.len() == 2
+    })
+    .await
+    .is_some());
+
+    // `meshnode leave` on node-2.
+    let out = crate::meshnode(&["leave", "--admin", &nodes[1].spec.admin.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Well below failure detection: the leave is announced, not detected.
+    let took = wait_until(Duration::from_secs(2), || async {
+        nodes[0].instances("echo").await.len() == 1
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "leave did not withdraw node-2's instance quickly"
+    );
+    assert_eq!(nodes[1].wait_exit(Duration::from_secs(15)), Some(0));
+    let members = nodes[0].members().await;
+    assert!(
+        members.contains(&("node-2".to_string(), "left".to_string())),
+        "{members:?}"
+    );
+
+    // SIGTERM on node-3 does the same.
+    nodes[2].signal("TERM");
+    let took = wait_until(Duration::from_secs(2), || async {
+        nodes[0].instances("echo").await.is_empty()
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "SIGTERM did not withdraw node-3's instance quickly"
+    );
+    assert_eq!(nodes[2].wait_exit(Duration::from_secs(15)), Some(0));
+    assert!(nodes[2].log_text().contains("stopped"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_from_another_ca_never_joins() {
+    let pki = Pki::new();
+    let net = subnet();
+    let nodes = start_pool(&pki, net, vec![String::new(); 2]).await;
+    let rogue_pki = Pki::new(); // same mesh name and cluster, different CA
+    let mut spec = NodeSpec::new(net, 9, "rogue");
+    spec.seeds = vec![nodes[0].spec.quic, nodes[1].spec.quic];
+    let dir = rogue_pki.issue("east", "rogue");
+    let rogue = NodeProc::start(spec, &dir);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for n in &nodes {
+        let members = n.members().await;
+        assert!(!members.iter().any(|(m, _)| m == "rogue"), "{members:?}");
+        assert_eq!(members.len(), 2);
+    }
+    let rogue_members = rogue.members().await;
+    assert_eq!(
+        rogue_members.len(),
+        1,
+        "the rogue must see only itself: {rogue_members:?}"
+    );
+}
