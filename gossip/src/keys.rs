@@ -6,7 +6,7 @@
 //! | `svc:<name>:<port>` | [`ServiceRecord`] |
 //! | `leaving` | `"1"` once the node leaves gracefully |
 //!
-//! Values are base64 of the bincode [`codec`](meshnode_transport::codec) encoding
+//! Values are base64 of the bincode [`codec`] encoding
 //! of a versioned enum. Keys stay ASCII (chitchat slices key bytes) and values
 //! stay under [`MAX_VALUE_LEN`]: a chitchat value above ~65 KB is never sent and
 //! blocks every later update of its node.

@@ -314,3 +314,21 @@ pub fn echo_service(name: &str, addr: SocketAddr) -> String {
 pub fn upstream(service: &str, listen: SocketAddr) -> String {
     format!("\n[[upstream]]\nservice = \"{service}\"\nlisten = \"{listen}\"\n")
 }
+
+/// A plain HTTP/1.1 POST with no body; returns the body of any answer.
+pub async fn http_post(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    String::from_utf8_lossy(&buf)
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+}

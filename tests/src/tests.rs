@@ -1,5 +1,6 @@
 mod cli;
 mod pool;
+mod scale;
 mod tunnel;
 
 use std::time::Duration;
