@@ -4,7 +4,7 @@ pub const MEMBERS: &str = "meshnode_gossip_members";
 pub const BYTES: &str = "meshnode_gossip_bytes_total";
 pub const MESSAGES: &str = "meshnode_gossip_messages_total";
 pub const DROPPED: &str = "meshnode_gossip_dropped_total";
-pub const BAD_RECORDS: &str = "meshnode_gossip_bad_records_total";
+pub const BAD_RECORDS: &str = "meshnode_gossip_bad_records";
 
 pub fn describe() {
     metrics::describe_gauge!(
@@ -21,8 +21,8 @@ pub fn describe() {
         DROPPED,
         "Gossip frames dropped, by reason (queue_full, wrong_pool, oversized, malformed, dial)"
     );
-    metrics::describe_counter!(
+    metrics::describe_gauge!(
         BAD_RECORDS,
-        "Gossiped records that failed to decode and were ignored"
+        "Gossiped records skipped in the current catalog because they failed to decode"
     );
 }

@@ -256,9 +256,7 @@ async fn catalog_loop(
             .map(|(id, s)| to_snapshot(id, s, true))
             .collect();
         let cat = Catalog::derive(&live);
-        if cat.bad_records > 0 {
-            metrics::counter!(BAD_RECORDS).increment(cat.bad_records as u64);
-        }
+        metrics::gauge!(BAD_RECORDS).set(cat.bad_records as f64);
         tx.send_replace(Arc::new(cat));
         let members = catalog::members(&snapshot(&*chitchat.lock().await));
         for state in [MemberState::Alive, MemberState::Dead, MemberState::Left] {

@@ -12,7 +12,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use meshnode_gossip::{GossipHandle, MemberState};
+use meshnode_gossip::{GossipHandle, Member, MemberState};
 use meshnode_transport::PeerCert;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
@@ -76,7 +76,7 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
     let query = req.uri().query().unwrap_or("");
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/health") => {
-            if joined(s).await {
+            if joined(s, &s.gossip.members().await) {
                 json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
             } else {
                 json(
@@ -122,15 +122,11 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
 }
 
 /// Joined: no seeds to join, or at least one other live member seen.
-async fn joined(s: &AdminState) -> bool {
-    if !s.has_seeds {
-        return true;
-    }
-    s.gossip
-        .members()
-        .await
-        .iter()
-        .any(|m| m.state == MemberState::Alive && m.node != s.me.identity.node())
+fn joined(s: &AdminState, members: &[Member]) -> bool {
+    !s.has_seeds
+        || members
+            .iter()
+            .any(|m| m.state == MemberState::Alive && m.node != s.me.identity.node())
 }
 
 async fn status(s: &AdminState) -> Status {
@@ -148,7 +144,7 @@ async fn status(s: &AdminState) -> Status {
             expires_in.max(0)
         ));
     }
-    if !joined(s).await {
+    if !joined(s, &members) {
         warnings.push(
             "no other live member yet: check seeds and that they are reachable over UDP".into(),
         );

@@ -57,7 +57,9 @@ impl Registry {
     }
 
     pub fn name(&self, index: usize) -> String {
-        self.records()
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .get(index)
             .map(|r| r.name.clone())
             .unwrap_or_default()
