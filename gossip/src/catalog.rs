@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
+use crate::federation::{decode_remote, REMOTE_PREFIX};
 use crate::keys::{self, Health, NodeInfo, Protocol, LEAVING_KEY, NODE_KEY, SERVICE_PREFIX};
 
 /// One node's state as gossip knows it, detached from chitchat's types.
@@ -52,10 +53,30 @@ pub struct Instance {
     pub health: Health,
 }
 
+/// A way to another cluster's service: through one gateway of this cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RemoteRoute {
+    pub service: String,
+    /// The cluster that hosts the service.
+    pub cluster: String,
+    /// The local gateway that forwards there, and its LAN QUIC address.
+    pub via: String,
+    pub via_addr: SocketAddr,
+    pub healthy: u32,
+    pub tags: Vec<String>,
+    /// The remote cluster's gateways.
+    pub gateways: Vec<String>,
+    pub reachable: bool,
+    pub rtt_ms: Option<u32>,
+}
+
 /// Services by name, each with its instances sorted by (node, port).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Catalog {
     pub services: BTreeMap<String, Vec<Instance>>,
+    /// Services of other clusters, as the local gateways re-publish them,
+    /// sorted by (cluster, via).
+    pub remote: BTreeMap<String, Vec<RemoteRoute>>,
     /// Records that failed to decode (from a newer or broken peer) and were skipped.
     pub bad_records: usize,
 }
@@ -151,15 +172,48 @@ impl Catalog {
                         health: rec.health,
                     });
             }
+            if !info.gateway {
+                continue;
+            }
+            for (k, v) in n.kvs.range(REMOTE_PREFIX.to_string()..) {
+                if !k.starts_with(REMOTE_PREFIX) {
+                    break;
+                }
+                let Ok(r) = decode_remote(v) else {
+                    cat.bad_records += 1;
+                    continue;
+                };
+                cat.remote
+                    .entry(r.service.clone())
+                    .or_default()
+                    .push(RemoteRoute {
+                        service: r.service,
+                        cluster: r.cluster,
+                        via: n.node.clone(),
+                        via_addr: info.advertise,
+                        healthy: r.healthy,
+                        tags: r.tags,
+                        gateways: r.gateways,
+                        reachable: r.reachable,
+                        rtt_ms: r.rtt_ms,
+                    });
+            }
         }
         for list in cat.services.values_mut() {
             list.sort_by(|a, b| (&a.node, a.port).cmp(&(&b.node, b.port)));
+        }
+        for list in cat.remote.values_mut() {
+            list.sort_by(|a, b| (&a.cluster, &a.via).cmp(&(&b.cluster, &b.via)));
         }
         cat
     }
 
     pub fn instances(&self, service: &str) -> &[Instance] {
         self.services.get(service).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn remote_routes(&self, service: &str) -> &[RemoteRoute] {
+        self.remote.get(service).map(Vec::as_slice).unwrap_or(&[])
     }
 }
 
@@ -268,5 +322,35 @@ mod tests {
         let mut no_info = node("b", 1, true, &[("api", 2, Health::Passing)]);
         no_info.kvs.remove(NODE_KEY);
         assert_eq!(Catalog::derive(&[no_info]).services.len(), 0);
+    }
+
+    #[test]
+    fn remote_routes_come_only_from_gateways() {
+        use crate::federation::{encode_remote, remote_key, RemoteService};
+        let r = RemoteService {
+            service: "api".into(),
+            cluster: "west".into(),
+            healthy: 1,
+            tags: vec![],
+            gateways: vec!["gw".into()],
+            reachable: true,
+            rtt_ms: None,
+        };
+        let mut gw = node("gw", 1, true, &[]);
+        let mut info = keys::decode_node(&gw.kvs[NODE_KEY]).unwrap();
+        info.gateway = true;
+        gw.kvs
+            .insert(NODE_KEY.into(), keys::encode_node(&info).unwrap());
+        gw.kvs.insert(remote_key(&r), encode_remote(&r).unwrap());
+        // A plain node publishing the same key is ignored: only gateways forward.
+        let mut liar = node("liar", 2, true, &[]);
+        liar.kvs.insert(remote_key(&r), encode_remote(&r).unwrap());
+        let cat = Catalog::derive(&[gw, liar]);
+        let routes = cat.remote_routes("api");
+        assert_eq!(routes.len(), 1);
+        assert_eq!(
+            (routes[0].via.as_str(), routes[0].cluster.as_str()),
+            ("gw", "west")
+        );
     }
 }

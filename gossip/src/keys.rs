@@ -5,6 +5,10 @@
 //! | `node` | [`NodeInfo`] |
 //! | `svc:<name>:<port>` | [`ServiceRecord`] |
 //! | `leaving` | `"1"` once the node leaves gracefully |
+//! | `wan:<cluster>:<service>` | gateways only: a [`RemoteService`](crate::federation::RemoteService) of another cluster |
+//!
+//! In the WAN pool a gateway publishes `node` and, per service of its cluster,
+//! `sum:<service>` with a [`ServiceSummary`](crate::federation::ServiceSummary).
 //!
 //! Values are base64 of the bincode [`codec`] encoding
 //! of a versioned enum. Keys stay ASCII (chitchat slices key bytes) and values
@@ -122,7 +126,7 @@ pub fn service_key(name: &str, port: u16) -> String {
     format!("{SERVICE_PREFIX}{name}:{port}")
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<String, KeyError> {
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<String, KeyError> {
     let s = B64.encode(codec::encode(v)?);
     if s.len() > MAX_VALUE_LEN {
         return Err(KeyError::TooLarge(s.len()));
@@ -130,7 +134,7 @@ fn encode<T: Serialize>(v: &T) -> Result<String, KeyError> {
     Ok(s)
 }
 
-fn decode<T: DeserializeOwned>(s: &str) -> Result<T, KeyError> {
+pub(crate) fn decode<T: DeserializeOwned>(s: &str) -> Result<T, KeyError> {
     if s.len() > MAX_VALUE_LEN {
         return Err(KeyError::TooLarge(s.len()));
     }

@@ -1,13 +1,15 @@
 //! meshnode's gossip: chitchat pools running over the node's QUIC endpoint,
-//! the key schema a node publishes, and the service catalog derived from it.
+//! the key schema a node publishes, the service catalog derived from it, and
+//! the federation summaries gateways exchange in the WAN pool.
 
 pub mod catalog;
+pub mod federation;
 pub mod keys;
 pub mod metrics;
 mod pool;
 mod quic;
 
-pub use catalog::{Catalog, Instance, Member, MemberState, NodeSnapshot};
+pub use catalog::{Catalog, Instance, Member, MemberState, NodeSnapshot, RemoteRoute};
 pub use keys::{Health, NodeInfo, Protocol, ServiceRecord};
 pub use pool::{GossipConfig, GossipError, GossipHandle, Tuning};
-pub use quic::QuicTransport;
+pub use quic::{PoolKind, QuicTransport};

@@ -14,9 +14,10 @@ use tokio::sync::{watch, Mutex};
 use tracing::{debug, info};
 
 use crate::catalog::{self, Catalog, Member, MemberState, NodeSnapshot};
+use crate::federation::{wan_members, wan_node_id};
 use crate::keys::{self, NodeInfo, ServiceRecord, LEAVING_KEY, NODE_KEY, SERVICE_PREFIX};
 use crate::metrics::{BAD_RECORDS, MEMBERS};
-use crate::quic::QuicTransport;
+use crate::quic::{PoolKind, QuicTransport};
 
 /// Gossip timing. The defaults were chosen by measurement (see ARCHITECTURE.md).
 #[derive(Clone, Debug)]
@@ -30,8 +31,10 @@ pub struct Tuning {
 }
 
 pub struct GossipConfig {
-    /// From the node's certificate: the node id and the pool (cluster) it may join.
+    /// From the node's certificate: the node id and the cluster.
     pub me: Identity,
+    /// The LAN pool of `me`'s cluster, or the WAN pool of gateways.
+    pub kind: PoolKind,
     /// Increases on every start: the node's incarnation.
     pub generation: u64,
     pub advertise: SocketAddr,
@@ -64,6 +67,7 @@ struct Inner {
     chitchat: Arc<Mutex<Chitchat>>,
     catalog: watch::Receiver<Arc<Catalog>>,
     tuning: Tuning,
+    kind: PoolKind,
 }
 
 // === impl Tuning ===
@@ -95,10 +99,18 @@ impl GossipHandle {
         for rec in &cfg.services {
             initial.push((rec.key(), encode_record(rec)?));
         }
+        let (node_id, pool_id) = match cfg.kind {
+            PoolKind::Lan { .. } => (cfg.me.node().to_string(), cfg.me.cluster().to_string()),
+            // Node names are unique per cluster only.
+            PoolKind::Wan => (
+                wan_node_id(cfg.me.cluster(), cfg.me.node()),
+                "wan".to_string(),
+            ),
+        };
         let chitchat_config = ChitchatConfig {
-            chitchat_id: ChitchatId::new(cfg.me.node().to_string(), cfg.generation, cfg.advertise),
+            chitchat_id: ChitchatId::new(node_id, cfg.generation, cfg.advertise),
             // Plaintext and no security boundary: the certificate check in the transport is.
-            cluster_id: format!("{}/{}", cfg.me.mesh(), cfg.me.cluster()),
+            cluster_id: format!("{}/{pool_id}", cfg.me.mesh()),
             gossip_interval: cfg.tuning.interval,
             listen_addr: cfg.advertise,
             seed_nodes: cfg.seeds.iter().map(ToString::to_string).collect(),
@@ -122,14 +134,20 @@ impl GossipHandle {
         let chitchat = handle.chitchat();
         let watcher = chitchat.lock().await.live_nodes_watcher();
         let (tx, catalog) = watch::channel(Arc::new(Catalog::default()));
-        tokio::spawn(catalog_loop(watcher, chitchat.clone(), tx));
-        info!(node = %cfg.me, advertise = %cfg.advertise, seeds = cfg.seeds.len(), "gossip started");
+        tokio::spawn(catalog_loop(
+            watcher,
+            chitchat.clone(),
+            tx,
+            cfg.kind.clone(),
+        ));
+        info!(node = %cfg.me, pool = cfg.kind.as_str(), advertise = %cfg.advertise, seeds = cfg.seeds.len(), "gossip started");
         Ok(Self {
             inner: Arc::new(Inner {
                 handle: Mutex::new(Some(handle)),
                 chitchat,
                 catalog,
                 tuning: cfg.tuning,
+                kind: cfg.kind,
             }),
         })
     }
@@ -139,8 +157,13 @@ impl GossipHandle {
         snapshot(&*self.inner.chitchat.lock().await)
     }
 
+    /// The member list (for the WAN pool: gateways, with plain node names).
     pub async fn members(&self) -> Vec<Member> {
-        catalog::members(&self.snapshot().await)
+        let nodes = self.snapshot().await;
+        match self.inner.kind {
+            PoolKind::Lan { .. } => catalog::members(&nodes),
+            PoolKind::Wan => wan_members(&nodes),
+        }
     }
 
     /// The latest catalog (updated at the end of each gossip round that changed something).
@@ -158,21 +181,29 @@ impl GossipHandle {
             .iter()
             .map(|r| Ok((r.key(), encode_record(r)?)))
             .collect::<Result<BTreeMap<_, _>, GossipError>>()?;
+        self.publish_prefixed(SERVICE_PREFIX, encoded).await;
+        Ok(())
+    }
+
+    /// Replaces every key of this node's state that starts with `prefix` by
+    /// `entries` (whose keys must start with `prefix`). Unchanged values are
+    /// not re-versioned, so an identical call gossips nothing.
+    pub async fn publish_prefixed(&self, prefix: &str, encoded: BTreeMap<String, String>) {
         let mut cc = self.inner.chitchat.lock().await;
         let state = cc.self_node_state();
         let stale: Vec<String> = state
             .key_values()
-            .filter(|(k, _)| k.starts_with(SERVICE_PREFIX) && !encoded.contains_key(*k))
+            .filter(|(k, _)| k.starts_with(prefix) && !encoded.contains_key(*k))
             .map(|(k, _)| k.to_string())
             .collect();
         for k in stale {
             state.delete(&k);
         }
         for (k, v) in encoded {
-            // A no-op when unchanged: no version bump, no gossip.
-            state.set(k, v);
+            if state.get(&k) != Some(v.as_str()) {
+                state.set(k, v);
+            }
         }
-        Ok(())
     }
 
     /// Leaves the pool gracefully: marks this node as leaving and withdraws its
@@ -248,6 +279,7 @@ async fn catalog_loop(
     mut watcher: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
     chitchat: Arc<Mutex<Chitchat>>,
     tx: watch::Sender<Arc<Catalog>>,
+    kind: PoolKind,
 ) {
     loop {
         let live: Vec<NodeSnapshot> = watcher
@@ -256,12 +288,16 @@ async fn catalog_loop(
             .map(|(id, s)| to_snapshot(id, s, true))
             .collect();
         let cat = Catalog::derive(&live);
-        metrics::gauge!(BAD_RECORDS).set(cat.bad_records as f64);
+        if matches!(kind, PoolKind::Lan { .. }) {
+            metrics::gauge!(BAD_RECORDS).set(cat.bad_records as f64);
+        }
+        // For the WAN pool the "catalog" is empty: the watch is only a change signal.
         tx.send_replace(Arc::new(cat));
         let members = catalog::members(&snapshot(&*chitchat.lock().await));
         for state in [MemberState::Alive, MemberState::Dead, MemberState::Left] {
             let n = members.iter().filter(|m| m.state == state).count();
-            metrics::gauge!(MEMBERS, "state" => state.as_str()).set(n as f64);
+            metrics::gauge!(MEMBERS, "pool" => kind.as_str(), "state" => state.as_str())
+                .set(n as f64);
         }
         if watcher.changed().await.is_err() {
             return;

@@ -1,8 +1,10 @@
 //! chitchat's `Transport` over the node's QUIC endpoint.
 //!
 //! One uni stream per gossip message on a pooled `meshnode-gossip/1`
-//! connection. Only peers with a mesh certificate *of this cluster* get their
-//! frames parsed: chitchat's decoder is expensive on hostile input, so nothing
+//! connection (`meshnode-wan/1` for the WAN pool of gateways). Only peers
+//! admitted to the pool get their frames parsed: a LAN pool admits
+//! certificates of its own cluster, the WAN pool only gateway certificates:
+//! chitchat's decoder is expensive on hostile input, so nothing
 //! reaches it unauthenticated. The sender address handed to chitchat (which it
 //! replies to) is the connection's remote address, never a claim in the frame.
 
@@ -16,7 +18,7 @@ use async_trait::async_trait;
 use chitchat::transport::{Socket, Transport};
 use chitchat::{ChitchatMessage, Deserializable, Serializable};
 use meshnode_transport::alpn::Alpn;
-use meshnode_transport::{Accepted, Endpoint};
+use meshnode_transport::{Accepted, Endpoint, PeerCert};
 use tokio::sync::mpsc;
 use tracing::{debug, trace};
 
@@ -39,7 +41,16 @@ pub struct QuicTransport {
 struct Parts {
     endpoint: Endpoint,
     incoming: mpsc::Receiver<Accepted>,
-    cluster: String,
+    kind: PoolKind,
+}
+
+/// Which gossip pool a transport carries, and so who may take part in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolKind {
+    /// The pool of one cluster: only certificates naming that cluster.
+    Lan { cluster: String },
+    /// The pool of all gateways of the mesh: only gateway certificates.
+    Wan,
 }
 
 struct QuicSocket {
@@ -49,14 +60,38 @@ struct QuicSocket {
 
 // === impl QuicTransport ===
 
+impl PoolKind {
+    /// Whether a verified peer may gossip in this pool.
+    pub fn admits(&self, peer: &PeerCert) -> bool {
+        match self {
+            PoolKind::Lan { cluster } => peer.identity.cluster() == cluster,
+            PoolKind::Wan => peer.is_gateway(),
+        }
+    }
+
+    pub fn alpn(&self) -> Alpn {
+        match self {
+            PoolKind::Lan { .. } => Alpn::Gossip,
+            PoolKind::Wan => Alpn::WanGossip,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PoolKind::Lan { .. } => "lan",
+            PoolKind::Wan => "wan",
+        }
+    }
+}
+
 impl QuicTransport {
-    /// `cluster` is the pool: only peers whose certificate names it may gossip.
-    pub fn new(endpoint: Endpoint, incoming: mpsc::Receiver<Accepted>, cluster: &str) -> Self {
+    /// `incoming` must be the endpoint's queue for `kind`'s ALPN.
+    pub fn new(endpoint: Endpoint, incoming: mpsc::Receiver<Accepted>, kind: PoolKind) -> Self {
         Self {
             parts: Mutex::new(Some(Parts {
                 endpoint,
                 incoming,
-                cluster: cluster.to_string(),
+                kind,
             })),
         }
     }
@@ -73,8 +108,8 @@ impl Transport for QuicTransport {
             .ok_or_else(|| anyhow!("the QUIC gossip transport was already opened"))?;
         let (in_tx, inbox) = mpsc::channel(IN_QUEUE);
         let (out, out_rx) = mpsc::channel(IN_QUEUE);
-        tokio::spawn(accept_loop(parts.incoming, parts.cluster.clone(), in_tx));
-        tokio::spawn(send_loop(parts.endpoint, parts.cluster, out_rx));
+        tokio::spawn(accept_loop(parts.incoming, parts.kind.clone(), in_tx));
+        tokio::spawn(send_loop(parts.endpoint, parts.kind, out_rx));
         Ok(Box::new(QuicSocket { out, inbox }))
     }
 }
@@ -101,14 +136,14 @@ impl Socket for QuicSocket {
 
 async fn accept_loop(
     mut incoming: mpsc::Receiver<Accepted>,
-    cluster: String,
+    kind: PoolKind,
     inbox: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
 ) {
     while let Some(Accepted { conn, peer }) = incoming.recv().await {
-        if peer.identity.cluster() != cluster {
-            debug!(peer = %peer.identity, "refusing gossip from another cluster's pool");
+        if !kind.admits(&peer) {
+            debug!(peer = %peer.identity, pool = kind.as_str(), "refusing gossip from a peer outside this pool");
             metrics::counter!(DROPPED, "reason" => "wrong_pool").increment(1);
-            conn.close(CLOSE_WRONG_POOL, b"not a member of this cluster's pool");
+            conn.close(CLOSE_WRONG_POOL, b"not a member of this pool");
             continue;
         }
         let inbox = inbox.clone();
@@ -149,14 +184,14 @@ async fn accept_loop(
 
 async fn send_loop(
     endpoint: Endpoint,
-    cluster: String,
+    kind: PoolKind,
     mut out: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
 ) {
     let mut peers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     while let Some((to, bytes)) = out.recv().await {
         let tx = peers
             .entry(to)
-            .or_insert_with(|| spawn_peer(&endpoint, &cluster, to));
+            .or_insert_with(|| spawn_peer(&endpoint, &kind, to));
         let bytes = match tx.try_send(bytes) {
             Ok(()) => continue,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -166,7 +201,7 @@ async fn send_loop(
             Err(mpsc::error::TrySendError::Closed(bytes)) => bytes,
         };
         // The peer's sender exited while idle: start a new one.
-        let tx = spawn_peer(&endpoint, &cluster, to);
+        let tx = spawn_peer(&endpoint, &kind, to);
         let _ = tx.try_send(bytes);
         peers.insert(to, tx);
         peers.retain(|_, tx| !tx.is_closed());
@@ -174,16 +209,16 @@ async fn send_loop(
 }
 
 /// One sender per peer, so a slow handshake with one peer never delays the others.
-fn spawn_peer(endpoint: &Endpoint, cluster: &str, to: SocketAddr) -> mpsc::Sender<Vec<u8>> {
+fn spawn_peer(endpoint: &Endpoint, kind: &PoolKind, to: SocketAddr) -> mpsc::Sender<Vec<u8>> {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
     let endpoint = endpoint.clone();
-    let cluster = cluster.to_string();
+    let kind = kind.clone();
     tokio::spawn(async move {
         while let Ok(Some(bytes)) = tokio::time::timeout(PEER_IDLE, rx.recv()).await {
-            let conn = match endpoint.connect(to, Alpn::Gossip).await {
-                Ok((conn, peer)) if peer.identity.cluster() == cluster => conn,
+            let conn = match endpoint.connect(to, kind.alpn()).await {
+                Ok((conn, peer)) if kind.admits(&peer) => conn,
                 Ok((_, peer)) => {
-                    debug!(%to, peer = %peer.identity, "seed or peer belongs to another cluster; not gossiping with it");
+                    debug!(%to, peer = %peer.identity, pool = kind.as_str(), "seed or peer is outside this pool; not gossiping with it");
                     metrics::counter!(DROPPED, "reason" => "wrong_pool").increment(1);
                     continue;
                 }

@@ -4,6 +4,7 @@
 pub mod client;
 mod types;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use meshnode_gossip::{GossipHandle, Member, MemberState};
+use meshnode_gossip::{Catalog, GossipHandle, Member, MemberState};
 use meshnode_transport::PeerCert;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
@@ -21,13 +22,15 @@ use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::drain::Drain;
-pub use types::{PoolCounts, Status};
+pub use types::{PoolCounts, RemoteEntry, Status};
 
 /// A certificate closer to expiry than this is a warning.
 const EXPIRY_WARNING_SECS: i64 = 24 * 3600;
 
 pub struct AdminState {
     pub gossip: GossipHandle,
+    /// Gateways only: the WAN pool.
+    pub wan: Option<GossipHandle>,
     pub me: PeerCert,
     pub has_seeds: bool,
     pub local_services: usize,
@@ -87,14 +90,17 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
         }
         (&Method::GET, "/v1/members") => {
             if query.split('&').any(|kv| kv == "pool=wan") {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    "this node is not in a WAN pool (only gateways are)",
-                );
+                return match &s.wan {
+                    Some(wan) => json(StatusCode::OK, &wan.members().await),
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        "this node is not in a WAN pool (only gateways are)",
+                    ),
+                };
             }
             json(StatusCode::OK, &s.gossip.members().await)
         }
-        (&Method::GET, "/v1/services") => json(StatusCode::OK, &s.gossip.catalog().services),
+        (&Method::GET, "/v1/services") => json(StatusCode::OK, &services(&s.gossip.catalog())),
         (&Method::GET, "/v1/status") => json(StatusCode::OK, &status(s).await),
         (&Method::GET, "/metrics") => match &s.metrics {
             Some(h) => Response::builder()
@@ -121,6 +127,60 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
     }
 }
 
+/// Local instances as they are, plus one entry per other cluster that has the
+/// service (see [`RemoteEntry`]).
+fn services(cat: &Catalog) -> BTreeMap<String, Vec<serde_json::Value>> {
+    let mut out: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for (name, list) in &cat.services {
+        out.entry(name.clone())
+            .or_default()
+            .extend(list.iter().filter_map(|i| serde_json::to_value(i).ok()));
+    }
+    for (name, routes) in &cat.remote {
+        let mut by_cluster: BTreeMap<&str, RemoteEntry> = BTreeMap::new();
+        for r in routes {
+            let e = by_cluster.entry(&r.cluster).or_insert_with(|| RemoteEntry {
+                cluster: r.cluster.clone(),
+                remote: true,
+                health: String::new(),
+                healthy: 0,
+                reachable: false,
+                tags: r.tags.clone(),
+                gateways: Vec::new(),
+                via: Vec::new(),
+                rtt_ms: None,
+            });
+            e.reachable |= r.reachable;
+            if r.reachable {
+                e.healthy = e.healthy.max(r.healthy);
+                e.rtt_ms = match (e.rtt_ms, r.rtt_ms) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            for g in &r.gateways {
+                if !e.gateways.contains(g) {
+                    e.gateways.push(g.clone());
+                }
+            }
+            e.via.push(r.via.clone());
+        }
+        let list = out.entry(name.clone()).or_default();
+        for (_, mut e) in by_cluster {
+            e.health = if e.reachable && e.healthy > 0 {
+                "passing"
+            } else {
+                "critical"
+            }
+            .to_string();
+            if let Ok(v) = serde_json::to_value(&e) {
+                list.push(v);
+            }
+        }
+    }
+    out
+}
+
 /// Joined: no seeds to join, or at least one other live member seen.
 fn joined(s: &AdminState, members: &[Member]) -> bool {
     !s.has_seeds
@@ -129,9 +189,21 @@ fn joined(s: &AdminState, members: &[Member]) -> bool {
             .any(|m| m.state == MemberState::Alive && m.node != s.me.identity.node())
 }
 
+fn counts(members: &[Member]) -> PoolCounts {
+    let count = |st: MemberState| members.iter().filter(|m| m.state == st).count();
+    PoolCounts {
+        alive: count(MemberState::Alive),
+        dead: count(MemberState::Dead),
+        left: count(MemberState::Left),
+    }
+}
+
 async fn status(s: &AdminState) -> Status {
     let members = s.gossip.members().await;
-    let count = |st: MemberState| members.iter().filter(|m| m.state == st).count();
+    let wan = match &s.wan {
+        Some(w) => Some(counts(&w.members().await)),
+        None => None,
+    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -159,11 +231,8 @@ async fn status(s: &AdminState) -> Status {
         cert_not_after: s.me.not_after,
         cert_expires_in_seconds: expires_in,
         pools: types::Pools {
-            lan: PoolCounts {
-                alive: count(MemberState::Alive),
-                dead: count(MemberState::Dead),
-                left: count(MemberState::Left),
-            },
+            lan: counts(&members),
+            wan,
         },
         local_services: s.local_services,
         catalog_services: catalog.services.len(),

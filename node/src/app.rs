@@ -6,20 +6,22 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshnode_gossip::{GossipConfig, GossipHandle, QuicTransport, Tuning};
+use meshnode_gossip::federation::WanView;
+use meshnode_gossip::{GossipConfig, GossipHandle, PoolKind, QuicTransport, Tuning};
 use meshnode_transport::endpoint::EndpointError;
 use meshnode_transport::tls::{TlsError, TlsMaterial};
 use meshnode_transport::{Endpoint, EndpointConfig, PeerCert};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::drain::Drain;
+use crate::federation;
 use crate::health;
-use crate::inbound;
+use crate::inbound::{self, Inbound};
 use crate::metrics::CERT_EXPIRY_SECONDS;
 use crate::registry::Registry;
 use crate::upstream::{self, Dialer};
@@ -38,6 +40,8 @@ pub enum AppError {
         cert: String,
         identity: String,
     },
+    #[error("gateway: the config says gateway = true but {identity} has no gateway certificate; issue one with `meshnode cert issue --gateway`")]
+    NotAGateway { identity: String },
     #[error("advertise: cannot detect an address other nodes can reach (bind is {bind}); set advertise = \"IP:PORT\"")]
     Advertise { bind: SocketAddr },
     #[error(transparent)]
@@ -57,7 +61,10 @@ impl AppError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            AppError::Tls(_) | AppError::IdentityMismatch { .. } | AppError::Advertise { .. }
+            AppError::Tls(_)
+                | AppError::IdentityMismatch { .. }
+                | AppError::Advertise { .. }
+                | AppError::NotAGateway { .. }
         )
     }
 }
@@ -70,6 +77,7 @@ pub struct Bound {
     pub identity: PeerCert,
     endpoint: Endpoint,
     gossip: GossipHandle,
+    wan: Option<GossipHandle>,
     drain: Drain,
     leave: Arc<Notify>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -93,7 +101,9 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         }
     }
     if cfg.gateway && !me.is_gateway() {
-        warn!("gateway = true but the certificate is not a gateway certificate: peers will not treat this node as a gateway");
+        return Err(AppError::NotAGateway {
+            identity: me.identity.to_string(),
+        });
     }
     let (endpoint, incoming) = Endpoint::bind(EndpointConfig {
         bind: cfg.bind,
@@ -115,11 +125,19 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1);
     let services_cfg = cfg.services.clone();
+    let tuning = Tuning {
+        interval: cfg.gossip.interval,
+        phi_threshold: cfg.gossip.phi_threshold,
+        ..Tuning::default()
+    };
     let gossip_cfg = GossipConfig {
         me: me.identity.clone(),
+        kind: PoolKind::Lan {
+            cluster: me.identity.cluster().to_string(),
+        },
         generation,
         advertise,
-        gateway: cfg.gateway && me.is_gateway(),
+        gateway: cfg.gateway,
         seeds: cfg
             .seeds
             .iter()
@@ -127,20 +145,51 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
             .filter(|s| *s != advertise)
             .collect(),
         services: Vec::new(),
-        tuning: Tuning {
-            interval: cfg.gossip.interval,
-            phi_threshold: cfg.gossip.phi_threshold,
-            ..Tuning::default()
-        },
+        tuning: tuning.clone(),
     };
     // Publish instances through the registry, so initial health is right from the first round.
-    let transport = QuicTransport::new(endpoint.clone(), incoming.gossip, me.identity.cluster());
+    let kind = gossip_cfg.kind.clone();
+    let transport = QuicTransport::new(endpoint.clone(), incoming.gossip, kind);
     let gossip = GossipHandle::spawn(gossip_cfg, transport).await?;
+    let mut tasks = Vec::new();
+
+    // Gateways also join the WAN pool of all gateways, on the same endpoint.
+    let (wan, wan_view): (Option<GossipHandle>, Option<watch::Receiver<Arc<WanView>>>) =
+        if cfg.gateway {
+            let wan_advertise = cfg.wan_advertise.unwrap_or(advertise);
+            let wan_cfg = GossipConfig {
+                me: me.identity.clone(),
+                kind: PoolKind::Wan,
+                generation,
+                advertise: wan_advertise,
+                gateway: true,
+                seeds: cfg
+                    .wan_seeds
+                    .iter()
+                    .copied()
+                    .filter(|s| *s != wan_advertise)
+                    .collect(),
+                services: Vec::new(),
+                tuning: tuning.clone(),
+            };
+            let transport = QuicTransport::new(endpoint.clone(), incoming.wan, PoolKind::Wan);
+            let wan = GossipHandle::spawn(wan_cfg, transport).await?;
+            let (view, task) = federation::spawn(
+                gossip.clone(),
+                wan.clone(),
+                endpoint.clone(),
+                me.identity.cluster().to_string(),
+            );
+            tasks.push(task);
+            (Some(wan), Some(view))
+        } else {
+            tasks.push(tokio::spawn(refuse_wan(incoming.wan)));
+            (None, None)
+        };
     let registry = Arc::new(Registry::new(&services_cfg, gossip.clone()));
     gossip.publish_services(&registry.records()).await?;
 
     let drain = Drain::default();
-    let mut tasks = Vec::new();
     let checks = services_cfg
         .iter()
         .enumerate()
@@ -149,8 +198,15 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     health::spawn_checks(checks, registry.clone());
     tasks.push(tokio::spawn(inbound::serve(
         incoming.tunnel,
-        registry.clone(),
-        drain.clone(),
+        Arc::new(Inbound {
+            registry: registry.clone(),
+            drain: drain.clone(),
+            me: me.clone(),
+            gateway: cfg.gateway,
+            endpoint: endpoint.clone(),
+            lan: gossip.clone(),
+            wan: wan_view,
+        }),
     )));
     tasks.push(tokio::spawn(refuse_join(incoming.join)));
 
@@ -188,6 +244,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     let leave = Arc::new(Notify::new());
     let state = Arc::new(AdminState {
         gossip: gossip.clone(),
+        wan: wan.clone(),
         me: me.clone(),
         has_seeds: !cfg.seeds.iter().all(|s| *s == advertise),
         local_services: registry.len(),
@@ -207,6 +264,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         identity: me,
         endpoint,
         gossip,
+        wan,
         drain,
         leave,
         tasks,
@@ -221,7 +279,12 @@ impl Bound {
             () = shutdown => info!("shutdown requested"),
             () = self.leave.notified() => info!("leave requested"),
         }
-        self.gossip.leave().await;
+        match &self.wan {
+            Some(wan) => {
+                tokio::join!(self.gossip.leave(), wan.leave());
+            }
+            None => self.gossip.leave().await,
+        }
         let left_open = self.drain.drain(DRAIN_DEADLINE).await;
         if left_open > 0 {
             warn!(
@@ -233,6 +296,9 @@ impl Bound {
             t.abort();
         }
         self.gossip.shutdown().await;
+        if let Some(wan) = &self.wan {
+            wan.shutdown().await;
+        }
         self.endpoint.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!("stopped");
@@ -259,6 +325,14 @@ async fn refuse_join(mut incoming: tokio::sync::mpsc::Receiver<meshnode_transpor
             quinn::VarInt::from_u32(0x30),
             b"this node cannot sign join requests",
         );
+    }
+}
+
+/// Only gateways take part in the WAN pool.
+async fn refuse_wan(mut incoming: tokio::sync::mpsc::Receiver<meshnode_transport::Accepted>) {
+    while let Some(a) = incoming.recv().await {
+        a.conn
+            .close(quinn::VarInt::from_u32(0x20), b"this node is not a gateway");
     }
 }
 

@@ -1,7 +1,7 @@
 //! Choosing instances for one connection: locality tiers, then power of two
 //! choices on active streams. Pure: the caller supplies ejection state, load and randomness.
 
-use meshnode_gossip::{Health, Instance};
+use meshnode_gossip::{Health, Instance, RemoteRoute};
 
 /// How many instances one connection may try (the first plus retries).
 pub const MAX_ATTEMPTS: usize = 3;
@@ -60,6 +60,119 @@ pub fn order<'a>(
     usable
 }
 
+/// One attempt of a connection: an instance of the own cluster, or another
+/// cluster through one of the local gateways.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick<'a> {
+    Local(&'a Instance),
+    Remote(&'a RemoteRoute),
+}
+
+/// Where a connection may go, as an upstream's config says.
+pub struct Scope<'a> {
+    pub own_cluster: &'a str,
+    /// Cluster order after the own cluster; empty means "every other cluster, nearest first".
+    pub failover: &'a [String],
+    /// Only this cluster, when set.
+    pub pinned: Option<&'a str>,
+}
+
+/// The attempts for one connection, in order, at most [`MAX_ATTEMPTS`]:
+/// healthy own-cluster instances that are not ejected (see [`order`]), then
+/// other clusters through gateways (see [`remote_order`]), and only then
+/// ejected ones: with every local instance ejected, another cluster is a
+/// better bet than a suspect instance.
+pub fn plan<'a>(
+    instances: &'a [Instance],
+    routes: &'a [RemoteRoute],
+    scope: &Scope<'_>,
+    ejected: impl Fn(&Pick<'_>) -> bool,
+    active: impl Fn(&Instance) -> u64,
+    mut random: impl FnMut(usize) -> usize,
+) -> Vec<Pick<'a>> {
+    let local_ok = scope.pinned.is_none_or(|c| c == scope.own_cluster);
+    let local: Vec<Pick<'a>> = if local_ok {
+        order(
+            instances,
+            scope.own_cluster,
+            &[],
+            |i| ejected(&Pick::Local(i)),
+            &active,
+            &mut random,
+        )
+        .into_iter()
+        .filter(|i| i.cluster == scope.own_cluster)
+        .map(Pick::Local)
+        .collect()
+    } else {
+        Vec::new()
+    };
+    let remote: Vec<Pick<'a>> = if scope.pinned == Some(scope.own_cluster) {
+        Vec::new()
+    } else {
+        remote_order(routes, scope, &mut random)
+            .into_iter()
+            .map(Pick::Remote)
+            .collect()
+    };
+    let (fresh_local, stale_local): (Vec<_>, Vec<_>) = local.into_iter().partition(|p| !ejected(p));
+    let (fresh_remote, stale_remote): (Vec<_>, Vec<_>) =
+        remote.into_iter().partition(|p| !ejected(p));
+    let mut out: Vec<Pick<'a>> = fresh_local
+        .into_iter()
+        .chain(fresh_remote)
+        .chain(stale_local)
+        .chain(stale_remote)
+        .collect();
+    out.truncate(MAX_ATTEMPTS);
+    out
+}
+
+/// Routes to other clusters, in order: reachable routes to clusters that
+/// report healthy instances; clusters in the `failover` order when it is
+/// given (others are not used), otherwise by the local gateways' RTT to them
+/// (unknown RTT last), then by name. Within a cluster the local gateways come
+/// in random order, so load spreads over them.
+pub fn remote_order<'a>(
+    routes: &'a [RemoteRoute],
+    scope: &Scope<'_>,
+    mut random: impl FnMut(usize) -> usize,
+) -> Vec<&'a RemoteRoute> {
+    let mut usable: Vec<&RemoteRoute> = routes
+        .iter()
+        .filter(|r| r.reachable && r.healthy > 0 && r.cluster != scope.own_cluster)
+        .filter(|r| scope.pinned.is_none_or(|c| c == r.cluster))
+        .filter(|r| {
+            scope.pinned.is_some()
+                || scope.failover.is_empty()
+                || scope.failover.contains(&r.cluster)
+        })
+        .collect();
+    // Shuffle first; the sort below is stable, so ties keep the random order.
+    for i in (1..usable.len()).rev() {
+        let j = random(i + 1);
+        usable.swap(i, j);
+    }
+    // The cluster's nearest RTT as any local gateway measured it.
+    let cluster_rtt = |c: &str| {
+        routes
+            .iter()
+            .filter(|r| r.cluster == c)
+            .filter_map(|r| r.rtt_ms)
+            .min()
+            .unwrap_or(u32::MAX)
+    };
+    usable.sort_by_cached_key(|r| {
+        let rank = scope
+            .failover
+            .iter()
+            .position(|c| *c == r.cluster)
+            .unwrap_or(0);
+        (rank, cluster_rtt(&r.cluster), r.cluster.clone())
+    });
+    usable
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -80,6 +193,121 @@ mod tests {
             tags: vec![],
             health,
         }
+    }
+
+    fn route(cluster: &str, via: &str, healthy: u32, rtt: Option<u32>) -> RemoteRoute {
+        RemoteRoute {
+            service: "api".into(),
+            cluster: cluster.into(),
+            via: via.into(),
+            via_addr: "127.0.0.1:9470".parse().unwrap(),
+            healthy,
+            tags: vec![],
+            gateways: vec!["gw".into()],
+            reachable: true,
+            rtt_ms: rtt,
+        }
+    }
+
+    fn picks(v: &[Pick<'_>]) -> Vec<String> {
+        v.iter()
+            .map(|p| match p {
+                Pick::Local(i) => i.node.clone(),
+                Pick::Remote(r) => format!("{}>{}", r.via, r.cluster),
+            })
+            .collect()
+    }
+
+    fn scope<'a>(failover: &'a [String], pinned: Option<&'a str>) -> Scope<'a> {
+        Scope {
+            own_cluster: "east",
+            failover,
+            pinned,
+        }
+    }
+
+    #[test]
+    fn local_first_then_other_clusters_nearest_first() {
+        let locals = vec![inst("e1", "east", Health::Passing)];
+        let routes = vec![
+            route("west", "gw", 2, Some(40)),
+            route("south", "gw", 1, Some(5)),
+            route("north", "gw", 0, Some(1)),
+        ];
+        let got = plan(&locals, &routes, &scope(&[], None), |_| false, |_| 0, |_| 0);
+        assert_eq!(picks(&got), vec!["e1", "gw>south", "gw>west"]);
+        // The failover list decides the order and excludes other clusters.
+        let fo = vec!["west".to_string()];
+        let got = plan(&[], &routes, &scope(&fo, None), |_| false, |_| 0, |_| 0);
+        assert_eq!(picks(&got), vec!["gw>west"]);
+        // Pinned to a cluster: only that one, even when local instances exist.
+        let got = plan(
+            &locals,
+            &routes,
+            &scope(&[], Some("west")),
+            |_| false,
+            |_| 0,
+            |_| 0,
+        );
+        assert_eq!(picks(&got), vec!["gw>west"]);
+        let got = plan(
+            &locals,
+            &routes,
+            &scope(&[], Some("east")),
+            |_| false,
+            |_| 0,
+            |_| 0,
+        );
+        assert_eq!(picks(&got), vec!["e1"]);
+    }
+
+    #[test]
+    fn ejected_locals_go_after_remote_clusters_and_unreachable_routes_never_count() {
+        let locals = vec![
+            inst("e1", "east", Health::Passing),
+            inst("e2", "east", Health::Passing),
+            inst("e3", "east", Health::Critical),
+        ];
+        let mut dead = route("south", "gw", 3, Some(1));
+        dead.reachable = false;
+        let routes = vec![
+            route("west", "gw1", 2, None),
+            route("west", "gw2", 2, None),
+            dead,
+        ];
+        let got = plan(
+            &locals,
+            &routes,
+            &scope(&[], None),
+            |p| matches!(p, Pick::Local(_)),
+            |_| 0,
+            |_| 0,
+        );
+        let got = picks(&got);
+        assert_eq!(got.len(), 3);
+        assert!(
+            got[0].ends_with(">west") && got[1].ends_with(">west"),
+            "{got:?}"
+        );
+        assert!(got[2].starts_with('e'), "{got:?}");
+    }
+
+    #[test]
+    fn gateways_of_a_cluster_share_the_load() {
+        let routes = vec![
+            route("west", "gw1", 1, Some(3)),
+            route("west", "gw2", 1, Some(3)),
+        ];
+        let mut x = 7u64;
+        let mut firsts: HashMap<String, u32> = HashMap::new();
+        for _ in 0..200 {
+            let got = remote_order(&routes, &scope(&[], None), |n| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                ((x >> 33) as usize) % n
+            });
+            *firsts.entry(got[0].via.clone()).or_default() += 1;
+        }
+        assert!(firsts.values().all(|n| *n > 50), "{firsts:?}");
     }
 
     fn nodes(v: &[&Instance]) -> Vec<String> {

@@ -80,7 +80,10 @@ pub struct UpstreamConfig {
     pub service: String,
     pub listen: SocketAddr,
     /// Cluster order to try when the own cluster has no healthy instance.
+    /// Empty: every other cluster with healthy instances, nearest first.
     pub failover: Vec<String>,
+    /// Reach only this cluster's instances (through its gateways if it is not ours).
+    pub cluster: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -1,38 +1,59 @@
 //! The tunnel server: accepts streams from mesh peers and connects them to the
-//! local application instance they name.
+//! local application instance they name, or, on a gateway, forwards them one
+//! hop on: to a gateway of another cluster (WAN), or from there to the node
+//! of this cluster that hosts an instance (LAN).
+//!
+//! Who the caller is: the peer's certificate, unless the peer holds a gateway
+//! certificate and carries the original caller in the header. A carried
+//! identity from any other peer is refused.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshnode_transport::tunnel::{self, Status};
-use meshnode_transport::{Accepted, PeerCert};
+use meshnode_gossip::federation::WanView;
+use meshnode_gossip::GossipHandle;
+use meshnode_transport::tunnel::{self, Header, Status, TunnelError, ANY_PORT};
+use meshnode_transport::{Accepted, Endpoint, Identity, PeerCert};
+use rand::seq::SliceRandom;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tracing::{debug, info_span, Instrument};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info_span, warn, Instrument};
 
+use crate::balance;
 use crate::drain::Drain;
 use crate::metrics::{TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_STREAMS};
 use crate::registry::Registry;
+use crate::upstream::{open_to, STATUS_TIMEOUT};
 
 /// Connecting to a local application should be near-instant; a slow one is broken.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Next hops a gateway tries for one stream.
+const FORWARD_ATTEMPTS: usize = 2;
+/// A remote gateway answers after its own LAN hop, which may retry once.
+const WAN_STATUS_TIMEOUT: Duration = Duration::from_secs(6);
 
-pub async fn serve(mut incoming: mpsc::Receiver<Accepted>, registry: Arc<Registry>, drain: Drain) {
+/// What the tunnel server needs to know and reach.
+pub struct Inbound {
+    pub registry: Arc<Registry>,
+    pub drain: Drain,
+    pub me: PeerCert,
+    /// This node forwards between clusters (config and certificate agree).
+    pub gateway: bool,
+    pub endpoint: Endpoint,
+    pub lan: GossipHandle,
+    /// Gateways only: the WAN pool's view of the other clusters.
+    pub wan: Option<watch::Receiver<Arc<WanView>>>,
+}
+
+pub async fn serve(mut incoming: mpsc::Receiver<Accepted>, ctx: Arc<Inbound>) {
     while let Some(Accepted { conn, peer }) = incoming.recv().await {
-        let registry = registry.clone();
-        let drain = drain.clone();
+        let ctx = ctx.clone();
         let span = info_span!("inbound", peer = %peer.identity);
         tokio::spawn(
             async move {
                 let peer = Arc::new(peer);
                 while let Ok((send, recv)) = conn.accept_bi().await {
-                    tokio::spawn(handle_stream(
-                        send,
-                        recv,
-                        peer.clone(),
-                        registry.clone(),
-                        drain.clone(),
-                    ));
+                    tokio::spawn(handle_stream(send, recv, peer.clone(), ctx.clone()));
                 }
             }
             .instrument(span),
@@ -40,12 +61,82 @@ pub async fn serve(mut incoming: mpsc::Receiver<Accepted>, registry: Arc<Registr
     }
 }
 
+/// What to do with a stream, decided from the header and who sent it. Pure.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Connect to an instance on this node.
+    Local,
+    /// Forward to a gateway of this other cluster.
+    Wan(String),
+    /// Forward to a node of this cluster (the stream came from another cluster).
+    Lan,
+    Refuse(Status, &'static str),
+}
+
+pub(crate) fn route(
+    header: &Header,
+    peer: &PeerCert,
+    me: &PeerCert,
+    gateway: bool,
+) -> (Route, Identity) {
+    let caller = match &header.caller {
+        Some(_) if !peer.is_gateway() => {
+            return (
+                Route::Refuse(
+                    Status::Forbidden,
+                    "carried identity from a non-gateway peer",
+                ),
+                peer.identity.clone(),
+            )
+        }
+        Some(c) if c.mesh() != me.identity.mesh() => {
+            return (
+                Route::Refuse(Status::Forbidden, "carried identity of another mesh"),
+                peer.identity.clone(),
+            )
+        }
+        Some(c) => c.clone(),
+        None => peer.identity.clone(),
+    };
+    let mine = me.identity.cluster();
+    let from_other_cluster = peer.identity.cluster() != mine;
+    if from_other_cluster && !(peer.is_gateway() && gateway) {
+        return (
+            Route::Refuse(
+                Status::Forbidden,
+                "streams from another cluster must come gateway to gateway",
+            ),
+            caller,
+        );
+    }
+    let want = header.cluster.as_deref().unwrap_or(mine);
+    let route = if want != mine {
+        if from_other_cluster {
+            Route::Refuse(
+                Status::Forbidden,
+                "gateways do not relay between two other clusters",
+            )
+        } else if !gateway {
+            Route::Refuse(
+                Status::Forbidden,
+                "stream for another cluster sent to a non-gateway",
+            )
+        } else {
+            Route::Wan(want.to_string())
+        }
+    } else if from_other_cluster {
+        Route::Lan
+    } else {
+        Route::Local
+    };
+    (route, caller)
+}
+
 async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     peer: Arc<PeerCert>,
-    registry: Arc<Registry>,
-    drain: Drain,
+    ctx: Arc<Inbound>,
 ) {
     let header = match tunnel::read_header(&mut recv).await {
         Ok(h) => h,
@@ -55,33 +146,84 @@ async fn handle_stream(
             return;
         }
     };
+    let (route, caller) = route(&header, &peer, &ctx.me, ctx.gateway);
     let service = header.service.clone();
-    let count = |result: &'static str| {
-        metrics::counter!(TUNNEL_STREAMS, "service" => service.clone(), "direction" => "in", "result" => result)
-            .increment(1);
+    let caller_label = caller.to_string();
+    let count = |direction: &'static str, result: &'static str| {
+        metrics::counter!(TUNNEL_STREAMS, "service" => service.clone(), "direction" => direction,
+            "result" => result, "caller" => caller_label.clone())
+        .increment(1);
     };
-    if drain.is_draining() {
-        count("draining");
+    if ctx.drain.is_draining() {
+        count("in", "draining");
         return tunnel::refuse(&mut send, Status::Draining).await;
     }
-    let Some(target) = registry.target(&header.service, header.port) else {
-        count("no_such_service");
-        return tunnel::refuse(&mut send, Status::NoSuchService).await;
-    };
+    match route {
+        Route::Refuse(status, why) => {
+            warn!(peer = %peer.identity, %caller, %service, reason = why, "tunnel stream refused");
+            count("in", "forbidden");
+            tunnel::refuse(&mut send, status).await
+        }
+        Route::Local => {
+            let target = if header.port == ANY_PORT {
+                ctx.registry.target_any(&header.service).map(|(_, a)| a)
+            } else {
+                ctx.registry.target(&header.service, header.port)
+            };
+            let Some(target) = target else {
+                count("in", "no_such_service");
+                return tunnel::refuse(&mut send, Status::NoSuchService).await;
+            };
+            connect_local(
+                send, recv, target, &peer, &caller, &service, &ctx.drain, &count,
+            )
+            .await;
+        }
+        Route::Lan => {
+            // This gateway is the destination cluster's: pick an instance here.
+            if header.port == ANY_PORT {
+                if let Some((_, target)) = ctx.registry.target_any(&header.service) {
+                    return connect_local(
+                        send, recv, target, &peer, &caller, &service, &ctx.drain, &count,
+                    )
+                    .await;
+                }
+            }
+            let hops = lan_hops(&ctx, &header);
+            forward(send, recv, hops, &caller, &service, &ctx, &count).await;
+        }
+        Route::Wan(cluster) => {
+            let hops = wan_hops(&ctx, &header, &cluster, &caller);
+            forward(send, recv, hops, &caller, &service, &ctx, &count).await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn connect_local(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    target: std::net::SocketAddr,
+    peer: &PeerCert,
+    caller: &Identity,
+    service: &str,
+    drain: &Drain,
+    count: &impl Fn(&'static str, &'static str),
+) {
     let tcp = match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
             debug!(%target, error = %e, "local application refused the connection");
-            count("connect_failed");
+            count("in", "connect_failed");
             return tunnel::refuse(&mut send, Status::ConnectFailed).await;
         }
         Err(_) => {
-            count("connect_failed");
+            count("in", "connect_failed");
             return tunnel::refuse(&mut send, Status::ConnectFailed).await;
         }
     };
     if tunnel::respond(&mut send, Status::Ok).await.is_err() {
-        count("peer_gone");
+        count("in", "peer_gone");
         return;
     }
     let _guard = drain.enter();
@@ -90,10 +232,208 @@ async fn handle_stream(
     let stats = tunnel::splice(tcp, send, recv).await;
     active.decrement(1.0);
     // The caller's bytes arrive from the peer; ours go out to it.
-    metrics::counter!(TUNNEL_BYTES, "service" => service.clone(), "direction" => "in")
+    metrics::counter!(TUNNEL_BYTES, "service" => service.to_string(), "direction" => "in")
         .increment(stats.from_peer);
-    metrics::counter!(TUNNEL_BYTES, "service" => service.clone(), "direction" => "out")
+    metrics::counter!(TUNNEL_BYTES, "service" => service.to_string(), "direction" => "out")
         .increment(stats.to_peer);
-    count(stats.ending.as_str());
-    debug!(caller = %peer.identity, %service, sent = stats.to_peer, received = stats.from_peer, ending = stats.ending.as_str(), "stream closed");
+    count("in", stats.ending.as_str());
+    debug!(%caller, via = %peer.identity, %service, sent = stats.to_peer, received = stats.from_peer, ending = stats.ending.as_str(), "stream closed");
+}
+
+/// One next hop of a gateway: a node's address, who must answer there, and the header to send.
+struct Hop {
+    addr: std::net::SocketAddr,
+    node: String,
+    cluster: String,
+    gateway: bool,
+    header: Header,
+    wait: Duration,
+}
+
+/// Gateways of `cluster` that the WAN pool says are alive, in random order.
+fn wan_hops(ctx: &Inbound, header: &Header, cluster: &str, caller: &Identity) -> Vec<Hop> {
+    let Some(view) = ctx.wan.as_ref().map(|w| w.borrow().clone()) else {
+        return Vec::new();
+    };
+    let mut gws: Vec<_> = view.live_gateways(cluster).into_iter().cloned().collect();
+    gws.shuffle(&mut rand::rng());
+    gws.into_iter()
+        .take(FORWARD_ATTEMPTS)
+        .map(|g| Hop {
+            addr: g.addr,
+            node: g.node,
+            cluster: cluster.to_string(),
+            gateway: true,
+            header: Header {
+                service: header.service.clone(),
+                port: header.port,
+                cluster: Some(cluster.to_string()),
+                caller: Some(caller.clone()),
+            },
+            wait: WAN_STATUS_TIMEOUT,
+        })
+        .collect()
+}
+
+/// Healthy instances of this cluster on other nodes, balanced like an upstream.
+fn lan_hops(ctx: &Inbound, header: &Header) -> Vec<Hop> {
+    let catalog = ctx.lan.catalog();
+    let mine = ctx.me.identity.cluster();
+    let mut rng = rand::rng();
+    let candidates: Vec<_> = catalog
+        .instances(&header.service)
+        .iter()
+        .filter(|i| i.node != ctx.me.identity.node())
+        .filter(|i| header.port == ANY_PORT || i.port == header.port)
+        .cloned()
+        .collect();
+    let caller = header.caller.clone();
+    balance::order(
+        &candidates,
+        mine,
+        &[],
+        |_| false,
+        |_| 0,
+        |n| rand::RngExt::random_range(&mut rng, 0..n),
+    )
+    .into_iter()
+    .take(FORWARD_ATTEMPTS)
+    .map(|i| Hop {
+        addr: i.node_addr,
+        node: i.node.clone(),
+        cluster: mine.to_string(),
+        gateway: false,
+        header: Header {
+            service: header.service.clone(),
+            port: i.port,
+            cluster: None,
+            caller: caller.clone(),
+        },
+        wait: STATUS_TIMEOUT,
+    })
+    .collect()
+}
+
+/// Tries each hop until one accepts, answers the caller, and relays.
+async fn forward(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    hops: Vec<Hop>,
+    caller: &Identity,
+    service: &str,
+    ctx: &Inbound,
+    count: &impl Fn(&'static str, &'static str),
+) {
+    if hops.is_empty() {
+        count("forward", "no_instance");
+        return tunnel::refuse(&mut send, Status::NoSuchService).await;
+    }
+    let mut status = Status::ConnectFailed;
+    for hop in hops {
+        let mut header = hop.header;
+        // The original caller travels with every forwarded stream.
+        header.caller = Some(caller.clone());
+        match open_to(
+            &ctx.endpoint,
+            hop.addr,
+            &hop.node,
+            &hop.cluster,
+            hop.gateway,
+            &header,
+            hop.wait,
+        )
+        .await
+        {
+            Ok((next_send, next_recv)) => {
+                if tunnel::respond(&mut send, Status::Ok).await.is_err() {
+                    count("forward", "peer_gone");
+                    let mut next_send = next_send;
+                    let _ = next_send.reset(tunnel::code::RESET);
+                    return;
+                }
+                let _guard = ctx.drain.enter();
+                let active = metrics::gauge!(TUNNEL_ACTIVE, "direction" => "forward");
+                active.increment(1.0);
+                let stats = tunnel::relay(send, recv, next_send, next_recv).await;
+                active.decrement(1.0);
+                metrics::counter!(TUNNEL_BYTES, "service" => service.to_string(), "direction" => "forward")
+                    .increment(stats.to_peer + stats.from_peer);
+                count("forward", stats.ending.as_str());
+                debug!(%caller, %service, to = %hop.node, cluster = %hop.cluster, sent = stats.to_peer, received = stats.from_peer, "forwarded stream closed");
+                return;
+            }
+            Err(e) => {
+                debug!(%caller, %service, to = %hop.node, cluster = %hop.cluster, error = %e, "forward attempt failed");
+                if let TunnelError::Refused(s) = e {
+                    status = s;
+                }
+            }
+        }
+    }
+    count("forward", "failed");
+    tunnel::refuse(&mut send, status).await
+}
+
+#[cfg(test)]
+mod tests {
+    use meshnode_transport::Role;
+
+    use super::*;
+
+    fn cert(cluster: &str, node: &str, gateway: bool) -> PeerCert {
+        PeerCert {
+            identity: Identity::new("acme", cluster, node).unwrap(),
+            role: if gateway { Role::Gateway } else { Role::Node },
+            not_after: 0,
+        }
+    }
+
+    fn header(cluster: Option<&str>, caller: Option<Identity>) -> Header {
+        Header {
+            service: "api".into(),
+            port: 1,
+            cluster: cluster.map(String::from),
+            caller,
+        }
+    }
+
+    #[test]
+    fn routes_by_cluster_and_role() {
+        let node = cert("east", "n1", false);
+        let gw = cert("east", "gw", true);
+        let west_gw = cert("west", "gw", true);
+        let west_node = cert("west", "n1", false);
+        let a = Identity::new("acme", "east", "a").unwrap();
+        // Plain local stream: the caller is the peer.
+        let (r, c) = route(&header(None, None), &node, &node, false);
+        assert_eq!((r, c), (Route::Local, node.identity.clone()));
+        // To another cluster: only through a gateway.
+        let (r, _) = route(&header(Some("west"), None), &node, &gw, true);
+        assert_eq!(r, Route::Wan("west".into()));
+        let (r, _) = route(&header(Some("west"), None), &node, &node, false);
+        assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
+        // Arriving from another cluster's gateway at our gateway: forward in the cluster,
+        // with the carried caller.
+        let (r, c) = route(&header(Some("east"), Some(a.clone())), &west_gw, &gw, true);
+        assert_eq!((r, c), (Route::Lan, a.clone()));
+        // A non-gateway of another cluster cannot reach in, nor can a gateway relay transit.
+        let (r, _) = route(&header(None, None), &west_node, &gw, true);
+        assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
+        let (r, _) = route(&header(Some("south"), None), &west_gw, &gw, true);
+        assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
+        // The destination accepts a carried caller only from a gateway.
+        let (r, c) = route(&header(None, Some(a.clone())), &gw, &node, false);
+        assert_eq!((r, c), (Route::Local, a.clone()));
+        let (r, c) = route(
+            &header(None, Some(a.clone())),
+            &cert("east", "n2", false),
+            &node,
+            false,
+        );
+        assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
+        assert_eq!(c.node(), "n2");
+        let other_mesh = Identity::new("evil", "east", "a").unwrap();
+        let (r, _) = route(&header(None, Some(other_mesh)), &gw, &node, false);
+        assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
+    }
 }

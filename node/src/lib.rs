@@ -6,6 +6,7 @@ pub mod app;
 pub mod balance;
 pub mod config;
 mod drain;
+mod federation;
 pub mod health;
 mod inbound;
 pub mod metrics;

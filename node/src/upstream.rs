@@ -4,16 +4,16 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use meshnode_gossip::{GossipHandle, Instance};
+use meshnode_gossip::{GossipHandle, Instance, RemoteRoute};
 use meshnode_transport::alpn::Alpn;
-use meshnode_transport::tunnel::{self, Header, TunnelError};
+use meshnode_transport::tunnel::{self, Header, TunnelError, ANY_PORT};
 use meshnode_transport::Endpoint;
 use rand::RngExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::balance;
+use crate::balance::{self, Pick, Scope};
 use crate::config::UpstreamConfig;
 use crate::drain::Drain;
 use crate::metrics::{
@@ -24,7 +24,10 @@ use crate::outlier::{Key, Outliers};
 
 /// A receiver answers within its local connect timeout (1 s); silence past this
 /// means the peer is gone, and the next instance is tried.
-const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Through gateways the status comes after up to two more hops, each of which
+/// may retry (see `forward`): the caller waits for all of that.
+pub(crate) const REMOTE_STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Shared by every upstream of a node: where to send, and what we learned from failures.
 pub struct Dialer {
@@ -48,6 +51,41 @@ struct ActiveGuard<'a> {
 
 fn key(i: &Instance) -> Key {
     (i.node.clone(), i.port)
+}
+
+fn pick_key(p: &Pick<'_>) -> Key {
+    match p {
+        Pick::Local(i) => key(i),
+        Pick::Remote(r) => (format!("{}>{}", r.via, r.cluster), 0),
+    }
+}
+
+/// Where one attempt went, owned.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Local(Instance),
+    Remote(RemoteRoute),
+}
+
+impl Target {
+    fn key(&self) -> Key {
+        match self {
+            Target::Local(i) => pick_key(&Pick::Local(i)),
+            Target::Remote(r) => pick_key(&Pick::Remote(r)),
+        }
+    }
+
+    /// For logs: `node` or `gateway>cluster`.
+    fn name(&self) -> String {
+        self.key().0
+    }
+
+    fn cluster(&self) -> &str {
+        match self {
+            Target::Local(i) => &i.cluster,
+            Target::Remote(r) => &r.cluster,
+        }
+    }
 }
 
 // === impl Dialer ===
@@ -74,42 +112,54 @@ impl Dialer {
         (
             quinn::SendStream,
             quinn::RecvStream,
-            Instance,
+            Target,
             ActiveGuard<'_>,
         ),
         String,
     > {
         let catalog = self.gossip.catalog();
-        let candidates: Vec<Instance> = {
+        let candidates: Vec<Target> = {
             let load = self.lock();
             let now = Instant::now();
             let mut rng = rand::rng();
-            balance::order(
+            let scope = Scope {
+                own_cluster: &self.cluster,
+                failover: &up.failover,
+                pinned: up.cluster.as_deref(),
+            };
+            balance::plan(
                 catalog.instances(&up.service),
-                &self.cluster,
-                &up.failover,
-                |i| load.outliers.is_ejected(&key(i), now),
+                catalog.remote_routes(&up.service),
+                &scope,
+                |p| load.outliers.is_ejected(&pick_key(p), now),
                 |i| load.active.get(&key(i)).copied().unwrap_or(0),
                 |n| rng.random_range(0..n),
             )
             .into_iter()
-            .cloned()
+            .map(|p| match p {
+                Pick::Local(i) => Target::Local(i.clone()),
+                Pick::Remote(r) => Target::Remote(r.clone()),
+            })
             .collect()
         };
         if candidates.is_empty() {
             return Err(format!(
-                "no healthy instance of {:?} in the catalog",
-                up.service
+                "no healthy instance of {:?} in the catalog{}",
+                up.service,
+                up.cluster
+                    .as_deref()
+                    .map(|c| format!(" for cluster {c}"))
+                    .unwrap_or_default()
             ));
         }
         let mut last = String::new();
-        for (attempt, inst) in candidates.into_iter().enumerate() {
+        for (attempt, target) in candidates.into_iter().enumerate() {
             if attempt > 0 {
                 metrics::counter!(UPSTREAM_RETRIES, "service" => up.service.clone()).increment(1);
             }
-            match self.try_instance(&inst).await {
+            match self.try_target(&up.service, &target).await {
                 Ok((send, recv)) => {
-                    let k = key(&inst);
+                    let k = target.key();
                     let mut load = self.lock();
                     load.outliers.handle_success(&k);
                     *load.active.entry(k.clone()).or_default() += 1;
@@ -117,7 +167,7 @@ impl Dialer {
                     return Ok((
                         send,
                         recv,
-                        inst,
+                        target,
                         ActiveGuard {
                             dialer: self,
                             key: k,
@@ -125,55 +175,94 @@ impl Dialer {
                     ));
                 }
                 Err(e) => {
-                    debug!(service = %up.service, node = %inst.node, error = %e, "tunnel attempt failed");
+                    debug!(service = %up.service, target = %target.name(), error = %e, "tunnel attempt failed");
                     if let Some(period) = self
                         .lock()
                         .outliers
-                        .handle_failure(&key(&inst), Instant::now())
+                        .handle_failure(&target.key(), Instant::now())
                     {
-                        warn!(service = %up.service, node = %inst.node, ?period, "ejecting instance after repeated failures");
+                        warn!(service = %up.service, target = %target.name(), ?period, "ejecting instance after repeated failures");
                         metrics::counter!(OUTLIER_EJECTIONS, "service" => up.service.clone())
                             .increment(1);
                     }
-                    last = format!("{}: {e}", inst.node);
+                    last = format!("{}: {e}", target.name());
                 }
             }
         }
         Err(format!("every attempt failed (last: {last})"))
     }
 
-    async fn try_instance(
+    async fn try_target(
         &self,
-        inst: &Instance,
+        service: &str,
+        target: &Target,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
-        let (conn, peer) = self
-            .endpoint
-            .connect(inst.node_addr, Alpn::Tunnel)
-            .await
-            .map_err(|e| TunnelError::Stream(e.to_string()))?;
-        // The address came from gossip; the certificate says who really answered.
-        if peer.identity.node() != inst.node || peer.identity.cluster() != inst.cluster {
-            return Err(TunnelError::Stream(format!(
-                "{} answered at {} where the catalog has node {}",
-                peer.identity, inst.node_addr, inst.node
-            )));
-        }
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| TunnelError::Stream(e.to_string()))?;
-        tunnel::open(
-            &mut send,
-            &mut recv,
-            &Header {
-                service: inst.service.clone(),
-                port: inst.port,
-            },
-            STATUS_TIMEOUT,
+        let (addr, node, gateway, header, wait) = match target {
+            Target::Local(i) => (
+                i.node_addr,
+                &i.node,
+                false,
+                Header::new(service, i.port),
+                STATUS_TIMEOUT,
+            ),
+            Target::Remote(r) => (
+                r.via_addr,
+                &r.via,
+                true,
+                Header {
+                    service: service.to_string(),
+                    port: ANY_PORT,
+                    cluster: Some(r.cluster.clone()),
+                    caller: None,
+                },
+                REMOTE_STATUS_TIMEOUT,
+            ),
+        };
+        open_to(
+            &self.endpoint,
+            addr,
+            node,
+            &self.cluster,
+            gateway,
+            &header,
+            wait,
         )
-        .await?;
-        Ok((send, recv))
+        .await
     }
+}
+
+/// Opens a tunnel stream to the node `node` of `cluster` at `addr` (a gateway
+/// when `gateway`), checking that the certificate that answers is that node's.
+pub(crate) async fn open_to(
+    endpoint: &Endpoint,
+    addr: std::net::SocketAddr,
+    node: &str,
+    cluster: &str,
+    gateway: bool,
+    header: &Header,
+    wait: std::time::Duration,
+) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
+    let (conn, peer) = endpoint
+        .connect(addr, Alpn::Tunnel)
+        .await
+        .map_err(|e| TunnelError::Stream(e.to_string()))?;
+    // The address came from gossip; the certificate says who really answered.
+    if peer.identity.node() != node
+        || peer.identity.cluster() != cluster
+        || (gateway && !peer.is_gateway())
+    {
+        return Err(TunnelError::Stream(format!(
+            "{} answered at {addr} where gossip has {}node {node} of cluster {cluster}",
+            peer.identity,
+            if gateway { "gateway " } else { "" },
+        )));
+    }
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| TunnelError::Stream(e.to_string()))?;
+    tunnel::open(&mut send, &mut recv, header, wait).await?;
+    Ok((send, recv))
 }
 
 impl Drop for ActiveGuard<'_> {
@@ -217,7 +306,7 @@ pub async fn serve(listener: TcpListener, up: UpstreamConfig, dialer: Arc<Dialer
 
 async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
     let started = Instant::now();
-    let (send, recv, inst, _active) = match dialer.open(up).await {
+    let (send, recv, target, _active) = match dialer.open(up).await {
         Ok(x) => x,
         Err(e) => {
             warn!(service = %up.service, error = %e, "cannot reach service; closing the local connection");
@@ -236,5 +325,5 @@ async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
     metrics::counter!(TUNNEL_BYTES, "service" => up.service.clone(), "direction" => "in")
         .increment(stats.from_peer);
     metrics::counter!(TUNNEL_STREAMS, "service" => up.service.clone(), "direction" => "out", "result" => stats.ending.as_str()).increment(1);
-    debug!(service = %up.service, node = %inst.node, sent = stats.to_peer, received = stats.from_peer, "tunnel closed");
+    debug!(service = %up.service, target = %target.name(), cluster = %target.cluster(), sent = stats.to_peer, received = stats.from_peer, "tunnel closed");
 }

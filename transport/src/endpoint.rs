@@ -34,6 +34,8 @@ pub struct Accepted {
 /// Incoming connections, one queue per protocol.
 pub struct Incoming {
     pub gossip: mpsc::Receiver<Accepted>,
+    /// WAN pool gossip; only gateways consume it, other nodes drop these connections.
+    pub wan: mpsc::Receiver<Accepted>,
     pub tunnel: mpsc::Receiver<Accepted>,
     pub join: mpsc::Receiver<Accepted>,
 }
@@ -69,16 +71,18 @@ impl Endpoint {
                 addr: cfg.bind,
                 source,
             })?;
-        let clients = [Alpn::Gossip, Alpn::Tunnel, Alpn::Join]
+        let clients = [Alpn::Gossip, Alpn::WanGossip, Alpn::Tunnel, Alpn::Join]
             .into_iter()
             .map(|a| Ok((a, cfg.tls.client_config(a.as_bytes(), transport.clone())?)))
             .collect::<Result<Vec<_>, TlsError>>()?;
         let pool = Arc::new(Pool::new(quic.clone(), clients));
         let (gossip_tx, gossip) = mpsc::channel(ACCEPT_QUEUE);
+        let (wan_tx, wan) = mpsc::channel(ACCEPT_QUEUE);
         let (tunnel_tx, tunnel) = mpsc::channel(ACCEPT_QUEUE);
         let (join_tx, join) = mpsc::channel(ACCEPT_QUEUE);
         let router = Router {
             gossip: gossip_tx,
+            wan: wan_tx,
             tunnel: tunnel_tx,
             join: join_tx,
         };
@@ -91,6 +95,7 @@ impl Endpoint {
             },
             Incoming {
                 gossip,
+                wan,
                 tunnel,
                 join,
             },
@@ -119,6 +124,11 @@ impl Endpoint {
         self.pool.connect(addr, alpn).await
     }
 
+    /// The smoothed round-trip time of the pooled connection to `addr`, if one is open.
+    pub fn rtt(&self, addr: SocketAddr, alpn: Alpn) -> Option<Duration> {
+        self.pool.rtt(addr, alpn)
+    }
+
     /// Closes every connection and stops accepting.
     pub fn close(&self) {
         self.quic
@@ -140,6 +150,7 @@ pub fn peer_cert(conn: &quinn::Connection) -> Option<PeerCert> {
 
 struct Router {
     gossip: mpsc::Sender<Accepted>,
+    wan: mpsc::Sender<Accepted>,
     tunnel: mpsc::Sender<Accepted>,
     join: mpsc::Sender<Accepted>,
 }
@@ -156,6 +167,7 @@ async fn accept_loop(quic: quinn::Endpoint, router: Router) {
                         metrics::counter!(HANDSHAKES, "direction" => "in", "alpn" => alpn.as_str(), "result" => "ok").increment(1);
                         let tx = match alpn {
                             Alpn::Gossip => &router.gossip,
+                            Alpn::WanGossip => &router.wan,
                             Alpn::Tunnel => &router.tunnel,
                             Alpn::Join => &router.join,
                         };

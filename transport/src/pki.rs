@@ -10,7 +10,7 @@ pub mod verify;
 pub use ca::{Ca, IssuedCert, DEFAULT_CA_VALIDITY, DEFAULT_NODE_VALIDITY};
 pub use cert::{PeerCert, Role};
 pub use files::{read_private_key, write_private_file};
-pub use identity::{Identity, IdentityError};
+pub use identity::{check_name, Identity, IdentityError};
 
 /// Everything that can go wrong with certificates and keys.
 #[derive(Debug, thiserror::Error)]

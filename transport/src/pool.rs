@@ -78,6 +78,19 @@ impl Pool {
         Ok((conn, peer))
     }
 
+    /// The RTT estimate of the live pooled connection to `addr`, if any.
+    pub(crate) fn rtt(&self, addr: SocketAddr, alpn: Alpn) -> Option<Duration> {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(addr, alpn))?
+            .clone();
+        let guard = slot.try_lock().ok()?;
+        let (conn, _) = guard.as_ref()?;
+        conn.close_reason().is_none().then(|| conn.rtt())
+    }
+
     async fn dial(
         &self,
         addr: SocketAddr,

@@ -8,9 +8,10 @@ mod header;
 mod splice;
 
 pub use header::{
-    decode_frame, decode_header, encode_header, Header, HeaderError, Status, MAX_HEADER_LEN,
+    decode_frame, decode_header, encode_header, Header, HeaderError, Status, ANY_PORT,
+    MAX_HEADER_LEN,
 };
-pub use splice::{splice, SpliceStats};
+pub use splice::{relay, splice, Ending, SpliceStats};
 
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::time::{timeout, Duration};

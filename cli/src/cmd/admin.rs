@@ -77,19 +77,31 @@ pub async fn services(a: &AdminArgs) -> Result<(), Failure> {
             m.iter()
                 .map(|(name, insts)| {
                     let list = insts.as_array().cloned().unwrap_or_default();
-                    let passing = list
+                    let (remote, local): (Vec<Value>, Vec<Value>) = list
+                        .into_iter()
+                        .partition(|i| i.get("remote").and_then(Value::as_bool) == Some(true));
+                    let passing = local
                         .iter()
                         .filter(|i| i.get("health").and_then(Value::as_str) == Some("passing"))
                         .count();
                     let mut clusters: Vec<String> =
-                        list.iter().map(|i| field(i, "cluster")).collect();
+                        local.iter().map(|i| field(i, "cluster")).collect();
                     clusters.sort();
                     clusters.dedup();
+                    for r in &remote {
+                        let healthy = r.get("healthy").and_then(Value::as_u64).unwrap_or(0);
+                        let state = if r.get("reachable").and_then(Value::as_bool) == Some(true) {
+                            format!("{healthy} healthy")
+                        } else {
+                            "unreachable".to_string()
+                        };
+                        clusters.push(format!("{} ({state}, via gateway)", field(r, "cluster")));
+                    }
                     vec![
                         name.clone(),
-                        list.len().to_string(),
+                        local.len().to_string(),
                         passing.to_string(),
-                        clusters.join(","),
+                        clusters.join(", "),
                     ]
                 })
                 .collect()
@@ -118,6 +130,21 @@ pub async fn endpoints(a: &AdminArgs, service: &str) -> Result<(), Failure> {
         .map(|l| {
             l.iter()
                 .map(|i| {
+                    if i.get("remote").and_then(Value::as_bool) == Some(true) {
+                        let reachable = i.get("reachable").and_then(Value::as_bool) == Some(true);
+                        return vec![
+                            format!("via {}", field(i, "via")),
+                            field(i, "cluster"),
+                            format!("gateways {}", field(i, "gateways")),
+                            format!("{} healthy", field(i, "healthy")),
+                            field(i, "tags"),
+                            if reachable {
+                                field(i, "health")
+                            } else {
+                                "unreachable".into()
+                            },
+                        ];
+                    }
                     vec![
                         field(i, "node"),
                         field(i, "cluster"),
@@ -181,6 +208,18 @@ pub async fn status(a: &AdminArgs) -> Result<(), Failure> {
                 field(&lan, "dead"),
                 field(&lan, "left")
             ),
+        ],
+        vec![
+            "wan pool".into(),
+            match v.pointer("/pools/wan") {
+                Some(wan) => format!(
+                    "{} alive, {} dead, {} left",
+                    field(wan, "alive"),
+                    field(wan, "dead"),
+                    field(wan, "left")
+                ),
+                None => "not a gateway".into(),
+            },
         ],
         vec!["local services".into(), field(&v, "local_services")],
         vec![

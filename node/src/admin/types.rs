@@ -24,6 +24,27 @@ pub struct Status {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Pools {
     pub lan: PoolCounts,
+    /// Gateways only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wan: Option<PoolCounts>,
+}
+
+/// Another cluster's service in `/v1/services`, merged over the local gateways.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoteEntry {
+    pub cluster: String,
+    /// Always true: tells these entries apart from local instances.
+    pub remote: bool,
+    /// `passing` when reachable with healthy instances, else `critical`.
+    pub health: String,
+    pub healthy: u32,
+    pub reachable: bool,
+    pub tags: Vec<String>,
+    /// The remote cluster's gateways.
+    pub gateways: Vec<String>,
+    /// The local gateways that forward there.
+    pub via: Vec<String>,
+    pub rtt_ms: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -85,6 +85,7 @@ struct RawUpstream {
     service: Option<String>,
     listen: Option<String>,
     failover: Vec<String>,
+    cluster: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -482,10 +483,20 @@ fn validate_upstreams(
         for (j, c) in u.failover.iter().enumerate() {
             e.name(&k(&format!("failover[{j}]")), c);
         }
+        if let Some(c) = &u.cluster {
+            e.name(&k("cluster"), c);
+            if !u.failover.is_empty() {
+                e.push(
+                    k("failover"),
+                    "cannot be combined with cluster: an upstream pinned to one cluster has no failover",
+                );
+            }
+        }
         out.push(UpstreamConfig {
             service,
             listen,
             failover: u.failover,
+            cluster: u.cluster,
         });
     }
     out

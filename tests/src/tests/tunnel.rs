@@ -215,10 +215,7 @@ async fn garbage_headers_reset_the_stream_and_the_node_keeps_serving() {
     tunnel::open(
         &mut send,
         &mut recv,
-        &Header {
-            service: "echo".into(),
-            port: echo_port,
-        },
+        &Header::new("echo", echo_port),
         Duration::from_secs(5),
     )
     .await
@@ -232,10 +229,7 @@ async fn garbage_headers_reset_the_stream_and_the_node_keeps_serving() {
     let err = tunnel::open(
         &mut send,
         &mut recv,
-        &Header {
-            service: "nope".into(),
-            port: 1,
-        },
+        &Header::new("nope", 1),
         Duration::from_secs(5),
     )
     .await;
@@ -284,10 +278,7 @@ async fn a_certificate_from_another_ca_cannot_open_a_tunnel() {
         tunnel::open(
             &mut send,
             &mut recv,
-            &Header {
-                service: "echo".into(),
-                port: 1,
-            },
+            &Header::new("echo", 1),
             Duration::from_secs(3),
         )
         .await

@@ -8,24 +8,55 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, CodecError};
+use crate::pki::{check_name, Identity};
 
 /// Hard cap on the header body. Anything longer is refused before it is read.
 pub const MAX_HEADER_LEN: usize = 1024;
 const MAX_SERVICE_LEN: usize = 253;
 
-/// What a caller asks of the receiving node: connect me to this local instance.
+/// What a caller asks of the receiving node: connect me to this service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
     /// Service name as registered on the receiving node.
     pub service: String,
-    /// Port of the instance, telling apart several instances of one service on a node.
+    /// Port of the instance, telling apart several instances of one service on a
+    /// node; [`ANY_PORT`] lets the receiver (a gateway) choose the instance.
     pub port: u16,
+    /// The cluster the stream is for, when it crosses clusters through gateways.
+    /// `None` means the receiver's own cluster.
+    pub cluster: Option<String>,
+    /// The original caller, carried by a gateway. Receivers accept it only from
+    /// a peer holding a gateway certificate; otherwise the caller is the peer.
+    pub caller: Option<Identity>,
+}
+
+impl Header {
+    /// A header for an instance in the receiver's own cluster, with no carried caller.
+    pub fn new(service: impl Into<String>, port: u16) -> Self {
+        Self {
+            service: service.into(),
+            port,
+            cluster: None,
+            caller: None,
+        }
+    }
+}
+
+/// Header port meaning "any instance of the service".
+pub const ANY_PORT: u16 = 0;
+
+/// Version 1: no cluster, no carried caller.
+#[derive(Serialize, Deserialize)]
+struct HeaderV1 {
+    service: String,
+    port: u16,
 }
 
 /// The versioned envelope. New versions are new variants; old ones stay decodable.
 #[derive(Serialize, Deserialize)]
 enum WireHeader {
-    V1(Header),
+    V1(HeaderV1),
+    V2(Header),
 }
 
 /// The receiver's one-byte answer.
@@ -53,6 +84,8 @@ pub enum HeaderError {
     Malformed(String),
     #[error("tunnel header names an invalid service {0:?}")]
     BadService(String),
+    #[error("tunnel header names an invalid cluster {0:?}")]
+    BadCluster(String),
 }
 
 // === impl HeaderError ===
@@ -65,6 +98,7 @@ impl HeaderError {
             HeaderError::TooLarge(_) => "oversized",
             HeaderError::Malformed(_) => "malformed",
             HeaderError::BadService(_) => "bad_service",
+            HeaderError::BadCluster(_) => "bad_cluster",
         }
     }
 }
@@ -111,10 +145,19 @@ fn check_service(name: &str) -> Result<(), HeaderError> {
     }
 }
 
+fn check(h: &Header) -> Result<(), HeaderError> {
+    check_service(&h.service)?;
+    if let Some(c) = &h.cluster {
+        check_name("cluster", c)
+            .map_err(|_| HeaderError::BadCluster(c.chars().take(64).collect()))?;
+    }
+    Ok(())
+}
+
 /// Encodes a header with its length prefix.
 pub fn encode_header(h: &Header) -> Result<Vec<u8>, HeaderError> {
-    check_service(&h.service)?;
-    let body = codec::encode(&WireHeader::V1(h.clone()))
+    check(h)?;
+    let body = codec::encode(&WireHeader::V2(h.clone()))
         .map_err(|e| HeaderError::Malformed(e.to_string()))?;
     if body.len() > MAX_HEADER_LEN {
         return Err(HeaderError::TooLarge(body.len()));
@@ -131,11 +174,20 @@ pub fn decode_header(body: &[u8]) -> Result<Header, HeaderError> {
     if body.len() > MAX_HEADER_LEN {
         return Err(HeaderError::TooLarge(body.len()));
     }
-    let WireHeader::V1(h) = codec::decode(body).map_err(|e| match e {
+    let wire = codec::decode(body).map_err(|e| match e {
         CodecError::TooLarge => HeaderError::TooLarge(body.len()),
         other => HeaderError::Malformed(other.to_string()),
     })?;
-    check_service(&h.service)?;
+    let h = match wire {
+        WireHeader::V1(HeaderV1 { service, port }) => Header {
+            service,
+            port,
+            cluster: None,
+            caller: None,
+        },
+        WireHeader::V2(h) => h,
+    };
+    check(&h)?;
     Ok(h)
 }
 
@@ -164,10 +216,20 @@ mod tests {
 
     use super::*;
 
+    fn header(service: &str, port: u16) -> Header {
+        Header::new(service, port)
+    }
+
     proptest! {
         #[test]
-        fn round_trip(service in "[a-zA-Z0-9._-]{1,200}", port: u16) {
-            let h = Header { service, port };
+        fn round_trip(
+            service in "[a-zA-Z0-9._-]{1,200}",
+            port: u16,
+            cluster in proptest::option::of("[a-z][a-z0-9-]{0,30}"),
+            caller in proptest::option::of("[a-z]{1,20}"),
+        ) {
+            let caller = caller.map(|n| Identity::new("acme", "west", &n).unwrap());
+            let h = Header { service, port, cluster, caller };
             let frame = encode_header(&h).unwrap();
             prop_assert_eq!(decode_frame(&frame).unwrap(), h);
         }
@@ -180,7 +242,7 @@ mod tests {
 
         #[test]
         fn every_truncation_is_an_error(service in "[a-z]{1,40}", port: u16, cut in 0usize..64) {
-            let frame = encode_header(&Header { service, port }).unwrap();
+            let frame = encode_header(&header(&service, port)).unwrap();
             let cut = cut.min(frame.len() - 1);
             prop_assert!(decode_frame(&frame[..cut]).is_err());
         }
@@ -192,27 +254,57 @@ mod tests {
             decode_frame(&[0xff, 0xff]),
             Err(HeaderError::TooLarge(0xffff))
         );
-        let h = Header {
-            service: "x".repeat(300),
-            port: 1,
-        };
+        let h = header(&"x".repeat(300), 1);
         assert!(matches!(encode_header(&h), Err(HeaderError::BadService(_))));
-        let h = Header {
-            service: "a b".into(),
-            port: 1,
-        };
-        assert!(encode_header(&h).is_err());
+        assert!(encode_header(&header("a b", 1)).is_err());
+        let mut h = header("api", 1);
+        h.cluster = Some("no such/cluster".into());
+        assert!(matches!(encode_header(&h), Err(HeaderError::BadCluster(_))));
         // A valid frame with one extra byte is not a valid frame.
-        let mut frame = encode_header(&Header {
-            service: "api".into(),
-            port: 8080,
-        })
-        .unwrap();
+        let mut frame = encode_header(&header("api", 8080)).unwrap();
         frame.push(0);
         assert!(decode_frame(&frame).is_err());
         // Unknown version tag.
         assert!(matches!(
             decode_header(&[7, 3, b'a', b'p', b'i', 0]),
+            Err(HeaderError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn version_1_headers_still_decode() {
+        let body = codec::encode(&WireHeader::V1(HeaderV1 {
+            service: "api".into(),
+            port: 8080,
+        }))
+        .unwrap();
+        assert_eq!(decode_header(&body).unwrap(), header("api", 8080));
+    }
+
+    #[test]
+    fn a_carried_caller_must_be_a_valid_identity() {
+        // Hand-build a V2 body whose caller is not a SPIFFE ID.
+        #[derive(Serialize)]
+        struct Forged {
+            service: String,
+            port: u16,
+            cluster: Option<String>,
+            caller: Option<String>,
+        }
+        #[derive(Serialize)]
+        enum Wire {
+            _V1(()),
+            V2(Forged),
+        }
+        let body = codec::encode(&Wire::V2(Forged {
+            service: "api".into(),
+            port: 1,
+            cluster: None,
+            caller: Some("spiffe://acme/evil".into()),
+        }))
+        .unwrap();
+        assert!(matches!(
+            decode_header(&body),
             Err(HeaderError::Malformed(_))
         ));
     }

@@ -105,3 +105,74 @@ pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStre
         ending,
     }
 }
+
+/// Relays between two tunnel streams (a gateway's hop): `a` is the caller's
+/// side, `b` the next hop's. Finish and reset are carried across both ways.
+pub async fn relay(
+    mut a_send: SendStream,
+    mut a_recv: RecvStream,
+    mut b_send: SendStream,
+    mut b_recv: RecvStream,
+) -> SpliceStats {
+    let mut to_peer = 0u64;
+    let mut from_peer = 0u64;
+    let result = {
+        // Caller -> next hop. A failure reading the caller is a "local" abort here.
+        let up = async {
+            loop {
+                match a_recv.read_chunk(BUF_LEN, true).await {
+                    Ok(Some(chunk)) => {
+                        let n = chunk.bytes.len() as u64;
+                        b_send
+                            .write_chunk(chunk.bytes)
+                            .await
+                            .map_err(|_| Ending::PeerAbort)?;
+                        to_peer += n;
+                    }
+                    Ok(None) => {
+                        let _ = b_send.finish();
+                        return Ok(());
+                    }
+                    Err(_) => return Err(Ending::LocalAbort),
+                }
+            }
+        };
+        let down = async {
+            loop {
+                match b_recv.read_chunk(BUF_LEN, true).await {
+                    Ok(Some(chunk)) => {
+                        let n = chunk.bytes.len() as u64;
+                        a_send
+                            .write_chunk(chunk.bytes)
+                            .await
+                            .map_err(|_| Ending::LocalAbort)?;
+                        from_peer += n;
+                    }
+                    Ok(None) => {
+                        let _ = a_send.finish();
+                        return Ok(());
+                    }
+                    Err(_) => return Err(Ending::PeerAbort),
+                }
+            }
+        };
+        tokio::try_join!(up, down)
+    };
+    let ending = match result {
+        Ok(_) => Ending::Done,
+        Err(ending) => {
+            for s in [&mut a_send, &mut b_send] {
+                let _ = s.reset(code::RESET);
+            }
+            for r in [&mut a_recv, &mut b_recv] {
+                let _ = r.stop(code::RESET);
+            }
+            ending
+        }
+    };
+    SpliceStats {
+        to_peer,
+        from_peer,
+        ending,
+    }
+}
