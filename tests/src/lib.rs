@@ -15,6 +15,7 @@ use rand::RngExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub mod netns;
 #[cfg(test)]
 mod tests;
 
@@ -84,9 +85,13 @@ impl Pki {
 
     /// Writes node.pem, node.key and ca.pem into `<dir>/<name>` and returns that dir.
     pub fn issue(&self, cluster: &str, name: &str) -> PathBuf {
-        let d = self.dir.path().join(name);
+        self.issue_as(cluster, name, Role::Node)
+    }
+
+    pub fn issue_as(&self, cluster: &str, name: &str, role: Role) -> PathBuf {
+        let d = self.dir.path().join(format!("{cluster}-{name}"));
         self.ca
-            .issue(cluster, name, Role::Node, Duration::from_secs(3600))
+            .issue(cluster, name, role, Duration::from_secs(3600))
             .expect("issue")
             .save(&d, self.ca.cert_pem())
             .expect("save cert");
@@ -110,6 +115,10 @@ pub struct NodeSpec {
     pub seeds: Vec<SocketAddr>,
     /// Extra TOML appended to the config (services, upstreams).
     pub extra: String,
+    /// Runs inside this network namespace (bound to 0.0.0.0, advertising `quic`).
+    pub netns: Option<String>,
+    /// A gateway: its WAN address and WAN seeds.
+    pub wan: Option<(SocketAddr, Vec<SocketAddr>)>,
 }
 
 impl NodeSpec {
@@ -123,21 +132,57 @@ impl NodeSpec {
             admin: free_tcp(ip),
             seeds: Vec::new(),
             extra: String::new(),
+            netns: None,
+            wan: None,
+        }
+    }
+
+    /// A node on `host` of a namespace topology.
+    pub fn in_topology(host: &netns::Host, seeds: Vec<SocketAddr>) -> Self {
+        Self {
+            name: host.name.clone(),
+            cluster: host.cluster.clone(),
+            ip: host.lan,
+            quic: host.quic(),
+            admin: netns::ADMIN,
+            seeds,
+            extra: String::new(),
+            netns: Some(host.ns.clone()),
+            wan: None,
         }
     }
 
     pub fn config(&self, data_dir: &Path) -> String {
-        let seeds: Vec<String> = self.seeds.iter().map(|s| format!("\"{s}\"")).collect();
-        format!(
-            "node = \"{}\"\ncluster = \"{}\"\nmesh = \"{MESH}\"\ndata_dir = \"{}\"\nbind = \"{}\"\nadmin = \"{}\"\nseeds = [{}]\n[gossip]\ninterval = \"250ms\"\n{}",
+        let list = |v: &[SocketAddr]| {
+            v.iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut top = format!(
+            "node = \"{}\"\ncluster = \"{}\"\nmesh = \"{MESH}\"\ndata_dir = \"{}\"\nadmin = \"{}\"\nseeds = [{}]\n",
             self.name,
             self.cluster,
             data_dir.display(),
-            self.quic,
             self.admin,
-            seeds.join(", "),
-            self.extra
-        )
+            list(&self.seeds),
+        );
+        if self.netns.is_some() {
+            top.push_str(&format!(
+                "bind = \"0.0.0.0:{}\"\nadvertise = \"{}\"\n",
+                self.quic.port(),
+                self.quic
+            ));
+        } else {
+            top.push_str(&format!("bind = \"{}\"\n", self.quic));
+        }
+        if let Some((wan, seeds)) = &self.wan {
+            top.push_str(&format!(
+                "gateway = true\nwan_advertise = \"{wan}\"\nwan_seeds = [{}]\n",
+                list(seeds)
+            ));
+        }
+        format!("{top}[gossip]\ninterval = \"250ms\"\n{}", self.extra)
     }
 }
 
@@ -155,7 +200,16 @@ impl NodeProc {
         std::fs::write(&cfg, spec.config(data_dir)).expect("write config");
         let log = data_dir.join("node.log");
         let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(meshnode_bin())
+        let mut cmd = match &spec.netns {
+            // `ip netns exec` execs the command: the child's pid is meshnode's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(meshnode_bin());
+                c
+            }
+            None => Command::new(meshnode_bin()),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&cfg)
             .env("MESHNODE_LOG", "info,meshnode_transport=debug")
@@ -206,8 +260,13 @@ impl NodeProc {
     }
 
     pub async fn get(&self, path: &str) -> Option<serde_json::Value> {
-        let body = http_get(self.spec.admin, path).await?;
+        let body = self.get_text(path).await?;
         serde_json::from_str(&body).ok()
+    }
+
+    /// The body of a GET on the admin API.
+    pub async fn get_text(&self, path: &str) -> Option<String> {
+        http_get_in(self.spec.netns.as_deref(), self.spec.admin, path).await
     }
 
     /// `(node, state)` pairs from `/v1/members`.
@@ -250,8 +309,15 @@ fn s(v: &serde_json::Value, k: &str) -> String {
 
 /// A plain HTTP/1.1 GET; returns the body of any answer.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    http_get_in(None, addr, path).await
+}
+
+/// [`http_get`] from inside a network namespace.
+pub async fn http_get_in(ns: Option<&str>, addr: SocketAddr, path: &str) -> Option<String> {
     let work = async {
-        let mut s = TcpStream::connect(addr).await.ok()?;
+        let mut s = netns::connect(ns, addr, Duration::from_secs(5))
+            .await
+            .ok()?;
         s.write_all(
             format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
         )
@@ -300,6 +366,60 @@ pub async fn echo_server(ip: Ipv4Addr) -> (SocketAddr, tokio::task::JoinHandle<(
         }
     });
     (addr, task)
+}
+
+/// An echo server inside namespace `ns` on 127.0.0.1 that first sends `"<name>:"`,
+/// so callers can tell which instance answered.
+pub fn named_echo_in(ns: &str, name: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = netns::listen(ns, "127.0.0.1:0".parse().expect("addr")).expect("bind echo in netns");
+    let addr = l.local_addr().expect("echo addr");
+    let greeting = format!("{name}:").into_bytes();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let greeting = greeting.clone();
+            tokio::spawn(async move {
+                if s.write_all(&greeting).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// One connection through an upstream: sends `payload`, half-closes, and
+/// returns `(answering instance name, echoed bytes)`.
+pub async fn named_echo_once(
+    ns: Option<&str>,
+    upstream: SocketAddr,
+    payload: &[u8],
+    limit: Duration,
+) -> Result<(String, Vec<u8>), String> {
+    let work = async {
+        let mut s = netns::connect(ns, upstream, limit)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        s.write_all(payload)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        s.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let colon = buf
+            .iter()
+            .position(|b| *b == b':')
+            .ok_or_else(|| format!("no greeting in {} bytes", buf.len()))?;
+        let name = String::from_utf8_lossy(&buf[..colon]).into_owned();
+        Ok((name, buf[colon + 1..].to_vec()))
+    };
+    tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| "timed out".to_string())?
 }
 
 /// TOML for an echo service entry.

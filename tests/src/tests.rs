@@ -1,4 +1,5 @@
 mod cli;
+mod federation;
 mod pool;
 mod scale;
 mod tunnel;
