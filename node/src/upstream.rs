@@ -257,12 +257,22 @@ pub(crate) async fn open_to(
             if gateway { "gateway " } else { "" },
         )));
     }
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| TunnelError::Stream(e.to_string()))?;
-    tunnel::open(&mut send, &mut recv, header, wait).await?;
-    Ok((send, recv))
+    let opened = async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| TunnelError::Stream(e.to_string()))?;
+        tunnel::open(&mut send, &mut recv, header, wait).await?;
+        Ok((send, recv))
+    };
+    let result = opened.await;
+    if let Err(TunnelError::Timeout(_) | TunnelError::Stream(_) | TunnelError::Closed(_)) = &result
+    {
+        // Silence or a broken connection: the peer may be dead or restarted.
+        // A refusal, by contrast, proves the connection works.
+        endpoint.forget(addr, Alpn::Tunnel);
+    }
+    result
 }
 
 impl Drop for ActiveGuard<'_> {

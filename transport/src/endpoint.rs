@@ -17,6 +17,8 @@ use crate::tls::{transport_config, TlsError, TlsMaterial};
 
 /// A handshake that has not finished by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A pooled connection at least this old is dropped when its peer dials us anew.
+const STALE_AFTER: Duration = Duration::from_secs(2);
 /// Accepted connections waiting for their protocol's consumer.
 const ACCEPT_QUEUE: usize = 256;
 
@@ -86,7 +88,7 @@ impl Endpoint {
             tunnel: tunnel_tx,
             join: join_tx,
         };
-        tokio::spawn(accept_loop(quic.clone(), router));
+        tokio::spawn(accept_loop(quic.clone(), router, pool.clone()));
         Ok((
             Endpoint {
                 quic,
@@ -124,6 +126,12 @@ impl Endpoint {
         self.pool.connect(addr, alpn).await
     }
 
+    /// Forgets the pooled connection to `addr` after it failed us, so the next
+    /// `connect` dials again instead of reusing a connection to a dead peer.
+    pub fn forget(&self, addr: SocketAddr, alpn: Alpn) {
+        self.pool.forget(addr, Some(alpn));
+    }
+
     /// The smoothed round-trip time of the pooled connection to `addr`, if one is open.
     pub fn rtt(&self, addr: SocketAddr, alpn: Alpn) -> Option<Duration> {
         self.pool.rtt(addr, alpn)
@@ -155,16 +163,20 @@ struct Router {
     join: mpsc::Sender<Accepted>,
 }
 
-async fn accept_loop(quic: quinn::Endpoint, router: Router) {
+async fn accept_loop(quic: quinn::Endpoint, router: Router, pool: Arc<Pool>) {
     let router = Arc::new(router);
     while let Some(incoming) = quic.accept().await {
         let remote = incoming.remote_address();
         let router = router.clone();
+        let pool = pool.clone();
         tokio::spawn(
             async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(incoming)).await {
                     Ok(Ok((alpn, accepted))) => {
                         metrics::counter!(HANDSHAKES, "direction" => "in", "alpn" => alpn.as_str(), "result" => "ok").increment(1);
+                        // A peer dials us afresh when it (re)started or lost its
+                        // connection: an old one of ours to it is likely dead too.
+                        pool.forget_stale(remote, alpn, STALE_AFTER);
                         let tx = match alpn {
                             Alpn::Gossip => &router.gossip,
                             Alpn::WanGossip => &router.wan,

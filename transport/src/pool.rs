@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::alpn::Alpn;
 use crate::endpoint::peer_cert;
@@ -16,7 +16,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// TLS needs a server name; the mesh verifier checks the SPIFFE ID instead.
 const SERVER_NAME: &str = "meshnode";
 
-type Slot = Arc<tokio::sync::Mutex<Option<(quinn::Connection, PeerCert)>>>;
+type Slot = Arc<tokio::sync::Mutex<Option<(quinn::Connection, PeerCert, Instant)>>>;
 
 pub(crate) struct Pool {
     quic: quinn::Endpoint,
@@ -63,7 +63,7 @@ impl Pool {
         };
         // Concurrent callers for the same peer wait for one handshake.
         let mut guard = slot.lock().await;
-        if let Some((conn, peer)) = guard.as_ref() {
+        if let Some((conn, peer, _)) = guard.as_ref() {
             if conn.close_reason().is_none() {
                 return Ok((conn.clone(), peer.clone()));
             }
@@ -74,8 +74,47 @@ impl Pool {
             "result" => if dialled.is_ok() { "ok" } else { "failed" })
         .increment(1);
         let (conn, peer) = dialled?;
-        *guard = Some((conn.clone(), peer.clone()));
+        *guard = Some((conn.clone(), peer.clone(), Instant::now()));
         Ok((conn, peer))
+    }
+
+    /// Forgets the pooled connections to `addr` (for `alpn`, or all), so the
+    /// next `connect` dials afresh. The old connection is not closed: streams
+    /// still on it finish, or it dies by idle timeout if the peer is gone.
+    pub(crate) fn forget(&self, addr: SocketAddr, alpn: Option<Alpn>) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(a, p), _| *a != addr || alpn.is_some_and(|x| x != *p));
+    }
+
+    /// Forgets the pooled `alpn` connection to `addr` if it is older than
+    /// `min_age`. Called when `addr` dials us afresh with that protocol: a peer
+    /// that restarted on the same address dials anew while our old connection
+    /// to it lingers, dead, until its idle timeout. The age floor keeps two
+    /// peers that dial each other at the same time from making each other
+    /// re-dial forever. Gossip connections carry only short streams and are
+    /// closed; tunnel connections may carry long streams and are left to end.
+    pub(crate) fn forget_stale(&self, addr: SocketAddr, alpn: Alpn, min_age: Duration) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = slots.get(&(addr, alpn)).is_some_and(|slot| {
+            slot.try_lock().is_ok_and(|g| {
+                g.as_ref()
+                    .is_some_and(|(_, _, made)| made.elapsed() >= min_age)
+            })
+        });
+        if !stale {
+            return;
+        }
+        if let Some(slot) = slots.remove(&(addr, alpn)) {
+            if matches!(alpn, Alpn::Gossip | Alpn::WanGossip) {
+                if let Ok(g) = slot.try_lock() {
+                    if let Some((conn, _, _)) = g.as_ref() {
+                        conn.close(quinn::VarInt::from_u32(0), b"superseded");
+                    }
+                }
+            }
+        }
     }
 
     /// The RTT estimate of the live pooled connection to `addr`, if any.
@@ -87,7 +126,7 @@ impl Pool {
             .get(&(addr, alpn))?
             .clone();
         let guard = slot.try_lock().ok()?;
-        let (conn, _) = guard.as_ref()?;
+        let (conn, _, _) = guard.as_ref()?;
         conn.close_reason().is_none().then(|| conn.rtt())
     }
 
@@ -131,7 +170,7 @@ fn slot_is_live(slot: &Slot) -> bool {
     match slot.try_lock() {
         Ok(guard) => guard
             .as_ref()
-            .is_some_and(|(conn, _)| conn.close_reason().is_none()),
+            .is_some_and(|(conn, _, _)| conn.close_reason().is_none()),
         // Someone is dialling right now.
         Err(_) => true,
     }

@@ -1,9 +1,12 @@
-//! `meshnode demo`: a three-node mesh on loopback, real processes, real traffic,
-//! a kill -9, and a summary. Everything lives in a temp dir that is removed at the end.
+//! `meshnode demo`: a two-cluster mesh on loopback, real processes, real
+//! traffic. Traffic stays in its own cluster, fails over to the other cluster
+//! through the gateways when the local instance is killed with -9, and comes
+//! home when it is back. Everything lives in a temp dir removed at the end.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -23,16 +26,49 @@ use crate::output::table;
 use crate::Failure;
 
 const MESH: &str = "demo";
-const CLUSTER: &str = "local";
 const SERVICE: &str = "api";
 const REQUESTS: usize = 20;
 
+/// (name, cluster, loopback host byte, gateway, hosts api, has the upstream)
+const LAYOUT: [(&str, &str, u8, bool, bool, bool); 5] = [
+    ("east-gw", "east", 11, true, false, false),
+    ("east-1", "east", 12, false, true, false),
+    ("east-2", "east", 13, false, false, true),
+    ("west-gw", "west", 21, true, false, false),
+    ("west-1", "west", 22, false, true, false),
+];
+
 struct DemoNode {
     name: String,
-    ip: Ipv4Addr,
+    cluster: String,
+    gateway: bool,
     quic: SocketAddr,
     admin: SocketAddr,
+    config: PathBuf,
+    log: PathBuf,
     child: Option<Child>,
+}
+
+impl DemoNode {
+    fn start(&mut self, exe: &Path) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(exe)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("MESHNODE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
 }
 
 pub async fn demo(hold: bool) -> Result<(), Failure> {
@@ -50,82 +86,96 @@ async fn run(hold: bool) -> anyhow::Result<()> {
         .context("creating a temp dir")?;
     let exe = std::env::current_exe().context("locating the meshnode binary")?;
 
-    step("creating a mesh CA and certificates for 3 nodes");
+    step("creating a mesh CA and certificates for 5 nodes in 2 clusters (2 gateways)");
     let ca = Ca::generate(MESH, DEFAULT_CA_VALIDITY)?;
     let mut nodes = Vec::new();
-    for i in 1..=3u8 {
-        let ip = Ipv4Addr::new(127, 0, 0, 10 + i);
-        let name = format!("node-{i}");
-        ca.issue(CLUSTER, &name, Role::Node, Duration::from_secs(24 * 3600))?
-            .save(&dir.path().join(&name), ca.cert_pem())?;
+    for (name, cluster, host, gateway, _, _) in LAYOUT {
+        let ip = Ipv4Addr::new(127, 0, 0, host);
+        let role = if gateway { Role::Gateway } else { Role::Node };
+        ca.issue(cluster, name, role, Duration::from_secs(24 * 3600))?
+            .save(&dir.path().join(name), ca.cert_pem())?;
         nodes.push(DemoNode {
-            name,
-            ip,
+            name: name.to_string(),
+            cluster: cluster.to_string(),
+            gateway,
             quic: free_udp(ip)?,
             admin: free_tcp(ip).await?,
+            config: dir.path().join(name).join("config.toml"),
+            log: dir.path().join(format!("{name}.log")),
             child: None,
         });
     }
-    println!(
-        "    mesh {MESH:?}, cluster {CLUSTER:?}, files in {}",
-        dir.path().display()
-    );
+    println!("    mesh {MESH:?}, files in {}", dir.path().display());
 
-    step("starting demo service \"api\" on node-1 and node-2, an upstream on node-3");
-    let mut apps = Vec::new();
-    for n in &nodes[..2] {
-        apps.push(start_app(&n.name).await?);
+    step("starting demo service \"api\" on east-1 and west-1, an upstream on east-2");
+    let mut apps = BTreeMap::new();
+    for (name, _, _, _, api, _) in LAYOUT {
+        if api {
+            apps.insert(name, start_app(name).await?);
+        }
     }
-    let upstream = free_tcp(nodes[2].ip).await?;
-    // node-1 starts the pool; the others join through it.
-    let seed = nodes[0].quic;
-    for (i, n) in nodes.iter_mut().enumerate() {
-        let seeds = if i == 0 {
-            String::new()
-        } else {
-            format!("\"{seed}\"")
-        };
-        let mut text = format!(
-            "node = \"{name}\"\ncluster = \"{CLUSTER}\"\nmesh = \"{MESH}\"\ndata_dir = \"{dd}\"\nbind = \"{quic}\"\nadmin = \"{admin}\"\nseeds = [{seeds}]\n",
-            name = n.name,
-            dd = dir.path().join(&n.name).display(),
-            quic = n.quic,
-            admin = n.admin,
+    let upstream = free_tcp(Ipv4Addr::new(127, 0, 0, 13)).await?;
+    let gateway_of = |cluster: &str| {
+        nodes
+            .iter()
+            .find(|n| n.gateway && n.cluster == cluster)
+            .map(|n| n.quic)
+    };
+    let texts: Vec<String> = nodes
+        .iter()
+        .zip(LAYOUT)
+        .map(|(n, (_, _, _, _, api, up))| {
+            let seeds = match gateway_of(&n.cluster) {
+                Some(gw) if !n.gateway => format!("\"{gw}\""),
+                _ => String::new(),
+            };
+            let mut text = format!(
+                "node = \"{name}\"\ncluster = \"{cluster}\"\nmesh = \"{MESH}\"\ndata_dir = \"{dd}\"\nbind = \"{quic}\"\nadmin = \"{admin}\"\nseeds = [{seeds}]\n",
+                name = n.name,
+                cluster = n.cluster,
+                dd = dir.path().join(&n.name).display(),
+                quic = n.quic,
+                admin = n.admin,
+            );
+            if n.gateway {
+                let other = if n.cluster == "east" { "west" } else { "east" };
+                let wan_seed = gateway_of(other).map(|a| format!("\"{a}\"")).unwrap_or_default();
+                text.push_str(&format!(
+                    "gateway = true\nwan_advertise = \"{}\"\nwan_seeds = [{wan_seed}]\n",
+                    n.quic
+                ));
+            }
+            if let Some(app) = apps.get(n.name.as_str()).filter(|_| api) {
+                text.push_str(&format!(
+                    "\n[[service]]\nname = \"{SERVICE}\"\naddress = \"127.0.0.1\"\nport = {port}\nprotocol = \"http\"\ntags = [\"region={cluster}\"]\ncheck = {{ http = \"http://127.0.0.1:{port}/healthz\", interval = \"500ms\", timeout = \"400ms\" }}\n",
+                    port = app.port(),
+                    cluster = n.cluster,
+                ));
+            }
+            if up {
+                text.push_str(&format!(
+                    "\n[[upstream]]\nservice = \"{SERVICE}\"\nlisten = \"{upstream}\"\n"
+                ));
+            }
+            text
+        })
+        .collect();
+    for (n, text) in nodes.iter_mut().zip(texts) {
+        std::fs::write(&n.config, text)?;
+        n.start(&exe)?;
+        println!(
+            "    {:8} cluster {:5} {} quic {} admin {}",
+            n.name,
+            n.cluster,
+            if n.gateway { "gateway" } else { "node   " },
+            n.quic,
+            n.admin
         );
-        if let Some(app) = apps.get(i) {
-            text.push_str(&format!(
-                "\n[[service]]\nname = \"{SERVICE}\"\naddress = \"127.0.0.1\"\nport = {port}\nprotocol = \"http\"\ntags = [\"version=v{v}\"]\ncheck = {{ http = \"http://127.0.0.1:{port}/healthz\", interval = \"500ms\", timeout = \"400ms\" }}\n",
-                port = app.port(),
-                v = i + 1
-            ));
-        }
-        if i == 2 {
-            text.push_str(&format!(
-                "\n[[upstream]]\nservice = \"{SERVICE}\"\nlisten = \"{upstream}\"\n"
-            ));
-        }
-        let path = dir.path().join(&n.name).join("config.toml");
-        std::fs::write(&path, text)?;
-        let log = std::fs::File::create(dir.path().join(format!("{}.log", n.name)))?;
-        let child = Command::new(&exe)
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .env("MESHNODE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting a node")?;
-        n.child = Some(child);
-        println!("    {} quic {} admin {}", n.name, n.quic, n.admin);
     }
-    let result = scenario(&mut nodes, upstream, hold).await;
+    let result = scenario(&mut nodes, &exe, upstream, hold).await;
     if result.is_err() {
         for n in &nodes {
-            let log = std::fs::read_to_string(dir.path().join(format!("{}.log", n.name)))
-                .unwrap_or_default();
+            let log = std::fs::read_to_string(&n.log).unwrap_or_default();
             eprintln!("--- last lines of {}'s log ---", n.name);
             for line in log
                 .lines()
@@ -139,7 +189,7 @@ async fn run(hold: bool) -> anyhow::Result<()> {
             }
         }
     }
-    step("stopping: the remaining nodes leave the pool gracefully");
+    step("stopping: every node leaves its pools gracefully");
     for n in nodes.iter_mut() {
         if let Some(mut child) = n.child.take() {
             let _ = client::post(n.admin, "/v1/leave").await;
@@ -156,82 +206,115 @@ async fn run(hold: bool) -> anyhow::Result<()> {
     result
 }
 
-async fn scenario(nodes: &mut [DemoNode], upstream: SocketAddr, hold: bool) -> anyhow::Result<()> {
+async fn scenario(
+    nodes: &mut [DemoNode],
+    exe: &Path,
+    upstream: SocketAddr,
+    hold: bool,
+) -> anyhow::Result<()> {
     let watcher = nodes[2].admin;
-    step("waiting for the pool to form and both api instances to pass their health checks");
+    let east_gw = nodes[0].admin;
+    step("waiting for both clusters and the WAN pool to form, and api to pass its checks");
     let t = Instant::now();
     wait_for(Duration::from_secs(30), || async {
-        let insts = instances(watcher).await.unwrap_or_default();
-        insts.iter().filter(|(_, h)| h == "passing").count() == 2
+        let (local, remote) = api_view(watcher).await.unwrap_or_default();
+        local.iter().any(|(n, h)| n == "east-1" && h == "passing") && remote == Some(1)
     })
     .await
     .context("the mesh did not come up within 30 s")?;
     println!("    ready after {:.1} s", t.elapsed().as_secs_f64());
-    print_members(watcher).await?;
+    println!("    east-2's LAN pool:");
+    print_members(watcher, "/v1/members").await?;
+    println!("    east-gw's WAN pool (meshnode members --wan):");
+    print_members(east_gw, "/v1/members?pool=wan").await?;
 
     step(&format!(
-        "sending {REQUESTS} requests through node-3's upstream {upstream}"
+        "sending {REQUESTS} requests through east-2's upstream {upstream}: they stay in east"
     ));
-    let before = traffic(upstream, REQUESTS).await;
-    print_tally(&before);
+    let home = traffic(upstream, REQUESTS).await;
+    print_tally(&home);
 
-    step("kill -9 node-1 while traffic keeps flowing");
-    if let Some(mut child) = nodes[0].child.take() {
-        child.kill().await.context("killing node-1")?;
+    step("kill -9 east-1, the only api instance in east, while traffic keeps flowing");
+    if let Some(mut child) = nodes[1].child.take() {
+        child.kill().await.context("killing east-1")?;
     }
     let killed = Instant::now();
     let mut during = Tally::default();
+    let mut first_remote = None;
     let detected = loop {
-        during.add(request(upstream).await);
-        let insts = instances(watcher).await.unwrap_or_default();
-        if !insts.iter().any(|(n, _)| n == "node-1") {
+        let r = request(upstream).await;
+        if first_remote.is_none() && r.as_deref().is_ok_and(|n| n == "west-1") {
+            first_remote = Some(killed.elapsed());
+        }
+        during.add(r);
+        let (local, _) = api_view(watcher).await.unwrap_or_default();
+        if local.is_empty() {
             break killed.elapsed();
         }
         if killed.elapsed() > Duration::from_secs(30) {
-            bail!("node-1's instance was still in node-3's catalog 30 s after the kill");
+            bail!("east-1's instance was still in east-2's catalog 30 s after the kill");
         }
     };
     println!(
-        "    node-1's instance left node-3's catalog {:.2} s after the kill",
+        "    east-1's instance left east-2's catalog {:.2} s after the kill",
         detected.as_secs_f64()
     );
     print_tally(&during);
-    print_members(watcher).await?;
 
     step(&format!(
-        "sending {REQUESTS} more requests: all must land on node-2"
+        "sending {REQUESTS} requests: they fail over to west through the gateways"
     ));
-    let after = traffic(upstream, REQUESTS).await;
-    print_tally(&after);
+    let away = traffic(upstream, REQUESTS).await;
+    print_tally(&away);
+
+    step("restarting east-1: traffic comes home once its check passes");
+    nodes[1].start(exe)?;
+    let restarted = Instant::now();
+    wait_for(Duration::from_secs(30), || async {
+        let (local, _) = api_view(watcher).await.unwrap_or_default();
+        local.iter().any(|(n, h)| n == "east-1" && h == "passing")
+    })
+    .await
+    .context("east-1 did not pass its check within 30 s of its restart")?;
+    println!(
+        "    east-1 passing in east-2's catalog {:.2} s after the restart",
+        restarted.elapsed().as_secs_f64()
+    );
+    wait_for(Duration::from_secs(30), || async {
+        request(upstream).await.is_ok_and(|n| n == "east-1")
+    })
+    .await
+    .context("traffic did not come back to east-1 within 30 s")?;
+    let back_after = restarted.elapsed();
+    let back = traffic(upstream, REQUESTS).await;
+    print_tally(&back);
 
     step("summary");
+    let row = |phase: &str, t: &Tally| {
+        vec![
+            phase.to_string(),
+            t.ok.to_string(),
+            t.failed.to_string(),
+            t.spread(),
+        ]
+    };
     let rows = vec![
-        vec![
-            "before the kill".into(),
-            before.ok.to_string(),
-            before.failed.to_string(),
-            before.spread(),
-        ],
-        vec![
-            "while detecting".into(),
-            during.ok.to_string(),
-            during.failed.to_string(),
-            during.spread(),
-        ],
-        vec![
-            "after detection".into(),
-            after.ok.to_string(),
-            after.failed.to_string(),
-            after.spread(),
-        ],
+        row("local (east)", &home),
+        row("east-1 killed, detecting", &during),
+        row("failed over (west)", &away),
+        row("east-1 back", &back),
     ];
     println!("{}", table(&["PHASE", "OK", "FAILED", "LANDED ON"], &rows));
     println!(
-        "kill -9 detected and instance removed in {:.2} s",
-        detected.as_secs_f64()
+        "kill -9 detected in {:.2} s; first answer from west {}; home again {:.2} s after restart",
+        detected.as_secs_f64(),
+        first_remote
+            .map(|d| format!("{:.2} s after the kill", d.as_secs_f64()))
+            .unwrap_or_else(|| "after detection".into()),
+        back_after.as_secs_f64()
     );
-    if before.ok != REQUESTS || after.ok != REQUESTS || after.by_node.keys().any(|n| n != "node-2")
-    {
+    let only = |t: &Tally, node: &str| t.ok == REQUESTS && t.by_node.keys().all(|n| n == node);
+    if !only(&home, "east-1") || !only(&away, "west-1") || !only(&back, "east-1") {
         bail!("traffic did not behave as expected (see the table above)");
     }
     if hold {
@@ -239,6 +322,7 @@ async fn scenario(nodes: &mut [DemoNode], upstream: SocketAddr, hold: bool) -> a
         for n in nodes.iter().filter(|n| n.child.is_some()) {
             println!("    {}: meshnode members --admin {}", n.name, n.admin);
         }
+        println!("    east-gw: meshnode members --wan --admin {east_gw}");
         println!("    upstream to api: curl http://{upstream}/");
         let _ = tokio::signal::ctrl_c().await;
     }
@@ -313,40 +397,49 @@ async fn request(upstream: SocketAddr) -> anyhow::Result<String> {
         .map_err(|_| anyhow!("timed out"))?
 }
 
-async fn instances(admin: SocketAddr) -> anyhow::Result<Vec<(String, String)>> {
+/// The api entries one node sees: local `(node, health)` pairs, and the
+/// healthy count of the remote cluster if one is reachable.
+async fn api_view(admin: SocketAddr) -> anyhow::Result<(Vec<(String, String)>, Option<u64>)> {
     let v: Value = serde_json::from_str(&client::get(admin, "/v1/services").await?)?;
-    Ok(v.get(SERVICE)
+    let mut local = Vec::new();
+    let mut remote = None;
+    for i in v
+        .get(SERVICE)
         .and_then(Value::as_array)
-        .map(|l| {
-            l.iter()
-                .map(|i| {
-                    let s = |k: &str| {
-                        i.get(k)
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_string()
-                    };
-                    (s("node"), s("health"))
-                })
-                .collect()
-        })
-        .unwrap_or_default())
+        .into_iter()
+        .flatten()
+    {
+        let s = |k: &str| {
+            i.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        if i.get("remote").and_then(Value::as_bool) == Some(true) {
+            if i.get("reachable").and_then(Value::as_bool) == Some(true) {
+                remote = i.get("healthy").and_then(Value::as_u64);
+            }
+        } else {
+            local.push((s("node"), s("health")));
+        }
+    }
+    Ok((local, remote))
 }
 
-async fn print_members(admin: SocketAddr) -> anyhow::Result<()> {
-    let v: Value = serde_json::from_str(&client::get(admin, "/v1/members").await?)?;
+async fn print_members(admin: SocketAddr, path: &str) -> anyhow::Result<()> {
+    let v: Value = serde_json::from_str(&client::get(admin, path).await?)?;
     let rows: Vec<Vec<String>> = v
         .as_array()
         .into_iter()
         .flatten()
         .map(|m| {
-            ["node", "addr", "state"]
+            ["node", "cluster", "addr", "state"]
                 .iter()
                 .map(|k| crate::output::cell(m.get(*k).unwrap_or(&Value::Null)))
                 .collect()
         })
         .collect();
-    println!("{}", table(&["NODE", "ADDRESS", "STATE"], &rows));
+    println!("{}", table(&["NODE", "CLUSTER", "ADDRESS", "STATE"], &rows));
     Ok(())
 }
 

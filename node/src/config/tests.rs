@@ -140,3 +140,17 @@ check = { tcp = "127.0.0.1:1", interval = "1s", timeout = "2s", rise = 0 }
     assert!(errs[1].starts_with("service[0].check.timeout:"));
     assert!(errs[2].starts_with("service[0].check.rise:"));
 }
+
+#[test]
+fn an_upstream_may_pin_a_cluster_but_then_has_no_failover() {
+    let base = "cluster = \"c\"\nmesh = \"m\"\n[[upstream]]\nservice = \"db\"\nlisten = \"127.0.0.1:15432\"\n";
+    let c = Config::from_toml_str(&format!("{base}cluster = \"west\"\n")).unwrap();
+    assert_eq!(c.upstreams[0].cluster.as_deref(), Some("west"));
+    let errs = errors(&format!(
+        "{base}cluster = \"west\"\nfailover = [\"south\"]\n"
+    ));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("upstream[0].failover:"), "{errs:?}");
+    let errs = errors(&format!("{base}cluster = \"no/such\"\n"));
+    assert!(errs[0].starts_with("upstream[0].cluster:"), "{errs:?}");
+}

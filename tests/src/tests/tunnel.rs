@@ -296,3 +296,75 @@ async fn a_certificate_from_another_ca_cannot_open_a_tunnel() {
         "no inbound stream may have succeeded: {metrics}"
     );
 }
+
+/// Opens one stream to `to` with `header` from an endpoint holding `tls`.
+async fn probe_stream(
+    tls: TlsMaterial,
+    to: std::net::SocketAddr,
+    header: &Header,
+) -> Result<Vec<u8>, tunnel::TunnelError> {
+    let (ep, _incoming) = Endpoint::bind(EndpointConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        tls,
+    })
+    .unwrap();
+    let (conn, _) = ep.connect(to, Alpn::Tunnel).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    tunnel::open(&mut send, &mut recv, header, Duration::from_secs(5)).await?;
+    send.write_all(b"who am i").await.unwrap();
+    send.finish().unwrap();
+    Ok(recv.read_to_end(1024).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_carried_caller_is_accepted_only_from_a_gateway_certificate() {
+    let pki = Pki::new();
+    let (nodes, _up, _apps) = echo_mesh(&pki, subnet()).await;
+    let port = nodes[0].get("/v1/services").await.unwrap()["echo"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["node"] == "node-2")
+        .unwrap()["port"]
+        .as_u64()
+        .unwrap() as u16;
+    let mut header = Header::new("echo", port);
+    header.caller = Some(meshnode_transport::Identity::new("acme", "west", "client-7").unwrap());
+
+    // A plain node of the cluster claims to carry someone else's identity: refused.
+    let err = probe_stream(prober(&pki, "liar"), nodes[1].spec.quic, &header).await;
+    assert!(
+        matches!(
+            err,
+            Err(tunnel::TunnelError::Refused(tunnel::Status::Forbidden))
+        ),
+        "{err:?}"
+    );
+    // A gateway of the mesh may carry it, and the destination records the original caller.
+    let d = pki.issue_as("east", "gw", meshnode_transport::Role::Gateway);
+    let gw =
+        TlsMaterial::load(&d.join("ca.pem"), &d.join("node.pem"), &d.join("node.key")).unwrap();
+    let got = probe_stream(gw, nodes[1].spec.quic, &header).await.unwrap();
+    assert_eq!(got, b"who am i");
+    let metrics = nodes[1].get_text("/metrics").await.unwrap();
+    let line = |caller: &str, result: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("meshnode_tunnel_streams_total{")
+                && l.contains(&format!("caller=\"{caller}\""))
+                && l.contains("direction=\"in\"")
+                && l.contains(&format!("result=\"{result}\""))
+        })
+    };
+    assert!(
+        line("spiffe://acme/cluster/west/node/client-7", "ok"),
+        "{metrics}"
+    );
+    assert!(
+        line("spiffe://acme/cluster/east/node/liar", "forbidden"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("node/gw\""),
+        "the gateway must not be recorded as the caller: {metrics}"
+    );
+}
