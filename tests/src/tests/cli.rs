@@ -145,6 +145,30 @@ fn ca_init_and_cert_issue_write_private_keys_0600_and_run_refuses_a_readable_key
         "{}",
         text(&out)
     );
+
+    // gateway = true needs a gateway certificate.
+    let plain = dir.path().join("n2");
+    let out = meshnode(&[
+        "cert",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--cluster",
+        "east",
+        "--node",
+        "n2",
+        "--out",
+        plain.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::write(
+        &cfg,
+        format!("node = \"n2\"\ncluster = \"east\"\nmesh = \"acme\"\ndata_dir = \"{}\"\nbind = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ngateway = true\n", plain.display()),
+    )
+    .unwrap();
+    let out = meshnode(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("--gateway"), "{}", text(&out));
 }
 
 #[test]

@@ -14,6 +14,8 @@ use crate::netns::{self, ClusterSpec, Topology};
 use crate::{named_echo_in, named_echo_once, upstream, wait_until, NodeProc, NodeSpec, Pki};
 
 const UPSTREAM_PORT: u16 = 15001;
+/// a1's second upstream for `echo`, pinned to cluster b.
+const PINNED_PORT: u16 = 15002;
 
 struct Mesh {
     nodes: BTreeMap<String, NodeProc>,
@@ -81,6 +83,11 @@ impl Mesh {
                     "echo",
                     SocketAddr::from(([127, 0, 0, 1], UPSTREAM_PORT)),
                 ));
+                spec.extra.push_str(&upstream(
+                    "echo",
+                    SocketAddr::from(([127, 0, 0, 1], PINNED_PORT)),
+                ));
+                spec.extra.push_str("cluster = \"b\"\n");
             }
             let role = if h.wan.is_some() {
                 Role::Gateway
@@ -139,9 +146,18 @@ impl Mesh {
 
     /// One request through a1's upstream; returns the instance that answered.
     async fn request(&self, payload: &[u8], limit: Duration) -> Result<String, String> {
+        self.request_via(UPSTREAM_PORT, payload, limit).await
+    }
+
+    async fn request_via(
+        &self,
+        port: u16,
+        payload: &[u8],
+        limit: Duration,
+    ) -> Result<String, String> {
         let (name, echoed) = named_echo_once(
             Some(&self.topo.host("a1").ns),
-            SocketAddr::from(([127, 0, 0, 1], UPSTREAM_PORT)),
+            SocketAddr::from(([127, 0, 0, 1], port)),
             payload,
             limit,
         )
@@ -200,6 +216,30 @@ async fn a_service_only_in_cluster_b_is_reached_from_cluster_a_with_the_callers_
     let entry = mesh.remote_echo("b").await.unwrap_or_default();
     assert_eq!(entry["gateways"], serde_json::json!(["bgw"]));
     assert_eq!(entry["via"], serde_json::json!(["agw"]));
+    // The operator's view through the real CLI, inside the gateway's namespace.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &mesh.topo.host("agw").ns])
+        .arg(crate::meshnode_bin())
+        .args(["members", "--wan"])
+        .output()
+        .expect("meshnode members --wan");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for gw in ["agw", "bgw"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(gw) && l.contains("alive") && l.contains("gateway")),
+            "{text}"
+        );
+    }
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &mesh.topo.host("a1").ns])
+        .arg(crate::meshnode_bin())
+        .args(["services"])
+        .output()
+        .expect("meshnode services");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("b (2 healthy, via gateway)"), "{text}");
 
     eprintln!("remote service seen after {:?}", seen);
     let t = Instant::now();
@@ -262,6 +302,14 @@ async fn with_instances_in_both_clusters_traffic_stays_local() {
             .await
             .expect("request");
         assert_eq!(who, "a2", "request {i} left the cluster");
+    }
+    // An upstream pinned to cluster b goes there although a local instance exists.
+    for i in 0..5u8 {
+        let who = mesh
+            .request_via(PINNED_PORT, &payload(100, i), Duration::from_secs(10))
+            .await
+            .expect("pinned request");
+        assert_eq!(who, "b1");
     }
 }
 
