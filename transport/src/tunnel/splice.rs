@@ -106,6 +106,25 @@ pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStre
     }
 }
 
+/// Copies one tunnel stream into another until it finishes (then finishes the
+/// other). `Err(true)` when reading failed, `Err(false)` when writing did.
+async fn pump(from: &mut RecvStream, to: &mut SendStream, count: &mut u64) -> Result<(), bool> {
+    loop {
+        match from.read_chunk(BUF_LEN, true).await {
+            Ok(Some(chunk)) => {
+                let n = chunk.bytes.len() as u64;
+                to.write_chunk(chunk.bytes).await.map_err(|_| false)?;
+                *count += n;
+            }
+            Ok(None) => {
+                let _ = to.finish();
+                return Ok(());
+            }
+            Err(_) => return Err(true),
+        }
+    }
+}
+
 /// Relays between two tunnel streams (a gateway's hop): `a` is the caller's
 /// side, `b` the next hop's. Finish and reset are carried across both ways.
 pub async fn relay(
@@ -117,44 +136,28 @@ pub async fn relay(
     let mut to_peer = 0u64;
     let mut from_peer = 0u64;
     let result = {
-        // Caller -> next hop. A failure reading the caller is a "local" abort here.
+        // Caller -> next hop: a failure on the caller's side is a "local" abort.
         let up = async {
-            loop {
-                match a_recv.read_chunk(BUF_LEN, true).await {
-                    Ok(Some(chunk)) => {
-                        let n = chunk.bytes.len() as u64;
-                        b_send
-                            .write_chunk(chunk.bytes)
-                            .await
-                            .map_err(|_| Ending::PeerAbort)?;
-                        to_peer += n;
+            pump(&mut a_recv, &mut b_send, &mut to_peer)
+                .await
+                .map_err(|read| {
+                    if read {
+                        Ending::LocalAbort
+                    } else {
+                        Ending::PeerAbort
                     }
-                    Ok(None) => {
-                        let _ = b_send.finish();
-                        return Ok(());
-                    }
-                    Err(_) => return Err(Ending::LocalAbort),
-                }
-            }
+                })
         };
         let down = async {
-            loop {
-                match b_recv.read_chunk(BUF_LEN, true).await {
-                    Ok(Some(chunk)) => {
-                        let n = chunk.bytes.len() as u64;
-                        a_send
-                            .write_chunk(chunk.bytes)
-                            .await
-                            .map_err(|_| Ending::LocalAbort)?;
-                        from_peer += n;
+            pump(&mut b_recv, &mut a_send, &mut from_peer)
+                .await
+                .map_err(|read| {
+                    if read {
+                        Ending::PeerAbort
+                    } else {
+                        Ending::LocalAbort
                     }
-                    Ok(None) => {
-                        let _ = a_send.finish();
-                        return Ok(());
-                    }
-                    Err(_) => return Err(Ending::PeerAbort),
-                }
-            }
+                })
         };
         tokio::try_join!(up, down)
     };
