@@ -612,3 +612,66 @@ async fn thirty_percent_loss_on_a_cluster_causes_no_false_failures_short() {
 async fn thirty_percent_loss_on_a_cluster_causes_no_false_failures_60s() {
     loss_without_false_failures("thirty_percent_loss_60s", 30, Duration::from_secs(60)).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_node_is_routed_around_and_rejoins_after_sigcont() {
+    if !netns::available("a_paused_node_is_routed_around") {
+        return;
+    }
+    let mesh = Mesh::start(topology(&["bgw"]), &["a2", "b1"]).await;
+    wait_until(Duration::from_secs(20), || async {
+        mesh.remote_echo("b")
+            .await
+            .is_some_and(|e| e["healthy"] == 1)
+    })
+    .await
+    .expect("remote echo visible");
+    assert_eq!(
+        mesh.request(b"warm", Duration::from_secs(10))
+            .await
+            .as_deref(),
+        Ok("a2")
+    );
+
+    // SIGSTOP for 5 s: a pause is not a clean outage (packets queue, then burst).
+    mesh.node("a2").signal("STOP");
+    let paused = Instant::now();
+    let mut failures = 0;
+    let mut answered = BTreeMap::<String, usize>::new();
+    while paused.elapsed() < Duration::from_secs(5) {
+        match mesh
+            .request(&payload(100, 5), Duration::from_secs(20))
+            .await
+        {
+            Ok(who) => *answered.entry(who).or_default() += 1,
+            Err(e) => {
+                failures += 1;
+                eprintln!("failed at {:?}: {e}", paused.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    mesh.node("a2").signal("CONT");
+    let resumed = Instant::now();
+    assert_eq!(failures, 0, "connections failed while a2 was paused");
+    assert!(answered.contains_key("b1"), "{answered:?}");
+
+    // Everyone, a2 included, sees the whole cluster alive again, and traffic comes home.
+    let back = wait_until(Duration::from_secs(20), || async {
+        let mut all = true;
+        for h in mesh.topo.cluster("a") {
+            all &= alive(&mesh.node(&h.name).get("/v1/members").await) == 3;
+        }
+        all && mesh
+            .request(b"home?", Duration::from_secs(10))
+            .await
+            .as_deref()
+            == Ok("a2")
+    })
+    .await;
+    assert!(back.is_some(), "a2 did not rejoin after SIGCONT");
+    eprintln!(
+        "pause: {answered:?} during a 5 s SIGSTOP, 0 failed; rejoined and serving {:.2} s after SIGCONT",
+        resumed.elapsed().as_secs_f64()
+    );
+}
