@@ -1,0 +1,97 @@
+//! `meshnode-bench`: the request/response tool of `bench/dataplane.sh`.
+//!
+//! - `meshnode-bench rr-server ADDR`: answers every SIZE-byte request with SIZE bytes.
+//! - `meshnode-bench rr ADDR [COUNT] [SIZE] [WARMUP]`: COUNT sequential round trips on
+//!   one connection (after WARMUP), prints `p50_us p99_us p999_us` of the round-trip time.
+//!
+//! Blocking std sockets with TCP_NODELAY: the tool adds the same small cost to every path.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+
+const DEFAULT_SIZE: usize = 64;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("rr-server") => {
+            let addr = parse_addr(args.get(1))?;
+            let size = parse_or(args.get(2), DEFAULT_SIZE)?;
+            rr_server(addr, size)
+        }
+        Some("rr") => {
+            let addr = parse_addr(args.get(1))?;
+            let count = parse_or(args.get(2), 10_000)?;
+            let size = parse_or(args.get(3), DEFAULT_SIZE)?;
+            let warmup = parse_or(args.get(4), 500)?;
+            let (p50, p99, p999) = rr(addr, count, size, warmup)?;
+            println!("{p50:.1} {p99:.1} {p999:.1}");
+            Ok(())
+        }
+        _ => bail!("usage: meshnode-bench rr-server ADDR [SIZE] | rr ADDR [COUNT] [SIZE] [WARMUP]"),
+    }
+}
+
+fn parse_addr(s: Option<&String>) -> anyhow::Result<SocketAddr> {
+    s.context("missing ADDR")?
+        .parse()
+        .context("ADDR must be IP:PORT")
+}
+
+fn parse_or(s: Option<&String>, default: usize) -> anyhow::Result<usize> {
+    match s {
+        None => Ok(default),
+        Some(v) => v.parse().with_context(|| format!("{v:?} is not a number")),
+    }
+}
+
+fn rr_server(addr: SocketAddr, size: usize) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    for conn in l.incoming() {
+        let Ok(mut s) = conn else { continue };
+        std::thread::spawn(move || {
+            let _ = s.set_nodelay(true);
+            let mut buf = vec![0u8; size];
+            while s.read_exact(&mut buf).is_ok() {
+                if s.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Round-trip percentiles in microseconds.
+fn rr(
+    addr: SocketAddr,
+    count: usize,
+    size: usize,
+    warmup: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    if count == 0 {
+        bail!("COUNT must be at least 1");
+    }
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_nodelay(true)?;
+    let req = vec![0x5au8; size];
+    let mut resp = vec![0u8; size];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let t = Instant::now();
+        s.write_all(&req)?;
+        s.read_exact(&mut resp).context("reading the response")?;
+        if i >= warmup {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        let i = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i]
+    };
+    Ok((pct(0.50), pct(0.99), pct(0.999)))
+}
