@@ -172,6 +172,23 @@ impl Mesh {
         Ok(name)
     }
 
+    /// Waits until a request through a1's upstream is answered by `name`: health
+    /// checks pass a round or two after the mesh forms.
+    async fn wait_answered_by(&self, name: &str) {
+        let ok = wait_until(Duration::from_secs(20), || async {
+            self.request(b"warm", Duration::from_secs(10))
+                .await
+                .as_deref()
+                == Ok(name)
+        })
+        .await;
+        assert!(
+            ok.is_some(),
+            "requests were never answered by {name}: last {:?}",
+            self.request(b"warm", Duration::from_secs(10)).await
+        );
+    }
+
     /// `/v1/services` entries of `echo` seen by a1 for cluster `cluster` from gateways.
     async fn remote_echo(&self, cluster: &str) -> Option<serde_json::Value> {
         let v = self.node("a1").get("/v1/services").await?;
@@ -289,13 +306,13 @@ async fn with_instances_in_both_clusters_traffic_stays_local() {
     }
     let mesh = Mesh::start(topology(&["bgw"]), &["a2", "b1"]).await;
     wait_until(Duration::from_secs(20), || async {
-        mesh.remote_echo("b").await.is_some()
+        mesh.remote_echo("b")
+            .await
+            .is_some_and(|e| e["healthy"] == 1)
     })
-    .await;
-    wait_until(Duration::from_secs(10), || async {
-        mesh.request(b"x", Duration::from_secs(5)).await.is_ok()
-    })
-    .await;
+    .await
+    .expect("remote echo visible");
+    mesh.wait_answered_by("a2").await;
     for i in 0..20u8 {
         let who = mesh
             .request(&payload(100, i), Duration::from_secs(10))
@@ -326,12 +343,7 @@ async fn when_local_instances_die_traffic_fails_over_to_cluster_b_and_comes_home
     })
     .await
     .expect("remote echo visible");
-    assert_eq!(
-        mesh.request(b"warm", Duration::from_secs(10))
-            .await
-            .as_deref(),
-        Ok("a2")
-    );
+    mesh.wait_answered_by("a2").await;
 
     // Kill the only local instance's node; keep sending, one connection at a time.
     let a2 = mesh.nodes.get_mut("a2").expect("a2");
@@ -402,6 +414,7 @@ async fn a_wan_partition_leaves_local_traffic_alone_and_heals_without_losing_reg
     .await
     .expect("remote echo visible");
 
+    mesh.wait_answered_by("a2").await;
     mesh.topo.partition_wan();
     let cut = Instant::now();
     let mut local_failures = 0;
@@ -505,18 +518,13 @@ async fn when_one_of_two_gateways_dies_cross_cluster_traffic_goes_through_the_ot
     }
     let mut mesh = Mesh::start(topology(&["bgw1", "bgw2"]), &["b1"]).await;
     wait_until(Duration::from_secs(20), || async {
-        mesh.remote_echo("b")
-            .await
-            .is_some_and(|e| e["gateways"].as_array().is_some_and(|g| g.len() == 2))
+        mesh.remote_echo("b").await.is_some_and(|e| {
+            e["healthy"] == 1 && e["gateways"].as_array().is_some_and(|g| g.len() == 2)
+        })
     })
     .await
     .expect("both b gateways listed");
-    assert_eq!(
-        mesh.request(b"warm", Duration::from_secs(20))
-            .await
-            .as_deref(),
-        Ok("b1")
-    );
+    mesh.wait_answered_by("b1").await;
 
     mesh.nodes.get_mut("bgw1").expect("bgw1").kill9();
     let killed = Instant::now();
@@ -626,12 +634,7 @@ async fn a_paused_node_is_routed_around_and_rejoins_after_sigcont() {
     })
     .await
     .expect("remote echo visible");
-    assert_eq!(
-        mesh.request(b"warm", Duration::from_secs(10))
-            .await
-            .as_deref(),
-        Ok("a2")
-    );
+    mesh.wait_answered_by("a2").await;
 
     // SIGSTOP for 5 s: a pause is not a clean outage (packets queue, then burst).
     mesh.node("a2").signal("STOP");
