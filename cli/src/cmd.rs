@@ -78,6 +78,10 @@ enum Command {
     },
     /// This node: identity, certificate expiry, pools, counts, warnings.
     Status {
+        /// For monitoring: exit 2 when there is any warning (e.g. a certificate
+        /// or the CA expires within 24 h).
+        #[arg(long)]
+        check: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -144,7 +148,7 @@ impl Cli {
             Command::Members { admin, wan } => admin::members(&admin, wan).await,
             Command::Services { admin } => admin::services(&admin).await,
             Command::Endpoints { service, admin } => admin::endpoints(&admin, &service).await,
-            Command::Status { admin } => admin::status(&admin).await,
+            Command::Status { admin, check } => admin::status(&admin, check).await,
             Command::Leave { admin } => admin::leave(&admin).await,
         }
     }

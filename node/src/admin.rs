@@ -31,6 +31,8 @@ pub struct AdminState {
     pub gossip: GossipHandle,
     /// Gateways only: the WAN pool.
     pub wan: Option<GossipHandle>,
+    /// When the trusted CA certificate expires (Unix seconds).
+    pub ca_not_after: Option<i64>,
     pub me: PeerCert,
     pub has_seeds: bool,
     pub local_services: usize,
@@ -216,6 +218,10 @@ async fn status(s: &AdminState) -> Status {
             expires_in.max(0)
         ));
     }
+    let ca_expires_in = s.ca_not_after.map(|t| t - now);
+    if let Some(left) = ca_expires_in.filter(|l| *l < EXPIRY_WARNING_SECS) {
+        warnings.push(format!("mesh CA certificate expires in {}s", left.max(0)));
+    }
     if !joined(s, &members) {
         warnings.push(
             "no other live member yet: check seeds and that they are reachable over UDP".into(),
@@ -230,6 +236,8 @@ async fn status(s: &AdminState) -> Status {
         gateway: s.me.is_gateway(),
         cert_not_after: s.me.not_after,
         cert_expires_in_seconds: expires_in,
+        ca_not_after: s.ca_not_after,
+        ca_expires_in_seconds: ca_expires_in,
         pools: types::Pools {
             lan: counts(&members),
             wan,

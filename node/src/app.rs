@@ -22,7 +22,7 @@ use crate::drain::Drain;
 use crate::federation;
 use crate::health;
 use crate::inbound::{self, Inbound};
-use crate::metrics::CERT_EXPIRY_SECONDS;
+use crate::metrics::{CA_EXPIRY_SECONDS, CERT_EXPIRY_SECONDS};
 use crate::registry::Registry;
 use crate::upstream::{self, Dialer};
 
@@ -86,6 +86,7 @@ pub struct Bound {
 pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bound, AppError> {
     let tls = TlsMaterial::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
     let me = tls.me().clone();
+    let ca_not_after = tls.ca_not_after();
     for (key, config, cert) in [
         ("mesh", &cfg.mesh, me.identity.mesh()),
         ("cluster", &cfg.cluster, me.identity.cluster()),
@@ -245,6 +246,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     let state = Arc::new(AdminState {
         gossip: gossip.clone(),
         wan: wan.clone(),
+        ca_not_after,
         me: me.clone(),
         has_seeds: !cfg.seeds.iter().all(|s| *s == advertise),
         local_services: registry.len(),
@@ -254,7 +256,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         leave: leave.clone(),
     });
     tasks.push(tokio::spawn(admin::serve(admin_listener, state)));
-    tasks.push(tokio::spawn(cert_expiry_gauge(me.not_after)));
+    tasks.push(tokio::spawn(cert_expiry_gauge(me.not_after, ca_not_after)));
 
     info!(identity = %me.identity, quic = %quic_addr, %advertise, admin = %admin_addr, "node up");
     Ok(Bound {
@@ -336,13 +338,16 @@ async fn refuse_wan(mut incoming: tokio::sync::mpsc::Receiver<meshnode_transport
     }
 }
 
-async fn cert_expiry_gauge(not_after: i64) {
+async fn cert_expiry_gauge(not_after: i64, ca_not_after: Option<i64>) {
     loop {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         metrics::gauge!(CERT_EXPIRY_SECONDS).set((not_after - now) as f64);
+        if let Some(ca) = ca_not_after {
+            metrics::gauge!(CA_EXPIRY_SECONDS).set((ca - now) as f64);
+        }
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
 }

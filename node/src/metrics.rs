@@ -12,6 +12,7 @@ pub const UPSTREAM_RETRIES: &str = "meshnode_upstream_retries_total";
 pub const OUTLIER_EJECTIONS: &str = "meshnode_outlier_ejections_total";
 pub const HEALTH_CHECKS: &str = "meshnode_health_checks_total";
 pub const CERT_EXPIRY_SECONDS: &str = "meshnode_cert_expiry_seconds";
+pub const CA_EXPIRY_SECONDS: &str = "meshnode_ca_expiry_seconds";
 
 /// Histogram buckets for connect latency, loopback to WAN.
 const CONNECT_BUCKETS: [f64; 12] = [
@@ -51,6 +52,11 @@ pub fn describe() {
         CERT_EXPIRY_SECONDS,
         Unit::Seconds,
         "Seconds until the node certificate expires"
+    );
+    describe_gauge!(
+        CA_EXPIRY_SECONDS,
+        Unit::Seconds,
+        "Seconds until the mesh CA certificate expires"
     );
     meshnode_transport::metrics::describe();
     meshnode_gossip::metrics::describe();

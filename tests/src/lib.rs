@@ -73,13 +73,21 @@ pub fn free_tcp(ip: Ipv4Addr) -> SocketAddr {
 pub struct Pki {
     pub dir: tempfile::TempDir,
     pub ca: Ca,
+    /// Validity of the CA and of every certificate issued here.
+    pub validity: Duration,
 }
 
 impl Pki {
+    /// A CA and certificates valid for one hour.
     pub fn new() -> Self {
+        Self::with_validity(Duration::from_secs(3600))
+    }
+
+    pub fn with_validity(validity: Duration) -> Self {
         Self {
             dir: tempfile::tempdir().expect("tempdir"),
-            ca: Ca::generate(MESH, Duration::from_secs(3600)).expect("CA"),
+            ca: Ca::generate(MESH, validity).expect("CA"),
+            validity,
         }
     }
 
@@ -91,7 +99,7 @@ impl Pki {
     pub fn issue_as(&self, cluster: &str, name: &str, role: Role) -> PathBuf {
         let d = self.dir.path().join(format!("{cluster}-{name}"));
         self.ca
-            .issue(cluster, name, role, Duration::from_secs(3600))
+            .issue(cluster, name, role, self.validity)
             .expect("issue")
             .save(&d, self.ca.cert_pem())
             .expect("save cert");

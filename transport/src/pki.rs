@@ -8,7 +8,7 @@ mod identity;
 pub mod verify;
 
 pub use ca::{Ca, IssuedCert, DEFAULT_CA_VALIDITY, DEFAULT_NODE_VALIDITY};
-pub use cert::{PeerCert, Role};
+pub use cert::{not_after, PeerCert, Role};
 pub use files::{read_private_key, write_private_file};
 pub use identity::{check_name, Identity, IdentityError};
 

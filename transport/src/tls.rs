@@ -113,6 +113,14 @@ impl TlsMaterial {
         Ok(material)
     }
 
+    /// When the first of the trusted CA certificates expires (Unix seconds).
+    pub fn ca_not_after(&self) -> Option<i64> {
+        self.ca
+            .iter()
+            .filter_map(|c| crate::pki::not_after(c).ok())
+            .min()
+    }
+
     /// What this node's own certificate says.
     pub fn me(&self) -> &PeerCert {
         &self.me

@@ -174,11 +174,29 @@ pub async fn endpoints(a: &AdminArgs, service: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-pub async fn status(a: &AdminArgs) -> Result<(), Failure> {
+/// Exit code of `status --check` when the node reports warnings.
+pub const EXIT_WARNINGS: u8 = 2;
+
+pub async fn status(a: &AdminArgs, check: bool) -> Result<(), Failure> {
     let v = get(a, "/v1/status").await?;
+    let warnings = v
+        .get("warnings")
+        .and_then(Value::as_array)
+        .map(Vec::len)
+        .unwrap_or(0);
+    let verdict = || {
+        if check && warnings > 0 {
+            Err(Failure {
+                code: EXIT_WARNINGS,
+                error: anyhow::anyhow!("{warnings} warning(s) (status --check)"),
+            })
+        } else {
+            Ok(())
+        }
+    };
     if a.json {
         print_json(&v);
-        return Ok(());
+        return verdict();
     }
     let lan = v.pointer("/pools/lan").cloned().unwrap_or(Value::Null);
     let expires = v
@@ -199,6 +217,16 @@ pub async fn status(a: &AdminArgs) -> Result<(), Failure> {
             "cert expires in".into(),
             humantime::format_duration(std::time::Duration::from_secs(expires.max(0) as u64))
                 .to_string(),
+        ],
+        vec![
+            "CA expires in".into(),
+            match v.get("ca_expires_in_seconds").and_then(Value::as_i64) {
+                Some(s) => {
+                    humantime::format_duration(std::time::Duration::from_secs(s.max(0) as u64))
+                        .to_string()
+                }
+                None => "unknown".into(),
+            },
         ],
         vec![
             "lan pool".into(),
@@ -242,7 +270,7 @@ pub async fn status(a: &AdminArgs) -> Result<(), Failure> {
     {
         println!("warning: {}", cell(w));
     }
-    Ok(())
+    verdict()
 }
 
 pub async fn leave(a: &AdminArgs) -> Result<(), Failure> {

@@ -12,6 +12,9 @@ pub struct Status {
     /// Unix seconds.
     pub cert_not_after: i64,
     pub cert_expires_in_seconds: i64,
+    /// Unix seconds; absent if the CA file could not be parsed for it.
+    pub ca_not_after: Option<i64>,
+    pub ca_expires_in_seconds: Option<i64>,
     pub pools: Pools,
     pub local_services: usize,
     pub catalog_services: usize,

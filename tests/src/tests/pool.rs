@@ -172,3 +172,48 @@ async fn a_node_from_another_ca_never_joins() {
         "the rogue must see only itself: {rogue_members:?}"
     );
 }
+
+/// Expiry watch: `/v1/status`, the metric, and `meshnode status --check` for monitoring.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_check_fails_when_the_certificate_or_ca_expires_within_a_day() {
+    // The tests' default PKI lives one hour: both the node certificate and the CA warn.
+    let pki = Pki::new();
+    let nodes = start_pool(&pki, subnet(), vec![String::new()]).await;
+    let admin = nodes[0].spec.admin.to_string();
+    let out = crate::meshnode(&["status", "--check", "--admin", &admin]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("warning: node certificate expires in"),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: mesh CA certificate expires in"),
+        "{text}"
+    );
+    let status = nodes[0].get("/v1/status").await.unwrap_or_default();
+    let ca_left = status["ca_expires_in_seconds"].as_i64().unwrap_or(-1);
+    assert!((3000..=3600).contains(&ca_left), "{status}");
+    let metrics = nodes[0].get_text("/metrics").await.unwrap_or_default();
+    assert!(metrics.contains("meshnode_ca_expiry_seconds"), "{metrics}");
+    // Without --check the same status is informational and exits 0.
+    assert_eq!(
+        crate::meshnode(&["status", "--admin", &admin])
+            .status
+            .code(),
+        Some(0)
+    );
+
+    // A month of validity: no warning, --check passes.
+    let pki = Pki::with_validity(Duration::from_secs(30 * 24 * 3600));
+    let nodes = start_pool(&pki, subnet(), vec![String::new()]).await;
+    let admin = nodes[0].spec.admin.to_string();
+    let out = crate::meshnode(&["status", "--check", "--admin", &admin]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

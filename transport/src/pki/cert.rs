@@ -48,6 +48,16 @@ impl fmt::Display for Role {
 
 // === impl PeerCert ===
 
+/// The `notAfter` of any certificate (DER), in Unix seconds: for the CA, which
+/// is not a node certificate.
+pub fn not_after(der: &[u8]) -> Result<i64, PkiError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::BadCertificate {
+        what: "certificate".to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 impl PeerCert {
     /// Parses a node certificate (DER). Requires exactly one URI SAN holding a node SPIFFE ID.
     /// Does not verify the chain: callers run this after rustls has.
