@@ -78,6 +78,7 @@ pub struct Bound {
     endpoint: Endpoint,
     gossip: GossipHandle,
     wan: Option<GossipHandle>,
+    has_seeds: bool,
     drain: Drain,
     leave: Arc<Notify>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -267,6 +268,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         endpoint,
         gossip,
         wan,
+        has_seeds: !cfg.seeds.iter().all(|s| *s == advertise),
         drain,
         leave,
         tasks,
@@ -277,9 +279,29 @@ impl Bound {
     /// Serves until `shutdown` resolves or `POST /v1/leave` arrives, then leaves
     /// the pool, drains open streams (up to [`DRAIN_DEADLINE`]) and closes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let notifier = crate::notify::Notifier::from_env().map(Arc::new);
+        let mut notify_tasks = Vec::new();
+        if let Some(n) = &notifier {
+            notify_tasks.push(tokio::spawn(notify_ready(
+                n.clone(),
+                self.gossip.clone(),
+                self.has_seeds,
+                self.identity.identity.node().to_string(),
+            )));
+            if let Some(every) = crate::notify::watchdog_interval() {
+                notify_tasks.push(tokio::spawn(watchdog(
+                    n.clone(),
+                    self.gossip.clone(),
+                    every,
+                )));
+            }
+        }
         tokio::select! {
             () = shutdown => info!("shutdown requested"),
             () = self.leave.notified() => info!("leave requested"),
+        }
+        if let Some(n) = &notifier {
+            n.send("STOPPING=1\nSTATUS=leaving the pool and draining");
         }
         match &self.wan {
             Some(wan) => {
@@ -294,7 +316,7 @@ impl Bound {
                 "drain deadline passed; closing open streams"
             );
         }
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(&notify_tasks) {
             t.abort();
         }
         self.gossip.shutdown().await;
@@ -304,6 +326,46 @@ impl Bound {
         self.endpoint.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!("stopped");
+    }
+}
+
+/// `READY=1` once the node has joined its pool: another live member seen, or
+/// no seeds to join (the first node).
+async fn notify_ready(
+    n: Arc<crate::notify::Notifier>,
+    gossip: GossipHandle,
+    has_seeds: bool,
+    me: String,
+) {
+    loop {
+        let members = gossip.members().await;
+        let alive = members
+            .iter()
+            .filter(|m| m.state == meshnode_gossip::MemberState::Alive)
+            .count();
+        if !has_seeds
+            || members
+                .iter()
+                .any(|m| m.state == meshnode_gossip::MemberState::Alive && m.node != me)
+        {
+            n.send(&format!("READY=1\nSTATUS=joined; {alive} alive member(s)"));
+            info!(alive, "ready (sd_notify)");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `WATCHDOG=1` while gossip answers: a wedged runtime or gossip loop stops the
+/// pings and systemd restarts the node.
+async fn watchdog(n: Arc<crate::notify::Notifier>, gossip: GossipHandle, every: Duration) {
+    loop {
+        if tokio::time::timeout(every, gossip.members()).await.is_ok() {
+            n.send("WATCHDOG=1");
+        } else {
+            warn!("gossip did not answer within the watchdog interval; not pinging systemd");
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

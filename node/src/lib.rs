@@ -10,6 +10,7 @@ mod federation;
 pub mod health;
 mod inbound;
 pub mod metrics;
+mod notify;
 pub mod outlier;
 mod registry;
 mod upstream;

@@ -2,6 +2,7 @@ mod cli;
 mod federation;
 mod pool;
 mod scale;
+mod systemd;
 mod tunnel;
 
 use std::time::Duration;
