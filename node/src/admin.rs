@@ -183,12 +183,17 @@ fn services(cat: &Catalog) -> BTreeMap<String, Vec<serde_json::Value>> {
     out
 }
 
-/// Joined: no seeds to join, or at least one other live member seen.
 fn joined(s: &AdminState, members: &[Member]) -> bool {
-    !s.has_seeds
+    has_joined(s.has_seeds, s.me.identity.node(), members)
+}
+
+/// Joined: no seeds to join, or at least one other live member seen. Shared by
+/// `/v1/health` and the systemd `READY=1` notification.
+pub(crate) fn has_joined(has_seeds: bool, me: &str, members: &[Member]) -> bool {
+    !has_seeds
         || members
             .iter()
-            .any(|m| m.state == MemberState::Alive && m.node != s.me.identity.node())
+            .any(|m| m.state == MemberState::Alive && m.node != me)
 }
 
 fn counts(members: &[Member]) -> PoolCounts {

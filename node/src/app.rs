@@ -339,15 +339,11 @@ async fn notify_ready(
 ) {
     loop {
         let members = gossip.members().await;
-        let alive = members
-            .iter()
-            .filter(|m| m.state == meshnode_gossip::MemberState::Alive)
-            .count();
-        if !has_seeds
-            || members
+        if crate::admin::has_joined(has_seeds, &me, &members) {
+            let alive = members
                 .iter()
-                .any(|m| m.state == meshnode_gossip::MemberState::Alive && m.node != me)
-        {
+                .filter(|m| m.state == meshnode_gossip::MemberState::Alive)
+                .count();
             n.send(&format!("READY=1\nSTATUS=joined; {alive} alive member(s)"));
             info!(alive, "ready (sd_notify)");
             return;

@@ -165,12 +165,7 @@ async fn handle_stream(
             tunnel::refuse(&mut send, status).await
         }
         Route::Local => {
-            let target = if header.port == ANY_PORT {
-                ctx.registry.target_any(&header.service).map(|(_, a)| a)
-            } else {
-                ctx.registry.target(&header.service, header.port)
-            };
-            let Some(target) = target else {
+            let Some(target) = local_target(&ctx.registry, &header) else {
                 count("in", "no_such_service");
                 return tunnel::refuse(&mut send, Status::NoSuchService).await;
             };
@@ -182,7 +177,7 @@ async fn handle_stream(
         Route::Lan => {
             // This gateway is the destination cluster's: pick an instance here.
             if header.port == ANY_PORT {
-                if let Some((_, target)) = ctx.registry.target_any(&header.service) {
+                if let Some(target) = local_target(&ctx.registry, &header) {
                     return connect_local(
                         send, recv, target, &peer, &caller, &service, &ctx.drain, &count,
                     )
@@ -193,9 +188,19 @@ async fn handle_stream(
             forward(send, recv, hops, &caller, &service, &ctx, &count).await;
         }
         Route::Wan(cluster) => {
-            let hops = wan_hops(&ctx, &header, &cluster, &caller);
+            let hops = wan_hops(&ctx, &header, &cluster);
             forward(send, recv, hops, &caller, &service, &ctx, &count).await;
         }
+    }
+}
+
+/// The instance on this node a header asks for: the named port, or any
+/// non-critical instance of the service for [`ANY_PORT`].
+fn local_target(registry: &Registry, header: &Header) -> Option<std::net::SocketAddr> {
+    if header.port == ANY_PORT {
+        registry.target_any(&header.service)
+    } else {
+        registry.target(&header.service, header.port)
     }
 }
 
@@ -251,7 +256,7 @@ struct Hop {
 }
 
 /// Gateways of `cluster` that the WAN pool says are alive, in random order.
-fn wan_hops(ctx: &Inbound, header: &Header, cluster: &str, caller: &Identity) -> Vec<Hop> {
+fn wan_hops(ctx: &Inbound, header: &Header, cluster: &str) -> Vec<Hop> {
     let Some(view) = ctx.wan.as_ref().map(|w| w.borrow().clone()) else {
         return Vec::new();
     };
@@ -268,7 +273,8 @@ fn wan_hops(ctx: &Inbound, header: &Header, cluster: &str, caller: &Identity) ->
                 service: header.service.clone(),
                 port: header.port,
                 cluster: Some(cluster.to_string()),
-                caller: Some(caller.clone()),
+                // Set by `forward`, like on every hop.
+                caller: None,
             },
             wait: WAN_STATUS_TIMEOUT,
         })
@@ -287,7 +293,6 @@ fn lan_hops(ctx: &Inbound, header: &Header) -> Vec<Hop> {
         .filter(|i| header.port == ANY_PORT || i.port == header.port)
         .cloned()
         .collect();
-    let caller = header.caller.clone();
     balance::order(
         &candidates,
         mine,
@@ -307,7 +312,7 @@ fn lan_hops(ctx: &Inbound, header: &Header) -> Vec<Hop> {
             service: header.service.clone(),
             port: i.port,
             cluster: None,
-            caller: caller.clone(),
+            caller: None,
         },
         wait: STATUS_TIMEOUT,
     })

@@ -80,12 +80,12 @@ impl Registry {
 
     /// Where a stream for `service` on any port connects (a gateway chose this
     /// node, not an instance): a non-critical instance, or `None`.
-    pub fn target_any(&self, service: &str) -> Option<(u16, SocketAddr)> {
+    pub fn target_any(&self, service: &str) -> Option<SocketAddr> {
         let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
         records
             .iter()
             .filter(|r| r.name == service && r.health != Health::Critical)
-            .find_map(|r| Some((r.port, self.target(service, r.port)?)))
+            .find_map(|r| self.target(service, r.port))
     }
 
     /// Updates one instance's health and publishes the change. Returns false when gossip is gone.

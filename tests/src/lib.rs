@@ -363,25 +363,15 @@ pub async fn echo_server(ip: Ipv4Addr) -> (SocketAddr, tokio::task::JoinHandle<(
     let l = tokio::net::TcpListener::bind((ip, 0))
         .await
         .expect("bind echo");
-    let addr = l.local_addr().expect("echo addr");
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    (addr, task)
+    spawn_echo(l, Vec::new())
 }
 
-/// An echo server inside namespace `ns` on 127.0.0.1 that first sends `"<name>:"`,
-/// so callers can tell which instance answered.
-pub fn named_echo_in(ns: &str, name: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = netns::listen(ns, "127.0.0.1:0".parse().expect("addr")).expect("bind echo in netns");
+/// Serves echo on `l`: sends `greeting`, then echoes, carrying half-close.
+fn spawn_echo(
+    l: tokio::net::TcpListener,
+    greeting: Vec<u8>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let addr = l.local_addr().expect("echo addr");
-    let greeting = format!("{name}:").into_bytes();
     let task = tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             let greeting = greeting.clone();
@@ -396,6 +386,13 @@ pub fn named_echo_in(ns: &str, name: &str) -> (SocketAddr, tokio::task::JoinHand
         }
     });
     (addr, task)
+}
+
+/// An echo server inside namespace `ns` on 127.0.0.1 that first sends `"<name>:"`,
+/// so callers can tell which instance answered.
+pub fn named_echo_in(ns: &str, name: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = netns::listen(ns, "127.0.0.1:0".parse().expect("addr")).expect("bind echo in netns");
+    spawn_echo(l, format!("{name}:").into_bytes())
 }
 
 /// One connection through an upstream: sends `payload`, half-closes, and

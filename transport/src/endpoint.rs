@@ -129,7 +129,7 @@ impl Endpoint {
     /// Forgets the pooled connection to `addr` after it failed us, so the next
     /// `connect` dials again instead of reusing a connection to a dead peer.
     pub fn forget(&self, addr: SocketAddr, alpn: Alpn) {
-        self.pool.forget(addr, Some(alpn));
+        self.pool.forget(addr, alpn);
     }
 
     /// The smoothed round-trip time of the pooled connection to `addr`, if one is open.

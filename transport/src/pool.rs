@@ -78,14 +78,14 @@ impl Pool {
         Ok((conn, peer))
     }
 
-    /// Forgets the pooled connections to `addr` (for `alpn`, or all), so the
-    /// next `connect` dials afresh. The old connection is not closed: streams
-    /// still on it finish, or it dies by idle timeout if the peer is gone.
-    pub(crate) fn forget(&self, addr: SocketAddr, alpn: Option<Alpn>) {
+    /// Forgets the pooled `alpn` connection to `addr`, so the next `connect`
+    /// dials afresh. The old connection is not closed: streams still on it
+    /// finish, or it dies by idle timeout if the peer is gone.
+    pub(crate) fn forget(&self, addr: SocketAddr, alpn: Alpn) {
         self.slots
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(a, p), _| *a != addr || alpn.is_some_and(|x| x != *p));
+            .remove(&(addr, alpn));
     }
 
     /// Forgets the pooled `alpn` connection to `addr` if it is older than

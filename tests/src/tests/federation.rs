@@ -189,6 +189,17 @@ impl Mesh {
         );
     }
 
+    /// Waits until a1 sees `echo` in cluster b with `healthy` passing instances.
+    async fn wait_remote_healthy(&self, healthy: u64) {
+        wait_until(Duration::from_secs(20), || async {
+            self.remote_echo("b")
+                .await
+                .is_some_and(|e| e["healthy"] == healthy)
+        })
+        .await
+        .expect("remote echo visible");
+    }
+
     /// `/v1/services` entries of `echo` seen by a1 for cluster `cluster` from gateways.
     async fn remote_echo(&self, cluster: &str) -> Option<serde_json::Value> {
         let v = self.node("a1").get("/v1/services").await?;
@@ -296,7 +307,6 @@ async fn a_service_only_in_cluster_b_is_reached_from_cluster_a_with_the_callers_
         !callers.contains("caller=\"spiffe://acme/cluster/a/node/agw\""),
         "{callers}"
     );
-    let _ = &mesh.pki;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -305,13 +315,7 @@ async fn with_instances_in_both_clusters_traffic_stays_local() {
         return;
     }
     let mesh = Mesh::start(topology(&["bgw"]), &["a2", "b1"]).await;
-    wait_until(Duration::from_secs(20), || async {
-        mesh.remote_echo("b")
-            .await
-            .is_some_and(|e| e["healthy"] == 1)
-    })
-    .await
-    .expect("remote echo visible");
+    mesh.wait_remote_healthy(1).await;
     mesh.wait_answered_by("a2").await;
     for i in 0..20u8 {
         let who = mesh
@@ -336,13 +340,7 @@ async fn when_local_instances_die_traffic_fails_over_to_cluster_b_and_comes_home
         return;
     }
     let mut mesh = Mesh::start(topology(&["bgw"]), &["a2", "b1"]).await;
-    wait_until(Duration::from_secs(20), || async {
-        mesh.remote_echo("b")
-            .await
-            .is_some_and(|e| e["healthy"] == 1)
-    })
-    .await
-    .expect("remote echo visible");
+    mesh.wait_remote_healthy(1).await;
     mesh.wait_answered_by("a2").await;
 
     // Kill the only local instance's node; keep sending, one connection at a time.
@@ -406,13 +404,7 @@ async fn a_wan_partition_leaves_local_traffic_alone_and_heals_without_losing_reg
         return;
     }
     let mesh = Mesh::start(topology(&["bgw"]), &["a2", "b1", "b2"]).await;
-    wait_until(Duration::from_secs(20), || async {
-        mesh.remote_echo("b")
-            .await
-            .is_some_and(|e| e["healthy"] == 2)
-    })
-    .await
-    .expect("remote echo visible");
+    mesh.wait_remote_healthy(2).await;
 
     mesh.wait_answered_by("a2").await;
     mesh.topo.partition_wan();
@@ -627,13 +619,7 @@ async fn a_paused_node_is_routed_around_and_rejoins_after_sigcont() {
         return;
     }
     let mesh = Mesh::start(topology(&["bgw"]), &["a2", "b1"]).await;
-    wait_until(Duration::from_secs(20), || async {
-        mesh.remote_echo("b")
-            .await
-            .is_some_and(|e| e["healthy"] == 1)
-    })
-    .await
-    .expect("remote echo visible");
+    mesh.wait_remote_healthy(1).await;
     mesh.wait_answered_by("a2").await;
 
     // SIGSTOP for 5 s: a pause is not a clean outage (packets queue, then burst).

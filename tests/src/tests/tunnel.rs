@@ -55,6 +55,18 @@ async fn echo_mesh(
     (nodes, up, vec![t2, t3])
 }
 
+/// The port of the `echo` instance on `node`, as `observer`'s catalog has it.
+async fn echo_port(observer: &NodeProc, node: &str) -> u16 {
+    observer.get("/v1/services").await.unwrap()["echo"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["node"] == node)
+        .unwrap()["port"]
+        .as_u64()
+        .unwrap() as u16
+}
+
 fn prober(pki: &Pki, name: &str) -> TlsMaterial {
     let d = pki.issue("east", name);
     TlsMaterial::load(&d.join("ca.pem"), &d.join("node.pem"), &d.join("node.key")).unwrap()
@@ -204,14 +216,7 @@ async fn garbage_headers_reset_the_stream_and_the_node_keeps_serving() {
     }
     // The same connection still carries a good stream.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let echo_port = nodes[0].get("/v1/services").await.unwrap()["echo"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["node"] == "node-2")
-        .unwrap()["port"]
-        .as_u64()
-        .unwrap() as u16;
+    let echo_port = echo_port(&nodes[0], "node-2").await;
     tunnel::open(
         &mut send,
         &mut recv,
@@ -320,14 +325,7 @@ async fn probe_stream(
 async fn a_carried_caller_is_accepted_only_from_a_gateway_certificate() {
     let pki = Pki::new();
     let (nodes, _up, _apps) = echo_mesh(&pki, subnet()).await;
-    let port = nodes[0].get("/v1/services").await.unwrap()["echo"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["node"] == "node-2")
-        .unwrap()["port"]
-        .as_u64()
-        .unwrap() as u16;
+    let port = echo_port(&nodes[0], "node-2").await;
     let mut header = Header::new("echo", port);
     header.caller = Some(meshnode_transport::Identity::new("acme", "west", "client-7").unwrap());
 
