@@ -3,6 +3,7 @@
 mod admin;
 mod ca;
 mod demo;
+mod join;
 mod run;
 
 use std::net::SocketAddr;
@@ -57,6 +58,11 @@ enum Command {
     /// Node certificate operations.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Join tokens (on a CA node).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Join this machine to the mesh: make a key, get it signed, write the config, start.
+    Join(join::JoinArgs),
     /// The gossip pool as this node sees it.
     Members {
         #[command(flatten)]
@@ -123,12 +129,56 @@ pub enum CertCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Revoke a node's certificates (on a CA node): every node refuses it within seconds.
+    Revoke {
+        /// The node to revoke: all its certificates and its name (certificates issued before now).
+        #[arg(long, required_unless_present = "serial")]
+        node: Option<String>,
+        /// The node's cluster (default: the CA node's).
+        #[arg(long, requires = "node")]
+        cluster: Option<String>,
+        /// Revoke one certificate by serial number (hex, as `openssl x509 -serial` shows it).
+        #[arg(long, conflicts_with = "node")]
+        serial: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        /// The CA node's data_dir (holds the admin secret).
+        #[arg(long, default_value = "/var/lib/meshnode")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Print a join token (it embeds the CA fingerprint, a secret and its expiry).
+    Create {
+        /// How long the token is valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// How many machines may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// The cluster the new nodes join (default: the joiner's choice, else the CA node's).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Issue gateway certificates.
+        #[arg(long)]
+        gateway: bool,
+        /// The CA node's data_dir (holds the admin secret).
+        #[arg(long, default_value = "/var/lib/meshnode")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 impl Cli {
     /// Long-running agent commands log at info by default.
     pub fn is_agent(&self) -> bool {
         matches!(self.command, Command::Run { .. })
+            || matches!(&self.command, Command::Join(a) if !a.no_start)
     }
 
     pub async fn run(self) -> Result<(), Failure> {
@@ -145,6 +195,35 @@ impl Cli {
                 validity,
                 out,
             }) => ca::issue(&ca, &cluster, &node, gateway, validity, &out),
+            Command::Cert(CertCommand::Revoke {
+                node,
+                cluster,
+                serial,
+                reason,
+                data_dir,
+                admin,
+            }) => ca::revoke(&admin, &data_dir, node, cluster, serial, reason).await,
+            Command::Token(TokenCommand::Create {
+                ttl,
+                uses,
+                cluster,
+                gateway,
+                data_dir,
+                admin,
+            }) => {
+                ca::token_create(
+                    &admin,
+                    &data_dir,
+                    ca::TokenOptions {
+                        ttl,
+                        uses,
+                        cluster,
+                        gateway,
+                    },
+                )
+                .await
+            }
+            Command::Join(args) => join::join(args).await,
             Command::Members { admin, wan } => admin::members(&admin, wan).await,
             Command::Services { admin } => admin::services(&admin).await,
             Command::Endpoints { service, admin } => admin::endpoints(&admin, &service).await,

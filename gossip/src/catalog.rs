@@ -137,6 +137,32 @@ pub fn members(nodes: &[NodeSnapshot]) -> Vec<Member> {
         .collect()
 }
 
+/// Live, not leaving nodes that hold the CA key, as (node, QUIC address).
+pub fn ca_nodes(nodes: &[NodeSnapshot]) -> Vec<(String, SocketAddr)> {
+    current(nodes)
+        .into_iter()
+        .filter(|n| {
+            n.live && !n.kvs.contains_key(LEAVING_KEY) && n.kvs.contains_key(keys::CA_ROLE_KEY)
+        })
+        .filter_map(|n| Some((n.node.clone(), info(n)?.advertise)))
+        .collect()
+}
+
+/// Every revocation value any node publishes (live or not: the entries are
+/// CA-signed, whoever relays them), by key.
+pub fn revocation_values(nodes: &[NodeSnapshot]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for n in nodes {
+        for (k, v) in n.kvs.range(keys::REVOCATION_PREFIX.to_string()..) {
+            if !k.starts_with(keys::REVOCATION_PREFIX) {
+                break;
+            }
+            out.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    out
+}
+
 impl Catalog {
     /// Derives the catalog: instances of live nodes that have not left.
     pub fn derive(nodes: &[NodeSnapshot]) -> Catalog {

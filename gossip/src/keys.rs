@@ -5,6 +5,8 @@
 //! | `node` | [`NodeInfo`] |
 //! | `svc:<name>:<port>` | [`ServiceRecord`] |
 //! | `leaving` | `"1"` once the node leaves gracefully |
+//! | `role:ca` | `"1"` on nodes that hold the CA key (they sign joins and renewals) |
+//! | `rev:<id>` | a CA-signed revocation (base64), re-published by every node that verified it |
 //! | `wan:<cluster>:<service>` | gateways only: a [`RemoteService`](crate::federation::RemoteService) of another cluster |
 //!
 //! In the WAN pool a gateway publishes `node` and, per service of its cluster,
@@ -26,6 +28,11 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub const NODE_KEY: &str = "node";
 pub const LEAVING_KEY: &str = "leaving";
 pub const SERVICE_PREFIX: &str = "svc:";
+/// Roles a node announces besides [`NodeInfo`]: `role:ca` on nodes holding the CA key.
+pub const ROLE_PREFIX: &str = "role:";
+pub const CA_ROLE_KEY: &str = "role:ca";
+/// `rev:<id>`: a CA-signed revocation, re-published by every node that verified it.
+pub const REVOCATION_PREFIX: &str = "rev:";
 /// Cap on one encoded value.
 pub const MAX_VALUE_LEN: usize = 8 * 1024;
 

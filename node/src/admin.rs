@@ -14,15 +14,23 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use meshnode_gossip::{Catalog, GossipHandle, Member, MemberState};
-use meshnode_transport::PeerCert;
+use meshnode_transport::pki::Identity;
+use meshnode_transport::tls::TlsMaterial;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tracing::debug;
 
+use crate::ca::CaNode;
 use crate::drain::Drain;
+use crate::revocations::Revocations;
 pub use types::{PoolCounts, RemoteEntry, Status};
+
+/// On CA nodes: the secret the `/v1/ca/` endpoints require, in the data dir (0600).
+pub const SECRET_FILE: &str = "admin.secret";
+/// Request bodies are small JSON documents.
+const MAX_BODY: usize = 64 * 1024;
 
 /// A certificate closer to expiry than this is a warning.
 const EXPIRY_WARNING_SECS: i64 = 24 * 3600;
@@ -33,7 +41,13 @@ pub struct AdminState {
     pub wan: Option<GossipHandle>,
     /// When the trusted CA certificate expires (Unix seconds).
     pub ca_not_after: Option<i64>,
-    pub me: PeerCert,
+    /// The node's credentials: the current certificate (renewed in place) and revocations.
+    pub tls: Arc<TlsMaterial>,
+    /// Set on CA nodes.
+    pub ca: Option<Arc<CaNode>>,
+    pub revocations: Arc<Revocations>,
+    /// Required (`Authorization: Bearer ...`) by the `/v1/ca/` endpoints.
+    pub admin_secret: Option<String>,
     pub has_seeds: bool,
     pub local_services: usize,
     pub upstreams: usize,
@@ -114,6 +128,8 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
                 "no metrics recorder in this process",
             ),
         },
+        (&Method::GET, "/v1/revocations") => json(StatusCode::OK, &revocation_list(s)),
+        (&Method::POST, "/v1/ca/tokens" | "/v1/ca/revoke") => ca_route(req, s).await,
         (&Method::POST, "/v1/leave") => {
             s.leave.notify_one();
             json(
@@ -123,10 +139,134 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
         }
         (
             _,
-            "/v1/health" | "/v1/members" | "/v1/services" | "/v1/status" | "/metrics" | "/v1/leave",
+            "/v1/health" | "/v1/members" | "/v1/services" | "/v1/status" | "/metrics" | "/v1/leave"
+            | "/v1/revocations" | "/v1/ca/tokens" | "/v1/ca/revoke",
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    ttl: Option<String>,
+    uses: Option<u32>,
+    cluster: Option<String>,
+    #[serde(default)]
+    gateway: bool,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    node: Option<String>,
+    cluster: Option<String>,
+    serial: Option<String>,
+    reason: Option<String>,
+}
+
+/// `POST /v1/ca/tokens` and `POST /v1/ca/revoke`: CA nodes only, with the secret.
+async fn ca_route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    let (Some(ca), Some(secret)) = (&s.ca, &s.admin_secret) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "this node holds no CA key (configure a [ca] section on a CA node)",
+        );
+    };
+    let presented = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if presented != Some(secret.as_str()) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            &format!("the CA endpoints need the secret in <data_dir>/{SECRET_FILE} (run the command as the node's user, with --data-dir)"),
+        );
+    }
+    let path = req.uri().path().to_string();
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+    };
+    let bad = |e: serde_json::Error| error(StatusCode::BAD_REQUEST, &format!("body: {e}"));
+    if path == "/v1/ca/tokens" {
+        let r: TokenRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return bad(e),
+        };
+        let ttl = match r.ttl.as_deref().map(humantime::parse_duration) {
+            None => std::time::Duration::from_secs(3600),
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                return error(StatusCode::BAD_REQUEST, &format!("ttl: {e} (e.g. \"1h\")"))
+            }
+        };
+        return match ca.create_token(ttl, r.uses.unwrap_or(1), r.cluster, r.gateway) {
+            Ok(t) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "token": t.encode(), "id": t.id_hex(), "expires": t.expires }),
+            ),
+            Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+    }
+    let r: RevokeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(e),
+    };
+    let me = s.tls.me();
+    let identity = match &r.node {
+        Some(node) => {
+            let cluster = r.cluster.as_deref().unwrap_or(me.identity.cluster());
+            match Identity::new(me.identity.mesh(), cluster, node) {
+                Ok(i) => Some(i),
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+            }
+        }
+        None => None,
+    };
+    if identity.is_none() && r.serial.is_none() {
+        return error(StatusCode::BAD_REQUEST, "give a node or a serial");
+    }
+    if identity.as_ref() == Some(&me.identity) {
+        return error(StatusCode::BAD_REQUEST, "a CA node cannot revoke itself");
+    }
+    let reason = r.reason.unwrap_or_else(|| "revoked by operator".into());
+    let entry = match ca.revoke(identity.as_ref(), r.serial.as_deref(), &reason) {
+        Ok(e) => e,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let view = revocation_view(&entry);
+    match s.revocations.adopt(entry).await {
+        Ok(()) => json(StatusCode::OK, &view),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+fn revocation_view(e: &meshnode_transport::pki::revocation::SignedRevocation) -> serde_json::Value {
+    let r = &e.revocation;
+    serde_json::json!({
+        "id": e.id(),
+        "identity": r.identity.as_ref().map(|i| i.to_string()),
+        "keys": r.keys,
+        "serials": r.serials,
+        "revoked_at": r.revoked_at,
+        "expires": r.expires,
+        "reason": r.reason,
+    })
+}
+
+fn revocation_list(s: &AdminState) -> Vec<serde_json::Value> {
+    s.tls
+        .revocations()
+        .entries()
+        .iter()
+        .map(revocation_view)
+        .collect()
 }
 
 /// Local instances as they are, plus one entry per other cluster that has the
@@ -184,7 +324,7 @@ fn services(cat: &Catalog) -> BTreeMap<String, Vec<serde_json::Value>> {
 }
 
 fn joined(s: &AdminState, members: &[Member]) -> bool {
-    has_joined(s.has_seeds, s.me.identity.node(), members)
+    has_joined(s.has_seeds, s.tls.me().identity.node(), members)
 }
 
 /// Joined: no seeds to join, or at least one other live member seen. Shared by
@@ -215,7 +355,8 @@ async fn status(s: &AdminState) -> Status {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let expires_in = s.me.not_after - now;
+    let me = s.tls.me();
+    let expires_in = me.not_after - now;
     let mut warnings = Vec::new();
     if expires_in < EXPIRY_WARNING_SECS {
         warnings.push(format!(
@@ -234,12 +375,14 @@ async fn status(s: &AdminState) -> Status {
     }
     let catalog = s.gossip.catalog();
     Status {
-        identity: s.me.identity.to_string(),
-        node: s.me.identity.node().to_string(),
-        cluster: s.me.identity.cluster().to_string(),
-        mesh: s.me.identity.mesh().to_string(),
-        gateway: s.me.is_gateway(),
-        cert_not_after: s.me.not_after,
+        identity: me.identity.to_string(),
+        node: me.identity.node().to_string(),
+        cluster: me.identity.cluster().to_string(),
+        mesh: me.identity.mesh().to_string(),
+        gateway: me.is_gateway(),
+        ca: s.ca.is_some(),
+        revocations: s.tls.revocations().len(),
+        cert_not_after: me.not_after,
         cert_expires_in_seconds: expires_in,
         ca_not_after: s.ca_not_after,
         ca_expires_in_seconds: ca_expires_in,

@@ -17,14 +17,20 @@ use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::ca::{CaError, CaNode};
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::federation;
 use crate::health;
 use crate::inbound::{self, Inbound};
+use crate::join::{self, JoinService};
 use crate::metrics::{CA_EXPIRY_SECONDS, CERT_EXPIRY_SECONDS};
 use crate::registry::Registry;
+use crate::renew::Renewer;
+use crate::revocations::Revocations;
 use crate::upstream::{self, Dialer};
+use meshnode_gossip::keys::{CA_ROLE_KEY, ROLE_PREFIX};
+use meshnode_transport::pki::join::NodeKey;
 
 /// Open streams get this long to finish after SIGTERM or `leave`.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -54,6 +60,8 @@ pub enum AppError {
     },
     #[error(transparent)]
     Gossip(#[from] meshnode_gossip::GossipError),
+    #[error("ca: {0}")]
+    Ca(#[from] CaError),
 }
 
 impl AppError {
@@ -65,6 +73,7 @@ impl AppError {
                 | AppError::IdentityMismatch { .. }
                 | AppError::Advertise { .. }
                 | AppError::NotAGateway { .. }
+                | AppError::Ca(_)
         )
     }
 }
@@ -85,8 +94,8 @@ pub struct Bound {
 }
 
 pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bound, AppError> {
-    let tls = TlsMaterial::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
-    let me = tls.me().clone();
+    let tls = Arc::new(TlsMaterial::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?);
+    let me = tls.me();
     let ca_not_after = tls.ca_not_after();
     for (key, config, cert) in [
         ("mesh", &cfg.mesh, me.identity.mesh()),
@@ -107,9 +116,20 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
             identity: me.identity.to_string(),
         });
     }
+    let ca = match &cfg.ca {
+        Some(settings) => Some(Arc::new(CaNode::open(
+            settings,
+            &cfg.tls.ca,
+            &cfg.data_dir,
+        )?)),
+        None => None,
+    };
+    let (node_key, _) =
+        meshnode_transport::pki::read_private_key(&cfg.tls.key).map_err(TlsError::from)?;
+    let node_key = NodeKey::from_pem(&node_key).map_err(TlsError::from)?;
     let (endpoint, incoming) = Endpoint::bind(EndpointConfig {
         bind: cfg.bind,
-        tls,
+        tls: tls.clone(),
     })?;
     let quic_addr = endpoint.local_addr().map_err(|source| AppError::Bind {
         what: "QUIC".into(),
@@ -190,6 +210,43 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         };
     let registry = Arc::new(Registry::new(&services_cfg, gossip.clone()));
     gossip.publish_services(&registry.records()).await?;
+    if ca.is_some() {
+        gossip
+            .publish_prefixed(
+                ROLE_PREFIX,
+                [(CA_ROLE_KEY.to_string(), "1".to_string())].into(),
+            )
+            .await;
+    }
+    let revocations = Arc::new(Revocations {
+        tls: tls.clone(),
+        path: cfg.data_dir.join(crate::revocations::FILE),
+        lan: gossip.clone(),
+        wan: wan.clone(),
+        changed: Notify::new(),
+    });
+    // Persisted revocations are in force before the first peer is admitted.
+    revocations.load();
+    tasks.push(tokio::spawn(revocations.clone().run()));
+    let join_svc = Arc::new(JoinService {
+        ca: ca.clone(),
+        endpoint: endpoint.clone(),
+        gossip: gossip.clone(),
+        advertise,
+    });
+    tasks.push(tokio::spawn(join::serve(incoming.join, join_svc.clone())));
+    tasks.push(tokio::spawn(
+        Renewer {
+            svc: join_svc,
+            key: node_key,
+            cert_path: cfg.tls.cert.clone(),
+        }
+        .run(),
+    ));
+    let admin_secret = match &ca {
+        Some(_) => Some(write_admin_secret(&cfg.data_dir)?),
+        None => None,
+    };
 
     let drain = Drain::default();
     let checks = services_cfg
@@ -210,7 +267,6 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
             wan: wan_view,
         }),
     )));
-    tasks.push(tokio::spawn(refuse_join(incoming.join)));
 
     let dialer = Arc::new(Dialer::new(
         endpoint.clone(),
@@ -248,7 +304,10 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         gossip: gossip.clone(),
         wan: wan.clone(),
         ca_not_after,
-        me: me.clone(),
+        tls: tls.clone(),
+        ca,
+        revocations,
+        admin_secret,
         has_seeds: !cfg.seeds.iter().all(|s| *s == advertise),
         local_services: registry.len(),
         upstreams: cfg.upstreams.len(),
@@ -257,7 +316,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         leave: leave.clone(),
     });
     tasks.push(tokio::spawn(admin::serve(admin_listener, state)));
-    tasks.push(tokio::spawn(cert_expiry_gauge(me.not_after, ca_not_after)));
+    tasks.push(tokio::spawn(cert_expiry_gauge(tls.clone(), ca_not_after)));
 
     info!(identity = %me.identity, quic = %quic_addr, %advertise, admin = %admin_addr, "node up");
     Ok(Bound {
@@ -378,16 +437,6 @@ fn detect_advertise(bound: SocketAddr, seeds: &[SocketAddr]) -> Option<SocketAdd
     Some(SocketAddr::new(ip, bound.port()))
 }
 
-/// This node holds no CA key: join requests are refused with a reason.
-async fn refuse_join(mut incoming: tokio::sync::mpsc::Receiver<meshnode_transport::Accepted>) {
-    while let Some(a) = incoming.recv().await {
-        a.conn.close(
-            quinn::VarInt::from_u32(0x30),
-            b"this node cannot sign join requests",
-        );
-    }
-}
-
 /// Only gateways take part in the WAN pool.
 async fn refuse_wan(mut incoming: tokio::sync::mpsc::Receiver<meshnode_transport::Accepted>) {
     while let Some(a) = incoming.recv().await {
@@ -396,16 +445,25 @@ async fn refuse_wan(mut incoming: tokio::sync::mpsc::Receiver<meshnode_transport
     }
 }
 
-async fn cert_expiry_gauge(not_after: i64, ca_not_after: Option<i64>) {
+/// A fresh secret for the CA endpoints of the admin API, readable by the
+/// node's user only: `meshnode token create` and `cert revoke` read it from
+/// the data dir, so other local users cannot mint tokens through loopback.
+fn write_admin_secret(data_dir: &std::path::Path) -> Result<String, AppError> {
+    use rand::RngExt;
+    let secret = meshnode_transport::pki::hex(&rand::rng().random::<[u8; 32]>());
+    let path = data_dir.join(crate::admin::SECRET_FILE);
+    meshnode_transport::pki::write_atomic(&path, secret.as_bytes(), 0o600)
+        .map_err(TlsError::from)?;
+    Ok(secret)
+}
+
+async fn cert_expiry_gauge(tls: Arc<TlsMaterial>, ca_not_after: Option<i64>) {
     loop {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        metrics::gauge!(CERT_EXPIRY_SECONDS).set((not_after - now) as f64);
+        let now = meshnode_transport::pki::unix_now();
+        metrics::gauge!(CERT_EXPIRY_SECONDS).set((tls.me().not_after - now) as f64);
         if let Some(ca) = ca_not_after {
             metrics::gauge!(CA_EXPIRY_SECONDS).set((ca - now) as f64);
         }
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }

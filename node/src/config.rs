@@ -16,7 +16,7 @@ use std::time::Duration;
 use meshnode_gossip::Protocol;
 use serde::Serialize;
 
-pub use raw::RawConfig;
+pub use raw::{hostname, RawConfig};
 
 /// The validated configuration.
 #[derive(Clone, Debug, Serialize)]
@@ -36,6 +36,17 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     pub upstreams: Vec<UpstreamConfig>,
     pub gossip: GossipSettings,
+    /// Set on CA nodes: the node holds the CA key and signs joins and renewals.
+    pub ca: Option<CaSettings>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CaSettings {
+    /// The CA's private key; its certificate is `tls.ca`.
+    pub key: PathBuf,
+    /// Lifetime of the certificates this node signs.
+    #[serde(with = "humantime_serde_compat")]
+    pub cert_ttl: Duration,
 }
 
 #[derive(Clone, Debug, Serialize)]

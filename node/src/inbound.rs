@@ -390,6 +390,9 @@ mod tests {
             identity: Identity::new("acme", cluster, node).unwrap(),
             role: if gateway { Role::Gateway } else { Role::Node },
             not_after: 0,
+            not_before: 0,
+            key_id: String::new(),
+            serial: String::new(),
         }
     }
 

@@ -4,15 +4,19 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod ca;
 pub mod config;
 mod drain;
 mod federation;
 pub mod health;
 mod inbound;
+mod join;
 pub mod metrics;
 mod notify;
 pub mod outlier;
 mod registry;
+mod renew;
+mod revocations;
 mod upstream;
 
 pub use app::{build, AppError, Bound};

@@ -13,6 +13,9 @@ pub const OUTLIER_EJECTIONS: &str = "meshnode_outlier_ejections_total";
 pub const HEALTH_CHECKS: &str = "meshnode_health_checks_total";
 pub const CERT_EXPIRY_SECONDS: &str = "meshnode_cert_expiry_seconds";
 pub const CA_EXPIRY_SECONDS: &str = "meshnode_ca_expiry_seconds";
+pub const JOIN_REQUESTS: &str = "meshnode_join_requests_total";
+pub const CERT_RENEWALS: &str = "meshnode_cert_renewals_total";
+pub const REVOCATIONS: &str = "meshnode_revocations";
 
 /// Histogram buckets for connect latency, loopback to WAN.
 const CONNECT_BUCKETS: [f64; 12] = [
@@ -31,6 +34,15 @@ pub fn describe() {
         "Tunnelled bytes by service and direction (in, out)"
     );
     describe_gauge!(TUNNEL_ACTIVE, "Tunnel streams open now, by direction");
+    describe_counter!(
+        JOIN_REQUESTS,
+        "Join and renewal requests answered by this node, by result (ok or the refusal)"
+    );
+    describe_counter!(
+        CERT_RENEWALS,
+        "Renewals of this node's certificate, by result (ok, failed)"
+    );
+    describe_gauge!(REVOCATIONS, "Revocation entries in force on this node");
     describe_histogram!(
         TUNNEL_CONNECT_SECONDS,
         Unit::Seconds,

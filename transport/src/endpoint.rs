@@ -1,8 +1,9 @@
 //! The node's single QUIC endpoint: accepts connections, dispatches them by
 //! ALPN, and dials peers through a connection pool.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
@@ -24,7 +25,7 @@ const ACCEPT_QUEUE: usize = 256;
 
 pub struct EndpointConfig {
     pub bind: SocketAddr,
-    pub tls: TlsMaterial,
+    pub tls: Arc<TlsMaterial>,
 }
 
 /// A verified incoming connection and who is on the other end.
@@ -33,20 +34,27 @@ pub struct Accepted {
     pub peer: PeerCert,
 }
 
+/// An incoming `meshnode-join/1` connection: from a machine without a
+/// certificate (a join) or from a member (a renewal, or a forwarded join).
+pub struct JoinConn {
+    pub conn: quinn::Connection,
+    pub peer: Option<PeerCert>,
+}
+
 /// Incoming connections, one queue per protocol.
 pub struct Incoming {
     pub gossip: mpsc::Receiver<Accepted>,
     /// WAN pool gossip; only gateways consume it, other nodes drop these connections.
     pub wan: mpsc::Receiver<Accepted>,
     pub tunnel: mpsc::Receiver<Accepted>,
-    pub join: mpsc::Receiver<Accepted>,
+    pub join: mpsc::Receiver<JoinConn>,
 }
 
 /// A cheap handle to the endpoint.
 #[derive(Clone)]
 pub struct Endpoint {
     quic: quinn::Endpoint,
-    me: Arc<PeerCert>,
+    tls: Arc<TlsMaterial>,
     pool: Arc<Pool>,
 }
 
@@ -68,6 +76,7 @@ impl Endpoint {
     pub fn bind(cfg: EndpointConfig) -> Result<(Endpoint, Incoming), EndpointError> {
         let transport = Arc::new(transport_config());
         let server = cfg.tls.server_config(transport.clone())?;
+        let tracker = Arc::new(Tracker::default());
         let quic =
             quinn::Endpoint::server(server, cfg.bind).map_err(|source| EndpointError::Bind {
                 addr: cfg.bind,
@@ -77,7 +86,12 @@ impl Endpoint {
             .into_iter()
             .map(|a| Ok((a, cfg.tls.client_config(a.as_bytes(), transport.clone())?)))
             .collect::<Result<Vec<_>, TlsError>>()?;
-        let pool = Arc::new(Pool::new(quic.clone(), clients));
+        let pool = Arc::new(Pool::new(
+            quic.clone(),
+            clients,
+            cfg.tls.clone(),
+            tracker.clone(),
+        ));
         let (gossip_tx, gossip) = mpsc::channel(ACCEPT_QUEUE);
         let (wan_tx, wan) = mpsc::channel(ACCEPT_QUEUE);
         let (tunnel_tx, tunnel) = mpsc::channel(ACCEPT_QUEUE);
@@ -88,11 +102,17 @@ impl Endpoint {
             tunnel: tunnel_tx,
             join: join_tx,
         };
-        tokio::spawn(accept_loop(quic.clone(), router, pool.clone()));
+        tokio::spawn(accept_loop(
+            quic.clone(),
+            router,
+            pool.clone(),
+            tracker.clone(),
+        ));
+        tokio::spawn(enforce(tracker, cfg.tls.clone()));
         Ok((
             Endpoint {
                 quic,
-                me: Arc::new(cfg.tls.me().clone()),
+                tls: cfg.tls,
                 pool,
             },
             Incoming {
@@ -108,9 +128,14 @@ impl Endpoint {
         self.quic.local_addr()
     }
 
-    /// This node's own certificate.
-    pub fn me(&self) -> &PeerCert {
-        &self.me
+    /// This node's current certificate.
+    pub fn me(&self) -> PeerCert {
+        self.tls.me()
+    }
+
+    /// The node's credentials (renewal, revocations, CA).
+    pub fn tls(&self) -> &Arc<TlsMaterial> {
+        &self.tls
     }
 
     /// A pooled connection to `addr` speaking `alpn`, dialled if needed.
@@ -160,30 +185,104 @@ struct Router {
     gossip: mpsc::Sender<Accepted>,
     wan: mpsc::Sender<Accepted>,
     tunnel: mpsc::Sender<Accepted>,
-    join: mpsc::Sender<Accepted>,
+    join: mpsc::Sender<JoinConn>,
 }
 
-async fn accept_loop(quic: quinn::Endpoint, router: Router, pool: Arc<Pool>) {
+/// Every live connection with a verified peer, so that a revocation or an
+/// expired peer certificate closes it: TLS checks a certificate only at the
+/// handshake.
+#[derive(Default)]
+pub(crate) struct Tracker {
+    conns: Mutex<HashMap<usize, (quinn::Connection, PeerCert)>>,
+}
+
+impl Tracker {
+    pub(crate) fn track(self: &Arc<Self>, conn: &quinn::Connection, peer: &PeerCert) {
+        let id = conn.stable_id();
+        self.lock().insert(id, (conn.clone(), peer.clone()));
+        let me = self.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            conn.closed().await;
+            me.lock().remove(&id);
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, (quinn::Connection, PeerCert)>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Closes connections whose peer was revoked (at once) or whose peer
+/// certificate expired (checked every second).
+async fn enforce(tracker: Arc<Tracker>, tls: Arc<TlsMaterial>) {
+    let mut changed = tls.revocations().subscribe();
+    loop {
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now = crate::pki::unix_now();
+        let revoked = tls.revocations();
+        for (conn, peer) in tracker.lock().values() {
+            let why: &[u8] = if revoked.is_revoked(peer) {
+                b"certificate revoked"
+            } else if peer.not_after < now {
+                b"certificate expired"
+            } else {
+                continue;
+            };
+            tracing::info!(peer = %peer.identity, reason = %String::from_utf8_lossy(why), "closing connection");
+            metrics::counter!(crate::metrics::CLOSED_BY_PKI, "reason" => if why == b"certificate revoked" { "revoked" } else { "expired" }).increment(1);
+            conn.close(quinn::VarInt::from_u32(CLOSE_REVOKED), why);
+        }
+    }
+}
+
+/// Application close code for connections cut by revocation or expiry.
+pub const CLOSE_REVOKED: u32 = 0x40;
+
+async fn accept_loop(
+    quic: quinn::Endpoint,
+    router: Router,
+    pool: Arc<Pool>,
+    tracker: Arc<Tracker>,
+) {
     let router = Arc::new(router);
     while let Some(incoming) = quic.accept().await {
         let remote = incoming.remote_address();
         let router = router.clone();
         let pool = pool.clone();
+        let tracker = tracker.clone();
         tokio::spawn(
             async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(incoming)).await {
-                    Ok(Ok((alpn, accepted))) => {
+                    Ok(Ok((alpn, conn, peer))) => {
                         metrics::counter!(HANDSHAKES, "direction" => "in", "alpn" => alpn.as_str(), "result" => "ok").increment(1);
-                        // A peer dials us afresh when it (re)started or lost its
-                        // connection: an old one of ours to it is likely dead too.
-                        pool.forget_stale(remote, alpn, STALE_AFTER);
-                        let tx = match alpn {
-                            Alpn::Gossip => &router.gossip,
-                            Alpn::WanGossip => &router.wan,
-                            Alpn::Tunnel => &router.tunnel,
-                            Alpn::Join => &router.join,
+                        if let Some(peer) = &peer {
+                            tracker.track(&conn, peer);
+                        }
+                        let sent = match (alpn, peer) {
+                            (Alpn::Join, peer) => router.join.send(JoinConn { conn, peer }).await.is_ok(),
+                            (alpn, Some(peer)) => {
+                                // A peer dials us afresh when it (re)started or lost its
+                                // connection: an old one of ours to it is likely dead too.
+                                pool.forget_stale(remote, alpn, STALE_AFTER);
+                                let tx = match alpn {
+                                    Alpn::Gossip => &router.gossip,
+                                    Alpn::WanGossip => &router.wan,
+                                    _ => &router.tunnel,
+                                };
+                                tx.send(Accepted { conn, peer }).await.is_ok()
+                            }
+                            (alpn, None) => {
+                                metrics::counter!(HANDSHAKES, "direction" => "in", "alpn" => alpn.as_str(), "result" => "refused").increment(1);
+                                debug!(alpn = alpn.as_str(), "no client certificate; closing");
+                                conn.close(quinn::VarInt::from_u32(0x01), b"a client certificate of the mesh is required");
+                                true
+                            }
                         };
-                        if tx.send(accepted).await.is_err() {
+                        if !sent {
                             debug!("no consumer for {} connections", alpn.as_str());
                         }
                     }
@@ -202,7 +301,9 @@ async fn accept_loop(quic: quinn::Endpoint, router: Router, pool: Arc<Pool>) {
     }
 }
 
-async fn handshake(incoming: quinn::Incoming) -> Result<(Alpn, Accepted), String> {
+async fn handshake(
+    incoming: quinn::Incoming,
+) -> Result<(Alpn, quinn::Connection, Option<PeerCert>), String> {
     let conn = incoming
         .accept()
         .map_err(|e| e.to_string())?
@@ -214,6 +315,7 @@ async fn handshake(incoming: quinn::Incoming) -> Result<(Alpn, Accepted), String
         .and_then(|d| d.protocol)
         .and_then(|p| Alpn::from_bytes(&p))
         .ok_or_else(|| "no meshnode ALPN negotiated".to_string())?;
-    let peer = peer_cert(&conn).ok_or_else(|| "no peer certificate".to_string())?;
-    Ok((alpn, Accepted { conn, peer }))
+    // None only when the client sent no certificate: one it sent was verified.
+    let peer = peer_cert(&conn);
+    Ok((alpn, conn, peer))
 }

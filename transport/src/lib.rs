@@ -8,12 +8,13 @@
 pub mod alpn;
 pub mod codec;
 pub mod endpoint;
+pub mod join;
 pub mod metrics;
 pub mod pki;
 mod pool;
 pub mod tls;
 pub mod tunnel;
 
-pub use endpoint::{Accepted, Endpoint, EndpointConfig, Incoming};
+pub use endpoint::{Accepted, Endpoint, EndpointConfig, Incoming, JoinConn};
 pub use pki::{Identity, PeerCert, Role};
 pub use pool::ConnectError;

@@ -5,12 +5,59 @@ mod ca;
 mod cert;
 pub(crate) mod files;
 mod identity;
+pub mod join;
+pub mod revocation;
+pub mod token;
 pub mod verify;
 
-pub use ca::{Ca, IssuedCert, DEFAULT_CA_VALIDITY, DEFAULT_NODE_VALIDITY};
+pub use ca::{csr_key_id, Ca, IssuedCert, DEFAULT_CA_VALIDITY, DEFAULT_NODE_VALIDITY};
 pub use cert::{not_after, PeerCert, Role};
-pub use files::{read_private_key, write_private_file};
+pub use files::{read_private_key, write_atomic, write_private_file};
 pub use identity::{check_name, Identity, IdentityError};
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// The DER of the first certificate of a PEM text.
+pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, PkiError> {
+    let certs = files::parse_certs("certificate", pem)?;
+    certs
+        .first()
+        .map(|c| c.to_vec())
+        .ok_or_else(|| PkiError::NoPem {
+            what: "certificate".into(),
+            expected: "a CERTIFICATE block",
+        })
+}
+
+/// The SHA-256 fingerprint of a certificate (DER), as carried in join tokens.
+pub fn fingerprint(der: &[u8]) -> [u8; 32] {
+    sha256(der)
+}
 
 /// Everything that can go wrong with certificates and keys.
 #[derive(Debug, thiserror::Error)]
@@ -42,4 +89,6 @@ pub enum PkiError {
     Generate(#[from] rcgen::Error),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("signing request: {0}")]
+    Csr(String),
 }

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::alpn::Alpn;
-use crate::endpoint::peer_cert;
+use crate::endpoint::{peer_cert, Tracker};
 use crate::metrics::HANDSHAKES;
 use crate::pki::PeerCert;
+use crate::tls::TlsMaterial;
 
 /// Dialling a peer that does not answer gives up after this long, so callers can
 /// retry elsewhere quickly.
@@ -16,12 +17,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// TLS needs a server name; the mesh verifier checks the SPIFFE ID instead.
 const SERVER_NAME: &str = "meshnode";
 
-type Slot = Arc<tokio::sync::Mutex<Option<(quinn::Connection, PeerCert, Instant)>>>;
+type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+
+struct Pooled {
+    conn: quinn::Connection,
+    peer: PeerCert,
+    made: Instant,
+    /// New streams go to a fresh connection from here on: three quarters of
+    /// the way to the earlier expiry of the two certificates of this
+    /// connection, so streams still on it get the last quarter to finish
+    /// before the connection is closed for an expired certificate.
+    rotate_at: Instant,
+}
 
 pub(crate) struct Pool {
     quic: quinn::Endpoint,
     clients: Vec<(Alpn, quinn::ClientConfig)>,
     slots: Mutex<HashMap<(SocketAddr, Alpn), Slot>>,
+    tls: Arc<TlsMaterial>,
+    tracker: Arc<Tracker>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,11 +51,18 @@ pub enum ConnectError {
 // === impl Pool ===
 
 impl Pool {
-    pub(crate) fn new(quic: quinn::Endpoint, clients: Vec<(Alpn, quinn::ClientConfig)>) -> Self {
+    pub(crate) fn new(
+        quic: quinn::Endpoint,
+        clients: Vec<(Alpn, quinn::ClientConfig)>,
+        tls: Arc<TlsMaterial>,
+        tracker: Arc<Tracker>,
+    ) -> Self {
         Self {
             quic,
             clients,
             slots: Mutex::new(HashMap::new()),
+            tls,
+            tracker,
         }
     }
 
@@ -63,18 +84,27 @@ impl Pool {
         };
         // Concurrent callers for the same peer wait for one handshake.
         let mut guard = slot.lock().await;
-        if let Some((conn, peer, _)) = guard.as_ref() {
-            if conn.close_reason().is_none() {
-                return Ok((conn.clone(), peer.clone()));
+        if let Some(p) = guard.as_ref() {
+            if p.conn.close_reason().is_none() && Instant::now() < p.rotate_at {
+                return Ok((p.conn.clone(), p.peer.clone()));
             }
         }
         *guard = None;
+        let own_not_after = self.tls.me().not_after;
         let dialled = self.dial(addr, alpn).await;
         metrics::counter!(HANDSHAKES, "direction" => "out", "alpn" => alpn.as_str(),
             "result" => if dialled.is_ok() { "ok" } else { "failed" })
         .increment(1);
         let (conn, peer) = dialled?;
-        *guard = Some((conn.clone(), peer.clone(), Instant::now()));
+        self.tracker.track(&conn, &peer);
+        let left = peer.not_after.min(own_not_after) - crate::pki::unix_now();
+        let now = Instant::now();
+        *guard = Some(Pooled {
+            conn: conn.clone(),
+            peer: peer.clone(),
+            made: now,
+            rotate_at: now + Duration::from_secs(left.max(0) as u64 * 3 / 4),
+        });
         Ok((conn, peer))
     }
 
@@ -98,10 +128,8 @@ impl Pool {
     pub(crate) fn forget_stale(&self, addr: SocketAddr, alpn: Alpn, min_age: Duration) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let stale = slots.get(&(addr, alpn)).is_some_and(|slot| {
-            slot.try_lock().is_ok_and(|g| {
-                g.as_ref()
-                    .is_some_and(|(_, _, made)| made.elapsed() >= min_age)
-            })
+            slot.try_lock()
+                .is_ok_and(|g| g.as_ref().is_some_and(|p| p.made.elapsed() >= min_age))
         });
         if !stale {
             return;
@@ -109,8 +137,8 @@ impl Pool {
         if let Some(slot) = slots.remove(&(addr, alpn)) {
             if matches!(alpn, Alpn::Gossip | Alpn::WanGossip) {
                 if let Ok(g) = slot.try_lock() {
-                    if let Some((conn, _, _)) = g.as_ref() {
-                        conn.close(quinn::VarInt::from_u32(0), b"superseded");
+                    if let Some(p) = g.as_ref() {
+                        p.conn.close(quinn::VarInt::from_u32(0), b"superseded");
                     }
                 }
             }
@@ -126,8 +154,8 @@ impl Pool {
             .get(&(addr, alpn))?
             .clone();
         let guard = slot.try_lock().ok()?;
-        let (conn, _, _) = guard.as_ref()?;
-        conn.close_reason().is_none().then(|| conn.rtt())
+        let p = guard.as_ref()?;
+        p.conn.close_reason().is_none().then(|| p.conn.rtt())
     }
 
     async fn dial(
@@ -170,7 +198,7 @@ fn slot_is_live(slot: &Slot) -> bool {
     match slot.try_lock() {
         Ok(guard) => guard
             .as_ref()
-            .is_some_and(|(conn, _, _)| conn.close_reason().is_none()),
+            .is_some_and(|p| p.conn.close_reason().is_none()),
         // Someone is dialling right now.
         Err(_) => true,
     }

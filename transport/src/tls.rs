@@ -1,24 +1,41 @@
 //! rustls and quinn configuration: TLS 1.3 only, ring only, mutual authentication always.
 
+use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::RootCertStore;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, SignatureScheme};
 
 use crate::alpn;
 use crate::pki::files::{parse_certs, read_certs};
-use crate::pki::verify::{MeshClientVerifier, MeshServerVerifier};
+use crate::pki::revocation::RevocationSet;
+use crate::pki::verify::{FingerprintVerifier, MeshClientVerifier, MeshServerVerifier};
 use crate::pki::{read_private_key, PeerCert, PkiError};
 
-/// A node's credentials: the CA it trusts and the certificate it presents.
+/// A node's credentials: the CA it trusts, the certificate it presents (swapped
+/// in place on renewal: rustls asks the resolvers at every handshake, so live
+/// connections keep running and new ones use the new certificate) and the
+/// revocations in force.
 pub struct TlsMaterial {
     ca: Vec<CertificateDer<'static>>,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+    mesh: String,
+    current: RwLock<Arc<Current>>,
+    revoked: Arc<RevocationSet>,
+}
+
+struct Current {
     me: PeerCert,
+    /// The node certificate alone, for mesh peers.
+    plain: Arc<CertifiedKey>,
+    /// Node certificate plus CA, for joiners that know only the CA's fingerprint.
+    with_ca: Arc<CertifiedKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +46,8 @@ pub enum TlsError {
     NodeCert { path: String, reason: String },
     #[error("the node certificate was not issued by the configured CA ({ca}): {reason}")]
     NotFromCa { ca: String, reason: String },
+    #[error("renewed certificate refused: {0}")]
+    Renewal(String),
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("TLS configuration: {0}")]
@@ -92,25 +111,92 @@ impl TlsMaterial {
             path: cert_name.to_string(),
             reason: e.to_string(),
         })?;
-        let material = Self { ca, chain, key, me };
+        let mut roots = RootCertStore::empty();
+        for c in &ca {
+            roots.add(c.clone())?;
+        }
+        let signing = provider().key_provider.load_private_key(key)?;
+        let current = Current::new(me, chain, signing, &ca);
+        // rustls checks that the key matches the certificate where it can.
+        match current.plain.keys_match() {
+            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(e) => {
+                return Err(TlsError::NodeCert {
+                    path: cert_name.to_string(),
+                    reason: format!("the key file does not belong to this certificate ({e})"),
+                })
+            }
+        }
+        let material = Self {
+            mesh: current.me.identity.mesh().to_string(),
+            ca,
+            roots: Arc::new(roots),
+            current: RwLock::new(Arc::new(current)),
+            revoked: Arc::new(RevocationSet::default()),
+        };
         // Fail at startup, not at the first handshake, when cert and CA do not match.
+        material
+            .verify_own(&material.current().plain.cert)
+            .map_err(|e| TlsError::NotFromCa {
+                ca: ca_name.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(material)
+    }
+
+    fn verify_own(&self, chain: &[CertificateDer<'static>]) -> Result<(), rustls::Error> {
         let name = rustls::pki_types::ServerName::try_from("meshnode")
-            .map_err(|e| TlsError::Quic(e.to_string()))?;
-        let verifier =
-            MeshServerVerifier::new(material.roots()?, provider(), material.me.identity.mesh());
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| rustls::Error::General("empty chain".into()))?;
+        let verifier = MeshServerVerifier::new(
+            self.roots.clone(),
+            provider(),
+            &self.mesh,
+            Arc::new(RevocationSet::default()),
+        );
         rustls::client::danger::ServerCertVerifier::verify_server_cert(
             &verifier,
-            &material.chain[0],
-            &material.chain[1..],
+            leaf,
+            &chain[1..],
             &name,
             &[],
             rustls::pki_types::UnixTime::now(),
         )
-        .map_err(|e| TlsError::NotFromCa {
-            ca: ca_name.to_string(),
-            reason: e.to_string(),
-        })?;
-        Ok(material)
+        .map(|_| ())
+    }
+
+    fn current(&self) -> Arc<Current> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Swaps in a renewed certificate (PEM) for the same identity, role and key.
+    /// Handshakes from now on present it; live connections are untouched.
+    pub fn renew(&self, cert_pem: &str) -> Result<PeerCert, TlsError> {
+        let chain = parse_certs("renewed certificate", cert_pem)?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| TlsError::Renewal("empty".into()))?;
+        let new = PeerCert::from_der(leaf).map_err(|e| TlsError::Renewal(e.to_string()))?;
+        let old = self.current();
+        if new.identity != old.me.identity || new.role != old.me.role {
+            return Err(TlsError::Renewal(format!(
+                "it is for {} ({}), this node is {} ({})",
+                new.identity, new.role, old.me.identity, old.me.role
+            )));
+        }
+        if new.key_id != old.me.key_id {
+            return Err(TlsError::Renewal("it is not for this node's key".into()));
+        }
+        self.verify_own(&chain)
+            .map_err(|e| TlsError::Renewal(format!("does not chain to the mesh CA: {e}")))?;
+        let next = Current::new(new.clone(), chain, old.plain.key.clone(), &self.ca);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        Ok(new)
     }
 
     /// When the first of the trusted CA certificates expires (Unix seconds).
@@ -121,29 +207,72 @@ impl TlsMaterial {
             .min()
     }
 
-    /// What this node's own certificate says.
-    pub fn me(&self) -> &PeerCert {
-        &self.me
+    /// The trusted CA certificates (DER), e.g. to check revocation signatures.
+    pub fn ca_certs(&self) -> &[CertificateDer<'static>] {
+        &self.ca
     }
 
-    fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
-        let mut roots = RootCertStore::empty();
-        for c in &self.ca {
-            roots.add(c.clone())?;
-        }
-        Ok(Arc::new(roots))
+    pub fn mesh(&self) -> &str {
+        &self.mesh
+    }
+
+    /// The current node certificate (DER), e.g. for a renewal request.
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        self.current().plain.cert[0].clone()
+    }
+
+    /// Checks a certificate (DER) the way a peer would at a handshake: chain
+    /// to the mesh CA, validity, mesh, revocation.
+    pub fn verify_peer(&self, der: &[u8]) -> Result<PeerCert, TlsError> {
+        let cert = CertificateDer::from(der.to_vec());
+        let verifier = MeshServerVerifier::new(
+            self.roots.clone(),
+            provider(),
+            &self.mesh,
+            self.revoked.clone(),
+        );
+        let name = rustls::pki_types::ServerName::try_from("meshnode")
+            .map_err(|e| TlsError::Quic(e.to_string()))?;
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            &verifier,
+            &cert,
+            &[],
+            &name,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )?;
+        Ok(PeerCert::from_der(der)?)
+    }
+
+    /// What this node's current certificate says.
+    pub fn me(&self) -> PeerCert {
+        self.current().me.clone()
+    }
+
+    /// The revocations the verifiers enforce.
+    pub fn revocations(&self) -> &Arc<RevocationSet> {
+        &self.revoked
     }
 
     /// The server side of the node's endpoint: serves every meshnode ALPN.
+    ///
+    /// A client certificate is requested but not required by TLS, because a
+    /// joining machine has none yet; the endpoint closes every connection
+    /// without one unless it negotiated `meshnode-join/1`.
     pub fn server_config(
-        &self,
+        self: &Arc<Self>,
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ServerConfig, TlsError> {
-        let verifier = MeshClientVerifier::new(self.roots()?, provider(), self.me.identity.mesh())?;
+        let verifier = MeshClientVerifier::new(
+            self.roots.clone(),
+            provider(),
+            &self.mesh,
+            self.revoked.clone(),
+        )?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(verifier))
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_cert_resolver(Arc::new(Resolver(self.clone())));
         tls.alpn_protocols = alpn::ALL.iter().map(|a| a.to_vec()).collect();
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
@@ -154,22 +283,103 @@ impl TlsMaterial {
 
     /// A client config that offers exactly one ALPN.
     pub fn client_config(
-        &self,
+        self: &Arc<Self>,
         alpn: &[u8],
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ClientConfig, TlsError> {
-        let verifier = MeshServerVerifier::new(self.roots()?, provider(), self.me.identity.mesh());
+        let verifier = MeshServerVerifier::new(
+            self.roots.clone(),
+            provider(),
+            &self.mesh,
+            self.revoked.clone(),
+        );
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
         tls.alpn_protocols = vec![alpn.to_vec()];
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| TlsError::Quic(e.to_string()))?;
-        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-        cfg.transport_config(transport);
-        Ok(cfg)
+        quic_client(tls, transport)
+    }
+}
+
+/// The client config of a machine that joins: no certificate of its own, and
+/// the server must present a chain to the CA whose SHA-256 fingerprint the
+/// token carries, or the handshake fails before the token is sent.
+pub fn join_client_config(
+    ca_fingerprint: [u8; 32],
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let verifier = FingerprintVerifier::new(ca_fingerprint, provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn::JOIN.to_vec()];
+    quic_client(tls, transport)
+}
+
+fn quic_client(
+    tls: rustls::ClientConfig,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport);
+    Ok(cfg)
+}
+
+// === impl Current ===
+
+impl Current {
+    fn new(
+        me: PeerCert,
+        chain: Vec<CertificateDer<'static>>,
+        key: Arc<dyn rustls::sign::SigningKey>,
+        ca: &[CertificateDer<'static>],
+    ) -> Self {
+        let mut full = chain.clone();
+        full.extend(ca.iter().cloned());
+        Self {
+            me,
+            plain: Arc::new(CertifiedKey::new(chain, key.clone())),
+            with_ca: Arc::new(CertifiedKey::new(full, key)),
+        }
+    }
+}
+
+/// Hands rustls the current certificate at every handshake.
+struct Resolver(Arc<TlsMaterial>);
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Resolver").field(&self.0.mesh).finish()
+    }
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let current = self.0.current();
+        let joining = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|a| a == alpn::JOIN));
+        Some(if joining {
+            current.with_ca.clone()
+        } else {
+            current.plain.clone()
+        })
+    }
+}
+
+impl ResolvesClientCert for Resolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().plain.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 

@@ -59,3 +59,104 @@ pub fn issue(
     }
     Ok(())
 }
+
+/// The secret the agent wrote for its CA endpoints.
+fn admin_secret(data_dir: &Path) -> Result<String, Failure> {
+    let path = data_dir.join(meshnode_node::admin::SECRET_FILE);
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_string())
+        .with_context(|| {
+            format!(
+                "reading {} (run this on a CA node, as the node's user or root, with --data-dir set to the node's data_dir)",
+                path.display()
+            )
+        })
+        .map_err(Failure::usage)
+}
+
+fn admin_failure(e: meshnode_node::admin::client::ClientError) -> Failure {
+    use meshnode_node::admin::client::ClientError;
+    match &e {
+        ClientError::Status { status, body, .. } if *status == 400 || *status == 404 => {
+            let msg = serde_json::from_str::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                .unwrap_or_else(|| body.clone());
+            Failure::usage(anyhow::anyhow!("{msg}"))
+        }
+        _ => Failure::runtime(e),
+    }
+}
+
+pub struct TokenOptions {
+    pub ttl: Duration,
+    pub uses: u32,
+    pub cluster: Option<String>,
+    pub gateway: bool,
+}
+
+pub async fn token_create(
+    admin: &crate::cmd::AdminArgs,
+    data_dir: &Path,
+    o: TokenOptions,
+) -> Result<(), Failure> {
+    let secret = admin_secret(data_dir)?;
+    let body = serde_json::json!({
+        "ttl": humantime::format_duration(o.ttl).to_string(),
+        "uses": o.uses,
+        "cluster": o.cluster,
+        "gateway": o.gateway,
+    });
+    let out = meshnode_node::admin::client::post_json(admin.admin, "/v1/ca/tokens", &body, &secret)
+        .await
+        .map_err(admin_failure)?;
+    if admin.json {
+        println!("{out}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(Failure::runtime)?;
+    let token = v.get("token").and_then(|t| t.as_str()).unwrap_or_default();
+    println!("{token}");
+    eprintln!(
+        "join token: valid {}, {} use(s){}{}; on the new machine run:\n  meshnode join --token <TOKEN> <ADDRESS OF ANY NODE>:9470",
+        humantime::format_duration(o.ttl),
+        o.uses,
+        o.cluster
+            .as_deref()
+            .map(|c| format!(", cluster {c}"))
+            .unwrap_or_default(),
+        if o.gateway { ", gateway certificate" } else { "" }
+    );
+    Ok(())
+}
+
+pub async fn revoke(
+    admin: &crate::cmd::AdminArgs,
+    data_dir: &Path,
+    node: Option<String>,
+    cluster: Option<String>,
+    serial: Option<String>,
+    reason: Option<String>,
+) -> Result<(), Failure> {
+    let secret = admin_secret(data_dir)?;
+    let body = serde_json::json!({
+        "node": node, "cluster": cluster, "serial": serial, "reason": reason,
+    });
+    let out = meshnode_node::admin::client::post_json(admin.admin, "/v1/ca/revoke", &body, &secret)
+        .await
+        .map_err(admin_failure)?;
+    if admin.json {
+        println!("{out}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(Failure::runtime)?;
+    println!(
+        "revoked {} ({} key(s)); entry {} is spreading to every node by gossip",
+        v.get("identity")
+            .and_then(|i| i.as_str())
+            .unwrap_or("by serial"),
+        v.get("keys").and_then(|k| k.as_array()).map_or(0, Vec::len),
+        v.get("id").and_then(|i| i.as_str()).unwrap_or("?"),
+    );
+    Ok(())
+}

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -28,6 +28,33 @@ pub async fn request(
     method: hyper::Method,
     path: &str,
 ) -> Result<String, ClientError> {
+    send(addr, method, path, None, None).await
+}
+
+/// `POST` of a JSON body with a bearer secret (the CA endpoints).
+pub async fn post_json(
+    addr: SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+    secret: &str,
+) -> Result<String, ClientError> {
+    send(
+        addr,
+        hyper::Method::POST,
+        path,
+        Some(body.to_string()),
+        Some(secret),
+    )
+    .await
+}
+
+async fn send(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    body: Option<String>,
+    secret: Option<&str>,
+) -> Result<String, ClientError> {
     let unreachable = |reason: String| ClientError::Unreachable { addr, reason };
     let work = async {
         let stream = TcpStream::connect(addr)
@@ -37,11 +64,18 @@ pub async fn request(
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         tokio::spawn(conn);
-        let req = hyper::Request::builder()
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header(hyper::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
+            .header(hyper::header::HOST, addr.to_string());
+        if let Some(secret) = secret {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {secret}"));
+        }
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| unreachable(e.to_string()))?;
         let resp = sender
             .send_request(req)

@@ -10,6 +10,10 @@ pub struct Status {
     pub mesh: String,
     pub gateway: bool,
     /// Unix seconds.
+    /// This node holds the CA key.
+    pub ca: bool,
+    /// Revocation entries in force here.
+    pub revocations: usize,
     pub cert_not_after: i64,
     pub cert_expires_in_seconds: i64,
     /// Unix seconds; absent if the CA file could not be parsed for it.

@@ -8,8 +8,8 @@ use meshnode_gossip::Protocol;
 use serde::Deserialize;
 
 use super::{
-    CheckConfig, CheckTarget, Config, ConfigError, GossipSettings, LoadError, ServiceConfig,
-    TlsPaths, UpstreamConfig,
+    CaSettings, CheckConfig, CheckTarget, Config, ConfigError, GossipSettings, LoadError,
+    ServiceConfig, TlsPaths, UpstreamConfig,
 };
 
 // Defaults, each with its reason.
@@ -28,6 +28,11 @@ const DEFAULT_FALL: u32 = 3;
 /// Measured: 250 ms rounds spread a change to 30 nodes in well under a second (ARCHITECTURE.md).
 const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_millis(250);
 const DEFAULT_PHI: f64 = 8.0;
+/// Node certificates signed by a CA node: short-lived, renewed at two thirds.
+const DEFAULT_CERT_TTL: Duration = Duration::from_secs(72 * 3600);
+/// Seconds-long lifetimes exist for tests of renewal; production uses hours.
+const MIN_CERT_TTL: Duration = Duration::from_secs(5);
+const MAX_CERT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -47,6 +52,14 @@ pub struct RawConfig {
     service: Vec<RawService>,
     upstream: Vec<RawUpstream>,
     gossip: Option<RawGossip>,
+    ca: Option<RawCa>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawCa {
+    key: Option<String>,
+    cert_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -296,6 +309,25 @@ impl RawConfig {
                 }
             },
         };
+        let ca = self.ca.map(|ca| {
+            let cert_ttl = e.duration("ca.cert_ttl", ca.cert_ttl.as_deref(), DEFAULT_CERT_TTL);
+            if !(MIN_CERT_TTL..=MAX_CERT_TTL).contains(&cert_ttl) {
+                e.push(
+                    "ca.cert_ttl",
+                    format!(
+                        "{} is out of range: use 5s to 90d (default 72h)",
+                        humantime::format_duration(cert_ttl)
+                    ),
+                );
+            }
+            CaSettings {
+                key: ca
+                    .key
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| data_dir.join("ca.key")),
+                cert_ttl,
+            }
+        });
         match (bind, admin) {
             (Some(bind), Some(admin)) if e.0.is_empty() => Ok(Config {
                 node,
@@ -313,6 +345,7 @@ impl RawConfig {
                 services,
                 upstreams,
                 gossip,
+                ca,
             }),
             _ => Err(e.0),
         }
@@ -522,7 +555,7 @@ fn dotted(path: &serde_ignored::Path<'_>) -> String {
     }
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".to_string())

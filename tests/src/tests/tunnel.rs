@@ -190,7 +190,7 @@ async fn garbage_headers_reset_the_stream_and_the_node_keeps_serving() {
     let (nodes, up, _apps) = echo_mesh(&pki, subnet()).await;
     let (ep, _incoming) = Endpoint::bind(EndpointConfig {
         bind: "127.0.0.1:0".parse().unwrap(),
-        tls: prober(&pki, "prober"),
+        tls: prober(&pki, "prober").into(),
     })
     .unwrap();
     let (conn, peer) = ep.connect(nodes[1].spec.quic, Alpn::Tunnel).await.unwrap();
@@ -269,7 +269,7 @@ async fn a_certificate_from_another_ca_cannot_open_a_tunnel() {
     let rogue = Pki::new();
     let (ep, _incoming) = Endpoint::bind(EndpointConfig {
         bind: "127.0.0.1:0".parse().unwrap(),
-        tls: prober(&rogue, "rogue"),
+        tls: prober(&rogue, "rogue").into(),
     })
     .unwrap();
     // The rogue does not trust the mesh CA either, so even the handshake fails on its side;
@@ -310,7 +310,7 @@ async fn probe_stream(
 ) -> Result<Vec<u8>, tunnel::TunnelError> {
     let (ep, _incoming) = Endpoint::bind(EndpointConfig {
         bind: "127.0.0.1:0".parse().unwrap(),
-        tls,
+        tls: tls.into(),
     })
     .unwrap();
     let (conn, _) = ep.connect(to, Alpn::Tunnel).await.unwrap();

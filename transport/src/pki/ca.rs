@@ -17,9 +17,11 @@ use super::{Identity, PkiError, Role};
 
 /// Root CA lifetime. Ten years: rotation of the root is an explicit operator act.
 pub const DEFAULT_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Offline-issued node certificates. One year until automatic renewal exists for them.
+/// Offline-issued node certificates (`meshnode cert issue`): one year. Certificates
+/// issued by a CA node at join and renewal use the CA node's `cert_ttl` (72 h).
 pub const DEFAULT_NODE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
-/// Backdating absorbs clock skew between the CA and the verifying nodes.
+/// Backdating absorbs clock skew between the CA and the verifying nodes; a
+/// quarter of the validity at most, so second-long test certificates stay sane.
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
 
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -71,8 +73,13 @@ impl Ca {
 
     /// Loads `ca.pem` and `ca.key` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, PkiError> {
-        let cert_pem = read_text(&dir.join(CA_CERT_FILE))?;
-        let (key_pem, _) = read_private_key(&dir.join(CA_KEY_FILE))?;
+        Self::load_files(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE))
+    }
+
+    /// Loads a CA from its certificate and key files (a CA node's `tls.ca` and `ca.key`).
+    pub fn load_files(cert: &Path, key: &Path) -> Result<Self, PkiError> {
+        let cert_pem = read_text(cert)?;
+        let (key_pem, _) = read_private_key(key)?;
         let key = KeyPair::from_pem(&key_pem)?;
         let mesh = mesh_of_ca_pem(&cert_pem)?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)?;
@@ -114,28 +121,7 @@ impl Ca {
     ) -> Result<IssuedCert, PkiError> {
         let identity = Identity::new(&self.mesh, cluster, node)?;
         let key = KeyPair::generate()?;
-        let mut p = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "meshnode");
-        dn.push(
-            DnType::OrganizationalUnitName,
-            match role {
-                Role::Gateway => GATEWAY_OU,
-                Role::Node => NODE_OU,
-            },
-        );
-        dn.push(DnType::CommonName, node);
-        p.distinguished_name = dn;
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
-        p.use_authority_key_identifier_extension = true;
-        set_validity(&mut p, validity);
-        p.serial_number = Some(random_serial());
+        let p = node_params(&identity, role, validity, None)?;
         let cert = p.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert {
             identity,
@@ -143,6 +129,109 @@ impl Ca {
             key_pem: key.serialize_pem(),
         })
     }
+
+    /// Signs the public key of a certificate signing request (DER) for
+    /// `identity`. Only the key and its proof of possession are taken from
+    /// the request: subject, SANs, usages, validity and serial are ours.
+    /// `not_before_floor` (Unix seconds) keeps a certificate for a revoked
+    /// name from predating its revocation.
+    pub fn sign_csr(
+        &self,
+        csr_der: &[u8],
+        identity: &Identity,
+        role: Role,
+        validity: Duration,
+        not_before_floor: Option<i64>,
+    ) -> Result<String, PkiError> {
+        if identity.mesh() != self.mesh {
+            return Err(PkiError::Csr(format!(
+                "{identity} is not in this CA's mesh {:?}",
+                self.mesh
+            )));
+        }
+        let csr = csr_public_key(csr_der)?;
+        let mut p = node_params(identity, role, validity, not_before_floor)?;
+        p.use_authority_key_identifier_extension = true;
+        let signed = rcgen::CertificateSigningRequestParams {
+            params: p,
+            public_key: csr,
+        }
+        .signed_by(&self.issuer)?;
+        Ok(signed.pem())
+    }
+
+    /// SHA-256 fingerprint of the CA certificate (DER).
+    pub fn fingerprint(&self) -> Result<[u8; 32], PkiError> {
+        let der = super::files::parse_certs("CA certificate", &self.cert_pem)?;
+        let first = der.first().ok_or_else(|| PkiError::NoPem {
+            what: "CA certificate".into(),
+            expected: "a CERTIFICATE block",
+        })?;
+        Ok(super::fingerprint(first))
+    }
+
+    /// Signs `msg` with the CA key (revocation entries).
+    pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, PkiError> {
+        use rcgen::SigningKey;
+        Ok(self.issuer.key().sign(msg)?)
+    }
+}
+
+/// Parses a CSR and checks its self-signature (proof of possession).
+fn csr_public_key(csr_der: &[u8]) -> Result<rcgen::PublicKey, PkiError> {
+    let der = rustls::pki_types::CertificateSigningRequestDer::from(csr_der);
+    rcgen::CertificateSigningRequestParams::from_der(&der)
+        .map(|p| p.public_key)
+        .map_err(|e| PkiError::Csr(e.to_string()))
+}
+
+/// The SHA-256 key id of a CSR's public key, as in [`crate::PeerCert::key_id`].
+pub fn csr_key_id(csr_der: &[u8]) -> Result<String, PkiError> {
+    use x509_parser::prelude::FromDer;
+    csr_public_key(csr_der)?;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+        .map_err(|e| PkiError::Csr(e.to_string()))?;
+    Ok(super::hex(&super::sha256(
+        csr.certification_request_info.subject_pki.raw,
+    )))
+}
+
+fn node_params(
+    identity: &Identity,
+    role: Role,
+    validity: Duration,
+    not_before_floor: Option<i64>,
+) -> Result<CertificateParams, PkiError> {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "meshnode");
+    dn.push(
+        DnType::OrganizationalUnitName,
+        match role {
+            Role::Gateway => GATEWAY_OU,
+            Role::Node => NODE_OU,
+        },
+    );
+    dn.push(DnType::CommonName, identity.node());
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
+    p.use_authority_key_identifier_extension = true;
+    set_validity(&mut p, validity);
+    if let Some(floor) = not_before_floor {
+        if let Ok(floor) = OffsetDateTime::from_unix_timestamp(floor + 1) {
+            if p.not_before < floor {
+                p.not_before = floor;
+            }
+        }
+    }
+    p.serial_number = Some(random_serial());
+    Ok(p)
 }
 
 // === impl IssuedCert ===
@@ -162,7 +251,7 @@ impl IssuedCert {
 
 fn set_validity(p: &mut CertificateParams, validity: Duration) {
     let now = OffsetDateTime::now_utc();
-    p.not_before = now - BACKDATE;
+    p.not_before = now - BACKDATE.min(validity / 4);
     p.not_after = now + validity;
 }
 
@@ -174,14 +263,22 @@ fn random_serial() -> SerialNumber {
 
 /// The trust domain of a CA certificate: its `spiffe://<mesh>` URI SAN.
 pub fn mesh_of_ca_pem(pem: &str) -> Result<String, PkiError> {
+    let certs = super::files::parse_certs("CA certificate", pem)?;
+    let der = certs.first().ok_or_else(|| PkiError::BadCertificate {
+        what: "CA certificate".to_string(),
+        reason: "empty".to_string(),
+    })?;
+    mesh_of_ca_der(der)
+}
+
+/// [`mesh_of_ca_pem`] for a DER certificate.
+pub fn mesh_of_ca_der(der: &[u8]) -> Result<String, PkiError> {
     use x509_parser::extensions::GeneralName;
     use x509_parser::prelude::{FromDer, X509Certificate};
-    let certs = super::files::parse_certs("CA certificate", pem)?;
     let bad = |reason: String| PkiError::BadCertificate {
         what: "CA certificate".to_string(),
         reason,
     };
-    let der = certs.first().ok_or_else(|| bad("empty".to_string()))?;
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| bad(e.to_string()))?;
     let san = cert
         .subject_alternative_name()

@@ -27,6 +27,16 @@ pub struct PeerCert {
     pub role: Role,
     /// Unix seconds.
     pub not_after: i64,
+    /// Unix seconds.
+    #[serde(default)]
+    pub not_before: i64,
+    /// Hex SHA-256 of the SubjectPublicKeyInfo: revocations match on the key,
+    /// so a re-issued certificate for a revoked key is refused too.
+    #[serde(default)]
+    pub key_id: String,
+    /// Hex serial number.
+    #[serde(default)]
+    pub serial: String,
 }
 
 // === impl Role ===
@@ -95,7 +105,20 @@ impl PeerCert {
             identity,
             role: if gateway { Role::Gateway } else { Role::Node },
             not_after: cert.validity().not_after.timestamp(),
+            not_before: cert.validity().not_before.timestamp(),
+            key_id: super::hex(&super::sha256(cert.public_key().raw)),
+            serial: super::hex(cert.raw_serial()),
         })
+    }
+
+    /// [`PeerCert::from_der`] for the first certificate of a PEM text.
+    pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
+        let certs = super::files::parse_certs("certificate", pem)?;
+        let first = certs.first().ok_or_else(|| PkiError::NoPem {
+            what: "certificate".into(),
+            expected: "a CERTIFICATE block",
+        })?;
+        Self::from_der(first)
     }
 
     pub fn is_gateway(&self) -> bool {

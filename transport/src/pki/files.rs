@@ -42,6 +42,20 @@ pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), 
         })
 }
 
+/// Replaces `path` atomically (write a temporary file, fsync, rename), with `mode`.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    let _ = fs::remove_file(&tmp);
+    write_file(&tmp, contents, mode)?;
+    fs::rename(&tmp, path).map_err(|source| PkiError::Write {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
 pub(crate) fn read_text(path: &Path) -> Result<String, PkiError> {
     fs::read_to_string(path).map_err(|source| PkiError::Read {
         path: path.display().to_string(),

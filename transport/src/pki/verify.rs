@@ -14,6 +14,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
+use super::revocation::RevocationSet;
 use super::PeerCert;
 
 /// The pure part: does this (chain-verified) certificate belong to `mesh`?
@@ -30,6 +31,15 @@ pub fn check_mesh(end_entity: &[u8], mesh: &str) -> Result<PeerCert, String> {
     Ok(peer)
 }
 
+/// The chain-verified certificate must be of `mesh` and not revoked.
+fn admit(end_entity: &[u8], mesh: &str, revoked: &RevocationSet) -> Result<(), rustls::Error> {
+    let peer = check_mesh(end_entity, mesh).map_err(reject)?;
+    if revoked.is_revoked(&peer) {
+        return Err(reject(format!("{} is revoked", peer.identity)));
+    }
+    Ok(())
+}
+
 fn reject(reason: String) -> rustls::Error {
     tracing::debug!(%reason, "rejected peer certificate");
     rustls::Error::General(reason)
@@ -39,6 +49,7 @@ fn reject(reason: String) -> rustls::Error {
 pub struct MeshClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     mesh: String,
+    revoked: Arc<RevocationSet>,
 }
 
 /// Client side: verifies a server's certificate. SPIFFE IDs are not DNS names,
@@ -47,6 +58,15 @@ pub struct MeshServerVerifier {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
     mesh: String,
+    revoked: Arc<RevocationSet>,
+}
+
+/// A joiner's view of the server: it knows only the CA's SHA-256 fingerprint
+/// (from the token). The server's chain must include a certificate with that
+/// fingerprint, and the leaf must be a node certificate signed by it.
+pub struct FingerprintVerifier {
+    fingerprint: [u8; 32],
+    provider: Arc<CryptoProvider>,
 }
 
 // === impl MeshClientVerifier ===
@@ -56,11 +76,13 @@ impl MeshClientVerifier {
         roots: Arc<RootCertStore>,
         provider: Arc<CryptoProvider>,
         mesh: &str,
+        revoked: Arc<RevocationSet>,
     ) -> Result<Self, rustls::server::VerifierBuilderError> {
         let inner = WebPkiClientVerifier::builder_with_provider(roots, provider).build()?;
         Ok(Self {
             inner,
             mesh: mesh.to_string(),
+            revoked,
         })
     }
 }
@@ -78,8 +100,12 @@ impl ClientCertVerifier for MeshClientVerifier {
         self.inner.root_hint_subjects()
     }
 
+    /// A certificate is always requested and, when sent, fully verified; TLS
+    /// lets a client without one through only so that a joining machine can
+    /// reach `meshnode-join/1`. The endpoint closes every other protocol's
+    /// connection that has no verified peer certificate.
     fn client_auth_mandatory(&self) -> bool {
-        true
+        false
     }
 
     fn verify_client_cert(
@@ -90,7 +116,7 @@ impl ClientCertVerifier for MeshClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        check_mesh(end_entity, &self.mesh).map_err(reject)?;
+        admit(end_entity, &self.mesh, &self.revoked)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -120,11 +146,17 @@ impl ClientCertVerifier for MeshClientVerifier {
 // === impl MeshServerVerifier ===
 
 impl MeshServerVerifier {
-    pub fn new(roots: Arc<RootCertStore>, provider: Arc<CryptoProvider>, mesh: &str) -> Self {
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        provider: Arc<CryptoProvider>,
+        mesh: &str,
+        revoked: Arc<RevocationSet>,
+    ) -> Self {
         Self {
             roots,
             provider,
             mesh: mesh.to_string(),
+            revoked,
         }
     }
 }
@@ -154,7 +186,94 @@ impl ServerCertVerifier for MeshServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        check_mesh(end_entity, &self.mesh).map_err(reject)?;
+        admit(end_entity, &self.mesh, &self.revoked)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+// === impl FingerprintVerifier ===
+
+impl FingerprintVerifier {
+    pub fn new(fingerprint: [u8; 32], provider: Arc<CryptoProvider>) -> Self {
+        Self {
+            fingerprint,
+            provider,
+        }
+    }
+}
+
+impl fmt::Debug for FingerprintVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FingerprintVerifier")
+            .field("fingerprint", &super::hex(&self.fingerprint))
+            .finish()
+    }
+}
+
+impl ServerCertVerifier for FingerprintVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| super::fingerprint(c) == self.fingerprint)
+            .ok_or_else(|| {
+                reject(format!(
+                    "the server does not hold a certificate of the CA {} named by the token",
+                    super::hex(&self.fingerprint)
+                ))
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &[],
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let mesh = super::ca::mesh_of_ca_der(ca).map_err(|e| reject(e.to_string()))?;
+        check_mesh(end_entity, &mesh).map_err(reject)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -211,6 +330,7 @@ mod tests {
             Arc::new(roots),
             Arc::new(rustls::crypto::ring::default_provider()),
             mesh,
+            Arc::new(RevocationSet::default()),
         )
     }
 
@@ -234,5 +354,42 @@ mod tests {
         // Same CA, but this verifier serves another trust domain.
         let err = verify(&verifier(&ca, "globex"), &good.cert_pem).unwrap_err();
         assert!(err.to_string().contains("globex"), "{err}");
+    }
+
+    #[test]
+    fn fingerprint_verifier_needs_the_named_ca_in_the_chain() {
+        let ca = Ca::generate("acme", Duration::from_secs(3600)).unwrap();
+        let other = Ca::generate("acme", Duration::from_secs(3600)).unwrap();
+        let node = ca
+            .issue("east", "a", Role::Node, Duration::from_secs(60))
+            .unwrap();
+        let name = ServerName::try_from("meshnode").unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let v = FingerprintVerifier::new(ca.fingerprint().unwrap(), provider.clone());
+        let leaf = der(&node.cert_pem);
+        assert!(v
+            .verify_server_cert(&leaf, &[der(ca.cert_pem())], &name, &[], UnixTime::now())
+            .is_ok());
+        // No CA in the chain, or a CA with another fingerprint.
+        assert!(v
+            .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
+            .is_err());
+        let w = FingerprintVerifier::new(other.fingerprint().unwrap(), provider);
+        assert!(w
+            .verify_server_cert(&leaf, &[der(ca.cert_pem())], &name, &[], UnixTime::now())
+            .is_err());
+        // The right CA in the chain, but a leaf it did not sign.
+        let forged = other
+            .issue("east", "a", Role::Node, Duration::from_secs(60))
+            .unwrap();
+        assert!(v
+            .verify_server_cert(
+                &der(&forged.cert_pem),
+                &[der(ca.cert_pem())],
+                &name,
+                &[],
+                UnixTime::now()
+            )
+            .is_err());
     }
 }

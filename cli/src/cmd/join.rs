@@ -1,0 +1,298 @@
+//! `meshnode join`: a fresh machine becomes a node with one command. The key
+//! pair is made here and never leaves; the server's chain is checked against
+//! the token's CA fingerprint before the token is sent.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use clap::Args;
+use meshnode_transport::join::{self, Refusal, Request, Response};
+use meshnode_transport::pki::join::NodeKey;
+use meshnode_transport::pki::token::Token;
+use meshnode_transport::pki::{fingerprint, first_cert_der, hex, unix_now, write_atomic, PeerCert};
+use meshnode_transport::tls::{join_client_config, transport_config};
+
+use crate::Failure;
+
+/// Dial and handshake give up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The CA node may be one relay away.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Args)]
+pub struct JoinArgs {
+    /// The join token from `meshnode token create` on a CA node.
+    #[arg(long, env = "MESHNODE_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// A node of the mesh to contact: its QUIC address (host:port, UDP).
+    pub addr: String,
+    /// Where to write ca.pem, node.pem, node.key and meshnode.toml.
+    #[arg(long, default_value = "/var/lib/meshnode")]
+    pub data_dir: PathBuf,
+    /// This node's name (default: the hostname).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// The cluster to join (default: the token's, else the CA node's).
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// The config file to write (default: <data-dir>/meshnode.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// `bind` of the written config.
+    #[arg(long, default_value = "0.0.0.0:9470")]
+    pub bind: SocketAddr,
+    /// `advertise` of the written config (default: detected at start).
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// `admin` of the written config.
+    #[arg(long, default_value = "127.0.0.1:9471")]
+    pub admin: SocketAddr,
+    /// Write the files and stop; do not start the agent (e.g. to start it with systemctl).
+    #[arg(long)]
+    pub no_start: bool,
+}
+
+fn step(n: u32, msg: &str) {
+    eprintln!("[{n}/5] {msg}");
+}
+
+pub async fn join(a: JoinArgs) -> Result<(), Failure> {
+    let token = Token::decode(&a.token).map_err(Failure::usage)?;
+    let now = unix_now();
+    if token.expires <= now as u64 {
+        return Err(Failure::runtime(anyhow!(
+            "the join token expired {}s ago; create a new one with `meshnode token create`",
+            now as u64 - token.expires
+        )));
+    }
+    let node = a
+        .node
+        .clone()
+        .unwrap_or_else(meshnode_node::config::hostname);
+    meshnode_transport::pki::check_name("node", &node).map_err(Failure::usage)?;
+    if let Some(c) = &a.cluster {
+        meshnode_transport::pki::check_name("cluster", c).map_err(Failure::usage)?;
+    }
+    let config_path = a
+        .config
+        .clone()
+        .unwrap_or_else(|| a.data_dir.join("meshnode.toml"));
+    prepare_dir(&a.data_dir)?;
+
+    step(
+        1,
+        &format!("generating a key pair for {node:?} (it stays on this machine)"),
+    );
+    let key = NodeKey::generate().map_err(Failure::runtime)?;
+    let csr = key.csr(&node).map_err(Failure::runtime)?;
+
+    let addr = resolve(&a.addr).await?;
+    step(
+        2,
+        &format!(
+            "connecting to {addr}; it must prove it holds a certificate of CA {}",
+            &hex(&token.ca_fingerprint)[..16]
+        ),
+    );
+    let conn = connect(addr, token.ca_fingerprint).await?;
+
+    step(3, "sending the signing request and the token");
+    let req = Request::Join {
+        token: a.token.trim().to_string(),
+        csr,
+        node: node.clone(),
+        cluster: a.cluster.clone(),
+    };
+    let resp = join::call(&conn, &req, ANSWER_TIMEOUT)
+        .await
+        .map_err(|e| Failure::runtime(anyhow!("no answer to the join request from {addr}: {e}")))?;
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    let (cert_pem, ca_pem, identity, seeds) = match resp {
+        Response::Issued {
+            cert_pem,
+            ca_pem,
+            identity,
+            seeds,
+        } => (cert_pem, ca_pem, identity, seeds),
+        Response::Refused { reason, message } => {
+            return Err(Failure::runtime(anyhow!(
+                "{addr} refused the join ({}): {message}{}",
+                reason.as_str(),
+                hint(reason)
+            )))
+        }
+    };
+    // The CA bundle must be the CA the token names, and the certificate ours.
+    let ca_der = first_cert_der(&ca_pem).map_err(Failure::runtime)?;
+    if fingerprint(&ca_der) != token.ca_fingerprint {
+        return Err(Failure::runtime(anyhow!(
+            "the CA certificate returned by {addr} is not the one the token names; nothing written"
+        )));
+    }
+    let me = PeerCert::from_pem(&cert_pem).map_err(Failure::runtime)?;
+    meshnode_transport::tls::TlsMaterial::from_pem(&ca_pem, &cert_pem, &key.pem())
+        .map_err(|e| Failure::runtime(anyhow!("the issued certificate does not work: {e}")))?;
+
+    step(
+        4,
+        &format!(
+            "writing credentials for {identity} into {}",
+            a.data_dir.display()
+        ),
+    );
+    let owner = std::fs::metadata(&a.data_dir)
+        .map(|m| (m.uid(), m.gid()))
+        .ok();
+    let files = [
+        (a.data_dir.join("node.key"), key.pem(), 0o600),
+        (a.data_dir.join("node.pem"), cert_pem, 0o644),
+        (a.data_dir.join("ca.pem"), ca_pem, 0o644),
+    ];
+    for (path, text, mode) in &files {
+        write_atomic(path, text.as_bytes(), *mode)
+            .with_context(|| format!("writing {}", path.display()))
+            .map_err(Failure::runtime)?;
+    }
+    let wrote_config = if config_path.exists() {
+        eprintln!(
+            "      {} exists; leaving it as it is (check node, cluster and seeds)",
+            config_path.display()
+        );
+        false
+    } else {
+        let text = config_text(&a, &me, &seeds, addr);
+        write_atomic(&config_path, text.as_bytes(), 0o644)
+            .with_context(|| format!("writing {}", config_path.display()))
+            .map_err(Failure::runtime)?;
+        true
+    };
+    // `join` often runs as root for a daemon that runs as its own user.
+    if let Some((uid, gid)) = owner {
+        for path in files
+            .iter()
+            .map(|f| f.0.clone())
+            .chain(wrote_config.then(|| config_path.clone()))
+        {
+            let _ = std::os::unix::fs::chown(&path, Some(uid), Some(gid));
+        }
+    }
+    println!("joined as {identity}");
+    println!(
+        "  certificate valid until {} (renewed automatically at two thirds of its lifetime)",
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_secs(me.not_after.max(0) as u64)
+        )
+    );
+    println!("  config {}", config_path.display());
+    if a.no_start {
+        println!(
+            "  start it with: systemctl enable --now meshnode   (or: meshnode run --config {})",
+            config_path.display()
+        );
+        return Ok(());
+    }
+    step(5, "starting the agent");
+    super::run::run(&config_path).await
+}
+
+fn hint(reason: Refusal) -> &'static str {
+    match reason {
+        Refusal::Expired | Refusal::UsedUp | Refusal::BadToken => {
+            "; create a new token with `meshnode token create` on a CA node"
+        }
+        Refusal::NameTaken => "",
+        Refusal::NoCa => "; a node with a [ca] section must be live in that node's cluster",
+        _ => "",
+    }
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), Failure> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+        .map_err(Failure::runtime)?;
+    for f in ["node.key", "node.pem"] {
+        let p = dir.join(f);
+        if p.exists() {
+            return Err(Failure::usage(anyhow!(
+                "{} exists: this machine has joined already. To join again, move {} and {} away first",
+                p.display(),
+                dir.join("node.key").display(),
+                dir.join("node.pem").display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, Failure> {
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("{addr:?} is not a host:port address"))
+        .map_err(Failure::usage)?;
+    addrs
+        .next()
+        .ok_or_else(|| Failure::usage(anyhow!("{addr:?} resolves to no address")))
+}
+
+async fn connect(addr: SocketAddr, fp: [u8; 32]) -> Result<quinn::Connection, Failure> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().map_err(Failure::runtime)?
+    } else {
+        "[::]:0".parse().map_err(Failure::runtime)?
+    };
+    let endpoint = quinn::Endpoint::client(bind)
+        .with_context(|| format!("opening a UDP socket on {bind}"))
+        .map_err(Failure::runtime)?;
+    let cfg = join_client_config(fp, Arc::new(transport_config())).map_err(Failure::runtime)?;
+    let connecting = endpoint
+        .connect_with(cfg, addr, "meshnode")
+        .map_err(|e| Failure::runtime(anyhow!("cannot dial {addr}: {e}")))?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Err(_) => Err(Failure::runtime(anyhow!(
+            "no answer from {addr} within {CONNECT_TIMEOUT:?}: check the address and that UDP {} is open",
+            addr.port()
+        ))),
+        Ok(Err(e)) => {
+            let text = e.to_string();
+            if text.contains("named by the token") || text.contains("certificate") {
+                Err(Failure::runtime(anyhow!(
+                    "{addr} is not a node of the mesh this token is for (its certificate does not chain to the token's CA); the token was not sent ({text})"
+                )))
+            } else {
+                Err(Failure::runtime(anyhow!("handshake with {addr} failed: {text}")))
+            }
+        }
+        Ok(Ok(conn)) => Ok(conn),
+    }
+}
+
+fn config_text(a: &JoinArgs, me: &PeerCert, seeds: &[SocketAddr], contacted: SocketAddr) -> String {
+    let mut seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
+    if seeds.is_empty() {
+        seeds.push(contacted.to_string());
+    }
+    let quoted: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+    let mut t = String::new();
+    t.push_str("# Written by `meshnode join`. Add [[service]] and [[upstream]] sections here.\n");
+    t.push_str(&format!("node = \"{}\"\n", me.identity.node()));
+    t.push_str(&format!("cluster = \"{}\"\n", me.identity.cluster()));
+    t.push_str(&format!("mesh = \"{}\"\n", me.identity.mesh()));
+    t.push_str(&format!("data_dir = \"{}\"\n", a.data_dir.display()));
+    t.push_str(&format!("bind = \"{}\"\n", a.bind));
+    if let Some(adv) = a.advertise {
+        t.push_str(&format!("advertise = \"{adv}\"\n"));
+    }
+    t.push_str(&format!("admin = \"{}\"\n", a.admin));
+    t.push_str(&format!("seeds = [{}]\n", quoted.join(", ")));
+    if me.is_gateway() {
+        t.push_str("gateway = true\n");
+    }
+    t
+}

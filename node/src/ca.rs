@@ -1,0 +1,454 @@
+//! A CA node: holds the mesh CA key, keeps join tokens (only a hash of each
+//! secret) and a log of what it issued, signs joins and renewals, and makes
+//! signed revocations. State lives in `<data_dir>/ca/` (0700) and survives
+//! restarts; every change is written atomically before it is acted on.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use meshnode_transport::join::{Refusal, Request, Response};
+use meshnode_transport::pki::revocation::{Revocation, SignedRevocation};
+use meshnode_transport::pki::token::Token;
+use meshnode_transport::pki::{
+    check_name, csr_key_id, unix_now, write_atomic, Ca, Identity, PkiError, DEFAULT_NODE_VALIDITY,
+};
+use meshnode_transport::tls::TlsMaterial;
+use meshnode_transport::{PeerCert, Role};
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::config::CaSettings;
+
+const TOKENS_FILE: &str = "tokens.json";
+const ISSUED_FILE: &str = "issued.json";
+/// Longest TTL and most uses a token may have.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const MAX_TOKEN_USES: u32 = 1000;
+
+pub struct CaNode {
+    ca: Ca,
+    fingerprint: [u8; 32],
+    cert_ttl: Duration,
+    dir: PathBuf,
+    state: Mutex<State>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct State {
+    tokens: BTreeMap<String, TokenRecord>,
+    issued: Vec<IssuedRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Hex SHA-256 of the secret; the secret itself is never stored.
+    pub secret_sha256: String,
+    pub expires: u64,
+    pub uses_left: u32,
+    pub cluster: Option<String>,
+    pub gateway: bool,
+    pub created: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IssuedRecord {
+    pub identity: String,
+    pub serial: String,
+    pub key_id: String,
+    pub not_after: i64,
+    pub issued_at: i64,
+    /// `join` or `renew`.
+    pub how: String,
+}
+
+/// What the handling node knows of its own pool, for the name check and seeds.
+pub struct PoolView {
+    pub cluster: String,
+    /// Live members' node names.
+    pub live: Vec<String>,
+    /// Live members' QUIC addresses.
+    pub addrs: Vec<std::net::SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{0}")]
+    Pki(#[from] PkiError),
+    #[error("cannot use CA state directory {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("CA state file {path} is damaged: {reason}")]
+    State { path: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Revocation(#[from] meshnode_transport::pki::revocation::RevocationError),
+}
+
+impl CaNode {
+    /// Loads the CA key and the persisted state from `<data_dir>/ca/`.
+    pub fn open(settings: &CaSettings, ca_cert: &Path, data_dir: &Path) -> Result<Self, CaError> {
+        let ca = Ca::load_files(ca_cert, &settings.key)?;
+        let fingerprint = ca.fingerprint()?;
+        let dir = data_dir.join("ca");
+        create_private_dir(&dir)?;
+        let mut state = State::default();
+        for (file, what) in [(TOKENS_FILE, "tokens"), (ISSUED_FILE, "issued")] {
+            let path = dir.join(file);
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    let bad = |reason: String| CaError::State {
+                        path: path.display().to_string(),
+                        reason,
+                    };
+                    if what == "tokens" {
+                        state.tokens =
+                            serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+                    } else {
+                        state.issued =
+                            serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(CaError::Dir {
+                        path: path.display().to_string(),
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(Self {
+            ca,
+            fingerprint,
+            cert_ttl: settings.cert_ttl,
+            dir,
+            state: Mutex::new(state),
+        })
+    }
+
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the state before the caller acts on a change.
+    fn persist(&self, state: &State) -> Result<(), CaError> {
+        let now = unix_now();
+        let tokens = serde_json::to_vec_pretty(&state.tokens)
+            .map_err(|e| CaError::Invalid(e.to_string()))?;
+        write_atomic(&self.dir.join(TOKENS_FILE), &tokens, 0o600)?;
+        let issued: Vec<&IssuedRecord> = state
+            .issued
+            .iter()
+            .filter(|r| r.not_after > now - 24 * 3600)
+            .collect();
+        let issued =
+            serde_json::to_vec_pretty(&issued).map_err(|e| CaError::Invalid(e.to_string()))?;
+        write_atomic(&self.dir.join(ISSUED_FILE), &issued, 0o600)?;
+        Ok(())
+    }
+
+    /// Makes a join token. Only the hash of its secret is kept.
+    pub fn create_token(
+        &self,
+        ttl: Duration,
+        uses: u32,
+        cluster: Option<String>,
+        gateway: bool,
+    ) -> Result<Token, CaError> {
+        if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+            return Err(CaError::Invalid(format!(
+                "ttl must be between 1s and {}",
+                humantime::format_duration(MAX_TOKEN_TTL)
+            )));
+        }
+        if uses == 0 || uses > MAX_TOKEN_USES {
+            return Err(CaError::Invalid(format!(
+                "uses must be between 1 and {MAX_TOKEN_USES}"
+            )));
+        }
+        if let Some(c) = &cluster {
+            check_name("cluster", c).map_err(|e| CaError::Invalid(e.to_string()))?;
+        }
+        let now = unix_now();
+        let token = Token::generate(self.fingerprint, (now as u64).saturating_add(ttl.as_secs()));
+        let mut state = self.lock();
+        let now_u = now as u64;
+        state.tokens.retain(|_, t| t.expires > now_u);
+        state.tokens.insert(
+            token.id_hex(),
+            TokenRecord {
+                secret_sha256: token.secret_hash(),
+                expires: token.expires,
+                uses_left: uses,
+                cluster: cluster.clone(),
+                gateway,
+                created: now,
+            },
+        );
+        self.persist(&state)?;
+        info!(token = %token.id_hex(), ttl = %humantime::format_duration(ttl), uses, ?cluster, gateway, "join token created");
+        Ok(token)
+    }
+
+    /// Answers a join or renewal request. `pool` is the handling node's view
+    /// of its own cluster; `tls` gives the revocations and the chain check.
+    pub fn handle(&self, req: &Request, pool: &PoolView, tls: &TlsMaterial) -> Response {
+        match req {
+            Request::Join {
+                token,
+                csr,
+                node,
+                cluster,
+            } => self.join(token, csr, node, cluster.as_deref(), pool, tls),
+            Request::Renew { cert, csr } => self.renew(cert, csr, tls),
+        }
+    }
+
+    fn join(
+        &self,
+        token: &str,
+        csr: &[u8],
+        node: &str,
+        cluster: Option<&str>,
+        pool: &PoolView,
+        tls: &TlsMaterial,
+    ) -> Response {
+        let Ok(token) = Token::decode(token) else {
+            return Response::refused(Refusal::BadToken, "the token is malformed");
+        };
+        if token.ca_fingerprint != self.fingerprint {
+            return Response::refused(Refusal::BadToken, "the token is for another CA");
+        }
+        if let Err(e) = check_name("node", node) {
+            return Response::refused(Refusal::Malformed, e.to_string());
+        }
+        let now = unix_now();
+        let mut state = self.lock();
+        let id = token.id_hex();
+        let Some(record) = state.tokens.get(&id).cloned() else {
+            return Response::refused(
+                Refusal::BadToken,
+                "unknown token (never issued here, or expired and removed)",
+            );
+        };
+        if record.secret_sha256 != token.secret_hash() {
+            return Response::refused(Refusal::BadToken, "wrong token secret");
+        }
+        if record.expires <= now as u64 {
+            return Response::refused(
+                Refusal::Expired,
+                format!("the token expired {}s ago", now as u64 - record.expires),
+            );
+        }
+        if record.uses_left == 0 {
+            return Response::refused(Refusal::UsedUp, "the token has been used up");
+        }
+        let cluster = match (record.cluster.as_deref(), cluster) {
+            (Some(t), Some(r)) if t != r => {
+                return Response::refused(
+                    Refusal::Malformed,
+                    format!("the token is for cluster {t:?}, not {r:?}"),
+                )
+            }
+            (Some(t), _) => t.to_string(),
+            (None, Some(r)) => r.to_string(),
+            (None, None) => pool.cluster.clone(),
+        };
+        if pool.cluster == cluster && pool.live.iter().any(|n| n == node) {
+            return Response::refused(
+                Refusal::NameTaken,
+                format!("node name {node:?} is taken by a live member of cluster {cluster:?}; choose another with --node"),
+            );
+        }
+        let identity = match Identity::new(self.ca.mesh(), &cluster, node) {
+            Ok(i) => i,
+            Err(e) => return Response::refused(Refusal::Malformed, e.to_string()),
+        };
+        let role = if record.gateway {
+            Role::Gateway
+        } else {
+            Role::Node
+        };
+        let floor = tls.revocations().identity_revoked_at(&identity);
+        let issued = match self.sign(csr, &identity, role, floor, "join", &mut state) {
+            Ok(i) => i,
+            Err(r) => return r,
+        };
+        if let Some(t) = state.tokens.get_mut(&id) {
+            t.uses_left -= 1;
+        }
+        if let Err(e) = self.persist(&state) {
+            return Response::refused(Refusal::Internal, e.to_string());
+        }
+        info!(%identity, token = %id, "node joined");
+        Response::Issued {
+            cert_pem: issued,
+            ca_pem: self.ca.cert_pem().to_string(),
+            identity: identity.to_string(),
+            seeds: if pool.cluster == cluster {
+                pool.addrs.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    fn renew(&self, cert: &[u8], csr: &[u8], tls: &TlsMaterial) -> Response {
+        let current = match tls.verify_peer(cert) {
+            Ok(p) => p,
+            Err(e) => {
+                let reason = if e.to_string().contains("revoked") {
+                    Refusal::Revoked
+                } else {
+                    Refusal::Malformed
+                };
+                return Response::refused(
+                    reason,
+                    format!("the current certificate is not valid: {e}"),
+                );
+            }
+        };
+        match csr_key_id(csr) {
+            Ok(k) if k == current.key_id => {}
+            Ok(_) => {
+                return Response::refused(
+                    Refusal::Malformed,
+                    "the signing request is not for the current certificate's key",
+                )
+            }
+            Err(e) => return Response::refused(Refusal::Malformed, e.to_string()),
+        }
+        let mut state = self.lock();
+        let issued = match self.sign(
+            csr,
+            &current.identity,
+            current.role,
+            None,
+            "renew",
+            &mut state,
+        ) {
+            Ok(i) => i,
+            Err(r) => return r,
+        };
+        if let Err(e) = self.persist(&state) {
+            return Response::refused(Refusal::Internal, e.to_string());
+        }
+        info!(identity = %current.identity, "certificate renewed");
+        Response::Issued {
+            cert_pem: issued,
+            ca_pem: self.ca.cert_pem().to_string(),
+            identity: current.identity.to_string(),
+            seeds: Vec::new(),
+        }
+    }
+
+    fn sign(
+        &self,
+        csr: &[u8],
+        identity: &Identity,
+        role: Role,
+        floor: Option<i64>,
+        how: &str,
+        state: &mut State,
+    ) -> Result<String, Response> {
+        let pem = self
+            .ca
+            .sign_csr(csr, identity, role, self.cert_ttl, floor)
+            .map_err(|e| Response::refused(Refusal::Malformed, e.to_string()))?;
+        let peer = PeerCert::from_pem(&pem)
+            .map_err(|e| Response::refused(Refusal::Internal, e.to_string()))?;
+        state.issued.push(IssuedRecord {
+            identity: identity.to_string(),
+            serial: peer.serial,
+            key_id: peer.key_id,
+            not_after: peer.not_after,
+            issued_at: unix_now(),
+            how: how.to_string(),
+        });
+        Ok(pem)
+    }
+
+    /// A signed revocation of every certificate this CA issued to `identity`
+    /// (and of the identity itself, for certificates issued offline), or of
+    /// the certificate with `serial`.
+    pub fn revoke(
+        &self,
+        identity: Option<&Identity>,
+        serial: Option<&str>,
+        reason: &str,
+    ) -> Result<SignedRevocation, CaError> {
+        let now = unix_now();
+        let state = self.lock();
+        let serial = serial.map(|s| s.trim().trim_start_matches("0x").to_ascii_lowercase());
+        let matched: Vec<&IssuedRecord> = state
+            .issued
+            .iter()
+            .filter(|r| {
+                identity.is_some_and(|i| r.identity == i.to_string())
+                    || serial
+                        .as_deref()
+                        .is_some_and(|s| strip_zeros(&r.serial) == strip_zeros(s))
+            })
+            .collect();
+        if identity.is_none() && matched.is_empty() {
+            return Err(CaError::Invalid(
+                "no certificate with that serial was issued by this CA node".into(),
+            ));
+        }
+        let mut keys: Vec<String> = matched.iter().map(|r| r.key_id.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        let last = matched.iter().map(|r| r.not_after).max().unwrap_or(now);
+        // An identity revocation must outlive any certificate of that name,
+        // including year-long ones issued offline.
+        let expires = if identity.is_some() {
+            last.max(now + DEFAULT_NODE_VALIDITY.as_secs() as i64)
+        } else {
+            last
+        };
+        let revocation = Revocation {
+            mesh: self.ca.mesh().to_string(),
+            identity: identity.cloned(),
+            keys,
+            serials: matched.iter().map(|r| r.serial.clone()).collect(),
+            revoked_at: now,
+            expires,
+            reason: reason.to_string(),
+        };
+        let signed = SignedRevocation::sign(&self.ca, revocation)?;
+        info!(id = %signed.id(), identity = ?identity.map(|i| i.to_string()), keys = signed.revocation.keys.len(), "revocation signed");
+        Ok(signed)
+    }
+
+    /// Token records, for the admin API (no secrets in them).
+    pub fn tokens(&self) -> BTreeMap<String, TokenRecord> {
+        self.lock().tokens.clone()
+    }
+}
+
+fn strip_zeros(s: &str) -> &str {
+    s.trim_start_matches('0')
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), CaError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |source| CaError::Dir {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(err)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)
+}

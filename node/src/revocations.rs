@@ -1,0 +1,158 @@
+//! Revocations on every node: loaded from `<data_dir>/revocations` at start,
+//! taken from any node's `rev:` keys in the LAN (and, on gateways, the WAN)
+//! pool once their CA signature checks out, enforced by the TLS verifiers and
+//! the endpoint (which closes live connections of a revoked peer), persisted,
+//! and re-published by this node so they outlive the CA node that made them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshnode_gossip::catalog::revocation_values;
+use meshnode_gossip::keys::REVOCATION_PREFIX;
+use meshnode_gossip::GossipHandle;
+use meshnode_transport::pki::revocation::SignedRevocation;
+use meshnode_transport::pki::{unix_now, write_atomic};
+use meshnode_transport::tls::TlsMaterial;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::metrics::REVOCATIONS;
+
+pub const FILE: &str = "revocations";
+
+pub struct Revocations {
+    pub tls: Arc<TlsMaterial>,
+    pub path: PathBuf,
+    pub lan: GossipHandle,
+    pub wan: Option<GossipHandle>,
+    /// Wakes the loop after a local revocation.
+    pub changed: Notify,
+}
+
+impl Revocations {
+    /// Loads the persisted entries; one that no longer verifies is skipped with a warning.
+    pub fn load(&self) -> usize {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "cannot read revocations");
+                return 0;
+            }
+        };
+        let now = unix_now();
+        let mut n = 0;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match self.verify(line) {
+                Ok(e) => n += usize::from(self.tls.revocations().insert(e, now)),
+                Err(e) => {
+                    warn!(path = %self.path.display(), error = %e, "skipping a stored revocation")
+                }
+            }
+        }
+        n
+    }
+
+    fn verify(&self, text: &str) -> Result<SignedRevocation, String> {
+        let mut last = String::from("no CA certificate");
+        for ca in self.tls.ca_certs() {
+            match SignedRevocation::verify(text, ca, self.tls.mesh()) {
+                Ok(e) => return Ok(e),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    }
+
+    /// Adopts an entry made on this node (a CA node's `revoke`).
+    pub async fn adopt(&self, entry: SignedRevocation) -> Result<(), String> {
+        self.tls.revocations().insert(entry, unix_now());
+        self.save()?;
+        self.publish().await;
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    fn save(&self) -> Result<(), String> {
+        let mut text = String::new();
+        for e in self.tls.revocations().entries() {
+            text.push_str(&e.to_text());
+            text.push('\n');
+        }
+        write_atomic(&self.path, text.as_bytes(), 0o600).map_err(|e| e.to_string())
+    }
+
+    async fn publish(&self) {
+        let map: BTreeMap<String, String> = self
+            .tls
+            .revocations()
+            .entries()
+            .into_iter()
+            .map(|e| (format!("{REVOCATION_PREFIX}{}", e.id()), e.to_text()))
+            .collect();
+        metrics::gauge!(REVOCATIONS).set(map.len() as f64);
+        self.lan
+            .publish_prefixed(REVOCATION_PREFIX, map.clone())
+            .await;
+        if let Some(wan) = &self.wan {
+            wan.publish_prefixed(REVOCATION_PREFIX, map).await;
+        }
+    }
+
+    /// Takes new entries from the pools whenever gossip changes (and at least
+    /// every second), prunes expired ones, and re-publishes.
+    pub async fn run(self: Arc<Self>) {
+        let loaded = self.load();
+        if loaded > 0 {
+            info!(entries = loaded, "revocations loaded");
+        }
+        self.publish().await;
+        let mut lan = self.lan.watch_catalog();
+        let mut wan = self.wan.as_ref().map(|w| w.watch_catalog());
+        loop {
+            let mut fresh = 0;
+            let mut pools = vec![&self.lan];
+            pools.extend(self.wan.as_ref());
+            for pool in pools {
+                for (key, text) in revocation_values(&pool.snapshot().await) {
+                    let id = key.trim_start_matches(REVOCATION_PREFIX);
+                    if self.tls.revocations().contains(id) {
+                        continue;
+                    }
+                    match self.verify(&text) {
+                        Ok(e) => {
+                            info!(id = %e.id(), identity = ?e.revocation.identity.as_ref().map(|i| i.to_string()), keys = e.revocation.keys.len(), "revocation adopted");
+                            fresh += usize::from(self.tls.revocations().insert(e, unix_now()));
+                        }
+                        Err(e) => {
+                            warn!(key = %key, error = %e, "ignoring a revocation that does not verify")
+                        }
+                    }
+                }
+            }
+            let pruned = self.tls.revocations().prune(unix_now());
+            if fresh + pruned > 0 {
+                if let Err(e) = self.save() {
+                    warn!(error = %e, "cannot persist revocations");
+                }
+                self.publish().await;
+            }
+            let wan_changed = async {
+                match wan.as_mut() {
+                    Some(w) => {
+                        let _ = w.changed().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = lan.changed() => {}
+                () = wan_changed => {}
+                () = self.changed.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
