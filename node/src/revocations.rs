@@ -34,6 +34,14 @@ pub struct Revocations {
 impl Revocations {
     /// Loads the persisted entries; one that no longer verifies is skipped with a warning.
     pub fn load(&self) -> usize {
+        let n = self.load_entries();
+        if n > 0 {
+            info!(entries = n, path = %self.path.display(), "revocations loaded");
+        }
+        n
+    }
+
+    fn load_entries(&self) -> usize {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
@@ -104,10 +112,6 @@ impl Revocations {
     /// Takes new entries from the pools whenever gossip changes (and at least
     /// every second), prunes expired ones, and re-publishes.
     pub async fn run(self: Arc<Self>) {
-        let loaded = self.load();
-        if loaded > 0 {
-            info!(entries = loaded, "revocations loaded");
-        }
         self.publish().await;
         let mut lan = self.lan.watch_catalog();
         let mut wan = self.wan.as_ref().map(|w| w.watch_catalog());

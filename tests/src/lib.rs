@@ -206,7 +206,17 @@ impl NodeProc {
     pub fn start(spec: NodeSpec, data_dir: &Path) -> Self {
         let cfg = data_dir.join("config.toml");
         std::fs::write(&cfg, spec.config(data_dir)).expect("write config");
-        let log = data_dir.join("node.log");
+        Self::spawn(
+            spec,
+            vec!["run".into(), "--config".into(), cfg.into_os_string()],
+            &data_dir.join("node.log"),
+        )
+    }
+
+    /// Runs `meshnode ARGS` (e.g. `run` with a config written elsewhere, or
+    /// `join` that goes on as the agent), logging to `log`.
+    pub fn spawn(spec: NodeSpec, args: Vec<std::ffi::OsString>, log: &Path) -> Self {
+        let log = log.to_path_buf();
         let out = std::fs::File::create(&log).expect("log file");
         let mut cmd = match &spec.netns {
             // `ip netns exec` execs the command: the child's pid is meshnode's.
@@ -218,8 +228,7 @@ impl NodeProc {
             None => Command::new(meshnode_bin()),
         };
         let child = cmd
-            .args(["run", "--config"])
-            .arg(&cfg)
+            .args(&args)
             .env("MESHNODE_LOG", "info,meshnode_transport=debug")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log"))
@@ -386,6 +395,14 @@ fn spawn_echo(
         }
     });
     (addr, task)
+}
+
+/// An echo server on `ip` that first sends `"<name>:"` (see [`named_echo_once`]).
+pub async fn named_echo(ip: Ipv4Addr, name: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind((ip, 0))
+        .await
+        .expect("bind echo");
+    spawn_echo(l, format!("{name}:").into_bytes())
 }
 
 /// An echo server inside namespace `ns` on 127.0.0.1 that first sends `"<name>:"`,

@@ -274,6 +274,10 @@ impl TlsMaterial {
             .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
         tls.alpn_protocols = alpn::ALL.iter().map(|a| a.to_vec()).collect();
+        // No resumption: a resumed TLS 1.3 session skips the certificate
+        // check, so a revoked or expired peer could come back on a ticket.
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -299,6 +303,7 @@ impl TlsMaterial {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
         tls.alpn_protocols = vec![alpn.to_vec()];
+        tls.resumption = rustls::client::Resumption::disabled();
         quic_client(tls, transport)
     }
 }
@@ -317,6 +322,7 @@ pub fn join_client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     tls.alpn_protocols = vec![alpn::JOIN.to_vec()];
+    tls.resumption = rustls::client::Resumption::disabled();
     quic_client(tls, transport)
 }
 
