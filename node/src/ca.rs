@@ -452,3 +452,224 @@ fn create_private_dir(dir: &Path) -> Result<(), CaError> {
         .map_err(err)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)
 }
+
+#[cfg(test)]
+mod tests {
+    use meshnode_transport::pki::join::NodeKey;
+    use meshnode_transport::pki::DEFAULT_CA_VALIDITY;
+
+    use super::*;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        ca_node: CaNode,
+        tls: TlsMaterial,
+        settings: CaSettings,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("acme", DEFAULT_CA_VALIDITY).unwrap();
+        ca.save(&dir.path().join("pki")).unwrap();
+        let me = ca
+            .issue("east", "ca-1", Role::Node, Duration::from_secs(3600))
+            .unwrap();
+        let tls = TlsMaterial::from_pem(ca.cert_pem(), &me.cert_pem, &me.key_pem).unwrap();
+        let settings = CaSettings {
+            key: dir.path().join("pki/ca.key"),
+            cert_ttl: Duration::from_secs(600),
+        };
+        let ca_node = CaNode::open(&settings, &dir.path().join("pki/ca.pem"), dir.path()).unwrap();
+        Fixture {
+            dir,
+            ca_node,
+            tls,
+            settings,
+        }
+    }
+
+    fn pool() -> PoolView {
+        PoolView {
+            cluster: "east".into(),
+            live: vec!["ca-1".into(), "busy".into()],
+            addrs: vec!["127.0.0.1:9470".parse().unwrap()],
+        }
+    }
+
+    fn join_req(token: &Token, node: &str) -> Request {
+        Request::Join {
+            token: token.encode(),
+            csr: NodeKey::generate().unwrap().csr(node).unwrap(),
+            node: node.into(),
+            cluster: None,
+        }
+    }
+
+    fn refusal(r: Response) -> Refusal {
+        match r {
+            Response::Refused { reason, .. } => reason,
+            Response::Issued { identity, .. } => panic!("issued {identity}"),
+        }
+    }
+
+    #[test]
+    fn tokens_are_enforced_and_persisted() {
+        let f = fixture();
+        let t = f
+            .ca_node
+            .create_token(Duration::from_secs(60), 1, None, false)
+            .unwrap();
+        // Only the hash is on disk.
+        let stored = std::fs::read_to_string(f.dir.path().join("ca/tokens.json")).unwrap();
+        assert!(stored.contains(&t.secret_hash()));
+        assert!(!stored.contains(&meshnode_transport::pki::hex(&t.secret)));
+        // A wrong secret, a token of another CA, a taken name.
+        let mut wrong = t.clone();
+        wrong.secret[0] ^= 1;
+        assert_eq!(
+            refusal(f.ca_node.handle(&join_req(&wrong, "vm-1"), &pool(), &f.tls)),
+            Refusal::BadToken
+        );
+        let mut foreign = t.clone();
+        foreign.ca_fingerprint[0] ^= 1;
+        assert_eq!(
+            refusal(
+                f.ca_node
+                    .handle(&join_req(&foreign, "vm-1"), &pool(), &f.tls)
+            ),
+            Refusal::BadToken
+        );
+        assert_eq!(
+            refusal(f.ca_node.handle(&join_req(&t, "busy"), &pool(), &f.tls)),
+            Refusal::NameTaken
+        );
+        // Refusals did not consume the token; the first good use does.
+        match f.ca_node.handle(&join_req(&t, "vm-1"), &pool(), &f.tls) {
+            Response::Issued {
+                identity, seeds, ..
+            } => {
+                assert_eq!(identity, "spiffe://acme/cluster/east/node/vm-1");
+                assert_eq!(seeds.len(), 1);
+            }
+            r => panic!("{r:?}"),
+        }
+        // Used up, also after a restart of the CA node.
+        let reopened =
+            CaNode::open(&f.settings, &f.dir.path().join("pki/ca.pem"), f.dir.path()).unwrap();
+        assert_eq!(
+            refusal(reopened.handle(&join_req(&t, "vm-2"), &pool(), &f.tls)),
+            Refusal::UsedUp
+        );
+        // Expired (the store is authoritative, whatever the token claims).
+        let t2 = reopened
+            .create_token(Duration::from_secs(60), 5, None, false)
+            .unwrap();
+        reopened
+            .lock()
+            .tokens
+            .get_mut(&t2.id_hex())
+            .unwrap()
+            .expires = 1;
+        assert_eq!(
+            refusal(reopened.handle(&join_req(&t2, "vm-3"), &pool(), &f.tls)),
+            Refusal::Expired
+        );
+        // Bounds.
+        assert!(reopened
+            .create_token(Duration::ZERO, 1, None, false)
+            .is_err());
+        assert!(reopened
+            .create_token(Duration::from_secs(60), 0, None, false)
+            .is_err());
+        assert!(reopened
+            .create_token(Duration::from_secs(60), 1, Some("bad name".into()), false)
+            .is_err());
+    }
+
+    #[test]
+    fn cluster_pinned_tokens_and_gateway_tokens() {
+        let f = fixture();
+        let t = f
+            .ca_node
+            .create_token(Duration::from_secs(60), 3, Some("west".into()), true)
+            .unwrap();
+        let mut req = join_req(&t, "gw-1");
+        if let Request::Join { cluster, .. } = &mut req {
+            *cluster = Some("east".into());
+        }
+        assert_eq!(
+            refusal(f.ca_node.handle(&req, &pool(), &f.tls)),
+            Refusal::Malformed
+        );
+        match f.ca_node.handle(&join_req(&t, "busy"), &pool(), &f.tls) {
+            // "busy" is taken in east, not in west; no east seeds for a west node.
+            Response::Issued {
+                cert_pem, seeds, ..
+            } => {
+                let p = PeerCert::from_pem(&cert_pem).unwrap();
+                assert_eq!(p.identity.cluster(), "west");
+                assert!(p.is_gateway());
+                assert!(seeds.is_empty());
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn renewal_needs_a_valid_certificate_and_the_same_key() {
+        let f = fixture();
+        let t = f
+            .ca_node
+            .create_token(Duration::from_secs(60), 1, None, false)
+            .unwrap();
+        let key = NodeKey::generate().unwrap();
+        let req = Request::Join {
+            token: t.encode(),
+            csr: key.csr("vm-1").unwrap(),
+            node: "vm-1".into(),
+            cluster: None,
+        };
+        let Response::Issued { cert_pem, .. } = f.ca_node.handle(&req, &pool(), &f.tls) else {
+            panic!("join failed")
+        };
+        let cert = meshnode_transport::pki::first_cert_der(&cert_pem).unwrap();
+        let renew = |csr: Vec<u8>| Request::Renew {
+            cert: cert.clone(),
+            csr,
+        };
+        match f
+            .ca_node
+            .handle(&renew(key.csr("vm-1").unwrap()), &pool(), &f.tls)
+        {
+            Response::Issued { identity, .. } => {
+                assert_eq!(identity, "spiffe://acme/cluster/east/node/vm-1")
+            }
+            r => panic!("{r:?}"),
+        }
+        // Another key: refused.
+        let other = NodeKey::generate().unwrap().csr("vm-1").unwrap();
+        assert_eq!(
+            refusal(f.ca_node.handle(&renew(other), &pool(), &f.tls)),
+            Refusal::Malformed
+        );
+        // After revocation: refused as revoked.
+        let id = Identity::new("acme", "east", "vm-1").unwrap();
+        let entry = f.ca_node.revoke(Some(&id), None, "test").unwrap();
+        assert_eq!(
+            entry.revocation.keys.len(),
+            1,
+            "both certificates share one key"
+        );
+        assert_eq!(entry.revocation.serials.len(), 2);
+        f.tls.revocations().insert(entry, unix_now());
+        assert_eq!(
+            refusal(
+                f.ca_node
+                    .handle(&renew(key.csr("vm-1").unwrap()), &pool(), &f.tls)
+            ),
+            Refusal::Revoked
+        );
+        // Unknown serials are an error; known ones revoke that key.
+        assert!(f.ca_node.revoke(None, Some("00ff"), "x").is_err());
+    }
+}
