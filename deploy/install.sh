@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs meshnode on a Debian/Ubuntu VM: binary, systemd unit, user, example config.
 #   sudo bash deploy/install.sh [path/to/meshnode]     (default: target/release/meshnode)
-# Then: meshnode join ... (issue #4) or copy certificates into /var/lib/meshnode,
-# edit /etc/meshnode/meshnode.toml, and `systemctl enable --now meshnode`.
+# Then: sudo meshnode join --token T ADDR --config /etc/meshnode/meshnode.toml --no-start
+#       sudo systemctl enable --now meshnode
+# (or copy certificates into /var/lib/meshnode and write the config by hand).
 set -euo pipefail
 cd "$(dirname "$0")"
 BIN=${1:-../target/release/meshnode}
@@ -16,18 +17,14 @@ install -m 0644 meshnode.sysusers /usr/lib/sysusers.d/meshnode.conf
 systemd-sysusers /usr/lib/sysusers.d/meshnode.conf
 echo "==> state: /var/lib/meshnode (0700, owned by meshnode)"
 install -d -m 0700 -o meshnode -g meshnode /var/lib/meshnode
-echo "==> config: /etc/meshnode/meshnode.toml"
+echo "==> config dir: /etc/meshnode (example: meshnode.example.toml)"
 install -d -m 0755 /etc/meshnode
-if [ -e /etc/meshnode/meshnode.toml ]; then
-  echo "    kept the existing config"
-else
-  install -m 0644 meshnode.example.toml /etc/meshnode/meshnode.toml
-  echo "    example installed: edit node, cluster, mesh, advertise, seeds"
-fi
+install -m 0644 meshnode.example.toml /etc/meshnode/meshnode.example.toml
 echo "==> unit: /etc/systemd/system/meshnode.service"
 install -m 0644 meshnode.service /etc/systemd/system/meshnode.service
 systemctl daemon-reload 2>/dev/null || echo "    (systemd is not running here: run 'systemctl daemon-reload' on the VM)"
-/usr/local/bin/meshnode validate --config /etc/meshnode/meshnode.toml || true
+/usr/local/bin/meshnode validate --config /etc/meshnode/meshnode.example.toml || true
 echo
-echo "next: put ca.pem, node.pem, node.key (0600, owner meshnode) into /var/lib/meshnode,"
-echo "      then: systemctl enable --now meshnode && systemctl status meshnode"
+echo "next: meshnode join --token T ADDR --config /etc/meshnode/meshnode.toml --no-start"
+echo "      (token from \`meshnode token create\` on a CA node), then:"
+echo "      systemctl enable --now meshnode && systemctl status meshnode"
