@@ -39,7 +39,7 @@ pub struct JoinArgs {
     /// The cluster to join (default: the token's, else the CA node's).
     #[arg(long)]
     pub cluster: Option<String>,
-    /// The config file to write (default: <data-dir>/meshnode.toml).
+    /// The config file to write (default: `<data-dir>/meshnode.toml`).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// `bind` of the written config.
