@@ -88,6 +88,27 @@ fn admin_failure(e: meshnode_node::admin::client::ClientError) -> Failure {
     }
 }
 
+/// POSTs to a CA endpoint with the admin secret. With `--json` prints the
+/// answer and returns `None`; otherwise returns it parsed, for a summary.
+async fn ca_post(
+    admin: &crate::cmd::AdminArgs,
+    data_dir: &Path,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<Option<serde_json::Value>, Failure> {
+    let secret = admin_secret(data_dir)?;
+    let out = meshnode_node::admin::client::post_json(admin.admin, path, body, &secret)
+        .await
+        .map_err(admin_failure)?;
+    if admin.json {
+        println!("{out}");
+        return Ok(None);
+    }
+    serde_json::from_str(&out)
+        .map(Some)
+        .map_err(Failure::runtime)
+}
+
 pub struct TokenOptions {
     pub ttl: Duration,
     pub uses: u32,
@@ -100,21 +121,15 @@ pub async fn token_create(
     data_dir: &Path,
     o: TokenOptions,
 ) -> Result<(), Failure> {
-    let secret = admin_secret(data_dir)?;
     let body = serde_json::json!({
         "ttl": humantime::format_duration(o.ttl).to_string(),
         "uses": o.uses,
         "cluster": o.cluster,
         "gateway": o.gateway,
     });
-    let out = meshnode_node::admin::client::post_json(admin.admin, "/v1/ca/tokens", &body, &secret)
-        .await
-        .map_err(admin_failure)?;
-    if admin.json {
-        println!("{out}");
+    let Some(v) = ca_post(admin, data_dir, "/v1/ca/tokens", &body).await? else {
         return Ok(());
-    }
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(Failure::runtime)?;
+    };
     let token = v.get("token").and_then(|t| t.as_str()).unwrap_or_default();
     println!("{token}");
     eprintln!(
@@ -138,18 +153,12 @@ pub async fn revoke(
     serial: Option<String>,
     reason: Option<String>,
 ) -> Result<(), Failure> {
-    let secret = admin_secret(data_dir)?;
     let body = serde_json::json!({
         "node": node, "cluster": cluster, "serial": serial, "reason": reason,
     });
-    let out = meshnode_node::admin::client::post_json(admin.admin, "/v1/ca/revoke", &body, &secret)
-        .await
-        .map_err(admin_failure)?;
-    if admin.json {
-        println!("{out}");
+    let Some(v) = ca_post(admin, data_dir, "/v1/ca/revoke", &body).await? else {
         return Ok(());
-    }
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(Failure::runtime)?;
+    };
     println!(
         "revoked {} ({} key(s)); entry {} is spreading to every node by gossip",
         v.get("identity")

@@ -154,3 +154,25 @@ fn an_upstream_may_pin_a_cluster_but_then_has_no_failover() {
     let errs = errors(&format!("{base}cluster = \"no/such\"\n"));
     assert!(errs[0].starts_with("upstream[0].cluster:"), "{errs:?}");
 }
+
+#[test]
+fn ca_section_defaults_and_bounds() {
+    let base = "cluster = \"c\"\nmesh = \"m\"\ndata_dir = \"/d\"\n";
+    let c = Config::from_toml_str(base).unwrap();
+    assert!(c.ca.is_none(), "no [ca]: not a CA node");
+    let c = Config::from_toml_str(&format!("{base}[ca]\n")).unwrap();
+    let ca = c.ca.unwrap();
+    assert_eq!(ca.key, PathBuf::from("/d/ca.key"));
+    assert_eq!(ca.cert_ttl, Duration::from_secs(72 * 3600));
+    let c = Config::from_toml_str(&format!("{base}[ca]\ncert_ttl = \"6s\"\n")).unwrap();
+    assert_eq!(c.ca.unwrap().cert_ttl, Duration::from_secs(6));
+    for bad in ["1s", "100d", "soon"] {
+        let errs = errors(&format!("{base}[ca]\ncert_ttl = \"{bad}\"\n"));
+        assert!(
+            errs.iter().any(|e| e.starts_with("ca.cert_ttl")),
+            "{bad}: {errs:?}"
+        );
+    }
+    let errs = errors(&format!("{base}[ca]\nkey_file = \"x\"\n"));
+    assert!(errs.iter().any(|e| e.contains("ca.key_file")), "{errs:?}");
+}

@@ -91,6 +91,28 @@ fn join_once(token: &str, via: SocketAddr, dir: &Path, spec: &NodeSpec) -> std::
         .expect("running meshnode join")
 }
 
+/// Joins `spec` through `ca` with `--no-start`, adds 250 ms gossip and an
+/// upstream to `api` to the written config, and runs it. Returns the upstream.
+fn joined_node(token: &str, ca: &NodeProc, dir: &Path, spec: NodeSpec) -> (NodeProc, SocketAddr) {
+    let out = join_once(token, ca.spec.quic, dir, &spec);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg_path = dir.join("meshnode.toml");
+    let up = crate::free_tcp(spec.ip);
+    let cfg = std::fs::read_to_string(&cfg_path).expect("config");
+    let extra = format!("[gossip]\ninterval = \"250ms\"\n{}", upstream("api", up));
+    std::fs::write(&cfg_path, format!("{cfg}{extra}")).expect("config");
+    let vm = NodeProc::spawn(
+        spec,
+        vec!["run".into(), "--config".into(), cfg_path.into_os_string()],
+        &dir.join("node.log"),
+    );
+    (vm, up)
+}
+
 async fn alive_on(node: &NodeProc, name: &str) -> bool {
     node.members()
         .await
@@ -113,6 +135,19 @@ async fn join_directly_and_through_a_relay_then_carry_traffic() {
             .is_some(),
         "relay did not join"
     );
+    // A node without the CA key has no secret and no CA endpoints.
+    let relay_admin = relay.spec.admin.to_string();
+    let out = meshnode(&[
+        "token",
+        "create",
+        "--admin",
+        &relay_admin,
+        "--data-dir",
+        "/nonexistent",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("CA node"), "{err}");
     let t = token(&ca, &ca_dir, &["--uses", "2", "--ttl", "10m"]);
     assert!(t.starts_with("mnj1."), "{t}");
 
@@ -308,29 +343,7 @@ async fn renewal_with_second_long_certificates_keeps_traffic_flowing() {
     let t = token(&ca, &ca_dir, &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let dir = work.path().join("vm-1");
-    let spec = NodeSpec::new(net, 3, "vm-1");
-    let out = join_once(&t, ca.spec.quic, &dir, &spec);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cfg_path = dir.join("meshnode.toml");
-    let up = crate::free_tcp(spec.ip);
-    let cfg = std::fs::read_to_string(&cfg_path).expect("config");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "{cfg}[gossip]\ninterval = \"250ms\"\n{}",
-            upstream("api", up)
-        ),
-    )
-    .expect("config");
-    let vm = NodeProc::spawn(
-        spec,
-        vec!["run".into(), "--config".into(), cfg_path.into_os_string()],
-        &dir.join("node.log"),
-    );
+    let (vm, up) = joined_node(&t, &ca, &dir, NodeSpec::new(net, 3, "vm-1"));
     let first = wait_until(Duration::from_secs(10), || async {
         named_echo_once(None, up, b"x", Duration::from_secs(3))
             .await
@@ -391,29 +404,7 @@ async fn revocation_cuts_live_tunnels_spreads_and_survives_restarts() {
     let t = token(&ca, &ca_dir, &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let dir = work.path().join("vm-1");
-    let spec = NodeSpec::new(net, 3, "vm-1");
-    let out = join_once(&t, ca.spec.quic, &dir, &spec);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cfg_path = dir.join("meshnode.toml");
-    let up = crate::free_tcp(spec.ip);
-    let cfg = std::fs::read_to_string(&cfg_path).expect("config");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "{cfg}[gossip]\ninterval = \"250ms\"\n{}",
-            upstream("api", up)
-        ),
-    )
-    .expect("config");
-    let vm = NodeProc::spawn(
-        spec,
-        vec!["run".into(), "--config".into(), cfg_path.into_os_string()],
-        &dir.join("node.log"),
-    );
+    let (vm, up) = joined_node(&t, &ca, &dir, NodeSpec::new(net, 3, "vm-1"));
     for n in [&ca, &n2] {
         assert!(
             wait_until(Duration::from_secs(15), || alive_on(n, "vm-1"))
