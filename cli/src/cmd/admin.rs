@@ -205,14 +205,16 @@ pub async fn status(a: &AdminArgs, check: bool) -> Result<(), Failure> {
         .unwrap_or(0);
     let rows = vec![
         vec!["identity".into(), field(&v, "identity")],
-        vec![
-            "role".into(),
-            if v.get("gateway").and_then(Value::as_bool).unwrap_or(false) {
-                "gateway".into()
+        vec!["role".into(), {
+            let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
+            let role = if flag("gateway") { "gateway" } else { "node" };
+            if flag("ca") {
+                format!("{role}, CA (signs joins and renewals)")
             } else {
-                "node".into()
-            },
-        ],
+                role.to_string()
+            }
+        }],
+        vec!["revocations".into(), field(&v, "revocations")],
         vec![
             "cert expires in".into(),
             humantime::format_duration(std::time::Duration::from_secs(expires.max(0) as u64))
