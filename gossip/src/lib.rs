@@ -10,6 +10,8 @@ mod pool;
 mod quic;
 
 pub use catalog::{Catalog, Instance, Member, MemberState, NodeSnapshot, RemoteRoute};
+/// The chitchat this crate is built on (pinned), for alternative transports.
+pub use chitchat;
 pub use keys::{Health, NodeInfo, Protocol, ServiceRecord};
 pub use pool::{GossipConfig, GossipError, GossipHandle, Tuning};
 pub use quic::{PoolKind, QuicTransport};

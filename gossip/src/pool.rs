@@ -17,7 +17,7 @@ use crate::catalog::{self, Catalog, Member, MemberState, NodeSnapshot};
 use crate::federation::{wan_members, wan_node_id};
 use crate::keys::{self, NodeInfo, ServiceRecord, LEAVING_KEY, NODE_KEY, SERVICE_PREFIX};
 use crate::metrics::{BAD_RECORDS, MEMBERS};
-use crate::quic::{PoolKind, QuicTransport};
+use crate::quic::PoolKind;
 
 /// Gossip timing. The defaults were chosen by measurement (see ARCHITECTURE.md).
 #[derive(Clone, Debug)]
@@ -85,7 +85,12 @@ impl Default for Tuning {
 // === impl GossipHandle ===
 
 impl GossipHandle {
-    pub async fn spawn(cfg: GossipConfig, transport: QuicTransport) -> Result<Self, GossipError> {
+    /// Starts chitchat on `transport`: [`QuicTransport`](crate::QuicTransport)
+    /// in a node, an in-memory network in the simulations.
+    pub async fn spawn(
+        cfg: GossipConfig,
+        transport: &dyn chitchat::transport::Transport,
+    ) -> Result<Self, GossipError> {
         let info = NodeInfo {
             cluster: cfg.me.cluster().to_string(),
             advertise: cfg.advertise,
@@ -128,7 +133,7 @@ impl GossipHandle {
             catchup_callback: None,
             extra_liveness_predicate: None,
         };
-        let handle = spawn_chitchat(chitchat_config, initial, &transport)
+        let handle = spawn_chitchat(chitchat_config, initial, transport)
             .await
             .map_err(|e| GossipError::Start(e.to_string()))?;
         let chitchat = handle.chitchat();

@@ -172,7 +172,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     // Publish instances through the registry, so initial health is right from the first round.
     let kind = gossip_cfg.kind.clone();
     let transport = QuicTransport::new(endpoint.clone(), incoming.gossip, kind);
-    let gossip = GossipHandle::spawn(gossip_cfg, transport).await?;
+    let gossip = GossipHandle::spawn(gossip_cfg, &transport).await?;
     let mut tasks = Vec::new();
 
     // Gateways also join the WAN pool of all gateways, on the same endpoint.
@@ -195,7 +195,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
                 tuning: tuning.clone(),
             };
             let transport = QuicTransport::new(endpoint.clone(), incoming.wan, PoolKind::Wan);
-            let wan = GossipHandle::spawn(wan_cfg, transport).await?;
+            let wan = GossipHandle::spawn(wan_cfg, &transport).await?;
             let (view, task) = federation::spawn(
                 gossip.clone(),
                 wan.clone(),

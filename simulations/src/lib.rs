@@ -1,0 +1,216 @@
+//! meshnode's real gossip layer — chitchat as meshnode configures it, its
+//! key schema and its catalog and WAN-view derivation — on an in-memory
+//! network with virtual time. Only the network is simulated.
+//!
+//! Everything runs on one current-thread tokio runtime that starts paused:
+//! when every task waits, the clock jumps to the next timer, so a minute of
+//! gossip among a thousand nodes takes seconds of CPU. Loss and partitions
+//! draw from a seeded RNG; chitchat picks its gossip peers with OS entropy,
+//! so runs differ in detail and the scenarios report and assert bounds and
+//! distributions, not exact traces.
+
+pub mod plot;
+pub mod scenarios;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use meshnode_gossip::chitchat::transport::{Socket, Transport};
+use meshnode_gossip::chitchat::{ChitchatMessage, Serializable};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use tokio::sync::mpsc;
+
+/// The largest gossip frame meshnode's QUIC transport carries (chitchat's own
+/// UDP limit); bigger messages are dropped there, and here.
+pub const MAX_FRAME: usize = 65_507;
+/// Messages queued per node before the network drops, like a full socket buffer.
+const INBOX: usize = 1024;
+
+type Inbox = mpsc::Sender<(SocketAddr, ChitchatMessage)>;
+
+/// The in-memory network: every node's inbox, the faults in force, counters.
+#[derive(Clone)]
+pub struct SimNet {
+    inner: Arc<Mutex<Net>>,
+}
+
+struct Net {
+    inboxes: HashMap<SocketAddr, Inbox>,
+    rng: StdRng,
+    /// Probability of dropping a message, 0..1.
+    loss: f64,
+    /// Nodes that are down: nothing to or from them is delivered.
+    down: HashSet<SocketAddr>,
+    /// Partition groups: messages cross only within a group. Empty: no partition.
+    group: HashMap<SocketAddr, u32>,
+    pub stats: NetStats,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    pub messages: u64,
+    pub bytes: u64,
+    pub dropped_loss: u64,
+    pub dropped_partition: u64,
+    /// Messages over [`MAX_FRAME`]: chitchat would have to split them.
+    pub oversize: u64,
+    pub max_message: u64,
+}
+
+struct SimSocket {
+    me: SocketAddr,
+    net: SimNet,
+    rx: mpsc::Receiver<(SocketAddr, ChitchatMessage)>,
+}
+
+impl SimNet {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Net {
+                inboxes: HashMap::new(),
+                rng: StdRng::seed_from_u64(seed),
+                loss: 0.0,
+                down: HashSet::new(),
+                group: HashMap::new(),
+                stats: NetStats::default(),
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Net> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_loss(&self, loss: f64) {
+        self.lock().loss = loss.clamp(0.0, 1.0);
+    }
+
+    pub fn set_down(&self, addr: SocketAddr, down: bool) {
+        let mut n = self.lock();
+        if down {
+            n.down.insert(addr);
+        } else {
+            n.down.remove(&addr);
+        }
+    }
+
+    /// Splits the network: `groups[i]` is the group of node `i`'s address.
+    pub fn partition(&self, groups: HashMap<SocketAddr, u32>) {
+        self.lock().group = groups;
+    }
+
+    pub fn heal(&self) {
+        self.lock().group.clear();
+    }
+
+    pub fn stats(&self) -> NetStats {
+        self.lock().stats
+    }
+
+    fn deliver(&self, from: SocketAddr, to: SocketAddr, msg: ChitchatMessage) {
+        let len = msg.serialized_len() as u64;
+        let mut n = self.lock();
+        n.stats.messages += 1;
+        n.stats.bytes += len;
+        n.stats.max_message = n.stats.max_message.max(len);
+        if len as usize > MAX_FRAME {
+            n.stats.oversize += 1;
+            return;
+        }
+        if n.down.contains(&from) || n.down.contains(&to) {
+            return;
+        }
+        if !n.group.is_empty() && n.group.get(&from) != n.group.get(&to) {
+            n.stats.dropped_partition += 1;
+            return;
+        }
+        if n.loss > 0.0 && n.rng.random::<f64>() < n.loss {
+            n.stats.dropped_loss += 1;
+            return;
+        }
+        if let Some(inbox) = n.inboxes.get(&to) {
+            let _ = inbox.try_send((from, msg));
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for SimNet {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let (tx, rx) = mpsc::channel(INBOX);
+        self.lock().inboxes.insert(listen_addr, tx);
+        Ok(Box::new(SimSocket {
+            me: listen_addr,
+            net: self.clone(),
+            rx,
+        }))
+    }
+}
+
+#[async_trait]
+impl Socket for SimSocket {
+    async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+        self.net.deliver(self.me, to, msg);
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
+        self.rx
+            .recv()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("network closed"))
+    }
+}
+
+/// Node `i`'s gossip address: 10.a.b.c:9470.
+pub fn addr(i: usize) -> SocketAddr {
+    let i = i as u32 + 1;
+    SocketAddr::new(
+        Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8).into(),
+        9470,
+    )
+}
+
+/// A paused current-thread runtime: virtual time.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+}
+
+/// The lower bound on rounds for push gossip with fanout `f` to reach `n`
+/// nodes: every informed node informs at most `f` more per round.
+pub fn lower_bound_rounds(n: usize, fanout: usize) -> u32 {
+    let mut reached = 1usize;
+    let mut rounds = 0;
+    while reached < n {
+        reached = reached.saturating_mul(fanout + 1);
+        rounds += 1;
+    }
+    rounds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lower_bound_is_ceil_log_f_plus_1() {
+        assert_eq!(lower_bound_rounds(1, 3), 0);
+        assert_eq!(lower_bound_rounds(4, 3), 1);
+        assert_eq!(lower_bound_rounds(5, 3), 2);
+        assert_eq!(lower_bound_rounds(100, 3), 4);
+        assert_eq!(lower_bound_rounds(1000, 3), 5);
+        assert_eq!(lower_bound_rounds(10_000, 3), 7);
+    }
+
+    #[test]
+    fn addresses_are_distinct() {
+        let set: HashSet<_> = (0..70_000).map(addr).collect();
+        assert_eq!(set.len(), 70_000);
+    }
+}
