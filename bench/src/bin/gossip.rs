@@ -1,0 +1,395 @@
+//! `meshnode-gossip-bench`: N meshnode nodes against N serf agents (LAN
+//! profile) on loopback, in the same run, for N = 10, 30, 60 by default.
+//!
+//! Per N and system: a state change seen by all (meshnode: a service turning
+//! passing on node 1, from node 1's own view to the last node's view; serf: a
+//! tag change, from `serf tags` to the last agent's `serf members` view), a
+//! kill -9 seen as dead by all, idle gossip bytes per second per node (an
+//! nftables counter on the system's source subnet; needs root), and RSS per
+//! node. Prints a table with meshnode/serf ratios.
+//!
+//! ```sh
+//! meshnode-gossip-bench --meshnode target/release/meshnode --serf /usr/bin/serf --sizes 10,30,60
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+struct Args {
+    meshnode: PathBuf,
+    serf: PathBuf,
+    sizes: Vec<usize>,
+    work: PathBuf,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Figures {
+    propagation_s: f64,
+    detection_s: f64,
+    idle_bytes_per_node_s: Option<f64>,
+    rss_kib_per_node: f64,
+}
+
+/// Children killed on drop.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = parse_args()?;
+    std::fs::create_dir_all(&a.work)?;
+    let mut rows = Vec::new();
+    for &n in &a.sizes {
+        eprintln!("== N = {n}: meshnode");
+        let m = meshnode_run(&a, n)?;
+        eprintln!("   {m:?}");
+        eprintln!("== N = {n}: serf");
+        let s = serf_run(&a, n)?;
+        eprintln!("   {s:?}");
+        rows.push((n, m, s));
+    }
+    println!("\n| N | system | state change seen by all | kill -9 seen by all | idle B/s per node | RSS per node |");
+    println!("|---|---|---|---|---|---|");
+    for (n, m, s) in &rows {
+        for (name, f) in [("meshnode", m), ("serf", s)] {
+            println!(
+                "| {n} | {name} | {:.2} s | {:.2} s | {} | {:.1} MiB |",
+                f.propagation_s,
+                f.detection_s,
+                f.idle_bytes_per_node_s
+                    .map_or("n/a".into(), |b| format!("{b:.0}")),
+                f.rss_kib_per_node / 1024.0
+            );
+        }
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.2}x", a / b)
+            } else {
+                "n/a".into()
+            }
+        };
+        println!(
+            "| {n} | **meshnode / serf** | **{}** | **{}** | **{}** | **{}** |",
+            ratio(m.propagation_s, s.propagation_s),
+            ratio(m.detection_s, s.detection_s),
+            match (m.idle_bytes_per_node_s, s.idle_bytes_per_node_s) {
+                (Some(a), Some(b)) => ratio(a, b),
+                _ => "n/a".into(),
+            },
+            ratio(m.rss_kib_per_node, s.rss_kib_per_node)
+        );
+    }
+    Ok(())
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        meshnode: "target/release/meshnode".into(),
+        serf: "/usr/bin/serf".into(),
+        sizes: vec![10, 30, 60],
+        work: std::env::temp_dir().join("meshnode-gossip-bench"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--meshnode" => a.meshnode = v.into(),
+            "--serf" => a.serf = v.into(),
+            "--work" => a.work = v.into(),
+            "--sizes" => {
+                a.sizes = v
+                    .split(',')
+                    .map(|s| s.trim().parse())
+                    .collect::<Result<_, _>>()
+                    .context("--sizes: comma-separated numbers")?
+            }
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn ip(system: u8, n: usize, i: usize) -> String {
+    format!("127.{system}.{n}.{}", i + 1)
+}
+
+/// Waits until `cond` holds; returns the time it took.
+fn until(limit: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return Ok(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    bail!("condition not met within {limit:?}")
+}
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let addr: SocketAddr = addr.parse().ok()?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+fn rss_kib(pids: &[u32]) -> f64 {
+    let total: u64 = pids
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum();
+    total as f64 / pids.len().max(1) as f64
+}
+
+/// Bytes sent over UDP from `subnet` (127.S.N.0/24) during `window`, per node
+/// and second, from an nftables counter; None without nft or root.
+fn idle_bytes(subnet: &str, n: usize, window: Duration) -> Option<f64> {
+    let table = "meshnode_gossip_bench";
+    let nft = |args: &str| {
+        Command::new("nft")
+            .args(args.split(' '))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    };
+    let _ = nft(&format!("delete table ip {table}"));
+    nft(&format!("add table ip {table}"))?;
+    nft(&format!(
+        "add chain ip {table} out {{ type filter hook output priority 0 ; }}"
+    ))?;
+    nft(&format!(
+        "add rule ip {table} out ip saddr {subnet} meta l4proto udp counter"
+    ))?;
+    std::thread::sleep(window);
+    let out = nft(&format!("list chain ip {table} out"))?;
+    let _ = nft(&format!("delete table ip {table}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let bytes: f64 = text
+        .split_whitespace()
+        .skip_while(|w| *w != "bytes")
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(bytes / n as f64 / window.as_secs_f64())
+}
+
+fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().context("running a helper command")?;
+    if !out.status.success() {
+        bail!("{:?}: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn meshnode_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
+    let dir = a.work.join(format!("meshnode-{n}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    run_quiet(
+        Command::new(&a.meshnode)
+            .args(["ca", "init", "--mesh", "bench", "--out"])
+            .arg(dir.join("ca")),
+    )?;
+    let flip_port = 18080;
+    let mut procs = Procs(Vec::new());
+    for i in 0..n {
+        let name = format!("m{i}");
+        let d = dir.join(&name);
+        run_quiet(
+            Command::new(&a.meshnode)
+                .args(["cert", "issue", "--ca"])
+                .arg(dir.join("ca"))
+                .args(["--cluster", "c", "--node", &name, "--out"])
+                .arg(&d),
+        )?;
+        let mut cfg = format!(
+            "node = \"{name}\"\ncluster = \"c\"\nmesh = \"bench\"\ndata_dir = \"{}\"\nbind = \"{}:9470\"\nadmin = \"{}:9471\"\nseeds = [\"{}:9470\"]\n",
+            d.display(),
+            ip(77, n, i),
+            ip(77, n, i),
+            ip(77, n, 0)
+        );
+        if i == 0 {
+            cfg.push_str(&format!(
+                "\n[[service]]\nname = \"flip\"\naddress = \"{a}\"\nport = {flip_port}\ncheck = {{ tcp = \"{a}:{flip_port}\", interval = \"100ms\", timeout = \"100ms\", rise = 1 }}\n",
+                a = ip(77, n, 0)
+            ));
+        }
+        let cfg_path = d.join("config.toml");
+        std::fs::write(&cfg_path, cfg)?;
+        let log = std::fs::File::create(d.join("node.log"))?;
+        procs.0.push(
+            Command::new(&a.meshnode)
+                .args(["run", "--config"])
+                .arg(&cfg_path)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()?,
+        );
+    }
+    let admins: Vec<String> = (0..n).map(|i| format!("{}:9471", ip(77, n, i))).collect();
+    let alive = |admin: &str| {
+        http_get(admin, "/v1/members")
+            .map(|b| b.matches("\"alive\"").count())
+            .unwrap_or(0)
+    };
+    until(Duration::from_secs(60), || {
+        admins.iter().all(|a| alive(a) == n)
+    })
+    .context("meshnode pool did not form")?;
+    std::thread::sleep(Duration::from_secs(3));
+    let pids: Vec<u32> = procs.0.iter().map(Child::id).collect();
+    let rss = rss_kib(&pids);
+    let idle = idle_bytes(&format!("127.77.{n}.0/24"), n, Duration::from_secs(10));
+
+    // A state change: node 0's service turns passing.
+    let passing =
+        |admin: &str| http_get(admin, "/v1/services").is_some_and(|b| b.contains("\"passing\""));
+    let _listener = TcpListener::bind(format!("{}:{flip_port}", ip(77, n, 0)))?;
+    until(Duration::from_secs(10), || passing(&admins[0]))
+        .context("node 0 never saw its own service pass")?;
+    let t0 = Instant::now();
+    until(Duration::from_secs(30), || {
+        admins.iter().all(|a| passing(a))
+    })
+    .context("the change did not reach every node")?;
+    let propagation = t0.elapsed().as_secs_f64();
+
+    // kill -9 the last node.
+    let victim = n - 1;
+    let _ = procs.0[victim].kill();
+    let t0 = Instant::now();
+    until(Duration::from_secs(60), || {
+        admins[..victim].iter().all(|a| alive(a) == n - 1)
+    })
+    .context("kill -9 not detected by every node")?;
+    Ok(Figures {
+        propagation_s: propagation,
+        detection_s: t0.elapsed().as_secs_f64(),
+        idle_bytes_per_node_s: idle,
+        rss_kib_per_node: rss,
+    })
+}
+
+fn serf_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
+    let dir = a.work.join(format!("serf-{n}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut procs = Procs(Vec::new());
+    for i in 0..n {
+        let mut cmd = Command::new(&a.serf);
+        cmd.args([
+            "agent",
+            "-node",
+            &format!("s{i}"),
+            "-bind",
+            &format!("{}:7946", ip(78, n, i)),
+            "-rpc-addr",
+            &format!("{}:7373", ip(78, n, i)),
+            "-profile",
+            "lan",
+            "-log-level",
+            "warn",
+        ]);
+        if i > 0 {
+            cmd.args(["-join", &format!("{}:7946", ip(78, n, 0))]);
+        }
+        procs.0.push(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting serf (apt install serf)")?,
+        );
+        if i == 0 {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let rpc = |i: usize| format!("{}:7373", ip(78, n, i));
+    let alive = |i: usize| {
+        Command::new(&a.serf)
+            .args(["members", "-rpc-addr", &rpc(i), "-status", "alive"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+            .unwrap_or(0)
+    };
+    until(Duration::from_secs(60), || (0..n).all(|i| alive(i) == n))
+        .context("serf pool did not form")?;
+    std::thread::sleep(Duration::from_secs(3));
+    let pids: Vec<u32> = procs.0.iter().map(Child::id).collect();
+    let rss = rss_kib(&pids);
+    let idle = idle_bytes(&format!("127.78.{n}.0/24"), n, Duration::from_secs(10));
+
+    // Every agent's view, polled in parallel: `serf members` with `filter`,
+    // and `check` on its output. (Event handlers would add serf's member-event
+    // coalescing, about 1 s, to its figures.)
+    let all_agents = |agents: &[usize], filter: &[&str], check: &(dyn Fn(&str) -> bool + Sync)| {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = agents
+                .iter()
+                .map(|&i| {
+                    let rpc = rpc(i);
+                    sc.spawn(move || {
+                        Command::new(&a.serf)
+                            .args(["members", "-rpc-addr", &rpc])
+                            .args(filter)
+                            .output()
+                            .map(|o| check(&String::from_utf8_lossy(&o.stdout)))
+                            .unwrap_or(false)
+                    })
+                })
+                .collect();
+            handles.into_iter().all(|h| h.join().unwrap_or(false))
+        })
+    };
+    let everyone: Vec<usize> = (0..n).collect();
+    let t0 = Instant::now();
+    run_quiet(Command::new(&a.serf).args(["tags", "-rpc-addr", &rpc(0), "-set", "bench=1"]))?;
+    until(Duration::from_secs(30), || {
+        all_agents(&everyone, &["-tag", "bench=1"], &|out| out.contains("s0 "))
+    })
+    .context("the tag change did not reach every agent")?;
+    let propagation = t0.elapsed().as_secs_f64();
+
+    let victim = n - 1;
+    let _ = procs.0[victim].kill();
+    let t0 = Instant::now();
+    until(Duration::from_secs(60), || {
+        all_agents(&everyone[..victim], &["-status", "alive"], &|out| {
+            out.lines().count() == n - 1
+        })
+    })
+    .context("serf did not detect the kill everywhere")?;
+    let detection = t0.elapsed().as_secs_f64();
+    Ok(Figures {
+        propagation_s: propagation,
+        detection_s: detection,
+        idle_bytes_per_node_s: idle,
+        rss_kib_per_node: rss,
+    })
+}
