@@ -31,7 +31,13 @@ fn main() -> anyhow::Result<()> {
             println!("{p50:.1} {p99:.1} {p999:.1}");
             Ok(())
         }
-        _ => bail!("usage: meshnode-bench rr-server ADDR [SIZE] | rr ADDR [COUNT] [SIZE] [WARMUP]"),
+        Some("hold") => {
+            let addr = parse_addr(args.get(1))?;
+            let count = parse_or(args.get(2), 10_000)?;
+            let secs = parse_or(args.get(3), 10)?;
+            hold(addr, count, secs)
+        }
+        _ => bail!("usage: meshnode-bench rr-server ADDR [SIZE] | rr ADDR [COUNT] [SIZE] [WARMUP] | hold ADDR [COUNT] [SECONDS]"),
     }
 }
 
@@ -52,15 +58,67 @@ fn rr_server(addr: SocketAddr, size: usize) -> anyhow::Result<()> {
     let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
     for conn in l.incoming() {
         let Ok(mut s) = conn else { continue };
-        std::thread::spawn(move || {
-            let _ = s.set_nodelay(true);
-            let mut buf = vec![0u8; size];
-            while s.read_exact(&mut buf).is_ok() {
-                if s.write_all(&buf).is_err() {
-                    break;
+        // Small stacks: `hold` keeps thousands of connections open at once.
+        let _ = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let _ = s.set_nodelay(true);
+                let mut buf = vec![0u8; size];
+                while s.read_exact(&mut buf).is_ok() {
+                    if s.write_all(&buf).is_err() {
+                        break;
+                    }
                 }
+            });
+    }
+    Ok(())
+}
+
+/// Opens `count` connections through `addr` (an upstream to an rr-server of
+/// 1-byte messages), checks each with one round trip, holds them all for
+/// `secs`, checks each again. Prints `opened ok_after_hold errors` and, on
+/// stderr, progress; the caller reads the nodes' RSS while they are held.
+fn hold(addr: SocketAddr, count: usize, secs: usize) -> anyhow::Result<()> {
+    let mut conns = Vec::with_capacity(count);
+    let mut errors = 0usize;
+    let mut first_error = None;
+    let start = Instant::now();
+    for i in 0..count {
+        let r = (|| -> anyhow::Result<TcpStream> {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
+            s.write_all(&[1])?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)?;
+            Ok(s)
+        })();
+        match r {
+            Ok(s) => conns.push(s),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| format!("connection {i}: {e:#}"));
             }
-        });
+        }
+        if (i + 1) % 1000 == 0 {
+            eprintln!(
+                "  {} open, {errors} errors, {:.1} s",
+                conns.len(),
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    println!("HELD {} {errors}", conns.len());
+    std::thread::sleep(std::time::Duration::from_secs(secs as u64));
+    let mut ok = 0;
+    for s in &mut conns {
+        let mut b = [0u8; 1];
+        if s.write_all(&[2]).is_ok() && s.read_exact(&mut b).is_ok() {
+            ok += 1;
+        }
+    }
+    println!("{} {ok} {errors}", conns.len());
+    if let Some(e) = first_error {
+        eprintln!("first error: {e}");
     }
     Ok(())
 }

@@ -398,7 +398,7 @@ pub fn transport_config() -> quinn::TransportConfig {
     const CONN_WINDOW: u32 = 16 * 1024 * 1024;
     const IDLE_TIMEOUT_MS: u32 = 10_000;
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(4096u32.into())
+    t.max_concurrent_bidi_streams(16_384u32.into())
         .max_concurrent_uni_streams(1024u32.into())
         .stream_receive_window(STREAM_WINDOW.into())
         .receive_window(CONN_WINDOW.into())

@@ -317,7 +317,12 @@ fn serf_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
             "warn",
         ]);
         if i > 0 {
-            cmd.args(["-join", &format!("{}:7946", ip(78, n, 0))]);
+            cmd.args([
+                "-retry-join",
+                &format!("{}:7946", ip(78, n, 0)),
+                "-retry-interval",
+                "1s",
+            ]);
         }
         procs.0.push(
             cmd.stdin(Stdio::null())

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# 10,000 concurrent tunnel streams through one meshnode pair on loopback:
+# open them all (each checked with a 1-byte round trip), hold them, check them
+# again, and read both nodes' RSS while they are held. Also a stunnel4 pair
+# holding as many connections, in the same run, as the baseline.
+#   bash bench/streams.sh [COUNT]          (default 10000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+COUNT=${1:-10000}
+# Each proxy holds two sockets per connection: raise the soft limit as far as allowed.
+ulimit -n "$(ulimit -Hn)"
+cargo build --release -q -p meshnode-cli -p meshnode-bench
+BIN=target/release
+MESHNODE=$BIN/meshnode
+TOOL=$BIN/meshnode-bench
+WORK=$(mktemp -d /tmp/meshnode-streams.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+
+"$MESHNODE" ca init --mesh bench --out "$WORK/ca" >/dev/null
+for n in node-a node-b tls-client tls-server; do
+  "$MESHNODE" cert issue --ca "$WORK/ca" --cluster bench --node "$n" --out "$WORK/$n" >/dev/null
+done
+ECHO_PORT=7100
+"$TOOL" rr-server 127.0.0.1:$ECHO_PORT 1 & PIDS+=($!)
+
+cat >"$WORK/node-b/config.toml" <<CFG
+node = "node-b"
+cluster = "bench"
+mesh = "bench"
+data_dir = "$WORK/node-b"
+bind = "127.0.0.72:9470"
+admin = "127.0.0.72:9471"
+[[service]]
+name = "echo"
+address = "127.0.0.1"
+port = $ECHO_PORT
+CFG
+cat >"$WORK/node-a/config.toml" <<CFG
+node = "node-a"
+cluster = "bench"
+mesh = "bench"
+data_dir = "$WORK/node-a"
+bind = "127.0.0.71:9470"
+admin = "127.0.0.71:9471"
+seeds = ["127.0.0.72:9470"]
+[[upstream]]
+service = "echo"
+listen = "127.0.0.1:37100"
+CFG
+MESHNODE_LOG=error "$MESHNODE" run --config "$WORK/node-b/config.toml" & MESH_B=$!; PIDS+=($MESH_B)
+MESHNODE_LOG=error "$MESHNODE" run --config "$WORK/node-a/config.toml" & MESH_A=$!; PIDS+=($MESH_A)
+
+tls_conf() { # $1=name $2=client? $3=accept $4=connect
+  local dir=$WORK/$1 f=$WORK/$1.conf
+  {
+    echo "foreground = yes"; echo "pid ="; echo "debug = err"
+    [ "$2" = yes ] && echo "client = yes"
+    echo "cert = $dir/node.pem"; echo "key = $dir/node.key"; echo "CAfile = $dir/ca.pem"
+    echo "verifyChain = yes"; echo "sslVersionMin = TLSv1.3"
+    echo "[echo]"; echo "accept = 127.0.0.1:$3"; echo "connect = 127.0.0.1:$4"
+  } >"$f"
+  echo "$f"
+}
+stunnel "$(tls_conf tls-server no 27100 $ECHO_PORT)" & STUNNEL_S=$!; PIDS+=($STUNNEL_S)
+stunnel "$(tls_conf tls-client yes 17100 27100)" & STUNNEL_C=$!; PIDS+=($STUNNEL_C)
+
+for _ in $(seq 100); do
+  "$TOOL" rr 127.0.0.1:37100 5 1 0 >/dev/null 2>&1 && "$TOOL" rr 127.0.0.1:17100 5 1 0 >/dev/null 2>&1 && break
+  sleep 0.1
+done
+echo "idle RSS: meshnode A $(rss_mib $MESH_A) MiB, B $(rss_mib $MESH_B) MiB; stunnel client $(rss_mib $STUNNEL_C) MiB, server $(rss_mib $STUNNEL_S) MiB"
+
+run() { # $1=label $2=port $3=pid a $4=pid b $5=count
+  local out=$WORK/$1.out
+  "$TOOL" hold "127.0.0.1:$2" "$5" 15 >"$out" 2> >(tee "$WORK/$1.err" >&2) & local h=$!
+  for _ in $(seq 600); do grep -q HELD "$out" 2>/dev/null && break; sleep 0.5; done
+  sleep 2
+  local ra rb; ra=$(rss_mib "$3"); rb=$(rss_mib "$4")
+  wait $h
+  read -r held ok errors < <(tail -1 "$out")
+  printf "| %s | %s | %s | %s | %s MiB | %s MiB |\n" "$1" "$5" "$held" "$ok" "$ra" "$rb"
+  grep -h "first error" "$WORK/$1.err" >&2 || true
+}
+echo
+echo "| path | asked | held | still echoing after 15 s | RSS client side | RSS server side |"
+echo "|---|---|---|---|---|---|"
+run meshnode 37100 $MESH_A $MESH_B "$COUNT"
+# stunnel's client side holds both sockets of a connection in one process: stay under the fd limit.
+SCOUNT=$(( COUNT < ($(ulimit -n) - 100) / 2 ? COUNT : ($(ulimit -n) - 100) / 2 ))
+run stunnel 17100 $STUNNEL_C $STUNNEL_S "$SCOUNT"
