@@ -70,7 +70,7 @@ impl Pool {
         self.nodes[i].catalog().instances("probe").len()
     }
 
-    /// Waits (virtual time) until `cond` holds, polling every [`POLL`]; returns the time taken.
+    /// Waits (virtual time) until `cond` holds, polling every 50 ms; returns the time taken.
     pub async fn until(
         &self,
         limit: Duration,
