@@ -19,6 +19,8 @@ use crate::{addr, SimNet};
 /// Catalog polls happen this often (virtual time): the time resolution.
 const POLL: Duration = Duration::from_millis(50);
 const FANOUT: usize = 3;
+/// Quiet time after formation before a detection window starts.
+pub const SETTLE: Duration = Duration::from_secs(10);
 
 pub struct Pool {
     pub net: SimNet,
@@ -180,6 +182,9 @@ pub async fn detection(
     pool.formed(Duration::from_secs(120))
         .await
         .ok_or_else(|| anyhow::anyhow!("pool did not form"))?;
+    // Let the failure detectors collect heartbeat intervals first: right
+    // after formation their windows hold a handful of samples.
+    tokio::time::sleep(SETTLE).await;
     pool.net.set_loss(loss);
     let start = Instant::now();
     let mut false_failures = 0;
