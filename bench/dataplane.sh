@@ -29,25 +29,8 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 echo "== building (release)"
-cargo build --release -q -p meshnode-cli -p meshnode-bench
-BIN=$PWD/target/release
-MESHNODE=$BIN/meshnode
-TOOL=$BIN/meshnode-bench
-
-WORK=$(mktemp -d /tmp/meshnode-bench.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-# --- certificates: one mesh CA for everyone (stunnel uses the same ECDSA P-256 files)
-"$MESHNODE" ca init --mesh bench --out "$WORK/ca" >/dev/null
-for n in node-a node-b tls-client tls-server; do
-  "$MESHNODE" cert issue --ca "$WORK/ca" --cluster bench --node "$n" --out "$WORK/$n" >/dev/null
-done
+source bench/lib.sh
+bench_setup meshnode-bench
 
 # --- the applications
 IPERF_PORT=5201 RR_PORT=7000
@@ -55,26 +38,6 @@ iperf3 -s -B 127.0.0.1 -p $IPERF_PORT >/dev/null 2>&1 & PIDS+=($!)
 "$TOOL" rr-server 127.0.0.1:$RR_PORT & PIDS+=($!)
 
 # --- stunnel pair: client side accepts 16201/17000, server side 26201/27000
-tls_conf() { # $1=name $2=client? $3..=sections "name accept connect"
-  local dir=$WORK/$1 f=$WORK/$1.conf
-  {
-    echo "foreground = yes"
-    echo "pid ="
-    echo "debug = err"
-    [ "$2" = yes ] && echo "client = yes"
-    echo "cert = $dir/node.pem"
-    echo "key = $dir/node.key"
-    echo "CAfile = $dir/ca.pem"
-    echo "verifyChain = yes"
-    echo "sslVersionMin = TLSv1.3"
-    shift 2
-    for s in "$@"; do
-      set -- $s
-      echo "[$1]"; echo "accept = 127.0.0.1:$2"; echo "connect = 127.0.0.1:$3"
-    done
-  } >"$f"
-  echo "$f"
-}
 stunnel "$(tls_conf tls-server no "iperf 26201 $IPERF_PORT" "rr 27000 $RR_PORT")" & STUNNEL_S=$!; PIDS+=($STUNNEL_S)
 stunnel "$(tls_conf tls-client yes "iperf 16201 26201" "rr 17000 27000")" & STUNNEL_C=$!; PIDS+=($STUNNEL_C)
 

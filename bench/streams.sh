@@ -9,24 +9,8 @@ cd "$(dirname "$0")/.."
 COUNT=${1:-10000}
 # Each proxy holds two sockets per connection: raise the soft limit as far as allowed.
 ulimit -n "$(ulimit -Hn)"
-cargo build --release -q -p meshnode-cli -p meshnode-bench
-BIN=target/release
-MESHNODE=$BIN/meshnode
-TOOL=$BIN/meshnode-bench
-WORK=$(mktemp -d /tmp/meshnode-streams.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
-
-"$MESHNODE" ca init --mesh bench --out "$WORK/ca" >/dev/null
-for n in node-a node-b tls-client tls-server; do
-  "$MESHNODE" cert issue --ca "$WORK/ca" --cluster bench --node "$n" --out "$WORK/$n" >/dev/null
-done
+source bench/lib.sh
+bench_setup meshnode-streams
 ECHO_PORT=7100
 "$TOOL" rr-server 127.0.0.1:$ECHO_PORT 1 & PIDS+=($!)
 
@@ -57,19 +41,8 @@ CFG
 MESHNODE_LOG=error "$MESHNODE" run --config "$WORK/node-b/config.toml" & MESH_B=$!; PIDS+=($MESH_B)
 MESHNODE_LOG=error "$MESHNODE" run --config "$WORK/node-a/config.toml" & MESH_A=$!; PIDS+=($MESH_A)
 
-tls_conf() { # $1=name $2=client? $3=accept $4=connect
-  local dir=$WORK/$1 f=$WORK/$1.conf
-  {
-    echo "foreground = yes"; echo "pid ="; echo "debug = err"
-    [ "$2" = yes ] && echo "client = yes"
-    echo "cert = $dir/node.pem"; echo "key = $dir/node.key"; echo "CAfile = $dir/ca.pem"
-    echo "verifyChain = yes"; echo "sslVersionMin = TLSv1.3"
-    echo "[echo]"; echo "accept = 127.0.0.1:$3"; echo "connect = 127.0.0.1:$4"
-  } >"$f"
-  echo "$f"
-}
-stunnel "$(tls_conf tls-server no 27100 $ECHO_PORT)" & STUNNEL_S=$!; PIDS+=($STUNNEL_S)
-stunnel "$(tls_conf tls-client yes 17100 27100)" & STUNNEL_C=$!; PIDS+=($STUNNEL_C)
+stunnel "$(tls_conf tls-server no "echo 27100 $ECHO_PORT")" & STUNNEL_S=$!; PIDS+=($STUNNEL_S)
+stunnel "$(tls_conf tls-client yes "echo 17100 27100")" & STUNNEL_C=$!; PIDS+=($STUNNEL_C)
 
 for _ in $(seq 100); do
   "$TOOL" rr 127.0.0.1:37100 5 1 0 >/dev/null 2>&1 && "$TOOL" rr 127.0.0.1:17100 5 1 0 >/dev/null 2>&1 && break

@@ -148,21 +148,6 @@ pub fn ca_nodes(nodes: &[NodeSnapshot]) -> Vec<(String, SocketAddr)> {
         .collect()
 }
 
-/// Every revocation value any node publishes (live or not: the entries are
-/// CA-signed, whoever relays them), by key.
-pub fn revocation_values(nodes: &[NodeSnapshot]) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for n in nodes {
-        for (k, v) in n.kvs.range(keys::REVOCATION_PREFIX.to_string()..) {
-            if !k.starts_with(keys::REVOCATION_PREFIX) {
-                break;
-            }
-            out.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-    }
-    out
-}
-
 impl Catalog {
     /// Derives the catalog: instances of live nodes that have not left.
     pub fn derive(nodes: &[NodeSnapshot]) -> Catalog {

@@ -162,6 +162,21 @@ impl GossipHandle {
         snapshot(&*self.inner.chitchat.lock().await)
     }
 
+    /// Every value under `prefix` that any node publishes (live or not), by
+    /// key; read under the lock without copying the rest of the state.
+    pub async fn prefixed_values(&self, prefix: &str) -> BTreeMap<String, String> {
+        let cc = self.inner.chitchat.lock().await;
+        let mut out = BTreeMap::new();
+        for state in cc.node_states().values() {
+            for (k, v) in state.key_values() {
+                if k.starts_with(prefix) {
+                    out.entry(k.to_string()).or_insert_with(|| v.to_string());
+                }
+            }
+        }
+        out
+    }
+
     /// The member list (for the WAN pool: gateways, with plain node names).
     pub async fn members(&self) -> Vec<Member> {
         let nodes = self.snapshot().await;

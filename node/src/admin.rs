@@ -39,8 +39,6 @@ pub struct AdminState {
     pub gossip: GossipHandle,
     /// Gateways only: the WAN pool.
     pub wan: Option<GossipHandle>,
-    /// When the trusted CA certificate expires (Unix seconds).
-    pub ca_not_after: Option<i64>,
     /// The node's credentials: the current certificate (renewed in place) and revocations.
     pub tls: Arc<TlsMaterial>,
     /// Set on CA nodes.
@@ -364,7 +362,8 @@ async fn status(s: &AdminState) -> Status {
             expires_in.max(0)
         ));
     }
-    let ca_expires_in = s.ca_not_after.map(|t| t - now);
+    let ca_not_after = s.tls.ca_not_after();
+    let ca_expires_in = ca_not_after.map(|t| t - now);
     if let Some(left) = ca_expires_in.filter(|l| *l < EXPIRY_WARNING_SECS) {
         warnings.push(format!("mesh CA certificate expires in {}s", left.max(0)));
     }
@@ -384,7 +383,7 @@ async fn status(s: &AdminState) -> Status {
         revocations: s.tls.revocations().len(),
         cert_not_after: me.not_after,
         cert_expires_in_seconds: expires_in,
-        ca_not_after: s.ca_not_after,
+        ca_not_after,
         ca_expires_in_seconds: ca_expires_in,
         pools: types::Pools {
             lan: counts(&members),

@@ -96,7 +96,6 @@ pub struct Bound {
 pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bound, AppError> {
     let tls = Arc::new(TlsMaterial::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?);
     let me = tls.me();
-    let ca_not_after = tls.ca_not_after();
     for (key, config, cert) in [
         ("mesh", &cfg.mesh, me.identity.mesh()),
         ("cluster", &cfg.cluster, me.identity.cluster()),
@@ -223,7 +222,6 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         path: cfg.data_dir.join(crate::revocations::FILE),
         lan: gossip.clone(),
         wan: wan.clone(),
-        changed: Notify::new(),
     });
     // Persisted revocations are in force before the first peer is admitted.
     revocations.load();
@@ -303,7 +301,6 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     let state = Arc::new(AdminState {
         gossip: gossip.clone(),
         wan: wan.clone(),
-        ca_not_after,
         tls: tls.clone(),
         ca,
         revocations,
@@ -316,7 +313,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         leave: leave.clone(),
     });
     tasks.push(tokio::spawn(admin::serve(admin_listener, state)));
-    tasks.push(tokio::spawn(cert_expiry_gauge(tls.clone(), ca_not_after)));
+    tasks.push(tokio::spawn(cert_expiry_gauge(tls.clone())));
 
     info!(identity = %me.identity, quic = %quic_addr, %advertise, admin = %admin_addr, "node up");
     Ok(Bound {
@@ -457,7 +454,8 @@ fn write_admin_secret(data_dir: &std::path::Path) -> Result<String, AppError> {
     Ok(secret)
 }
 
-async fn cert_expiry_gauge(tls: Arc<TlsMaterial>, ca_not_after: Option<i64>) {
+async fn cert_expiry_gauge(tls: Arc<TlsMaterial>) {
+    let ca_not_after = tls.ca_not_after();
     loop {
         let now = meshnode_transport::pki::unix_now();
         metrics::gauge!(CERT_EXPIRY_SECONDS).set((tls.me().not_after - now) as f64);

@@ -96,32 +96,10 @@ impl CaNode {
         let fingerprint = ca.fingerprint()?;
         let dir = data_dir.join("ca");
         create_private_dir(&dir)?;
-        let mut state = State::default();
-        for (file, what) in [(TOKENS_FILE, "tokens"), (ISSUED_FILE, "issued")] {
-            let path = dir.join(file);
-            match std::fs::read(&path) {
-                Ok(bytes) => {
-                    let bad = |reason: String| CaError::State {
-                        path: path.display().to_string(),
-                        reason,
-                    };
-                    if what == "tokens" {
-                        state.tokens =
-                            serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-                    } else {
-                        state.issued =
-                            serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(CaError::Dir {
-                        path: path.display().to_string(),
-                        source,
-                    })
-                }
-            }
-        }
+        let state = State {
+            tokens: load_json(&dir.join(TOKENS_FILE))?,
+            issued: load_json(&dir.join(ISSUED_FILE))?,
+        };
         Ok(Self {
             ca,
             fingerprint,
@@ -437,6 +415,21 @@ impl CaNode {
 
 fn strip_zeros(s: &str) -> &str {
     s.trim_start_matches('0')
+}
+
+/// A JSON state file, or the default when it does not exist yet.
+fn load_json<T: Default + serde::de::DeserializeOwned>(path: &Path) -> Result<T, CaError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| CaError::State {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(source) => Err(CaError::Dir {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), CaError> {

@@ -9,7 +9,7 @@ use meshnode_gossip::catalog::ca_nodes;
 use meshnode_gossip::{GossipHandle, MemberState};
 use meshnode_transport::alpn::Alpn;
 use meshnode_transport::join::{self, Refusal, Request, Response};
-use meshnode_transport::{Endpoint, JoinConn};
+use meshnode_transport::{Endpoint, Identity, JoinConn};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -95,11 +95,10 @@ impl JoinService {
             identity, seeds, ..
         } = &mut resp
         {
-            let cluster_of = identity
-                .split("/cluster/")
-                .nth(1)
-                .and_then(|r| r.split('/').next());
-            if seeds.is_empty() && cluster_of == Some(pool.cluster.as_str()) {
+            let ours = identity
+                .parse::<Identity>()
+                .is_ok_and(|i| i.cluster() == pool.cluster);
+            if seeds.is_empty() && ours {
                 *seeds = pool.addrs.clone();
             }
         }

@@ -9,13 +9,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshnode_gossip::catalog::revocation_values;
 use meshnode_gossip::keys::REVOCATION_PREFIX;
 use meshnode_gossip::GossipHandle;
 use meshnode_transport::pki::revocation::SignedRevocation;
 use meshnode_transport::pki::{unix_now, write_atomic};
 use meshnode_transport::tls::TlsMaterial;
-use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::metrics::REVOCATIONS;
@@ -27,8 +25,6 @@ pub struct Revocations {
     pub path: PathBuf,
     pub lan: GossipHandle,
     pub wan: Option<GossipHandle>,
-    /// Wakes the loop after a local revocation.
-    pub changed: Notify,
 }
 
 impl Revocations {
@@ -79,7 +75,6 @@ impl Revocations {
         self.tls.revocations().insert(entry, unix_now());
         self.save()?;
         self.publish().await;
-        self.changed.notify_one();
         Ok(())
     }
 
@@ -120,7 +115,7 @@ impl Revocations {
             let mut pools = vec![&self.lan];
             pools.extend(self.wan.as_ref());
             for pool in pools {
-                for (key, text) in revocation_values(&pool.snapshot().await) {
+                for (key, text) in pool.prefixed_values(REVOCATION_PREFIX).await {
                     let id = key.trim_start_matches(REVOCATION_PREFIX);
                     if self.tls.revocations().contains(id) {
                         continue;
@@ -154,7 +149,6 @@ impl Revocations {
             tokio::select! {
                 _ = lan.changed() => {}
                 () = wan_changed => {}
-                () = self.changed.notified() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }

@@ -144,27 +144,33 @@ impl TlsMaterial {
         Ok(material)
     }
 
-    fn verify_own(&self, chain: &[CertificateDer<'static>]) -> Result<(), rustls::Error> {
+    /// Checks a chain (leaf first) the way a peer would at a handshake: chain
+    /// to the mesh CA, validity, mesh, and `revoked`.
+    fn check_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        revoked: Arc<RevocationSet>,
+    ) -> Result<(), rustls::Error> {
         let name = rustls::pki_types::ServerName::try_from("meshnode")
             .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let leaf = chain
-            .first()
+        let (leaf, rest) = chain
+            .split_first()
             .ok_or_else(|| rustls::Error::General("empty chain".into()))?;
-        let verifier = MeshServerVerifier::new(
-            self.roots.clone(),
-            provider(),
-            &self.mesh,
-            Arc::new(RevocationSet::default()),
-        );
+        let verifier = MeshServerVerifier::new(self.roots.clone(), provider(), &self.mesh, revoked);
         rustls::client::danger::ServerCertVerifier::verify_server_cert(
             &verifier,
             leaf,
-            &chain[1..],
+            rest,
             &name,
             &[],
             rustls::pki_types::UnixTime::now(),
         )
         .map(|_| ())
+    }
+
+    /// Our own certificate: not subject to the revocations we enforce on peers.
+    fn verify_own(&self, chain: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
+        self.check_chain(chain, Arc::new(RevocationSet::default()))
     }
 
     fn current(&self) -> Arc<Current> {
@@ -224,23 +230,7 @@ impl TlsMaterial {
     /// Checks a certificate (DER) the way a peer would at a handshake: chain
     /// to the mesh CA, validity, mesh, revocation.
     pub fn verify_peer(&self, der: &[u8]) -> Result<PeerCert, TlsError> {
-        let cert = CertificateDer::from(der.to_vec());
-        let verifier = MeshServerVerifier::new(
-            self.roots.clone(),
-            provider(),
-            &self.mesh,
-            self.revoked.clone(),
-        );
-        let name = rustls::pki_types::ServerName::try_from("meshnode")
-            .map_err(|e| TlsError::Quic(e.to_string()))?;
-        rustls::client::danger::ServerCertVerifier::verify_server_cert(
-            &verifier,
-            &cert,
-            &[],
-            &name,
-            &[],
-            rustls::pki_types::UnixTime::now(),
-        )?;
+        self.check_chain(&[CertificateDer::from(der)], self.revoked.clone())?;
         Ok(PeerCert::from_der(der)?)
     }
 

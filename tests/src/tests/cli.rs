@@ -51,6 +51,32 @@ fn usage_errors_exit_64() {
     assert_eq!(meshnode(&["--help"]).status.code(), Some(0));
 }
 
+/// `meshnode cert issue` of node `node` in cluster east from the CA in `ca`.
+fn issue(
+    ca: &std::path::Path,
+    node: &str,
+    out: &std::path::Path,
+    gateway: bool,
+) -> std::process::Output {
+    let (ca, out) = (ca.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = vec![
+        "cert",
+        "issue",
+        "--ca",
+        ca,
+        "--cluster",
+        "east",
+        "--node",
+        node,
+        "--out",
+        out,
+    ];
+    if gateway {
+        args.push("--gateway");
+    }
+    meshnode(&args)
+}
+
 #[test]
 fn ca_init_and_cert_issue_write_private_keys_0600_and_run_refuses_a_readable_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -65,19 +91,7 @@ fn ca_init_and_cert_issue_write_private_keys_0600_and_run_refuses_a_readable_key
         ca.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    let out = meshnode(&[
-        "cert",
-        "issue",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--cluster",
-        "east",
-        "--node",
-        "n1",
-        "--gateway",
-        "--out",
-        node.to_str().unwrap(),
-    ]);
+    let out = issue(&ca, "n1", &node, true);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("spiffe://acme/cluster/east/node/n1 (gateway)"),
@@ -91,18 +105,7 @@ fn ca_init_and_cert_issue_write_private_keys_0600_and_run_refuses_a_readable_key
         );
     }
     // Issuing into the same place again must not overwrite the key.
-    let again = meshnode(&[
-        "cert",
-        "issue",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--cluster",
-        "east",
-        "--node",
-        "n1",
-        "--out",
-        node.to_str().unwrap(),
-    ]);
+    let again = issue(&ca, "n1", &node, false);
     assert!(!again.status.success());
     assert!(
         text(&again).contains("refusing to overwrite"),
@@ -148,18 +151,7 @@ fn ca_init_and_cert_issue_write_private_keys_0600_and_run_refuses_a_readable_key
 
     // gateway = true needs a gateway certificate.
     let plain = dir.path().join("n2");
-    let out = meshnode(&[
-        "cert",
-        "issue",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--cluster",
-        "east",
-        "--node",
-        "n2",
-        "--out",
-        plain.to_str().unwrap(),
-    ]);
+    let out = issue(&ca, "n2", &plain, false);
     assert!(out.status.success(), "{}", text(&out));
     std::fs::write(
         &cfg,

@@ -63,10 +63,13 @@ pub struct MeshServerVerifier {
 
 /// A joiner's view of the server: it knows only the CA's SHA-256 fingerprint
 /// (from the token). The server's chain must include a certificate with that
-/// fingerprint, and the leaf must be a node certificate signed by it.
+/// fingerprint; the rest is [`MeshServerVerifier`]'s check with that
+/// certificate as the only root and its trust domain as the mesh.
 pub struct FingerprintVerifier {
     fingerprint: [u8; 32],
     provider: Arc<CryptoProvider>,
+    /// No roots: only its signature checks are used, which need none.
+    signatures: MeshServerVerifier,
 }
 
 // === impl MeshClientVerifier ===
@@ -223,6 +226,12 @@ impl FingerprintVerifier {
     pub fn new(fingerprint: [u8; 32], provider: Arc<CryptoProvider>) -> Self {
         Self {
             fingerprint,
+            signatures: MeshServerVerifier::new(
+                Arc::new(RootCertStore::empty()),
+                provider.clone(),
+                "",
+                Arc::new(RevocationSet::default()),
+            ),
             provider,
         }
     }
@@ -241,8 +250,8 @@ impl ServerCertVerifier for FingerprintVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let ca = intermediates
@@ -256,17 +265,14 @@ impl ServerCertVerifier for FingerprintVerifier {
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &roots,
-            &[],
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
         let mesh = super::ca::mesh_of_ca_der(ca).map_err(|e| reject(e.to_string()))?;
-        check_mesh(end_entity, &mesh).map_err(reject)?;
-        Ok(ServerCertVerified::assertion())
+        MeshServerVerifier::new(
+            Arc::new(roots),
+            self.provider.clone(),
+            &mesh,
+            Arc::new(RevocationSet::default()),
+        )
+        .verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(
@@ -275,8 +281,7 @@ impl ServerCertVerifier for FingerprintVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.provider.signature_verification_algorithms;
-        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+        self.signatures.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -285,14 +290,11 @@ impl ServerCertVerifier for FingerprintVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.provider.signature_verification_algorithms;
-        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }
 
