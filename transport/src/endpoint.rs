@@ -14,7 +14,7 @@ use crate::alpn::Alpn;
 use crate::metrics::HANDSHAKES;
 use crate::pki::PeerCert;
 use crate::pool::{ConnectError, Pool};
-use crate::tls::{transport_config, TlsError, TlsMaterial};
+use crate::tls::{endpoint_config, transport_config, TlsError, TlsMaterial};
 
 /// A handshake that has not finished by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -77,11 +77,18 @@ impl Endpoint {
         let transport = Arc::new(transport_config());
         let server = cfg.tls.server_config(transport.clone())?;
         let tracker = Arc::new(Tracker::default());
-        let quic =
-            quinn::Endpoint::server(server, cfg.bind).map_err(|source| EndpointError::Bind {
-                addr: cfg.bind,
-                source,
-            })?;
+        let bind_err = |source| EndpointError::Bind {
+            addr: cfg.bind,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(cfg.bind).map_err(bind_err)?;
+        let quic = quinn::Endpoint::new(
+            endpoint_config(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
         let clients = [Alpn::Gossip, Alpn::WanGossip, Alpn::Tunnel, Alpn::Join]
             .into_iter()
             .map(|a| Ok((a, cfg.tls.client_config(a.as_bytes(), transport.clone())?)))

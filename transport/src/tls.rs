@@ -379,6 +379,23 @@ impl ResolvesClientCert for Resolver {
     }
 }
 
+/// The largest UDP payload we probe for and accept. quinn sends up to 10
+/// segments in one GSO batch and the kernel refuses (EMSGSIZE, which quinn
+/// drops silently) a batch over 64 KiB, so 10 of these must fit in it. Path
+/// MTU discovery settles below this on 1500-byte links; on loopback and
+/// jumbo-frame networks it cuts the per-packet work (crypto, syscalls, ACKs).
+pub const MAX_UDP_PAYLOAD: u16 = 6_500;
+// 10 segments plus the IPv4 and UDP headers must fit in one 64 KiB datagram.
+const _: () = assert!(10 * MAX_UDP_PAYLOAD as usize + 20 + 8 <= 65_535);
+
+/// Endpoint settings: advertise that we receive datagrams up to [`MAX_UDP_PAYLOAD`].
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut e = quinn::EndpointConfig::default();
+    // Within quinn's 1200..=65527 bounds, so this cannot fail.
+    let _ = e.max_udp_payload_size(MAX_UDP_PAYLOAD);
+    e
+}
+
 /// QUIC transport settings shared by both directions.
 ///
 /// quinn's defaults allow 100 bidi streams (one per proxied TCP connection: too few),
@@ -397,5 +414,8 @@ pub fn transport_config() -> quinn::TransportConfig {
         // keep-alives keep healthy idle connections open.
         .keep_alive_interval(Some(Duration::from_secs(2)))
         .max_idle_timeout(Some(quinn::VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t
 }

@@ -1,14 +1,20 @@
 //! Copies bytes between a TCP connection and a tunnel stream, both ways,
 //! carrying half-close (FIN <-> finish) and aborts (RST <-> reset) across.
 
+use std::io::{self, IoSlice};
+
+use bytes::{Buf, Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::code;
 
 /// Large enough to keep a 1 MiB stream window busy with few syscalls.
 const BUF_LEN: usize = 64 * 1024;
+
+/// Stream chunks taken per read: one per QUIC packet, so 64 cover ~90 kB.
+const MAX_CHUNKS: usize = 64;
 
 /// How a spliced connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,15 +56,20 @@ pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStre
     let result = {
         let (mut tcp_read, mut tcp_write) = tcp.split();
         let up = async {
-            let mut buf = vec![0u8; BUF_LEN];
+            // Read straight into reference-counted buffers so that quinn takes
+            // them without copying (`write` would copy every read).
+            let mut buf = BytesMut::with_capacity(BUF_LEN);
             loop {
-                match tcp_read.read(&mut buf).await {
+                if buf.capacity() < BUF_LEN / 4 {
+                    buf.reserve(BUF_LEN);
+                }
+                match tcp_read.read_buf(&mut buf).await {
                     Ok(0) => {
                         let _ = send.finish();
                         return Ok(());
                     }
                     Ok(n) => {
-                        send.write_all(&buf[..n])
+                        send.write_chunk(buf.split().freeze())
                             .await
                             .map_err(|_| Ending::PeerAbort)?;
                         to_peer += n as u64;
@@ -68,14 +79,16 @@ pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStre
             }
         };
         let down = async {
+            // Every QUIC packet arrives as its own chunk of about 1.4 kB: take
+            // all that are ready and hand them to TCP in one vectored write,
+            // not one write (and one wakeup of the application) per packet.
+            let mut chunks: [Bytes; MAX_CHUNKS] = std::array::from_fn(|_| Bytes::new());
             loop {
-                match recv.read_chunk(BUF_LEN, true).await {
-                    Ok(Some(chunk)) => {
-                        tcp_write
-                            .write_all(&chunk.bytes)
+                match recv.read_chunks(&mut chunks).await {
+                    Ok(Some(n)) => {
+                        from_peer += write_all_chunks(&mut tcp_write, &mut chunks[..n])
                             .await
                             .map_err(|_| Ending::LocalAbort)?;
-                        from_peer += chunk.bytes.len() as u64;
                     }
                     Ok(None) => {
                         let _ = tcp_write.shutdown().await;
@@ -109,12 +122,14 @@ pub async fn splice(mut tcp: TcpStream, mut send: SendStream, mut recv: RecvStre
 /// Copies one tunnel stream into another until it finishes (then finishes the
 /// other). `Err(true)` when reading failed, `Err(false)` when writing did.
 async fn pump(from: &mut RecvStream, to: &mut SendStream, count: &mut u64) -> Result<(), bool> {
+    let mut chunks: [Bytes; MAX_CHUNKS] = std::array::from_fn(|_| Bytes::new());
     loop {
-        match from.read_chunk(BUF_LEN, true).await {
-            Ok(Some(chunk)) => {
-                let n = chunk.bytes.len() as u64;
-                to.write_chunk(chunk.bytes).await.map_err(|_| false)?;
-                *count += n;
+        match from.read_chunks(&mut chunks).await {
+            Ok(Some(n)) => {
+                *count += chunks[..n].iter().map(|c| c.len() as u64).sum::<u64>();
+                to.write_all_chunks(&mut chunks[..n])
+                    .await
+                    .map_err(|_| false)?;
             }
             Ok(None) => {
                 let _ = to.finish();
@@ -123,6 +138,48 @@ async fn pump(from: &mut RecvStream, to: &mut SendStream, count: &mut u64) -> Re
             Err(_) => return Err(true),
         }
     }
+}
+
+/// Writes every chunk to `w`, as few vectored writes as the socket takes,
+/// and returns the bytes written. Chunks are consumed (left empty).
+async fn write_all_chunks<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    chunks: &mut [Bytes],
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut first = 0;
+    while first < chunks.len() {
+        if chunks[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        let written = {
+            let mut slices = [IoSlice::new(&[]); MAX_CHUNKS];
+            let mut count = 0;
+            for (slot, chunk) in slices.iter_mut().zip(&chunks[first..]) {
+                *slot = IoSlice::new(chunk);
+                count += 1;
+            }
+            w.write_vectored(&slices[..count]).await?
+        };
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        total += written as u64;
+        let mut left = written;
+        while left > 0 && first < chunks.len() {
+            let chunk = &mut chunks[first];
+            if chunk.len() <= left {
+                left -= chunk.len();
+                *chunk = Bytes::new();
+                first += 1;
+            } else {
+                chunk.advance(left);
+                left = 0;
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// Relays between two tunnel streams (a gateway's hop): `a` is the caller's
@@ -177,5 +234,113 @@ pub async fn relay(
         to_peer,
         from_peer,
         ending,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// Takes at most `limit` bytes per write, from one slice or several.
+    struct Trickle {
+        out: Vec<u8>,
+        limit: usize,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored_inner(&[IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored_inner(bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Trickle {
+        fn poll_write_vectored_inner(&mut self, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+            self.calls += 1;
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.limit - n);
+                self.out.extend_from_slice(&b[..take]);
+                n += take;
+                if n == self.limit {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    fn chunks(parts: &[&[u8]]) -> Vec<Bytes> {
+        parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
+    }
+
+    #[tokio::test]
+    async fn partial_vectored_writes_keep_every_byte_in_order() {
+        for limit in [1, 2, 3, 5, 7, 100] {
+            let mut w = Trickle {
+                out: Vec::new(),
+                limit,
+                calls: 0,
+            };
+            let mut c = chunks(&[b"abc", b"", b"defgh", b"i", b"", b"jklmnop"]);
+            let n = write_all_chunks(&mut w, &mut c).await.unwrap();
+            assert_eq!(w.out, b"abcdefghijklmnop", "limit {limit}");
+            assert_eq!(n, 16);
+            assert!(c.iter().all(Bytes::is_empty));
+        }
+    }
+
+    #[tokio::test]
+    async fn all_chunks_go_in_one_write_when_the_socket_takes_them() {
+        let mut w = Trickle {
+            out: Vec::new(),
+            limit: usize::MAX / 2,
+            calls: 0,
+        };
+        let mut c: Vec<Bytes> = (0..MAX_CHUNKS)
+            .map(|i| Bytes::from(vec![i as u8; 1400]))
+            .collect();
+        write_all_chunks(&mut w, &mut c).await.unwrap();
+        assert_eq!(w.calls, 1);
+        assert_eq!(w.out.len(), 1400 * MAX_CHUNKS);
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_takes_nothing_is_an_error_not_a_spin() {
+        let mut w = Trickle {
+            out: Vec::new(),
+            limit: 0,
+            calls: 0,
+        };
+        let mut c = chunks(&[b"abc"]);
+        let err = write_all_chunks(&mut w, &mut c).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WriteZero);
     }
 }
