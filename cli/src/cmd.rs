@@ -181,6 +181,17 @@ impl Cli {
             || matches!(&self.command, Command::Join(a) if !a.no_start)
     }
 
+    /// Runtime threads: the agent's `workers` key; the default when the
+    /// config cannot be read (`run` then reports why) and for other commands.
+    pub fn workers(&self) -> usize {
+        match &self.command {
+            Command::Run { config } => meshnode_node::Config::load(config)
+                .map(|c| c.workers)
+                .unwrap_or(meshnode_node::config::DEFAULT_WORKERS),
+            _ => meshnode_node::config::DEFAULT_WORKERS,
+        }
+    }
+
     pub async fn run(self) -> Result<(), Failure> {
         match self.command {
             Command::Run { config } => run::run(&config).await,

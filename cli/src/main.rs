@@ -51,6 +51,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.workers())
         .enable_all()
         .build()
     {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use meshnode_gossip::Protocol;
 use serde::Serialize;
 
-pub use raw::{hostname, RawConfig};
+pub use raw::{hostname, RawConfig, DEFAULT_WORKERS};
 
 /// The validated configuration.
 #[derive(Clone, Debug, Serialize)]
@@ -30,6 +30,8 @@ pub struct Config {
     pub admin: SocketAddr,
     pub seeds: Vec<SocketAddr>,
     pub gateway: bool,
+    /// Threads of the node's async runtime (data plane, gossip, admin API).
+    pub workers: usize,
     pub wan_advertise: Option<SocketAddr>,
     pub wan_seeds: Vec<SocketAddr>,
     pub tls: TlsPaths,

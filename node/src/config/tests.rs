@@ -176,3 +176,20 @@ fn ca_section_defaults_and_bounds() {
     let errs = errors(&format!("{base}[ca]\nkey_file = \"x\"\n"));
     assert!(errs.iter().any(|e| e.contains("ca.key_file")), "{errs:?}");
 }
+
+#[test]
+fn workers_default_to_one_and_are_bounded() {
+    let base = "cluster = \"c\"\nmesh = \"m\"\ndata_dir = \"/d\"\n";
+    assert_eq!(Config::from_toml_str(base).unwrap().workers, 1);
+    let c = Config::from_toml_str(&format!("workers = 4\n{base}")).unwrap();
+    assert_eq!(c.workers, 4);
+    for bad in ["0", "-1", "257"] {
+        let errs = errors(&format!("workers = {bad}\n{base}"));
+        assert!(
+            errs.iter().any(|e| e.starts_with("workers:")),
+            "{bad}: {errs:?}"
+        );
+    }
+    let errs = errors(&format!("workers = \"two\"\n{base}"));
+    assert!(errs.iter().any(|e| e.contains("workers")), "{errs:?}");
+}

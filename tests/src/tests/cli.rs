@@ -215,3 +215,39 @@ fn demo_exits_zero_and_leaves_no_files() {
         "demo left {after:?}"
     );
 }
+
+/// Runtime worker threads of a running process (tokio names them `tokio-rt-worker`).
+fn runtime_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| t.ok())
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .filter(|comm| comm.trim_end() == "tokio-rt-worker")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_workers_key_sets_the_agent_runtime_threads() {
+    let pki = crate::Pki::new();
+    for (workers, line) in [(1, ""), (3, "workers = 3\n")] {
+        let spec = crate::NodeSpec::new(crate::subnet(), 1 + workers as u8, &format!("w{workers}"));
+        let dir = pki.issue(&spec.cluster, &spec.name);
+        let cfg = dir.join("config.toml");
+        std::fs::write(&cfg, format!("{line}{}", spec.config(&dir))).unwrap();
+        let node = crate::NodeProc::spawn(
+            spec,
+            vec!["run".into(), "--config".into(), cfg.into_os_string()],
+            &dir.join("node.log"),
+        );
+        let up = crate::wait_until(std::time::Duration::from_secs(10), || async {
+            node.get("/v1/health").await.is_some()
+        })
+        .await;
+        assert!(up.is_some(), "node did not start: {}", node.log_text());
+        let pid = node.child.as_ref().map(|c| c.id()).unwrap();
+        assert_eq!(runtime_workers(pid), workers, "{}", node.log_text());
+    }
+}
