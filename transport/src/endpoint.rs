@@ -14,7 +14,7 @@ use crate::alpn::Alpn;
 use crate::metrics::HANDSHAKES;
 use crate::pki::PeerCert;
 use crate::pool::{ConnectError, Pool};
-use crate::tls::{endpoint_config, transport_config, TlsError, TlsMaterial};
+use crate::tls::{endpoint_config, transport_config, TlsError, TlsMaterial, TUNNEL_STREAMS};
 
 /// A handshake that has not finished by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -278,7 +278,10 @@ async fn accept_loop(
                                 let tx = match alpn {
                                     Alpn::Gossip => &router.gossip,
                                     Alpn::WanGossip => &router.wan,
-                                    _ => &router.tunnel,
+                                    _ => {
+                                        conn.set_max_concurrent_bi_streams(TUNNEL_STREAMS.into());
+                                        &router.tunnel
+                                    }
                                 };
                                 tx.send(Accepted { conn, peer }).await.is_ok()
                             }

@@ -396,17 +396,25 @@ pub fn endpoint_config() -> quinn::EndpointConfig {
     e
 }
 
-/// QUIC transport settings shared by both directions.
+/// Concurrent tunnel streams a peer may open on one connection: one per
+/// proxied TCP connection (4,096 stalled the 4,097th of a node pair).
+pub const TUNNEL_STREAMS: u32 = 16_384;
+
+/// QUIC transport settings shared by every connection of the endpoint.
 ///
-/// quinn's defaults allow 100 bidi streams (one per proxied TCP connection: too few),
-/// 1.25 MB per-stream windows with no connection cap, and no keep-alive.
+/// quinn's defaults allow 100 bidi streams, 1.25 MB per-stream windows with
+/// no connection cap, and no keep-alive. quinn allocates a slot for every
+/// stream the peer may open as soon as a connection is up, so the limits here
+/// are small (gossip: one uni stream per message; join: a few bidi streams)
+/// and an accepted tunnel connection is raised to [`TUNNEL_STREAMS`]: with
+/// 16,384 on every connection, each gossip peer cost ~2 MiB of RSS.
 pub fn transport_config() -> quinn::TransportConfig {
     const STREAM_WINDOW: u32 = 1024 * 1024;
     const CONN_WINDOW: u32 = 16 * 1024 * 1024;
     const IDLE_TIMEOUT_MS: u32 = 10_000;
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(16_384u32.into())
-        .max_concurrent_uni_streams(1024u32.into())
+    t.max_concurrent_bidi_streams(32u32.into())
+        .max_concurrent_uni_streams(64u32.into())
         .stream_receive_window(STREAM_WINDOW.into())
         .receive_window(CONN_WINDOW.into())
         .send_window(u64::from(CONN_WINDOW))

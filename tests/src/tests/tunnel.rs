@@ -184,6 +184,40 @@ async fn traffic_is_spread_and_survives_a_killed_instance() {
     assert_eq!(failed, 0);
 }
 
+/// One echo round trip on an open connection, bounded in time.
+async fn echo_once(
+    s: &mut TcpStream,
+    msg: String,
+) -> Result<std::io::Result<bool>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(10), async move {
+        s.write_all(msg.as_bytes()).await?;
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).await?;
+        Ok(buf == msg.as_bytes())
+    })
+    .await
+}
+
+/// Every stream stays open here, so a tunnel connection that kept the
+/// endpoint's small default stream limit (32) would stall the 33rd.
+#[tokio::test(flavor = "multi_thread")]
+async fn hundreds_of_held_connections_each_get_a_tunnel_stream() {
+    const HELD: usize = 300;
+    let pki = Pki::new();
+    let (_nodes, up, _apps) = echo_mesh(&pki, subnet()).await;
+    let mut held = Vec::with_capacity(HELD);
+    for i in 0..HELD {
+        let mut s = TcpStream::connect(up).await.unwrap();
+        let r = echo_once(&mut s, format!("open-{i}")).await;
+        assert!(matches!(r, Ok(Ok(true))), "connection {i} of {HELD}: {r:?}");
+        held.push(s);
+    }
+    for (i, s) in held.iter_mut().enumerate() {
+        let r = echo_once(s, format!("again-{i}")).await;
+        assert!(matches!(r, Ok(Ok(true))), "held connection {i}: {r:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_headers_reset_the_stream_and_the_node_keeps_serving() {
     let pki = Pki::new();
