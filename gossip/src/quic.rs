@@ -1,16 +1,19 @@
 //! chitchat's `Transport` over the node's QUIC endpoint.
 //!
 //! One uni stream per gossip message on a pooled `meshnode-gossip/1`
-//! connection (`meshnode-wan/1` for the WAN pool of gateways). Only peers
+//! connection (`meshnode-wan/1` for the WAN pool of gateways). A node pair
+//! shares one connection: the side that did not dial adopts the other's
+//! (unless it had its own already), and both read streams on every
+//! connection of the pool. Only peers
 //! admitted to the pool get their frames parsed: a LAN pool admits
 //! certificates of its own cluster, the WAN pool only gateway certificates:
 //! chitchat's decoder is expensive on hostile input, so nothing
 //! reaches it unauthenticated. The sender address handed to chitchat (which it
 //! replies to) is the connection's remote address, never a claim in the frame.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -108,8 +111,17 @@ impl Transport for QuicTransport {
             .ok_or_else(|| anyhow!("the QUIC gossip transport was already opened"))?;
         let (in_tx, inbox) = mpsc::channel(IN_QUEUE);
         let (out, out_rx) = mpsc::channel(IN_QUEUE);
-        tokio::spawn(accept_loop(parts.incoming, parts.kind.clone(), in_tx));
-        tokio::spawn(send_loop(parts.endpoint, parts.kind, out_rx));
+        let readers = Readers {
+            inbox: in_tx,
+            serving: Arc::new(Mutex::new(HashSet::new())),
+        };
+        tokio::spawn(accept_loop(
+            parts.incoming,
+            parts.endpoint.clone(),
+            parts.kind.clone(),
+            readers.clone(),
+        ));
+        tokio::spawn(send_loop(parts.endpoint, parts.kind, out_rx, readers));
         Ok(Box::new(QuicSocket { out, inbox }))
     }
 }
@@ -136,8 +148,9 @@ impl Socket for QuicSocket {
 
 async fn accept_loop(
     mut incoming: mpsc::Receiver<Accepted>,
+    endpoint: Endpoint,
     kind: PoolKind,
-    inbox: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
+    readers: Readers,
 ) {
     while let Some(Accepted { conn, peer }) = incoming.recv().await {
         if !kind.admits(&peer) {
@@ -146,39 +159,75 @@ async fn accept_loop(
             conn.close(CLOSE_WRONG_POOL, b"not a member of this pool");
             continue;
         }
-        let inbox = inbox.clone();
+        // Send to this peer on its connection too, unless we have our own.
+        endpoint.adopt(&conn, &peer, kind.alpn());
+        readers.serve(conn);
+    }
+}
+
+/// Reads gossip frames from every connection of the pool, dialled or
+/// accepted: a peer sends on whichever connection it pooled, ours included.
+#[derive(Clone)]
+struct Readers {
+    inbox: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
+    /// `stable_id`s of the connections being read, so each gets one reader.
+    serving: Arc<Mutex<HashSet<usize>>>,
+}
+
+impl Readers {
+    /// Reads uni streams from `conn` until it closes (a no-op if already read).
+    /// `conn`'s peer must have been admitted to the pool.
+    fn serve(&self, conn: quinn::Connection) {
+        let id = conn.stable_id();
+        if !self
+            .serving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id)
+        {
+            return;
+        }
+        let this = self.clone();
         tokio::spawn(async move {
             let from = conn.remote_address();
-            while let Ok(mut stream) = conn.accept_uni().await {
-                let inbox = inbox.clone();
-                tokio::spawn(async move {
-                    let bytes = match stream.read_to_end(MAX_FRAME).await {
-                        Ok(b) => b,
-                        Err(quinn::ReadToEndError::TooLong) => {
-                            metrics::counter!(DROPPED, "reason" => "oversized").increment(1);
-                            let _ = stream.stop(CLOSE_WRONG_POOL);
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let mut cursor = bytes.as_slice();
-                    match ChitchatMessage::deserialize(&mut cursor) {
-                        Ok(msg) if cursor.is_empty() => {
-                            metrics::counter!(MESSAGES, "direction" => "received").increment(1);
-                            metrics::counter!(BYTES, "direction" => "received")
-                                .increment(bytes.len() as u64);
-                            if inbox.try_send((from, msg)).is_err() {
-                                metrics::counter!(DROPPED, "reason" => "queue_full").increment(1);
-                            }
-                        }
-                        _ => {
-                            trace!(%from, "malformed gossip frame");
-                            metrics::counter!(DROPPED, "reason" => "malformed").increment(1);
-                        }
-                    }
-                });
+            while let Ok(stream) = conn.accept_uni().await {
+                tokio::spawn(read_frame(stream, from, this.inbox.clone()));
             }
+            this.serving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
         });
+    }
+}
+
+async fn read_frame(
+    mut stream: quinn::RecvStream,
+    from: SocketAddr,
+    inbox: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
+) {
+    let bytes = match stream.read_to_end(MAX_FRAME).await {
+        Ok(b) => b,
+        Err(quinn::ReadToEndError::TooLong) => {
+            metrics::counter!(DROPPED, "reason" => "oversized").increment(1);
+            let _ = stream.stop(CLOSE_WRONG_POOL);
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut cursor = bytes.as_slice();
+    match ChitchatMessage::deserialize(&mut cursor) {
+        Ok(msg) if cursor.is_empty() => {
+            metrics::counter!(MESSAGES, "direction" => "received").increment(1);
+            metrics::counter!(BYTES, "direction" => "received").increment(bytes.len() as u64);
+            if inbox.try_send((from, msg)).is_err() {
+                metrics::counter!(DROPPED, "reason" => "queue_full").increment(1);
+            }
+        }
+        _ => {
+            trace!(%from, "malformed gossip frame");
+            metrics::counter!(DROPPED, "reason" => "malformed").increment(1);
+        }
     }
 }
 
@@ -186,12 +235,13 @@ async fn send_loop(
     endpoint: Endpoint,
     kind: PoolKind,
     mut out: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+    readers: Readers,
 ) {
     let mut peers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     while let Some((to, bytes)) = out.recv().await {
         let tx = peers
             .entry(to)
-            .or_insert_with(|| spawn_peer(&endpoint, &kind, to));
+            .or_insert_with(|| spawn_peer(&endpoint, &kind, to, &readers));
         let bytes = match tx.try_send(bytes) {
             Ok(()) => continue,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -201,7 +251,7 @@ async fn send_loop(
             Err(mpsc::error::TrySendError::Closed(bytes)) => bytes,
         };
         // The peer's sender exited while idle: start a new one.
-        let tx = spawn_peer(&endpoint, &kind, to);
+        let tx = spawn_peer(&endpoint, &kind, to, &readers);
         let _ = tx.try_send(bytes);
         peers.insert(to, tx);
         peers.retain(|_, tx| !tx.is_closed());
@@ -209,14 +259,24 @@ async fn send_loop(
 }
 
 /// One sender per peer, so a slow handshake with one peer never delays the others.
-fn spawn_peer(endpoint: &Endpoint, kind: &PoolKind, to: SocketAddr) -> mpsc::Sender<Vec<u8>> {
+fn spawn_peer(
+    endpoint: &Endpoint,
+    kind: &PoolKind,
+    to: SocketAddr,
+    readers: &Readers,
+) -> mpsc::Sender<Vec<u8>> {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
     let endpoint = endpoint.clone();
     let kind = kind.clone();
+    let readers = readers.clone();
     tokio::spawn(async move {
         while let Ok(Some(bytes)) = tokio::time::timeout(PEER_IDLE, rx.recv()).await {
             let conn = match endpoint.connect(to, kind.alpn()).await {
-                Ok((conn, peer)) if kind.admits(&peer) => conn,
+                Ok((conn, peer)) if kind.admits(&peer) => {
+                    // The peer may adopt this connection and answer on it.
+                    readers.serve(conn.clone());
+                    conn
+                }
                 Ok((_, peer)) => {
                     debug!(%to, peer = %peer.identity, pool = kind.as_str(), "seed or peer is outside this pool; not gossiping with it");
                     metrics::counter!(DROPPED, "reason" => "wrong_pool").increment(1);

@@ -158,6 +158,15 @@ impl Endpoint {
         self.pool.connect(addr, alpn).await
     }
 
+    /// Pools a connection the peer dialled, for sending to it too, unless a
+    /// live one is pooled already: one gossip connection per node pair
+    /// instead of one per direction. Only for protocols where both sides
+    /// read streams on every connection (gossip); a tunnel's acceptor never
+    /// opens streams.
+    pub fn adopt(&self, conn: &quinn::Connection, peer: &PeerCert, alpn: Alpn) {
+        self.pool.adopt(conn.remote_address(), alpn, conn, peer);
+    }
+
     /// Forgets the pooled connection to `addr` after it failed us, so the next
     /// `connect` dials again instead of reusing a connection to a dead peer.
     pub fn forget(&self, addr: SocketAddr, alpn: Alpn) {

@@ -90,22 +90,51 @@ impl Pool {
             }
         }
         *guard = None;
-        let own_not_after = self.tls.me().not_after;
         let dialled = self.dial(addr, alpn).await;
         metrics::counter!(HANDSHAKES, "direction" => "out", "alpn" => alpn.as_str(),
             "result" => if dialled.is_ok() { "ok" } else { "failed" })
         .increment(1);
         let (conn, peer) = dialled?;
         self.tracker.track(&conn, &peer);
-        let left = peer.not_after.min(own_not_after) - crate::pki::unix_now();
+        *guard = Some(self.pooled(conn.clone(), peer.clone()));
+        Ok((conn, peer))
+    }
+
+    /// Pools `conn` (which `addr` dialled) for `connect` to return, unless a
+    /// live connection is pooled or being dialled: then the two sides keep
+    /// one each, as when both dial at once.
+    pub(crate) fn adopt(
+        &self,
+        addr: SocketAddr,
+        alpn: Alpn,
+        conn: &quinn::Connection,
+        peer: &PeerCert,
+    ) {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.entry((addr, alpn)).or_default().clone()
+        };
+        let Ok(mut guard) = slot.try_lock() else {
+            return;
+        };
+        if guard
+            .as_ref()
+            .is_some_and(|p| p.conn.close_reason().is_none() && Instant::now() < p.rotate_at)
+        {
+            return;
+        }
+        *guard = Some(self.pooled(conn.clone(), peer.clone()));
+    }
+
+    fn pooled(&self, conn: quinn::Connection, peer: PeerCert) -> Pooled {
+        let left = peer.not_after.min(self.tls.me().not_after) - crate::pki::unix_now();
         let now = Instant::now();
-        *guard = Some(Pooled {
-            conn: conn.clone(),
-            peer: peer.clone(),
+        Pooled {
+            conn,
+            peer,
             made: now,
             rotate_at: now + Duration::from_secs(left.max(0) as u64 * 3 / 4),
-        });
-        Ok((conn, peer))
+        }
     }
 
     /// Forgets the pooled `alpn` connection to `addr`, so the next `connect`

@@ -217,3 +217,55 @@ async fn status_check_fails_when_the_certificate_or_ca_expires_within_a_day() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// The sum over `nodes` of a counter's samples whose labels contain all of `labels`.
+async fn counter_sum(nodes: &[NodeProc], name: &str, labels: &[&str]) -> u64 {
+    let mut total = 0;
+    for n in nodes {
+        let text = crate::http_get(n.spec.admin, "/metrics")
+            .await
+            .unwrap_or_default();
+        total += text
+            .lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64;
+    }
+    total
+}
+
+/// A node pair gossips over one connection: the side that did not dial adopts
+/// the other's. Three nodes make three pairs, so three gossip handshakes (four
+/// if two nodes happened to dial each other at the same moment), not six.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_pair_shares_one_gossip_connection() {
+    let pki = Pki::new();
+    let nodes = start_pool(&pki, subnet(), vec![String::new(); 3]).await;
+    // Let every pair exchange gossip both ways for a while (250 ms rounds).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let hs = "meshnode_quic_handshakes_total{";
+    let out = counter_sum(
+        &nodes,
+        hs,
+        &["direction=\"out\"", "alpn=\"gossip\"", "result=\"ok\""],
+    )
+    .await;
+    let inn = counter_sum(
+        &nodes,
+        hs,
+        &["direction=\"in\"", "alpn=\"gossip\"", "result=\"ok\""],
+    )
+    .await;
+    assert!((3..=4).contains(&out), "gossip handshakes out: {out}");
+    assert_eq!(out, inn);
+    // And gossip still flows both ways on them: every node sees every other alive.
+    for n in &nodes {
+        let alive = n
+            .members()
+            .await
+            .iter()
+            .filter(|(_, s)| s == "alive")
+            .count();
+        assert_eq!(alive, 3, "{}", n.spec.name);
+    }
+}
