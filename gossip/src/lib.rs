@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod federation;
+pub mod frame;
 pub mod keys;
 pub mod metrics;
 mod pool;

@@ -19,16 +19,15 @@ use std::time::Duration;
 use anyhow::anyhow;
 use async_trait::async_trait;
 use chitchat::transport::{Socket, Transport};
-use chitchat::{ChitchatMessage, Deserializable, Serializable};
+use chitchat::{ChitchatMessage, Serializable};
 use meshnode_transport::alpn::Alpn;
 use meshnode_transport::{Accepted, Endpoint, PeerCert};
 use tokio::sync::mpsc;
 use tracing::{debug, trace};
 
+use crate::frame::{Codec, FrameError, MAX_WIRE};
 use crate::metrics::{BYTES, DROPPED, MESSAGES};
 
-/// chitchat's own message cap (a UDP datagram); anything larger is not gossip.
-const MAX_FRAME: usize = 65_507;
 /// Queued outbound messages per peer; gossip is lossy by design, so overflow drops.
 const PEER_QUEUE: usize = 32;
 const IN_QUEUE: usize = 1024;
@@ -190,8 +189,9 @@ impl Readers {
         let this = self.clone();
         tokio::spawn(async move {
             let from = conn.remote_address();
+            let codec = Codec::of(&conn);
             while let Ok(stream) = conn.accept_uni().await {
-                tokio::spawn(read_frame(stream, from, this.inbox.clone()));
+                tokio::spawn(read_frame(stream, from, codec, this.inbox.clone()));
             }
             this.serving
                 .lock()
@@ -204,9 +204,10 @@ impl Readers {
 async fn read_frame(
     mut stream: quinn::RecvStream,
     from: SocketAddr,
+    codec: Codec,
     inbox: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
 ) {
-    let bytes = match stream.read_to_end(MAX_FRAME).await {
+    let bytes = match stream.read_to_end(MAX_WIRE).await {
         Ok(b) => b,
         Err(quinn::ReadToEndError::TooLong) => {
             metrics::counter!(DROPPED, "reason" => "oversized").increment(1);
@@ -215,18 +216,21 @@ async fn read_frame(
         }
         Err(_) => return,
     };
-    let mut cursor = bytes.as_slice();
-    match ChitchatMessage::deserialize(&mut cursor) {
-        Ok(msg) if cursor.is_empty() => {
+    match codec.decode(&bytes) {
+        Ok(msg) => {
             metrics::counter!(MESSAGES, "direction" => "received").increment(1);
             metrics::counter!(BYTES, "direction" => "received").increment(bytes.len() as u64);
             if inbox.try_send((from, msg)).is_err() {
                 metrics::counter!(DROPPED, "reason" => "queue_full").increment(1);
             }
         }
-        _ => {
-            trace!(%from, "malformed gossip frame");
-            metrics::counter!(DROPPED, "reason" => "malformed").increment(1);
+        Err(e) => {
+            trace!(%from, codec = codec.as_str(), error = %e, "bad gossip frame");
+            let reason = match e {
+                FrameError::Oversized(_) | FrameError::Bomb => "oversized",
+                FrameError::Compression | FrameError::Malformed => "malformed",
+            };
+            metrics::counter!(DROPPED, "reason" => reason).increment(1);
         }
     }
 }
@@ -290,10 +294,18 @@ fn spawn_peer(
                     continue;
                 }
             };
-            let len = bytes.len() as u64;
+            let frame = match Codec::of(&conn).encode(&bytes) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    debug!(%to, error = %e, "gossip message not sent");
+                    metrics::counter!(DROPPED, "reason" => "oversized").increment(1);
+                    continue;
+                }
+            };
+            let len = frame.len() as u64;
             let sent = async {
                 let mut s = conn.open_uni().await?;
-                s.write_all(&bytes).await?;
+                s.write_all(&frame).await?;
                 s.finish()?;
                 anyhow::Ok(())
             };

@@ -147,8 +147,8 @@ fn convergence(
     seed: u64,
     out: &Path,
 ) -> anyhow::Result<String> {
-    let mut csv = String::from("n,formation_s,convergence_s,rounds,lower_bound_rounds,idle_bytes_per_node_s,max_message_bytes,oversize_messages,cpu_s\n");
-    let mut md = String::from("## Convergence of a service change\n\n| N | rounds (time) | lower bound ceil(log4 N) | ratio | idle B/s per node | largest message | oversize | CPU |\n|---|---|---|---|---|---|---|---|\n");
+    let mut csv = String::from("n,formation_s,convergence_s,rounds,lower_bound_rounds,idle_wire_bytes_per_node_s,idle_raw_bytes_per_node_s,max_message_bytes,max_frame_bytes,oversize_messages,cpu_s\n");
+    let mut md = String::from("## Convergence of a service change\n\n| N | rounds (time) | lower bound ceil(log4 N) | ratio | idle B/s per node, wire (raw) | largest message, frame (raw) | oversize | CPU |\n|---|---|---|---|---|---|---|---|\n");
     let mut measured = Vec::new();
     let mut bound = Vec::new();
     for &n in sizes {
@@ -160,22 +160,26 @@ fn convergence(
             r.convergence_s, r.rounds
         );
         csv.push_str(&format!(
-            "{n},{:.3},{:.3},{:.2},{},{:.0},{},{},{cpu:.1}\n",
+            "{n},{:.3},{:.3},{:.2},{},{:.0},{:.0},{},{},{},{cpu:.1}\n",
             r.formation_s,
             r.convergence_s,
             r.rounds,
             r.lower_bound_rounds,
             r.idle_bytes_per_node_s,
+            r.idle_raw_bytes_per_node_s,
             r.max_message_bytes,
+            r.max_frame_bytes,
             r.oversize_messages
         ));
         md.push_str(&format!(
-            "| {n} | {:.1} ({:.2} s) | {} | {:.1}x | {:.0} | {} B | {} | {cpu:.1} s |\n",
+            "| {n} | {:.1} ({:.2} s) | {} | {:.1}x | {:.0} ({:.0}) | {} B ({} B) | {} | {cpu:.1} s |\n",
             r.rounds,
             r.convergence_s,
             r.lower_bound_rounds,
             r.rounds / f64::from(r.lower_bound_rounds.max(1)),
             r.idle_bytes_per_node_s,
+            r.idle_raw_bytes_per_node_s,
+            r.max_frame_bytes,
             r.max_message_bytes,
             r.oversize_messages
         ));

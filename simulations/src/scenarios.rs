@@ -110,9 +110,13 @@ pub struct Convergence {
     pub convergence_s: f64,
     pub rounds: f64,
     pub lower_bound_rounds: u32,
-    /// Idle gossip per node, bytes per second (10 s window after convergence).
+    /// Idle gossip per node on the wire (zstd frames), bytes per second
+    /// (10 s window after convergence).
     pub idle_bytes_per_node_s: f64,
+    /// The same before compression: chitchat's serialized messages.
+    pub idle_raw_bytes_per_node_s: f64,
     pub max_message_bytes: u64,
+    pub max_frame_bytes: u64,
     pub oversize_messages: u64,
 }
 
@@ -129,7 +133,8 @@ pub async fn convergence(n: usize, seed: u64) -> anyhow::Result<Convergence> {
     let before = pool.net.stats();
     tokio::time::sleep(Duration::from_secs(10)).await;
     let after = pool.net.stats();
-    let idle = (after.bytes - before.bytes) as f64 / n as f64 / 10.0;
+    let idle = (after.wire_bytes - before.wire_bytes) as f64 / n as f64 / 10.0;
+    let idle_raw = (after.bytes - before.bytes) as f64 / n as f64 / 10.0;
     pool.nodes[0]
         .publish_services(&[probe(), record("new-service", 2)])
         .await?;
@@ -153,7 +158,9 @@ pub async fn convergence(n: usize, seed: u64) -> anyhow::Result<Convergence> {
         rounds: conv.as_secs_f64() / interval,
         lower_bound_rounds: crate::lower_bound_rounds(n, FANOUT),
         idle_bytes_per_node_s: idle,
+        idle_raw_bytes_per_node_s: idle_raw,
         max_message_bytes: stats.max_message,
+        max_frame_bytes: stats.max_wire,
         oversize_messages: stats.oversize,
     })
 }
@@ -322,7 +329,7 @@ pub async fn federation(clusters: usize, seed: u64) -> anyhow::Result<Federation
     tokio::time::sleep(Duration::from_secs(5)).await;
     let before = net.stats();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let idle = (net.stats().bytes - before.bytes) as f64 / clusters as f64 / 10.0;
+    let idle = (net.stats().wire_bytes - before.wire_bytes) as f64 / clusters as f64 / 10.0;
     publish_summary(&gws[0], "svc-0", 7).await?;
     let start = Instant::now();
     let mut change = None;

@@ -2,15 +2,26 @@
 
 /// The chitchat gossip pool: one uni stream per gossip message.
 pub const GOSSIP: &[u8] = b"meshnode-gossip/1";
+/// The gossip pool with zstd-compressed frames. Newer nodes offer and prefer
+/// it; a node that knows only `/1` still gets `/1`, so versions can mix.
+pub const GOSSIP_V2: &[u8] = b"meshnode-gossip/2";
 /// The WAN pool of all gateways of the mesh; only gateway certificates may join.
 pub const WAN_GOSSIP: &[u8] = b"meshnode-wan/1";
+/// The WAN pool with zstd-compressed frames.
+pub const WAN_GOSSIP_V2: &[u8] = b"meshnode-wan/2";
 /// Proxied connections: one bidi stream per TCP connection.
 pub const TUNNEL: &[u8] = b"meshnode-tunnel/1";
 /// The join handshake of a new machine.
 pub const JOIN: &[u8] = b"meshnode-join/1";
 
-/// The protocols a node serves.
-pub const ALL: [&[u8]; 4] = [GOSSIP, WAN_GOSSIP, TUNNEL, JOIN];
+/// The protocols a node serves, in its order of preference (rustls picks the
+/// first of these that the client offers).
+pub const ALL: [&[u8]; 6] = [GOSSIP_V2, GOSSIP, WAN_GOSSIP_V2, WAN_GOSSIP, TUNNEL, JOIN];
+
+/// Whether a negotiated protocol carries compressed gossip frames.
+pub fn compressed_gossip(negotiated: &[u8]) -> bool {
+    negotiated == GOSSIP_V2 || negotiated == WAN_GOSSIP_V2
+}
 
 /// A protocol as a small copyable value, for map keys and metric labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,10 +44,21 @@ impl Alpn {
         }
     }
 
+    /// What a client dialling for this protocol offers, newest version first.
+    pub fn offers(self) -> &'static [&'static [u8]] {
+        match self {
+            Alpn::Gossip => &[GOSSIP_V2, GOSSIP],
+            Alpn::WanGossip => &[WAN_GOSSIP_V2, WAN_GOSSIP],
+            Alpn::Tunnel => &[TUNNEL],
+            Alpn::Join => &[JOIN],
+        }
+    }
+
+    /// The protocol of a negotiated ALPN id, whatever its version.
     pub fn from_bytes(b: &[u8]) -> Option<Alpn> {
         match b {
-            GOSSIP => Some(Alpn::Gossip),
-            WAN_GOSSIP => Some(Alpn::WanGossip),
+            GOSSIP | GOSSIP_V2 => Some(Alpn::Gossip),
+            WAN_GOSSIP | WAN_GOSSIP_V2 => Some(Alpn::WanGossip),
             TUNNEL => Some(Alpn::Tunnel),
             JOIN => Some(Alpn::Join),
             _ => None,

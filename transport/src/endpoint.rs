@@ -91,7 +91,7 @@ impl Endpoint {
         .map_err(bind_err)?;
         let clients = [Alpn::Gossip, Alpn::WanGossip, Alpn::Tunnel, Alpn::Join]
             .into_iter()
-            .map(|a| Ok((a, cfg.tls.client_config(a.as_bytes(), transport.clone())?)))
+            .map(|a| Ok((a, cfg.tls.client_config(a.offers(), transport.clone())?)))
             .collect::<Result<Vec<_>, TlsError>>()?;
         let pool = Arc::new(Pool::new(
             quic.clone(),
@@ -320,6 +320,13 @@ async fn accept_loop(
     }
 }
 
+/// The ALPN id the handshake of `conn` settled on (with its version).
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+}
+
 async fn handshake(
     incoming: quinn::Incoming,
 ) -> Result<(Alpn, quinn::Connection, Option<PeerCert>), String> {
@@ -328,10 +335,7 @@ async fn handshake(
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| e.to_string())?;
-    let alpn = conn
-        .handshake_data()
-        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|d| d.protocol)
+    let alpn = negotiated_alpn(&conn)
         .and_then(|p| Alpn::from_bytes(&p))
         .ok_or_else(|| "no meshnode ALPN negotiated".to_string())?;
     // None only when the client sent no certificate: one it sent was verified.

@@ -15,6 +15,6 @@ mod pool;
 pub mod tls;
 pub mod tunnel;
 
-pub use endpoint::{Accepted, Endpoint, EndpointConfig, Incoming, JoinConn};
+pub use endpoint::{negotiated_alpn, Accepted, Endpoint, EndpointConfig, Incoming, JoinConn};
 pub use pki::{Identity, PeerCert, Role};
 pub use pool::ConnectError;

@@ -275,10 +275,10 @@ impl TlsMaterial {
         Ok(cfg)
     }
 
-    /// A client config that offers exactly one ALPN.
+    /// A client config offering `alpn` (versions of one protocol, newest first).
     pub fn client_config(
         self: &Arc<Self>,
-        alpn: &[u8],
+        alpn: &[&[u8]],
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ClientConfig, TlsError> {
         let verifier = MeshServerVerifier::new(
@@ -292,7 +292,7 @@ impl TlsMaterial {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
-        tls.alpn_protocols = vec![alpn.to_vec()];
+        tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         tls.resumption = rustls::client::Resumption::disabled();
         quic_client(tls, transport)
     }

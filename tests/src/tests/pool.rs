@@ -269,3 +269,64 @@ async fn a_node_pair_shares_one_gossip_connection() {
         assert_eq!(alive, 3, "{}", n.spec.name);
     }
 }
+
+/// A SYN with an empty digest, as chitchat 0.11 serializes it (built from the
+/// public serialization of BadCluster: same header, another message type).
+fn empty_syn(cluster_id: &str) -> Vec<u8> {
+    use meshnode_gossip::chitchat::{ChitchatMessage, Serializable};
+    let mut b = ChitchatMessage::BadCluster.serialize_to_vec();
+    let last = b.len() - 1;
+    b[last] = 0; // Syn
+    b.extend(0u16.to_le_bytes()); // no digest entries
+    cluster_id.to_string().serialize(&mut b);
+    b
+}
+
+/// A node speaks each gossip frame version its peer offers: a peer that knows
+/// only `meshnode-gossip/1` gets uncompressed frames, a newer one zstd. The
+/// node answers a SYN on the peer's own connection (adopted for sending).
+#[tokio::test(flavor = "multi_thread")]
+async fn gossip_frames_follow_the_version_each_peer_offers() {
+    use meshnode_gossip::chitchat::ChitchatMessage;
+    use meshnode_gossip::frame::Codec;
+    use meshnode_transport::{alpn, negotiated_alpn, tls};
+
+    let pki = Pki::new();
+    let nodes = start_pool(&pki, subnet(), vec![String::new()]).await;
+    let d = pki.issue("east", "old-peer");
+    let me = std::sync::Arc::new(
+        tls::TlsMaterial::load(&d.join("ca.pem"), &d.join("node.pem"), &d.join("node.key"))
+            .unwrap(),
+    );
+    let transport = std::sync::Arc::new(tls::transport_config());
+    for (offers, codec) in [
+        (&[alpn::GOSSIP][..], Codec::Raw),
+        (&[alpn::GOSSIP_V2, alpn::GOSSIP][..], Codec::Zstd),
+    ] {
+        let client = quinn::Endpoint::client((nodes[0].spec.ip, 0).into()).unwrap();
+        let cfg = me.client_config(offers, transport.clone()).unwrap();
+        let conn = client
+            .connect_with(cfg, nodes[0].spec.quic, "meshnode")
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(Codec::for_alpn(negotiated_alpn(&conn).as_deref()), codec);
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&codec.encode(&empty_syn("acme/east")).unwrap())
+            .await
+            .unwrap();
+        s.finish().unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut r = conn.accept_uni().await.unwrap();
+            r.read_to_end(65_507).await.unwrap()
+        })
+        .await
+        .expect("the node answers on our connection");
+        match codec.decode(&reply) {
+            Ok(ChitchatMessage::SynAck { .. }) => {}
+            other => panic!("{codec:?}: expected a SYN-ACK, got {other:?}"),
+        }
+        conn.close(0u32.into(), b"done");
+        client.wait_idle().await;
+    }
+}
