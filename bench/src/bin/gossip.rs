@@ -343,8 +343,12 @@ fn serf_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
             .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
             .unwrap_or(0)
     };
-    until(Duration::from_secs(60), || (0..n).all(|i| alive(i) == n))
-        .context("serf pool did not form")?;
+    if until(Duration::from_secs(120), || (0..n).all(|i| alive(i) == n)).is_err() {
+        let seen: Vec<usize> = (0..n).map(alive).collect();
+        anyhow::bail!(
+            "serf pool of {n} did not form in 120 s; alive members seen by each agent: {seen:?}"
+        );
+    }
     std::thread::sleep(Duration::from_secs(3));
     let pids: Vec<u32> = procs.0.iter().map(Child::id).collect();
     let rss = rss_kib(&pids);
