@@ -1,7 +1,9 @@
 //! chitchat's `Transport` over the node's QUIC endpoint.
 //!
-//! One uni stream per gossip message on a pooled `meshnode-gossip/1`
-//! connection (`meshnode-wan/1` for the WAN pool of gateways). A node pair
+//! One uni stream per gossip message on a pooled `meshnode-gossip/2`
+//! connection (`meshnode-wan/2` for the WAN pool of gateways; `/1` with a
+//! peer that offers only that), each message one frame of the connection's
+//! [`Codec`]. A node pair
 //! shares one connection: the side that did not dial adopts the other's
 //! (unless it had its own already), and both read streams on every
 //! connection of the pool. Only peers
