@@ -6,6 +6,8 @@
 #   SECONDS_PER_RUN=10 RR_COUNT=20000 bash bench/dataplane.sh
 #   PROFILE=/tmp/mesh.perf bash bench/dataplane.sh   # also perf-record both meshnode processes
 #                                                     # during their 1-stream run (needs perf)
+#   PROFILE=/tmp/mesh.perf PROFILE_STREAMS=4 bash bench/dataplane.sh   # ... during the 4-stream run
+#   WORKERS=2 bash bench/dataplane.sh  # runtime threads per meshnode (config key `workers`)
 #
 # Paths (app -> proxy -> proxy -> app):
 #   direct    iperf3/rr client -> server
@@ -18,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
+WORKERS=${WORKERS:-}
 RR_COUNT=${RR_COUNT:-10000}
 
 need=()
@@ -44,6 +47,7 @@ stunnel "$(tls_conf tls-client yes "iperf 16201 26201" "rr 17000 27000")" & STUN
 # --- meshnode pair: node B hosts both apps, node A has upstreams 36201/37000
 cat >"$WORK/node-b/config.toml" <<EOF
 node = "node-b"
+${WORKERS:+workers = $WORKERS}
 cluster = "bench"
 mesh = "bench"
 data_dir = "$WORK/node-b"
@@ -60,6 +64,7 @@ port = $RR_PORT
 EOF
 cat >"$WORK/node-a/config.toml" <<EOF
 node = "node-a"
+${WORKERS:+workers = $WORKERS}
 cluster = "bench"
 mesh = "bench"
 data_dir = "$WORK/node-a"
@@ -108,13 +113,19 @@ measure() { # $1=label $2=iperf port $3=rr port $4..=proxy pids
   local c0 c1 one four
   c0=$(cpu "$@" 2>/dev/null || echo 0)
   local prof=
-  if [ -n "${PROFILE:-}" ] && [ "$label" = meshnode ]; then
-    perf record -q -F 499 -g -o "$PROFILE" -p "$(IFS=,; echo "$*")" -- sleep "$SECONDS_PER_RUN" 2>/dev/null & prof=$!
-  fi
+  profile() { # $1=streams: perf-record both meshnode processes during that run
+    if [ -n "${PROFILE:-}" ] && [ "$label" = meshnode ] && [ "${PROFILE_STREAMS:-1}" = "$1" ]; then
+      perf record -q -F 499 -g -o "$PROFILE" -p "$(IFS=,; echo "${pids[*]}")" -- sleep "$SECONDS_PER_RUN" 2>/dev/null & prof=$!
+    fi
+  }
+  local pids=("$@")
+  profile 1
   one=$(through "$ip" 1)
-  [ -n "$prof" ] && wait "$prof"
+  [ -n "$prof" ] && wait "$prof" && prof=
   c1=$(cpu "$@" 2>/dev/null || echo 0)
+  profile 4
   four=$(through "$ip" 4)
+  [ -n "$prof" ] && wait "$prof" && prof=
   R[$label.tp1]=${one% *}
   R[$label.tp4]=${four% *}
   if [ "$#" -gt 0 ]; then
@@ -133,7 +144,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b == 0 || a == "-" || b == "-") pr
 added() { awk -v a="$1" -v d="$2" 'BEGIN{printf "%.1f", a - d}'; }
 
 echo
-echo "machine: $(nproc) cores, $(uname -r); ${SECONDS_PER_RUN} s per iperf3 run, $RR_COUNT round trips of 64 B"
+echo "machine: $(nproc) cores, $(uname -r); ${SECONDS_PER_RUN} s per iperf3 run, $RR_COUNT round trips of 64 B; meshnode workers: ${WORKERS:-default}"
 printf "%-22s %12s %12s %14s %10s %10s %10s\n" path "1-stream" "4-stream" "CPU s/GB" "rr p50" "rr p99" "rr p99.9"
 printf "%-22s %12s %12s %14s %10s %10s %10s\n" "" "Gbit/s" "Gbit/s" "(both proxies)" "us" "us" "us"
 for p in direct stunnel meshnode; do
