@@ -48,7 +48,13 @@ struct Net {
     /// Partition groups: messages cross only within a group. Empty: no partition.
     group: HashMap<SocketAddr, u32>,
     pub stats: NetStats,
+    /// Keep every `sample_every`-th message (0: none), up to [`MAX_SAMPLES`].
+    sample_every: u64,
+    samples: Vec<Vec<u8>>,
 }
+
+/// Serialized messages kept by [`SimNet::sample`] at most.
+pub const MAX_SAMPLES: usize = 64;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetStats {
@@ -82,6 +88,8 @@ impl SimNet {
                 down: HashSet::new(),
                 group: HashMap::new(),
                 stats: NetStats::default(),
+                sample_every: 0,
+                samples: Vec::new(),
             })),
         }
     }
@@ -116,12 +124,28 @@ impl SimNet {
         self.lock().stats
     }
 
+    /// Keeps chitchat's serialized bytes of every `every`-th message sent
+    /// from now on (up to [`MAX_SAMPLES`]): real messages, as fuzzing seeds.
+    pub fn sample(&self, every: u64) {
+        self.lock().sample_every = every;
+    }
+
+    pub fn samples(&self) -> Vec<Vec<u8>> {
+        self.lock().samples.clone()
+    }
+
     fn deliver(&self, from: SocketAddr, to: SocketAddr, msg: ChitchatMessage) {
         let raw = msg.serialize_to_vec();
         // Compress outside the lock: it is the costliest step of a delivery.
         let frame = Codec::Zstd.encode(&raw);
         let mut n = self.lock();
         n.stats.messages += 1;
+        if n.sample_every > 0
+            && n.stats.messages % n.sample_every == 0
+            && n.samples.len() < MAX_SAMPLES
+        {
+            n.samples.push(raw.clone());
+        }
         n.stats.bytes += raw.len() as u64;
         n.stats.max_message = n.stats.max_message.max(raw.len() as u64);
         let wire = match frame {

@@ -60,6 +60,12 @@ enum Cmd {
     },
     /// Every scenario with its defaults.
     All,
+    /// Writes real gossip messages, raw and as zstd frames, as seeds for the
+    /// `gossip_frame` fuzz target (not part of `all`).
+    Corpus {
+        #[arg(long, default_value = "fuzz/seeds/gossip_frame")]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,8 +87,11 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: &Cli, seed: u64) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cli.out)?;
     let rt = runtime()?;
+    if let Cmd::Corpus { dir } = &cli.cmd {
+        return corpus(&rt, seed, dir);
+    }
+    std::fs::create_dir_all(&cli.out)?;
     let mut report = format!("# meshnode gossip simulation\n\nseed {seed}; 250 ms rounds, fanout 3, phi 8 (meshnode's defaults).\n\n");
     let all = matches!(cli.cmd, Cmd::All);
     if let Cmd::Convergence { sizes } = &cli.cmd {
@@ -138,6 +147,25 @@ fn run(cli: &Cli, seed: u64) -> anyhow::Result<()> {
     }
     std::fs::write(cli.out.join("report.md"), &report)?;
     println!("\n{report}wrote {}", cli.out.join("report.md").display());
+    Ok(())
+}
+
+fn corpus(rt: &tokio::runtime::Runtime, seed: u64, dir: &Path) -> anyhow::Result<()> {
+    use meshnode_gossip::frame::Codec;
+    let samples = rt.block_on(scenarios::corpus(seed))?;
+    std::fs::create_dir_all(dir)?;
+    for (i, raw) in samples.iter().enumerate() {
+        std::fs::write(dir.join(format!("raw-{i:02}")), raw)?;
+        let frame = Codec::Zstd
+            .encode(raw)
+            .map_err(|e| anyhow::anyhow!("message {i}: {e}"))?;
+        std::fs::write(dir.join(format!("zstd-{i:02}")), frame)?;
+    }
+    println!(
+        "wrote {} messages, raw and zstd, to {}",
+        samples.len(),
+        dir.display()
+    );
     Ok(())
 }
 

@@ -365,3 +365,26 @@ async fn publish_summary(gw: &GossipHandle, service: &str, healthy: u32) -> anyh
     .await;
     Ok(())
 }
+
+/// Real gossip messages for fuzzing seeds: a 6-node pool forms, a service is
+/// added, and a node dies, so SYNs, SYN-ACKs and ACKs with digests, deltas
+/// and key deletions all pass; every 5th message is kept.
+pub async fn corpus(seed: u64) -> anyhow::Result<Vec<Vec<u8>>> {
+    let pool = start_pool(6, seed).await?;
+    pool.net.sample(5);
+    let limit = Duration::from_secs(60);
+    pool.formed(limit)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("6 nodes did not form a pool within {limit:?}"))?;
+    pool.nodes[0]
+        .publish_services(&[probe(), record("new-service", 2)])
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pool.nodes[1].publish_services(&[]).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pool.net.set_down(crate::addr(5), true);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let samples = pool.net.samples();
+    pool.shutdown().await;
+    Ok(samples)
+}

@@ -37,3 +37,28 @@ fn hundred_nodes_converge_near_the_bound_and_detect_without_false_failures() {
     assert!(p.each_side_sees_half_s.is_some(), "{p:?}");
     assert!(p.reconverge_s.is_some_and(|s| s <= 10.0), "{p:?}");
 }
+
+/// `meshnode-sim corpus` writes these as the fuzz target's seeds: they must be
+/// real messages of every kind, and survive both codecs.
+#[test]
+fn corpus_samples_are_real_messages_of_every_kind() {
+    use meshnode_gossip::chitchat::ChitchatMessage;
+    use meshnode_gossip::frame::Codec;
+
+    let rt = runtime().unwrap();
+    let samples = rt.block_on(scenarios::corpus(11)).unwrap();
+    assert!(samples.len() >= 20, "only {} samples", samples.len());
+    let (mut syn, mut syn_ack, mut ack) = (0, 0, 0);
+    for raw in &samples {
+        let msg = Codec::Raw.decode(raw).unwrap();
+        match &msg {
+            ChitchatMessage::Syn { .. } => syn += 1,
+            ChitchatMessage::SynAck { .. } => syn_ack += 1,
+            ChitchatMessage::Ack { .. } => ack += 1,
+            ChitchatMessage::BadCluster => {}
+        }
+        let frame = Codec::Zstd.encode(raw).unwrap();
+        assert_eq!(Codec::Zstd.decode(&frame).unwrap(), msg);
+    }
+    assert!(syn > 0 && syn_ack > 0 && ack > 0, "{syn} {syn_ack} {ack}");
+}
