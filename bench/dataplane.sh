@@ -23,16 +23,10 @@ SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
 WORKERS=${WORKERS:-}
 RR_COUNT=${RR_COUNT:-10000}
 
-need=()
-command -v stunnel >/dev/null 2>&1 || need+=(stunnel4)
-command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
-if [ "${#need[@]}" -gt 0 ]; then
-  echo "== installing ${need[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+source bench/lib.sh
+bench_need stunnel:stunnel4 iperf3:iperf3
 
 echo "== building (release)"
-source bench/lib.sh
 bench_setup meshnode-bench
 
 # --- the applications
@@ -106,6 +100,15 @@ through() { # $1=port $2=streams
     python3 -c 'import json,sys; e=json.load(sys.stdin)["end"]["sum_received"]; print("%.3f %d" % (e["bits_per_second"]/1e9, e["bytes"]))'
 }
 
+# With PROFILE set, perf-records the meshnode pids during the run of PROFILE_STREAMS
+# (default 1) streams; sets the caller's $prof to perf's pid.
+profile() { # $1=label $2=streams $3..=proxy pids
+  local label=$1 streams=$2; shift 2
+  if [ -n "${PROFILE:-}" ] && [ "$label" = meshnode ] && [ "${PROFILE_STREAMS:-1}" = "$streams" ]; then
+    perf record -q -F 499 -g -o "$PROFILE" -p "$(IFS=,; echo "$*")" -- sleep "$SECONDS_PER_RUN" 2>/dev/null & prof=$!
+  fi
+}
+
 declare -A R
 measure() { # $1=label $2=iperf port $3=rr port $4..=proxy pids
   local label=$1 ip=$2 rp=$3; shift 3
@@ -113,17 +116,11 @@ measure() { # $1=label $2=iperf port $3=rr port $4..=proxy pids
   local c0 c1 one four
   c0=$(cpu "$@" 2>/dev/null || echo 0)
   local prof=
-  profile() { # $1=streams: perf-record both meshnode processes during that run
-    if [ -n "${PROFILE:-}" ] && [ "$label" = meshnode ] && [ "${PROFILE_STREAMS:-1}" = "$1" ]; then
-      perf record -q -F 499 -g -o "$PROFILE" -p "$(IFS=,; echo "${pids[*]}")" -- sleep "$SECONDS_PER_RUN" 2>/dev/null & prof=$!
-    fi
-  }
-  local pids=("$@")
-  profile 1
+  profile "$label" 1 "$@"
   one=$(through "$ip" 1)
   [ -n "$prof" ] && wait "$prof" && prof=
   c1=$(cpu "$@" 2>/dev/null || echo 0)
-  profile 4
+  profile "$label" 4 "$@"
   four=$(through "$ip" 4)
   [ -n "$prof" ] && wait "$prof" && prof=
   R[$label.tp1]=${one% *}

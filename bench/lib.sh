@@ -1,5 +1,17 @@
 # Shared setup of the bench scripts; sourced from the repository root, not run.
 
+# Installs the Debian packages whose command is missing. Args: "command:package" ...
+bench_need() {
+  local need=() pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+  done
+  if [ "${#need[@]}" -gt 0 ]; then
+    echo "== installing ${need[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+}
+
 # Builds the release binaries, makes $WORK (removed on exit with every pid in
 # $PIDS) and one mesh CA with certificates for node-a, node-b, tls-client and
 # tls-server (stunnel uses the same ECDSA P-256 files). $1: work dir prefix.
