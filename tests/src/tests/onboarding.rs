@@ -414,6 +414,20 @@ async fn revocation_cuts_live_tunnels_spreads_and_survives_restarts() {
             n.spec.name
         );
     }
+    // vm-1 must know ca-1's passing `api` before its upstream can route:
+    // being alive on the others says nothing about what vm-1 has learnt.
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            vm.instances("api")
+                .await
+                .iter()
+                .any(|(node, health)| node.ends_with("ca-1") && health == "passing")
+        })
+        .await
+        .is_some(),
+        "vm-1 never saw a passing api: {}",
+        vm.log_text()
+    );
     // A live tunnel from vm-1 to ca-1's echo.
     let mut live = tokio::net::TcpStream::connect(up)
         .await
