@@ -257,6 +257,36 @@ impl NodeProc {
         }
     }
 
+    /// SIGSTOP, and waits until every thread has stopped. `kill` returns once
+    /// the signal is queued; the other threads of a multi-threaded process run
+    /// on until one of them takes the group stop, and on a busy machine they
+    /// answered a request "after" the pause.
+    pub fn pause(&self) {
+        self.signal("STOP");
+        let Some(c) = &self.child else { return };
+        let tasks = PathBuf::from(format!("/proc/{}/task", c.id()));
+        let stopped = || {
+            std::fs::read_dir(&tasks).is_ok_and(|dir| {
+                dir.flatten().all(|t| {
+                    // The state follows the parenthesised command name.
+                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+                        st.rsplit_once(')')
+                            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+                    })
+                })
+            })
+        };
+        let start = Instant::now();
+        while !stopped() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{} did not stop within 5 s of SIGSTOP",
+                self.spec.name
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits for the process to exit by itself; returns its exit code.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let start = Instant::now();

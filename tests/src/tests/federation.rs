@@ -623,7 +623,7 @@ async fn a_paused_node_is_routed_around_and_rejoins_after_sigcont() {
     mesh.wait_answered_by("a2").await;
 
     // SIGSTOP for 5 s: a pause is not a clean outage (packets queue, then burst).
-    mesh.node("a2").signal("STOP");
+    mesh.node("a2").pause();
     let paused = Instant::now();
     let mut failures = 0;
     let mut answered = BTreeMap::<String, usize>::new();
