@@ -1,5 +1,6 @@
 mod cli;
 mod federation;
+mod flow;
 mod onboarding;
 mod pool;
 mod scale;

@@ -206,7 +206,8 @@ struct Router {
 
 /// Every live connection with a verified peer, so that a revocation or an
 /// expired peer certificate closes it: TLS checks a certificate only at the
-/// handshake.
+/// handshake. Each tracked connection's receive window is tuned to its path
+/// until it closes (see [`crate::window`]).
 #[derive(Default)]
 pub(crate) struct Tracker {
     conns: Mutex<HashMap<usize, (quinn::Connection, PeerCert)>>,
@@ -219,7 +220,10 @@ impl Tracker {
         let me = self.clone();
         let conn = conn.clone();
         tokio::spawn(async move {
-            conn.closed().await;
+            tokio::select! {
+                _ = conn.closed() => {}
+                () = crate::window::tune(&conn) => {}
+            }
             me.lock().remove(&id);
         });
     }

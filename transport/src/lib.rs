@@ -14,6 +14,7 @@ pub mod pki;
 mod pool;
 pub mod tls;
 pub mod tunnel;
+pub mod window;
 
 pub use endpoint::{negotiated_alpn, Accepted, Endpoint, EndpointConfig, Incoming, JoinConn};
 pub use pki::{Identity, PeerCert, Role};

@@ -403,21 +403,23 @@ pub const TUNNEL_STREAMS: u32 = 16_384;
 /// QUIC transport settings shared by every connection of the endpoint.
 ///
 /// quinn's defaults allow 100 bidi streams, 1.25 MB per-stream windows with
-/// no connection cap, and no keep-alive. quinn allocates a slot for every
+/// no connection cap, and no keep-alive. The connection receive window starts
+/// at [`crate::window::MIN_RECEIVE_WINDOW`] and follows the path's RTT (see
+/// [`crate::window`]); the send window bounds what we buffer for a peer. quinn allocates a slot for every
 /// stream the peer may open as soon as a connection is up, so the limits here
 /// are small (gossip: one uni stream per message; join: a few bidi streams)
 /// and an accepted tunnel connection is raised to [`TUNNEL_STREAMS`]: with
 /// 16,384 on every connection, each gossip peer cost ~2 MiB of RSS.
 pub fn transport_config() -> quinn::TransportConfig {
     const STREAM_WINDOW: u32 = 1024 * 1024;
-    const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+    const SEND_WINDOW: u64 = 16 * 1024 * 1024;
     const IDLE_TIMEOUT_MS: u32 = 10_000;
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(32u32.into())
         .max_concurrent_uni_streams(64u32.into())
         .stream_receive_window(STREAM_WINDOW.into())
-        .receive_window(CONN_WINDOW.into())
-        .send_window(u64::from(CONN_WINDOW))
+        .receive_window(crate::window::MIN_RECEIVE_WINDOW.into())
+        .send_window(SEND_WINDOW)
         // A dead peer's pooled connection is noticed within the idle timeout;
         // keep-alives keep healthy idle connections open.
         .keep_alive_interval(Some(Duration::from_secs(2)))
