@@ -14,7 +14,9 @@
 #   stunnel   client -> stunnel (client mode) -> TLS 1.3, client cert required -> stunnel -> server
 #   meshnode  client -> upstream on node A -> QUIC (mTLS) -> node B -> server
 # Throughput: iperf3, 1 and 4 streams. CPU: user+system seconds of both proxies per GB moved.
-# Latency: 64-byte request/response round trips on one connection (meshnode-bench rr).
+# Latency: 64-byte request/response round trips on one connection (meshnode-bench rr), idle
+# and beside one bulk iperf3 stream on the same path (mixed traffic: through meshnode both share
+# one QUIC connection and the receiving node's UDP socket).
 # Needs root only to install stunnel4/iperf3 when missing. Release builds only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +24,8 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
 WORKERS=${WORKERS:-}
 RR_COUNT=${RR_COUNT:-10000}
+MIXED_COUNT=${MIXED_COUNT:-3000}
+MIXED_SECONDS=${MIXED_SECONDS:-8}
 
 source bench/lib.sh
 bench_need stunnel:stunnel4 iperf3:iperf3
@@ -131,6 +135,11 @@ measure() { # $1=label $2=iperf port $3=rr port $4..=proxy pids
     R[$label.cpu]="-"
   fi
   read -r R[$label.p50] R[$label.p99] R[$label.p999] < <("$TOOL" rr "127.0.0.1:$rp" "$RR_COUNT" 64 500)
+  # Mixed: the round trips start 1 s into a bulk stream and end well before it does.
+  iperf3 -c 127.0.0.1 -p "$ip" -P 1 -t "$MIXED_SECONDS" >/dev/null 2>&1 & local bulk=$!
+  sleep 1
+  read -r R[$label.m50] R[$label.m99] R[$label.m999] < <("$TOOL" rr "127.0.0.1:$rp" "$MIXED_COUNT" 64 100)
+  wait "$bulk" || true
 }
 
 measure direct $IPERF_PORT $RR_PORT
@@ -158,3 +167,13 @@ printf "%-22s %12s %12s %14s %10s %10s %10s\n" "meshnode / stunnel" \
   "$(ratio "$(added "${R[meshnode.p99]}" "${R[direct.p99]}")" "$(added "${R[stunnel.p99]}" "${R[direct.p99]}")")" \
   "$(ratio "$(added "${R[meshnode.p999]}" "${R[direct.p999]}")" "$(added "${R[stunnel.p999]}" "${R[direct.p999]}")")"
 echo "(throughput ratio >= 1 is better; CPU and added-latency ratios <= 1 are better)"
+
+echo
+echo "mixed traffic: $MIXED_COUNT round trips of 64 B beside one bulk iperf3 stream on the same path"
+printf "%-22s %10s %10s %10s\n" path "rr p50 us" "rr p99 us" "p99.9 us"
+for p in direct stunnel meshnode; do
+  printf "%-22s %10s %10s %10s\n" "$p" "${R[$p.m50]}" "${R[$p.m99]}" "${R[$p.m999]}"
+done
+printf "%-22s %10s %10s %10s\n" "meshnode / stunnel" \
+  "$(ratio "${R[meshnode.m50]}" "${R[stunnel.m50]}")" "$(ratio "${R[meshnode.m99]}" "${R[stunnel.m99]}")" \
+  "$(ratio "${R[meshnode.m999]}" "${R[stunnel.m999]}")"
