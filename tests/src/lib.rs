@@ -22,7 +22,9 @@ mod tests;
 pub const MESH: &str = "acme";
 pub const CLUSTER: &str = "east";
 
-/// The `meshnode` binary of this workspace, built on first use.
+/// The `meshnode` binary of this workspace, built on first use. `.ci/run` and
+/// the README run the same `cargo build` first, so this is a no-op there:
+/// another command line resolves other dependency features and rebuilds.
 pub fn meshnode_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
