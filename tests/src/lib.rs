@@ -22,21 +22,52 @@ mod tests;
 pub const MESH: &str = "acme";
 pub const CLUSTER: &str = "east";
 
-/// The `meshnode` binary of this workspace, built on first use. `.ci/run` and
-/// the README run the same `cargo build` first, so this is a no-op there:
-/// another command line resolves other dependency features and rebuilds.
+/// The `meshnode` binary the integration tests start: `$MESHNODE_BIN` when
+/// set (relative to the workspace root; `.ci/run` and the README build it
+/// first), otherwise built on first use.
+///
+/// Building from inside a test is slow on a cold tree: cargo runs with the
+/// `CARGO_MANIFEST_DIR`/`CARGO_PKG_*` values the test harness set, and ring's
+/// build script declares those with `rerun-if-env-changed`, so ring and
+/// everything above it rebuild (75 s inside the first test of a fresh CI).
+/// The inner build drops those variables so it at least matches a shell build.
 pub fn meshnode_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(given) = std::env::var_os("MESHNODE_BIN") {
+            let given = PathBuf::from(given);
+            let bin = if given.is_relative() {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(given)
+            } else {
+                given
+            };
+            assert!(
+                bin.exists(),
+                "MESHNODE_BIN={} does not exist",
+                bin.display()
+            );
+            return bin;
+        }
         // target/<profile>/deps/<test-binary> -> target/<profile>/meshnode
         let exe = std::env::current_exe().expect("test binary path");
         let dir = exe.parent().and_then(Path::parent).expect("target dir");
         let bin = dir.join("meshnode");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-q", "-p", "meshnode-cli", "--bin", "meshnode"])
-            .status()
-            .expect("running cargo build");
+        let mut build = Command::new(cargo);
+        build.args(["build", "-q", "-p", "meshnode-cli", "--bin", "meshnode"]);
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    k.as_ref(),
+                    "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR"
+                )
+            {
+                build.env_remove(k.as_ref());
+            }
+        }
+        let status = build.status().expect("running cargo build");
         assert!(status.success(), "cargo build of meshnode failed");
         assert!(bin.exists(), "{} missing after build", bin.display());
         bin
