@@ -298,14 +298,15 @@ impl NodeProc {
         self.signal("STOP");
         let Some(c) = &self.child else { return };
         let tasks = PathBuf::from(format!("/proc/{}/task", c.id()));
+        // In /proc/PID/task/TID/stat the state follows the parenthesised name.
+        let thread_stopped = |stat: String| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+        };
         let stopped = || {
             std::fs::read_dir(&tasks).is_ok_and(|dir| {
                 dir.flatten().all(|t| {
-                    // The state follows the parenthesised command name.
-                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
-                        st.rsplit_once(')')
-                            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
-                    })
+                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(thread_stopped)
                 })
             })
         };

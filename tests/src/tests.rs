@@ -9,7 +9,26 @@ mod tunnel;
 
 use std::time::Duration;
 
+use meshnode_transport::tls::TlsMaterial;
+use meshnode_transport::{Endpoint, EndpointConfig, Incoming};
+
 use crate::{NodeProc, NodeSpec, Pki};
+
+/// Certificate material for an in-process endpoint `name` of cluster east.
+pub(crate) fn material(pki: &Pki, name: &str) -> TlsMaterial {
+    let d = pki.issue("east", name);
+    TlsMaterial::load(&d.join("ca.pem"), &d.join("node.pem"), &d.join("node.key"))
+        .expect("load material")
+}
+
+/// An in-process endpoint on a free loopback port.
+pub(crate) fn loopback_endpoint(tls: TlsMaterial) -> (Endpoint, Incoming) {
+    Endpoint::bind(EndpointConfig {
+        bind: "127.0.0.1:0".parse().expect("addr"),
+        tls: tls.into(),
+    })
+    .expect("bind a loopback endpoint")
+}
 
 /// Starts nodes with the given extra config; node 1 seeds the others.
 /// Returns once every node sees `specs.len()` alive members.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
@@ -206,55 +206,72 @@ struct Router {
 
 /// Every live connection with a verified peer, so that a revocation or an
 /// expired peer certificate closes it: TLS checks a certificate only at the
-/// handshake. Each tracked connection's receive window is tuned to its path
-/// until it closes (see [`crate::window`]).
+/// handshake. The same once-a-second sweep keeps each one's receive window
+/// sized to its path (see [`crate::window`]).
 #[derive(Default)]
 pub(crate) struct Tracker {
-    conns: Mutex<HashMap<usize, (quinn::Connection, PeerCert)>>,
+    conns: Mutex<HashMap<usize, Tracked>>,
+}
+
+struct Tracked {
+    conn: quinn::Connection,
+    peer: PeerCert,
+    since: Instant,
+    /// The receive window last applied.
+    window: u32,
 }
 
 impl Tracker {
     pub(crate) fn track(self: &Arc<Self>, conn: &quinn::Connection, peer: &PeerCert) {
         let id = conn.stable_id();
-        self.lock().insert(id, (conn.clone(), peer.clone()));
+        self.lock().insert(
+            id,
+            Tracked {
+                conn: conn.clone(),
+                peer: peer.clone(),
+                since: Instant::now(),
+                window: crate::window::MIN_RECEIVE_WINDOW,
+            },
+        );
         let me = self.clone();
         let conn = conn.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = conn.closed() => {}
-                () = crate::window::tune(&conn) => {}
-            }
+            conn.closed().await;
             me.lock().remove(&id);
         });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, (quinn::Connection, PeerCert)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Tracked>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// Closes connections whose peer was revoked (at once) or whose peer
-/// certificate expired (checked every second).
+/// certificate expired (checked every second), and retunes the receive
+/// window of every connection at least [`crate::window::RETUNE_EVERY`] old.
 async fn enforce(tracker: Arc<Tracker>, tls: Arc<TlsMaterial>) {
     let mut changed = tls.revocations().subscribe();
     loop {
         tokio::select! {
             r = changed.changed() => if r.is_err() { return },
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = tokio::time::sleep(crate::window::RETUNE_EVERY) => {}
         }
         let now = crate::pki::unix_now();
         let revoked = tls.revocations();
-        for (conn, peer) in tracker.lock().values() {
-            let why: &[u8] = if revoked.is_revoked(peer) {
+        for t in tracker.lock().values_mut() {
+            let why: &[u8] = if revoked.is_revoked(&t.peer) {
                 b"certificate revoked"
-            } else if peer.not_after < now {
+            } else if t.peer.not_after < now {
                 b"certificate expired"
             } else {
+                if t.since.elapsed() >= crate::window::RETUNE_EVERY {
+                    t.window = crate::window::retune(&t.conn, t.window);
+                }
                 continue;
             };
-            tracing::info!(peer = %peer.identity, reason = %String::from_utf8_lossy(why), "closing connection");
+            tracing::info!(peer = %t.peer.identity, reason = %String::from_utf8_lossy(why), "closing connection");
             metrics::counter!(crate::metrics::CLOSED_BY_PKI, "reason" => if why == b"certificate revoked" { "revoked" } else { "expired" }).increment(1);
-            conn.close(quinn::VarInt::from_u32(CLOSE_REVOKED), why);
+            t.conn.close(quinn::VarInt::from_u32(CLOSE_REVOKED), why);
         }
     }
 }

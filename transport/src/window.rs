@@ -30,9 +30,10 @@ pub const MIN_RECEIVE_WINDOW: u32 = 512 * 1024;
 pub const MAX_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
 /// The rate, in bytes per second, a connection's window is sized for: 10 Gbit/s.
 pub const TARGET_RATE: u64 = 1_250_000_000;
-/// How often a connection's window follows its minimum RTT. The first retune
-/// comes one period after the handshake, whose RTT samples include the
-/// signature work on both sides.
+/// How often a connection's window follows its minimum RTT (the endpoint's
+/// once-a-second sweep of its connections). A connection is first retuned
+/// when at least this old: its handshake's RTT samples include the signature
+/// work on both sides.
 pub const RETUNE_EVERY: Duration = Duration::from_secs(1);
 
 /// The connection receive window for a path whose minimum RTT is `min_rtt`.
@@ -45,23 +46,16 @@ pub fn receive_window(min_rtt: Duration) -> u32 {
     u32::try_from(clamped).unwrap_or(MAX_RECEIVE_WINDOW)
 }
 
-/// Keeps `conn`'s receive window at [`receive_window`] of its minimum RTT.
-/// Runs until the caller drops it (the connection's close).
-pub(crate) async fn tune(conn: &quinn::Connection) {
-    let mut applied = MIN_RECEIVE_WINDOW;
-    let mut tick =
-        tokio::time::interval_at(tokio::time::Instant::now() + RETUNE_EVERY, RETUNE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let min_rtt = conn.stats().path.min_rtt;
-        let want = receive_window(min_rtt);
-        if want != applied {
-            debug!(remote = %conn.remote_address(), ?min_rtt, window = want, "connection receive window");
-            conn.set_receive_window(VarInt::from_u32(want));
-            applied = want;
-        }
+/// Sets `conn`'s receive window to [`receive_window`] of its minimum RTT when
+/// that differs from `applied`, the window it has; returns the window it has now.
+pub(crate) fn retune(conn: &quinn::Connection, applied: u32) -> u32 {
+    let min_rtt = conn.stats().path.min_rtt;
+    let want = receive_window(min_rtt);
+    if want != applied {
+        debug!(remote = %conn.remote_address(), ?min_rtt, window = want, "connection receive window");
+        conn.set_receive_window(VarInt::from_u32(want));
     }
+    want
 }
 
 #[cfg(test)]

@@ -8,20 +8,14 @@ use std::time::{Duration, Instant};
 use meshnode_transport::alpn::Alpn;
 use meshnode_transport::tls::TlsMaterial;
 use meshnode_transport::window::MIN_RECEIVE_WINDOW;
-use meshnode_transport::{Endpoint, EndpointConfig};
 use tokio::net::UdpSocket;
 
+use crate::tests::{loopback_endpoint, material};
 use crate::Pki;
 
 const STREAMS: usize = 4;
 /// The per-stream window of `transport_config`.
 const STREAM_WINDOW: usize = 1024 * 1024;
-
-fn material(pki: &Pki, name: &str) -> TlsMaterial {
-    let d = pki.issue("east", name);
-    TlsMaterial::load(&d.join("ca.pem"), &d.join("node.pem"), &d.join("node.key"))
-        .expect("load material")
-}
 
 /// A UDP relay that holds every datagram for `one_way` in each direction.
 /// Returns the address to dial instead of `server`.
@@ -78,11 +72,7 @@ async fn unread_in_flight(
         }
         drop(held);
     });
-    let (sender, _in) = Endpoint::bind(EndpointConfig {
-        bind: "127.0.0.1:0".parse().expect("addr"),
-        tls: sender.into(),
-    })
-    .expect("bind sender");
+    let (sender, _in) = loopback_endpoint(sender);
     let (conn, _peer) = sender
         .connect(via, Alpn::Tunnel)
         .await
@@ -119,11 +109,7 @@ async fn the_connection_window_is_small_on_loopback_and_grows_with_the_rtt() {
     // Loopback: the window stays at the floor, well under the 4 x 1 MiB the
     // stream windows would allow, so one bulk stream cannot flood the
     // receiver's socket queue.
-    let (near, near_in) = Endpoint::bind(EndpointConfig {
-        bind: "127.0.0.1:0".parse().expect("addr"),
-        tls: material(&pki, "near").into(),
-    })
-    .expect("bind");
+    let (near, near_in) = loopback_endpoint(material(&pki, "near"));
     let near_addr = near.local_addr().expect("local addr");
     let direct = unread_in_flight(
         material(&pki, "to-near"),
@@ -135,11 +121,7 @@ async fn the_connection_window_is_small_on_loopback_and_grows_with_the_rtt() {
 
     // 30 ms RTT: after a retune the window covers the bandwidth-delay
     // product, and only the stream windows bound what we may send.
-    let (far, far_in) = Endpoint::bind(EndpointConfig {
-        bind: "127.0.0.1:0".parse().expect("addr"),
-        tls: material(&pki, "far").into(),
-    })
-    .expect("bind");
+    let (far, far_in) = loopback_endpoint(material(&pki, "far"));
     let relay = delay_relay(
         far.local_addr().expect("local addr"),
         Duration::from_millis(15),

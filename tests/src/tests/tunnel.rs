@@ -6,12 +6,11 @@ use std::time::Duration;
 use meshnode_transport::alpn::Alpn;
 use meshnode_transport::tls::TlsMaterial;
 use meshnode_transport::tunnel::{self, code, Header};
-use meshnode_transport::{Endpoint, EndpointConfig};
 use ring::digest::{Context, SHA256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::tests::start_pool;
+use crate::tests::{loopback_endpoint, material, start_pool};
 use crate::{echo_server, echo_service, free_tcp, subnet, upstream, wait_until, NodeProc, Pki};
 
 /// Two nodes host `echo`, node-1 has an upstream to it. Returns (nodes, upstream address).
@@ -65,11 +64,6 @@ async fn echo_port(observer: &NodeProc, node: &str) -> u16 {
         .unwrap()["port"]
         .as_u64()
         .unwrap() as u16
-}
-
-fn prober(pki: &Pki, name: &str) -> TlsMaterial {
-    let d = pki.issue("east", name);
-    TlsMaterial::load(&d.join("ca.pem"), &d.join("node.pem"), &d.join("node.key")).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -222,11 +216,7 @@ async fn hundreds_of_held_connections_each_get_a_tunnel_stream() {
 async fn garbage_headers_reset_the_stream_and_the_node_keeps_serving() {
     let pki = Pki::new();
     let (nodes, up, _apps) = echo_mesh(&pki, subnet()).await;
-    let (ep, _incoming) = Endpoint::bind(EndpointConfig {
-        bind: "127.0.0.1:0".parse().unwrap(),
-        tls: prober(&pki, "prober").into(),
-    })
-    .unwrap();
+    let (ep, _incoming) = loopback_endpoint(material(&pki, "prober"));
     let (conn, peer) = ep.connect(nodes[1].spec.quic, Alpn::Tunnel).await.unwrap();
     assert_eq!(peer.identity.node(), "node-2");
 
@@ -301,11 +291,7 @@ async fn a_certificate_from_another_ca_cannot_open_a_tunnel() {
     let pki = Pki::new();
     let (nodes, _up, _apps) = echo_mesh(&pki, subnet()).await;
     let rogue = Pki::new();
-    let (ep, _incoming) = Endpoint::bind(EndpointConfig {
-        bind: "127.0.0.1:0".parse().unwrap(),
-        tls: prober(&rogue, "rogue").into(),
-    })
-    .unwrap();
+    let (ep, _incoming) = loopback_endpoint(material(&rogue, "rogue"));
     // The rogue does not trust the mesh CA either, so even the handshake fails on its side;
     // the node never accepts the rogue's certificate.
     let attempt = async {
@@ -342,11 +328,7 @@ async fn probe_stream(
     to: std::net::SocketAddr,
     header: &Header,
 ) -> Result<Vec<u8>, tunnel::TunnelError> {
-    let (ep, _incoming) = Endpoint::bind(EndpointConfig {
-        bind: "127.0.0.1:0".parse().unwrap(),
-        tls: tls.into(),
-    })
-    .unwrap();
+    let (ep, _incoming) = loopback_endpoint(tls);
     let (conn, _) = ep.connect(to, Alpn::Tunnel).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     tunnel::open(&mut send, &mut recv, header, Duration::from_secs(5)).await?;
@@ -364,7 +346,7 @@ async fn a_carried_caller_is_accepted_only_from_a_gateway_certificate() {
     header.caller = Some(meshnode_transport::Identity::new("acme", "west", "client-7").unwrap());
 
     // A plain node of the cluster claims to carry someone else's identity: refused.
-    let err = probe_stream(prober(&pki, "liar"), nodes[1].spec.quic, &header).await;
+    let err = probe_stream(material(&pki, "liar"), nodes[1].spec.quic, &header).await;
     assert!(
         matches!(
             err,
