@@ -5,14 +5,18 @@
 pub mod catalog;
 pub mod federation;
 pub mod frame;
+pub mod gate;
 pub mod keys;
 pub mod metrics;
 mod pool;
 mod quic;
+pub mod signed;
+pub mod wire;
 
 pub use catalog::{Catalog, Instance, Member, MemberState, NodeSnapshot, RemoteRoute};
 /// The chitchat this crate is built on (pinned), for alternative transports.
 pub use chitchat;
 pub use keys::{Health, NodeInfo, Protocol, ServiceRecord};
 pub use pool::{GossipConfig, GossipError, GossipHandle, Tuning};
-pub use quic::{PoolKind, QuicTransport};
+pub use gate::{Authority, Gate, Guard};
+pub use quic::{GatedTransport, PoolKind, QuicTransport};

@@ -9,13 +9,17 @@ use chitchat::{
     spawn_chitchat, Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig,
     NodeState,
 };
+use meshnode_transport::pki::sign::NodeSigner;
 use meshnode_transport::Identity;
 use tokio::sync::{watch, Mutex};
 use tracing::{debug, info};
 
 use crate::catalog::{self, Catalog, Member, MemberState, NodeSnapshot};
 use crate::federation::{wan_members, wan_node_id};
+use crate::gate::{Authority, Gate, Guard};
 use crate::keys::{self, NodeInfo, ServiceRecord, LEAVING_KEY, NODE_KEY, SERVICE_PREFIX};
+use crate::signed::{self, CERT_KEY};
+use crate::wire::Limits;
 use crate::metrics::{BAD_RECORDS, MEMBERS};
 use crate::quic::PoolKind;
 
@@ -30,6 +34,7 @@ pub struct Tuning {
     pub dead_node_grace: Duration,
 }
 
+#[derive(Clone)]
 pub struct GossipConfig {
     /// From the node's certificate: the node id and the cluster.
     pub me: Identity,
@@ -42,6 +47,10 @@ pub struct GossipConfig {
     pub seeds: Vec<SocketAddr>,
     pub services: Vec<ServiceRecord>,
     pub tuning: Tuning,
+    /// Signs every value this node publishes (the key of `cert_der`).
+    pub signer: Arc<NodeSigner>,
+    /// This node's certificate (DER), published first so peers can check the rest.
+    pub cert_der: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,11 +72,85 @@ pub struct GossipHandle {
 }
 
 struct Inner {
+    signing: Signing,
+    /// Set once chitchat's task has ended, with why.
+    ended: watch::Receiver<Option<String>>,
     handle: Mutex<Option<ChitchatHandle>>,
     chitchat: Arc<Mutex<Chitchat>>,
     catalog: watch::Receiver<Arc<Catalog>>,
     tuning: Tuning,
     kind: PoolKind,
+}
+
+/// What every signature of this node in this pool covers besides key, version and payload.
+struct Signing {
+    signer: Arc<NodeSigner>,
+    pool: String,
+    node_id: String,
+    generation: u64,
+}
+
+// === impl GossipConfig ===
+
+impl GossipConfig {
+    /// chitchat's `cluster_id` of the pool: `<mesh>/<cluster>` or `<mesh>/wan`.
+    /// Plaintext and no security boundary, but every signature covers it.
+    pub fn pool_id(&self) -> String {
+        match self.kind {
+            PoolKind::Lan { .. } => format!("{}/{}", self.me.mesh(), self.me.cluster()),
+            PoolKind::Wan => format!("{}/wan", self.me.mesh()),
+        }
+    }
+
+    /// The guard for this pool's transport: checks every incoming message
+    /// against `authority` before chitchat sees it.
+    pub fn guard(&self, authority: Arc<dyn Authority>, limits: Limits) -> Guard {
+        Guard::new(Gate::new(
+            self.pool_id(),
+            self.kind.clone(),
+            &self.me,
+            self.generation,
+            authority,
+            limits,
+        ))
+    }
+}
+
+// === impl Signing ===
+
+impl Signing {
+    fn seal(&self, key: &str, version: u64, payload: &str) -> Option<String> {
+        let input = signed::signing_input(
+            &self.pool,
+            &self.node_id,
+            self.generation,
+            key,
+            version,
+            payload,
+        );
+        match self.signer.sign(&input) {
+            Ok(sig) => Some(signed::seal(payload, &sig)),
+            Err(e) => {
+                tracing::error!(key, error = %e, "cannot sign a gossip value; not published");
+                None
+            }
+        }
+    }
+
+    /// Publishes `payload` under `key` (an empty payload is a tombstone),
+    /// signed for the version chitchat will give it. Unchanged payloads are
+    /// left alone, so nothing is re-versioned.
+    fn put(&self, state: &mut NodeState, key: &str, payload: &str) {
+        let current = state.get(key).map(|v| v.rsplit_once('.').map_or(v, |(p, _)| p));
+        if current == Some(payload) || (current.is_none() && payload.is_empty()) {
+            return;
+        }
+        // chitchat's `set` gives a changed value exactly this version.
+        let version = state.max_version() + 1;
+        if let Some(value) = self.seal(key, version, payload) {
+            state.set(key, value);
+        }
+    }
 }
 
 // === impl Tuning ===
@@ -97,25 +180,39 @@ impl GossipHandle {
             gateway: cfg.gateway,
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        let mut initial = vec![(
-            NODE_KEY.to_string(),
-            keys::encode_node(&info).map_err(|e| GossipError::Start(e.to_string()))?,
-        )];
-        for rec in &cfg.services {
-            initial.push((rec.key(), encode_record(rec)?));
-        }
-        let (node_id, pool_id) = match cfg.kind {
-            PoolKind::Lan { .. } => (cfg.me.node().to_string(), cfg.me.cluster().to_string()),
-            // Node names are unique per cluster only.
-            PoolKind::Wan => (
-                wan_node_id(cfg.me.cluster(), cfg.me.node()),
-                "wan".to_string(),
-            ),
+        let pool_id = cfg.pool_id();
+        // The SPIFFE identity of the certificate: the gate checks that every
+        // node's values are signed by the key of a certificate naming its id.
+        let node_id = cfg.me.uri();
+        let signing = Signing {
+            signer: cfg.signer.clone(),
+            pool: pool_id.clone(),
+            node_id: node_id.clone(),
+            generation: cfg.generation,
         };
+        let mut payloads = vec![
+            (CERT_KEY.to_string(), signed::encode_cert(&cfg.cert_der)),
+            (
+                NODE_KEY.to_string(),
+                keys::encode_node(&info).map_err(|e| GossipError::Start(e.to_string()))?,
+            ),
+        ];
+        for rec in &cfg.services {
+            payloads.push((rec.key(), encode_record(rec)?));
+        }
+        // chitchat sets initial values one by one from version 1, the
+        // certificate first (deltas carry values in version order).
+        let mut initial = Vec::with_capacity(payloads.len());
+        for (i, (key, payload)) in payloads.into_iter().enumerate() {
+            let value = signing
+                .seal(&key, i as u64 + 1, &payload)
+                .ok_or_else(|| GossipError::Start("cannot sign the node's values".into()))?;
+            initial.push((key, value));
+        }
         let chitchat_config = ChitchatConfig {
             chitchat_id: ChitchatId::new(node_id, cfg.generation, cfg.advertise),
-            // Plaintext and no security boundary: the certificate check in the transport is.
-            cluster_id: format!("{}/{pool_id}", cfg.me.mesh()),
+            // Plaintext; signatures cover it, so values cannot move between pools.
+            cluster_id: pool_id,
             gossip_interval: cfg.tuning.interval,
             listen_addr: cfg.advertise,
             seed_nodes: cfg.seeds.iter().map(ToString::to_string).collect(),
@@ -137,6 +234,15 @@ impl GossipHandle {
             .await
             .map_err(|e| GossipError::Start(e.to_string()))?;
         let chitchat = handle.chitchat();
+        let (ended_tx, ended) = watch::channel(None);
+        let termination = handle.termination_watcher();
+        tokio::spawn(async move {
+            let why = match termination.await {
+                Ok(()) => "chitchat's task stopped".to_string(),
+                Err(e) => format!("chitchat's task failed: {e}"),
+            };
+            let _ = ended_tx.send(Some(why));
+        });
         let watcher = chitchat.lock().await.live_nodes_watcher();
         let (tx, catalog) = watch::channel(Arc::new(Catalog::default()));
         tokio::spawn(catalog_loop(
@@ -148,6 +254,8 @@ impl GossipHandle {
         info!(node = %cfg.me, pool = cfg.kind.as_str(), advertise = %cfg.advertise, seeds = cfg.seeds.len(), "gossip started");
         Ok(Self {
             inner: Arc::new(Inner {
+                signing,
+                ended,
                 handle: Mutex::new(Some(handle)),
                 chitchat,
                 catalog,
@@ -157,9 +265,21 @@ impl GossipHandle {
         })
     }
 
+    /// Resolves when chitchat's task has ended (it failed, or [`Self::shutdown`]
+    /// ran), with why. A node must not outlive its gossip: it would keep
+    /// answering health checks while the rest of the pool sees it dead.
+    pub async fn ended(&self) -> String {
+        let mut rx = self.inner.ended.clone();
+        let why = match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone().unwrap_or_default(),
+            Err(_) => "chitchat's task is gone".to_string(),
+        };
+        why
+    }
+
     /// Every node the pool knows, live or dead, all generations.
     pub async fn snapshot(&self) -> Vec<NodeSnapshot> {
-        snapshot(&*self.inner.chitchat.lock().await)
+        snapshot(&*self.inner.chitchat.lock().await, &self.inner.kind)
     }
 
     /// Every value under `prefix` that any node publishes (live or not), by
@@ -169,8 +289,8 @@ impl GossipHandle {
         let mut out = BTreeMap::new();
         for state in cc.node_states().values() {
             for (k, v) in state.key_values() {
-                if k.starts_with(prefix) {
-                    out.entry(k.to_string()).or_insert_with(|| v.to_string());
+                if let (true, Some(p)) = (k.starts_with(prefix), signed::payload(v)) {
+                    out.entry(k.to_string()).or_insert_with(|| p.to_string());
                 }
             }
         }
@@ -180,7 +300,7 @@ impl GossipHandle {
     /// The member list (for the WAN pool: gateways, with plain node names).
     pub async fn members(&self) -> Vec<Member> {
         let nodes = self.snapshot().await;
-        match self.inner.kind {
+        match &self.inner.kind {
             PoolKind::Lan { .. } => catalog::members(&nodes),
             PoolKind::Wan => wan_members(&nodes),
         }
@@ -213,17 +333,27 @@ impl GossipHandle {
         let state = cc.self_node_state();
         let stale: Vec<String> = state
             .key_values()
-            .filter(|(k, _)| k.starts_with(prefix) && !encoded.contains_key(*k))
+            .filter(|(k, v)| {
+                k.starts_with(prefix) && !encoded.contains_key(*k) && signed::payload(v).is_some()
+            })
             .map(|(k, _)| k.to_string())
             .collect();
         for k in stale {
-            state.delete(&k);
+            // A signed tombstone: chitchat's delete would leave an unsigned empty value.
+            self.inner.signing.put(state, &k, "");
         }
         for (k, v) in encoded {
-            if state.get(&k) != Some(v.as_str()) {
-                state.set(k, v);
-            }
+            self.inner.signing.put(state, &k, &v);
         }
+    }
+
+    /// Publishes a renewed certificate of this node (same key).
+    pub async fn publish_cert(&self, der: &[u8]) {
+        let mut cc = self.inner.chitchat.lock().await;
+        let state = cc.self_node_state();
+        self.inner
+            .signing
+            .put(state, CERT_KEY, &signed::encode_cert(der));
     }
 
     /// Leaves the pool gracefully: marks this node as leaving and withdraws its
@@ -233,14 +363,15 @@ impl GossipHandle {
             let mut cc = self.inner.chitchat.lock().await;
             let me = cc.self_chitchat_id().clone();
             let state = cc.self_node_state();
-            state.set(LEAVING_KEY, "1");
+            let signing = &self.inner.signing;
+            signing.put(state, LEAVING_KEY, "1");
             let svc: Vec<String> = state
                 .key_values()
                 .filter(|(k, _)| k.starts_with(SERVICE_PREFIX))
                 .map(|(k, _)| k.to_string())
                 .collect();
             for k in svc {
-                state.delete(&k);
+                signing.put(state, &k, "");
             }
             cc.live_nodes()
                 .filter(|id| **id != me)
@@ -274,24 +405,33 @@ fn encode_record(rec: &ServiceRecord) -> Result<String, GossipError> {
     })
 }
 
-fn to_snapshot(id: &ChitchatId, state: &NodeState, live: bool) -> NodeSnapshot {
-    NodeSnapshot {
-        node: id.node_id.to_string(),
+/// A node as the catalog sees it: named by its node name (WAN pool:
+/// `<cluster>/<node>`), with the payloads of its values; tombstones and
+/// anything unsigned are left out. `None` for an id that is not a SPIFFE
+/// identity (the gate admits no such node).
+fn to_snapshot(id: &ChitchatId, state: &NodeState, live: bool, kind: &PoolKind) -> Option<NodeSnapshot> {
+    let identity: Identity = id.node_id.parse().ok()?;
+    let node = match kind {
+        PoolKind::Lan { .. } => identity.node().to_string(),
+        PoolKind::Wan => wan_node_id(identity.cluster(), identity.node()),
+    };
+    Some(NodeSnapshot {
+        node,
         generation: id.generation_id,
         gossip_addr: id.gossip_advertise_addr,
         live,
         kvs: state
             .key_values()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .filter_map(|(k, v)| Some((k.to_string(), signed::payload(v)?.to_string())))
             .collect(),
-    }
+    })
 }
 
-fn snapshot(cc: &Chitchat) -> Vec<NodeSnapshot> {
+fn snapshot(cc: &Chitchat, kind: &PoolKind) -> Vec<NodeSnapshot> {
     let live: HashSet<&ChitchatId> = cc.live_nodes().collect();
     cc.node_states()
         .iter()
-        .map(|(id, state)| to_snapshot(id, state, live.contains(id)))
+        .filter_map(|(id, state)| to_snapshot(id, state, live.contains(id), kind))
         .collect()
 }
 
@@ -305,7 +445,7 @@ async fn catalog_loop(
         let live: Vec<NodeSnapshot> = watcher
             .borrow_and_update()
             .iter()
-            .map(|(id, s)| to_snapshot(id, s, true))
+            .filter_map(|(id, s)| to_snapshot(id, s, true, &kind))
             .collect();
         let cat = Catalog::derive(&live);
         if matches!(kind, PoolKind::Lan { .. }) {
@@ -313,7 +453,7 @@ async fn catalog_loop(
         }
         // For the WAN pool the "catalog" is empty: the watch is only a change signal.
         tx.send_replace(Arc::new(cat));
-        let members = catalog::members(&snapshot(&*chitchat.lock().await));
+        let members = catalog::members(&snapshot(&*chitchat.lock().await, &kind));
         for state in [MemberState::Alive, MemberState::Dead, MemberState::Left] {
             let n = members.iter().filter(|m| m.state == state).count();
             metrics::gauge!(MEMBERS, "pool" => kind.as_str(), "state" => state.as_str())

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, trace};
 
 use crate::frame::{Codec, FrameError, MAX_WIRE};
+use crate::gate::Guard;
 use crate::metrics::{BYTES, DROPPED, MESSAGES};
 
 /// Queued outbound messages per peer; gossip is lossy by design, so overflow drops.
@@ -46,6 +47,7 @@ struct Parts {
     endpoint: Endpoint,
     incoming: mpsc::Receiver<Accepted>,
     kind: PoolKind,
+    guard: Guard,
 }
 
 /// Which gossip pool a transport carries, and so who may take part in it.
@@ -89,13 +91,20 @@ impl PoolKind {
 }
 
 impl QuicTransport {
-    /// `incoming` must be the endpoint's queue for `kind`'s ALPN.
-    pub fn new(endpoint: Endpoint, incoming: mpsc::Receiver<Accepted>, kind: PoolKind) -> Self {
+    /// `incoming` must be the endpoint's queue for `kind`'s ALPN; `guard`
+    /// checks every message before chitchat parses it.
+    pub fn new(
+        endpoint: Endpoint,
+        incoming: mpsc::Receiver<Accepted>,
+        kind: PoolKind,
+        guard: Guard,
+    ) -> Self {
         Self {
             parts: Mutex::new(Some(Parts {
                 endpoint,
                 incoming,
                 kind,
+                guard,
             })),
         }
     }
@@ -115,6 +124,7 @@ impl Transport for QuicTransport {
         let readers = Readers {
             inbox: in_tx,
             serving: Arc::new(Mutex::new(HashSet::new())),
+            guard: parts.guard,
         };
         tokio::spawn(accept_loop(
             parts.incoming,
@@ -173,6 +183,7 @@ struct Readers {
     inbox: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
     /// `stable_id`s of the connections being read, so each gets one reader.
     serving: Arc<Mutex<HashSet<usize>>>,
+    guard: Guard,
 }
 
 impl Readers {
@@ -193,7 +204,13 @@ impl Readers {
             let from = conn.remote_address();
             let codec = Codec::of(&conn);
             while let Ok(stream) = conn.accept_uni().await {
-                tokio::spawn(read_frame(stream, from, codec, this.inbox.clone()));
+                tokio::spawn(read_frame(
+                    stream,
+                    from,
+                    codec,
+                    this.inbox.clone(),
+                    this.guard.clone(),
+                ));
             }
             this.serving
                 .lock()
@@ -208,6 +225,7 @@ async fn read_frame(
     from: SocketAddr,
     codec: Codec,
     inbox: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
+    guard: Guard,
 ) {
     let bytes = match stream.read_to_end(MAX_WIRE).await {
         Ok(b) => b,
@@ -218,21 +236,76 @@ async fn read_frame(
         }
         Err(_) => return,
     };
-    match codec.decode(&bytes) {
-        Ok(msg) => {
+    let len = bytes.len() as u64;
+    // Decompression, decoding and signature checks run on the blocking pool,
+    // never on the runtime thread that drives the endpoint.
+    let checked = tokio::task::spawn_blocking(move || {
+        let message = codec.unframe(&bytes)?;
+        Ok::<_, FrameError>(guard.filter_bytes(&message, from))
+    })
+    .await;
+    match checked {
+        Ok(Ok(Some(msg))) => {
             metrics::counter!(MESSAGES, "direction" => "received").increment(1);
-            metrics::counter!(BYTES, "direction" => "received").increment(bytes.len() as u64);
+            metrics::counter!(BYTES, "direction" => "received").increment(len);
             if inbox.try_send((from, msg)).is_err() {
                 metrics::counter!(DROPPED, "reason" => "queue_full").increment(1);
             }
         }
-        Err(e) => {
+        // Counted by the guard.
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
             trace!(%from, codec = codec.as_str(), error = %e, "bad gossip frame");
             let reason = match e {
                 FrameError::Oversized(_) | FrameError::Bomb => "oversized",
                 FrameError::Compression | FrameError::Malformed => "malformed",
             };
             metrics::counter!(DROPPED, "reason" => reason).increment(1);
+        }
+        Err(e) => debug!(%from, error = %e, "gossip check task failed"),
+    }
+}
+
+/// Puts the [`Guard`] in front of another transport's messages (the
+/// simulations' in-memory network), so they run the same checks as QUIC.
+pub struct GatedTransport<T> {
+    inner: T,
+    guard: Guard,
+}
+
+struct GatedSocket {
+    inner: Box<dyn Socket>,
+    guard: Guard,
+}
+
+impl<T> GatedTransport<T> {
+    pub fn new(inner: T, guard: Guard) -> Self {
+        Self { inner, guard }
+    }
+}
+
+#[async_trait]
+impl<T: Transport> Transport for GatedTransport<T> {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        Ok(Box::new(GatedSocket {
+            inner: self.inner.open(listen_addr).await?,
+            guard: self.guard.clone(),
+        }))
+    }
+}
+
+#[async_trait]
+impl Socket for GatedSocket {
+    async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+        self.inner.send(to, msg).await
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
+        loop {
+            let (from, msg) = self.inner.recv().await?;
+            if let Some(msg) = self.guard.filter_message(&msg, from) {
+                return Ok((from, msg));
+            }
         }
     }
 }

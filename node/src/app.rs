@@ -125,7 +125,16 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     };
     let (node_key, _) =
         meshnode_transport::pki::read_private_key(&cfg.tls.key).map_err(TlsError::from)?;
+    let signer = Arc::new(
+        meshnode_transport::pki::sign::NodeSigner::from_pem(&node_key).map_err(TlsError::from)?,
+    );
     let node_key = NodeKey::from_pem(&node_key).map_err(TlsError::from)?;
+    let cert_der = tls.cert_der().to_vec();
+    let authority: Arc<dyn meshnode_gossip::Authority> = tls.clone();
+    let limits = meshnode_gossip::wire::Limits {
+        max_nodes: cfg.gossip.max_members,
+        ..Default::default()
+    };
     let (endpoint, incoming) = Endpoint::bind(EndpointConfig {
         bind: cfg.bind,
         tls: tls.clone(),
@@ -167,10 +176,13 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
             .collect(),
         services: Vec::new(),
         tuning: tuning.clone(),
+        signer: signer.clone(),
+        cert_der: cert_der.clone(),
     };
     // Publish instances through the registry, so initial health is right from the first round.
     let kind = gossip_cfg.kind.clone();
-    let transport = QuicTransport::new(endpoint.clone(), incoming.gossip, kind);
+    let guard = gossip_cfg.guard(authority.clone(), limits);
+    let transport = QuicTransport::new(endpoint.clone(), incoming.gossip, kind, guard);
     let gossip = GossipHandle::spawn(gossip_cfg, &transport).await?;
     let mut tasks = Vec::new();
 
@@ -192,8 +204,11 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
                     .collect(),
                 services: Vec::new(),
                 tuning: tuning.clone(),
+                signer: signer.clone(),
+                cert_der: cert_der.clone(),
             };
-            let transport = QuicTransport::new(endpoint.clone(), incoming.wan, PoolKind::Wan);
+            let guard = wan_cfg.guard(authority.clone(), limits);
+            let transport = QuicTransport::new(endpoint.clone(), incoming.wan, PoolKind::Wan, guard);
             let wan = GossipHandle::spawn(wan_cfg, &transport).await?;
             let (view, task) = federation::spawn(
                 gossip.clone(),
@@ -209,12 +224,12 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         };
     let registry = Arc::new(Registry::new(&services_cfg, gossip.clone()));
     gossip.publish_services(&registry.records()).await?;
-    if ca.is_some() {
+    if let Some(ca) = &ca {
+        // The CA role is proven by the CA key's signature over this node's id,
+        // so no other member can claim it (the gate checks it).
+        let proof = ca.sign_role(&me.identity.uri())?;
         gossip
-            .publish_prefixed(
-                ROLE_PREFIX,
-                [(CA_ROLE_KEY.to_string(), "1".to_string())].into(),
-            )
+            .publish_prefixed(ROLE_PREFIX, [(CA_ROLE_KEY.to_string(), proof)].into())
             .await;
     }
     let revocations = Arc::new(Revocations {
@@ -238,6 +253,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
             svc: join_svc,
             key: node_key,
             cert_path: cfg.tls.cert.clone(),
+            wan: wan.clone(),
         }
         .run(),
     ));
@@ -334,7 +350,11 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
 impl Bound {
     /// Serves until `shutdown` resolves or `POST /v1/leave` arrives, then leaves
     /// the pool, drains open streams (up to [`DRAIN_DEADLINE`]) and closes.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    ///
+    /// If a gossip pool's task ends on its own, the node stops its watchdog
+    /// and returns the reason at once: gossip death is process death, so
+    /// systemd restarts it.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), String> {
         let notifier = crate::notify::Notifier::from_env().map(Arc::new);
         let mut notify_tasks = Vec::new();
         if let Some(n) = &notifier {
@@ -352,9 +372,17 @@ impl Bound {
                 )));
             }
         }
+        let wan_ended = async {
+            match &self.wan {
+                Some(wan) => wan.ended().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = shutdown => info!("shutdown requested"),
             () = self.leave.notified() => info!("leave requested"),
+            why = self.gossip.ended() => return Err(self.died("LAN", why, &notify_tasks)),
+            why = wan_ended => return Err(self.died("WAN", why, &notify_tasks)),
         }
         if let Some(n) = &notifier {
             n.send("STOPPING=1\nSTATUS=leaving the pool and draining");
@@ -382,6 +410,18 @@ impl Bound {
         self.endpoint.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!("stopped");
+        Ok(())
+    }
+
+    fn died(&self, pool: &str, why: String, notify: &[tokio::task::JoinHandle<()>]) -> String {
+        // The watchdog stops first: systemd must not hear WATCHDOG=1 again.
+        for t in notify.iter().chain(&self.tasks) {
+            t.abort();
+        }
+        self.endpoint.close();
+        let msg = format!("the {pool} gossip pool stopped ({why}); exiting so the node restarts");
+        tracing::error!("{msg}");
+        msg
     }
 }
 

@@ -109,6 +109,15 @@ impl CaNode {
         })
     }
 
+    /// The `role:ca` proof for `node_id` (its SPIFFE ID): the CA key's
+    /// signature, which only a holder of the CA key can make.
+    pub fn sign_role(&self, node_id: &str) -> Result<String, CaError> {
+        let sig = self
+            .ca
+            .sign(&meshnode_gossip::signed::ca_role_input(node_id))?;
+        Ok(meshnode_gossip::signed::encode_ca_proof(&sig))
+    }
+
     pub fn fingerprint(&self) -> [u8; 32] {
         self.fingerprint
     }

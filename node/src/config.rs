@@ -104,6 +104,9 @@ pub struct GossipSettings {
     #[serde(with = "humantime_serde_compat")]
     pub interval: Duration,
     pub phi_threshold: f64,
+    /// Most nodes one gossip message may name, and most verified members a
+    /// node keeps per pool (extension; default 6,000).
+    pub max_members: usize,
 }
 
 /// One problem with one key.

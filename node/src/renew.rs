@@ -21,6 +21,8 @@ pub struct Renewer {
     pub svc: Arc<JoinService>,
     pub key: NodeKey,
     pub cert_path: PathBuf,
+    /// The WAN pool, on gateways: it carries the certificate too.
+    pub wan: Option<meshnode_gossip::GossipHandle>,
 }
 
 /// When to renew a certificate valid from `not_before` to `not_after`.
@@ -72,6 +74,12 @@ impl Renewer {
         match self.svc.handle(&req).await {
             Response::Issued { cert_pem, .. } => {
                 let new = tls.renew(&cert_pem).map_err(|e| e.to_string())?;
+                // Peers check this node's gossip values against the certificate it publishes.
+                let der = tls.cert_der();
+                self.svc.gossip.publish_cert(&der).await;
+                if let Some(wan) = &self.wan {
+                    wan.publish_cert(&der).await;
+                }
                 write_atomic(&self.cert_path, cert_pem.as_bytes(), 0o644)
                     .map_err(|e| format!("renewed, but not saved: {e}"))?;
                 Ok(new.not_after)

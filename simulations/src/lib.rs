@@ -253,3 +253,53 @@ mod tests {
         assert_eq!(set.len(), 70_000);
     }
 }
+
+/// The simulated mesh's PKI: one CA, a certificate per node, and the gate
+/// every node runs on the in-memory network, as nodes do over QUIC.
+pub struct SimPki {
+    ca: meshnode_transport::pki::Ca,
+    authority: Arc<dyn meshnode_gossip::Authority>,
+}
+
+impl SimPki {
+    pub fn new(mesh: &str) -> anyhow::Result<Self> {
+        use meshnode_transport::pki::{Ca, Role};
+        let day = std::time::Duration::from_secs(86_400);
+        let ca = Ca::generate(mesh, day)?;
+        let any = ca.issue("sim", "authority", Role::Node, day)?;
+        let tls = meshnode_transport::tls::TlsMaterial::from_pem(ca.cert_pem(), &any.cert_pem, &any.key_pem)?;
+        Ok(Self {
+            ca,
+            authority: Arc::new(tls),
+        })
+    }
+
+    /// A key and certificate (DER) for `cluster`/`node`.
+    pub fn credentials(
+        &self,
+        cluster: &str,
+        node: &str,
+        gateway: bool,
+    ) -> anyhow::Result<(Arc<meshnode_transport::pki::sign::NodeSigner>, Vec<u8>)> {
+        use meshnode_transport::pki::Role;
+        let role = if gateway { Role::Gateway } else { Role::Node };
+        let issued = self
+            .ca
+            .issue(cluster, node, role, std::time::Duration::from_secs(86_400))?;
+        let signer = meshnode_transport::pki::sign::NodeSigner::from_pem(&issued.key_pem)?;
+        let der = meshnode_transport::pki::first_cert_der(&issued.cert_pem)?;
+        Ok((Arc::new(signer), der))
+    }
+
+    /// `net` behind the gate of the node `cfg` describes.
+    pub fn gated(
+        &self,
+        net: &SimNet,
+        cfg: &meshnode_gossip::GossipConfig,
+    ) -> meshnode_gossip::GatedTransport<SimNet> {
+        meshnode_gossip::GatedTransport::new(
+            net.clone(),
+            cfg.guard(self.authority.clone(), meshnode_gossip::wire::Limits::default()),
+        )
+    }
+}

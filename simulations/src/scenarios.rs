@@ -14,7 +14,7 @@ use meshnode_gossip::{
 use meshnode_transport::Identity;
 use tokio::time::Instant;
 
-use crate::{addr, SimNet};
+use crate::{addr, SimNet, SimPki};
 
 /// Catalog polls happen this often (virtual time): the time resolution.
 const POLL: Duration = Duration::from_millis(50);
@@ -46,9 +46,11 @@ fn probe() -> ServiceRecord {
 /// Starts `n` nodes of one cluster; the first three are everyone's seeds.
 pub async fn start_pool(n: usize, seed: u64) -> anyhow::Result<Pool> {
     let net = SimNet::new(seed);
+    let pki = SimPki::new("sim")?;
     let tuning = Tuning::default();
     let mut nodes = Vec::with_capacity(n);
     for i in 0..n {
+        let (signer, cert_der) = pki.credentials("lan", &format!("n{i}"), false)?;
         let cfg = GossipConfig {
             me: Identity::new("sim", "lan", &format!("n{i}"))?,
             kind: PoolKind::Lan {
@@ -60,8 +62,10 @@ pub async fn start_pool(n: usize, seed: u64) -> anyhow::Result<Pool> {
             seeds: (0..n.min(FANOUT)).filter(|s| *s != i).map(addr).collect(),
             services: vec![probe()],
             tuning: tuning.clone(),
+            signer,
+            cert_der,
         };
-        nodes.push(GossipHandle::spawn(cfg, &net).await?);
+        nodes.push(GossipHandle::spawn(cfg.clone(), &pki.gated(&net, &cfg)).await?);
     }
     Ok(Pool { net, nodes, tuning })
 }
@@ -271,10 +275,12 @@ pub struct Federation {
 /// of its cluster; every gateway derives the `WanView` the federation loop uses.
 pub async fn federation(clusters: usize, seed: u64) -> anyhow::Result<Federation> {
     let net = SimNet::new(seed);
+    let pki = SimPki::new("sim")?;
     let tuning = Tuning::default();
     let mut gws = Vec::with_capacity(clusters);
     for i in 0..clusters {
         let cluster = format!("c{i}");
+        let (signer, cert_der) = pki.credentials(&cluster, "gw", true)?;
         let cfg = GossipConfig {
             me: Identity::new("sim", &cluster, "gw")?,
             kind: PoolKind::Wan,
@@ -287,8 +293,10 @@ pub async fn federation(clusters: usize, seed: u64) -> anyhow::Result<Federation
                 .collect(),
             services: vec![],
             tuning: tuning.clone(),
+            signer,
+            cert_der,
         };
-        let gw = GossipHandle::spawn(cfg, &net).await?;
+        let gw = GossipHandle::spawn(cfg.clone(), &pki.gated(&net, &cfg)).await?;
         publish_summary(&gw, &format!("svc-{i}"), 2).await?;
         gws.push(gw);
     }

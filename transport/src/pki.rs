@@ -7,6 +7,7 @@ pub(crate) mod files;
 mod identity;
 pub mod join;
 pub mod revocation;
+pub mod sign;
 pub mod token;
 pub mod verify;
 

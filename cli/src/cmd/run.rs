@@ -37,8 +37,8 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
                 _ = int.recv() => {}
             }
         })
-        .await;
-    Ok(())
+        .await
+        .map_err(|e| Failure::runtime(anyhow::anyhow!(e)))
 }
 
 pub fn validate(path: &Path) -> Result<(), Failure> {

@@ -112,6 +112,7 @@ struct RawUpstream {
 struct RawGossip {
     interval: Option<String>,
     phi_threshold: Option<f64>,
+    max_members: Option<i64>,
 }
 
 /// Collects problems as validation walks the keys.
@@ -312,6 +313,20 @@ impl RawConfig {
                         format!("{p} is out of range: use 1 to 100 (default {DEFAULT_PHI})"),
                     );
                     DEFAULT_PHI
+                }
+            },
+            max_members: match gossip.max_members {
+                None => meshnode_gossip::wire::DEFAULT_MAX_NODES,
+                Some(n) if (2..=65_535).contains(&n) => n as usize,
+                Some(n) => {
+                    e.push(
+                        "gossip.max_members",
+                        format!(
+                            "{n} is out of range: use 2 to 65535 (default {})",
+                            meshnode_gossip::wire::DEFAULT_MAX_NODES
+                        ),
+                    );
+                    meshnode_gossip::wire::DEFAULT_MAX_NODES
                 }
             },
         };

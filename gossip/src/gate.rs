@@ -1,0 +1,489 @@
+//! The gatekeeper: every gossip message is decoded with meshnode's own codec
+//! ([`crate::wire`]) and checked here before chitchat sees it.
+//!
+//! Sans-IO: [`Gate::admit`] takes a decoded message and the time, and returns
+//! what may pass plus what was dropped and why. What it removes:
+//!
+//! - node deltas about the receiving node itself (any generation);
+//! - node deltas whose node id is not a SPIFFE identity of this mesh (and, in
+//!   a LAN pool, of this cluster);
+//! - node deltas whose metadata chitchat would trust blindly: a
+//!   `last_gc_version`, a `SetMaxVersion`, a deletion status (meshnode never
+//!   deletes: tombstones are signed empty values), an empty delta, a version
+//!   at or below `from_version_excluded`;
+//! - a new (node, generation) unless the delta starts from version 0 and
+//!   carries the node's certificate (`cert`), which must chain to the mesh CA,
+//!   name exactly that node id, be unexpired and unrevoked (WAN pool: a
+//!   gateway certificate); older generations than the one verified;
+//! - every value whose signature by that certificate's key, over pool, node
+//!   id, generation, key, version and payload, fails; one bad value drops the
+//!   node's whole delta (chitchat assumes a delta holds every version in its
+//!   range, so a hole would be silently lost);
+//! - claims the certificate does not back: `node` with another cluster or a
+//!   gateway flag without a gateway certificate, `wan:` summaries from a
+//!   non-gateway, `role:ca` without the CA key's signature, unknown roles;
+//! - digest entries of nodes (or generations) not verified;
+//! - whole messages naming more nodes than [`Limits::max_nodes`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshnode_transport::pki::sign::{public_key, verify_node_signature};
+use meshnode_transport::{Identity, PeerCert};
+
+use crate::federation::REMOTE_PREFIX;
+use crate::keys::{self, CA_ROLE_KEY, NODE_KEY, ROLE_PREFIX};
+use crate::quic::PoolKind;
+use crate::signed::{self, CERT_KEY};
+use crate::wire::{Limits, Message, NodeDelta, NodeDigest, NodeId, Status};
+
+/// Keys one node may publish in a pool (services, roles, revocations, summaries).
+pub const MAX_KEYS_PER_NODE: usize = 2_048;
+/// A key longer than this is refused (keys are `svc:<name>:<port>` and alike).
+const MAX_KEY_LEN: usize = 256;
+/// A value (payload and signature) longer than this is refused: chitchat
+/// cannot send a node's state past one value of ~65 KB.
+const MAX_VALUE_LEN: usize = keys::MAX_VALUE_LEN + 128;
+/// A node may start a new generation at most this often, so one insider
+/// cannot fill every peer with generations of itself.
+const GENERATION_CHURN: Duration = Duration::from_secs(1);
+/// Verified nodes nobody has mentioned for this long are forgotten (chitchat
+/// forgets dead nodes after 15 minutes).
+const FORGET_AFTER: Duration = Duration::from_secs(20 * 60);
+
+/// What the gate trusts: the mesh CA, the revocations in force.
+pub trait Authority: Send + Sync {
+    /// Chain to the mesh CA, validity, mesh and revocation of a node certificate (DER).
+    fn verify_cert(&self, der: &[u8]) -> Result<PeerCert, String>;
+    /// Whether a certificate verified earlier is still good (expiry, revocation).
+    fn still_valid(&self, cert: &PeerCert, unix_now: i64) -> bool;
+    /// Whether `sig` is the CA key's signature of `msg`.
+    fn verify_ca(&self, msg: &[u8], sig: &[u8]) -> bool;
+}
+
+impl Authority for meshnode_transport::tls::TlsMaterial {
+    fn verify_cert(&self, der: &[u8]) -> Result<PeerCert, String> {
+        self.verify_peer(der).map_err(|e| e.to_string())
+    }
+
+    fn still_valid(&self, cert: &PeerCert, unix_now: i64) -> bool {
+        cert.not_after > unix_now && !self.revocations().is_revoked(cert)
+    }
+
+    fn verify_ca(&self, msg: &[u8], sig: &[u8]) -> bool {
+        self.ca_certs().iter().any(|ca| {
+            meshnode_transport::pki::sign::verify_ca_signature(ca, msg, sig).is_ok()
+        })
+    }
+}
+
+/// One thing the gate removed, for the `reason` label and the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dropped {
+    pub reason: &'static str,
+    pub node: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// What may reach chitchat (`None`: nothing of the message).
+    pub message: Option<Message>,
+    pub dropped: Vec<Dropped>,
+}
+
+struct Known {
+    generation: u64,
+    cert: PeerCert,
+    public_key: Vec<u8>,
+    keys: HashSet<String>,
+    since: Duration,
+    last_seen: Duration,
+}
+
+pub struct Gate {
+    /// chitchat's `cluster_id`: every signature covers it.
+    pool: String,
+    kind: PoolKind,
+    mesh: String,
+    /// Our own node id and generation.
+    me: String,
+    my_generation: u64,
+    authority: Arc<dyn Authority>,
+    limits: Limits,
+    nodes: HashMap<String, Known>,
+    last_prune: Duration,
+}
+
+impl Gate {
+    pub fn new(
+        pool: String,
+        kind: PoolKind,
+        me: &Identity,
+        my_generation: u64,
+        authority: Arc<dyn Authority>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            pool,
+            kind,
+            mesh: me.mesh().to_string(),
+            me: me.uri(),
+            my_generation,
+            authority,
+            limits,
+            nodes: HashMap::new(),
+            last_prune: Duration::ZERO,
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Verified nodes (other than this one).
+    pub fn verified(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Checks a message. `now` is any monotonic clock, `unix_now` wall-clock seconds.
+    pub fn admit(&mut self, msg: Message, now: Duration, unix_now: i64) -> Verdict {
+        if now.saturating_sub(self.last_prune) > Duration::from_secs(60) {
+            self.last_prune = now;
+            self.nodes
+                .retain(|_, k| now.saturating_sub(k.last_seen) < FORGET_AFTER);
+        }
+        let mut dropped = Vec::new();
+        let message = match msg {
+            Message::Syn { cluster_id, digest } => Message::Syn {
+                cluster_id,
+                digest: self.filter_digest(digest, now, &mut dropped),
+            },
+            // The delta first: a node it proves may then keep its digest
+            // entry, which is what makes chitchat create the node and apply
+            // the delta within this one message.
+            Message::SynAck { digest, delta } => {
+                let delta = self.filter_delta(delta, now, unix_now, &mut dropped);
+                Message::SynAck {
+                    digest: self.filter_digest(digest, now, &mut dropped),
+                    delta,
+                }
+            }
+            Message::Ack { delta } => Message::Ack {
+                delta: self.filter_delta(delta, now, unix_now, &mut dropped),
+            },
+            Message::BadCluster => Message::BadCluster,
+        };
+        Verdict {
+            message: Some(message),
+            dropped,
+        }
+    }
+
+    fn filter_digest(
+        &mut self,
+        digest: Vec<(NodeId, NodeDigest)>,
+        now: Duration,
+        dropped: &mut Vec<Dropped>,
+    ) -> Vec<(NodeId, NodeDigest)> {
+        let mut out = Vec::with_capacity(digest.len());
+        for (id, d) in digest {
+            let keep = if id.node_id == self.me {
+                // Our own entry tells the peer's view of us; other
+                // generations of ours are the past.
+                id.generation == self.my_generation
+            } else {
+                match self.nodes.get_mut(&id.node_id) {
+                    Some(k) if k.generation == id.generation => {
+                        k.last_seen = now;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if keep {
+                out.push((id, d));
+            } else {
+                dropped.push(Dropped {
+                    reason: "unverified_digest",
+                    node: id.node_id,
+                });
+            }
+        }
+        out
+    }
+
+    fn filter_delta(
+        &mut self,
+        delta: Vec<NodeDelta>,
+        now: Duration,
+        unix_now: i64,
+        dropped: &mut Vec<Dropped>,
+    ) -> Vec<NodeDelta> {
+        let mut out = Vec::with_capacity(delta.len());
+        for nd in delta {
+            match self.check(&nd, now, unix_now) {
+                Ok(()) => out.push(nd),
+                Err(reason) => dropped.push(Dropped {
+                    reason,
+                    node: nd.id.node_id,
+                }),
+            }
+        }
+        out
+    }
+
+    /// Checks one node's delta; on success records what it proved.
+    fn check(&mut self, nd: &NodeDelta, now: Duration, unix_now: i64) -> Result<(), &'static str> {
+        let node_id = nd.id.node_id.as_str();
+        if node_id == self.me {
+            return Err("self");
+        }
+        let identity: Identity = node_id.parse().map_err(|_| "foreign_id")?;
+        let in_pool = identity.mesh() == self.mesh
+            && match &self.kind {
+                PoolKind::Lan { cluster } => identity.cluster() == cluster,
+                PoolKind::Wan => true,
+            };
+        if !in_pool {
+            return Err("foreign_id");
+        }
+        if nd.last_gc_version != 0 || !nd.set_max_version.is_empty() || nd.key_values.is_empty() {
+            return Err("inconsistent");
+        }
+        for kv in &nd.key_values {
+            if kv.status != Status::Set || kv.version <= nd.from_version_excluded {
+                return Err("inconsistent");
+            }
+            if kv.key.is_empty() || kv.key.len() > MAX_KEY_LEN || !kv.key.is_ascii() {
+                return Err("bad_key");
+            }
+            if kv.value.len() > MAX_VALUE_LEN {
+                return Err("oversized");
+            }
+        }
+
+        let known = self.nodes.get(node_id);
+        let new_generation = match known {
+            Some(k) if nd.id.generation < k.generation => return Err("stale_generation"),
+            Some(k) => nd.id.generation > k.generation,
+            None => true,
+        };
+        if new_generation {
+            if nd.from_version_excluded != 0 {
+                return Err("unverified");
+            }
+            if known.is_some_and(|k| now.saturating_sub(k.since) < GENERATION_CHURN) {
+                return Err("generation_churn");
+            }
+            if known.is_none() && self.nodes.len() >= self.limits.max_nodes {
+                return Err("pool_full");
+            }
+        }
+
+        // The key that signs: from a certificate in this delta, else the one verified before.
+        let fresh_cert = match nd.key_values.iter().find(|kv| kv.key == CERT_KEY) {
+            Some(kv) => {
+                let (payload, _) = signed::open(&kv.value).ok_or("bad_signature")?;
+                let der = signed::decode_cert(payload).ok_or("bad_cert")?;
+                let cert = self.authority.verify_cert(&der).map_err(|_| "bad_cert")?;
+                if cert.identity != identity || (self.kind == PoolKind::Wan && !cert.is_gateway()) {
+                    return Err("bad_cert");
+                }
+                let pk = public_key(&der).map_err(|_| "bad_cert")?;
+                Some((cert, pk))
+            }
+            None => None,
+        };
+        let (cert, pk) = match (&fresh_cert, known) {
+            (Some((c, pk)), _) => (c, pk.as_slice()),
+            (None, Some(k)) if !new_generation => (&k.cert, k.public_key.as_slice()),
+            (None, _) => return Err("unverified"),
+        };
+        if !self.authority.still_valid(cert, unix_now) {
+            return Err("expired_or_revoked");
+        }
+
+        for kv in &nd.key_values {
+            let (payload, sig) = signed::open(&kv.value).ok_or("bad_signature")?;
+            let input = signed::signing_input(
+                &self.pool,
+                node_id,
+                nd.id.generation,
+                &kv.key,
+                kv.version,
+                payload,
+            );
+            if !verify_node_signature(pk, &input, &sig) {
+                return Err("bad_signature");
+            }
+            if !payload.is_empty() {
+                self.check_claim(&identity, cert, node_id, &kv.key, payload)?;
+            }
+        }
+
+        let prior_keys = match known {
+            Some(k) if !new_generation => Some(&k.keys),
+            _ => None,
+        };
+        let added = nd
+            .key_values
+            .iter()
+            .filter(|kv| !prior_keys.is_some_and(|p| p.contains(&kv.key)))
+            .count();
+        if prior_keys.map_or(0, HashSet::len) + added > MAX_KEYS_PER_NODE {
+            return Err("too_many_keys");
+        }
+
+        // Admitted: record what it proved.
+        let fresh = fresh_cert.clone();
+        let entry = if new_generation {
+            let (cert, public_key) = fresh.ok_or("unverified")?;
+            self.nodes.insert(
+                node_id.to_string(),
+                Known {
+                    generation: nd.id.generation,
+                    cert,
+                    public_key,
+                    keys: HashSet::new(),
+                    since: now,
+                    last_seen: now,
+                },
+            );
+            self.nodes.get_mut(node_id)
+        } else {
+            let k = self.nodes.get_mut(node_id);
+            if let (Some(k), Some((cert, public_key))) = (k, fresh) {
+                k.cert = cert;
+                k.public_key = public_key;
+            }
+            self.nodes.get_mut(node_id)
+        };
+        if let Some(k) = entry {
+            k.last_seen = now;
+            k.keys.extend(nd.key_values.iter().map(|kv| kv.key.clone()));
+        }
+        Ok(())
+    }
+
+    /// Claims a value makes that only the certificate or the CA can back.
+    fn check_claim(
+        &self,
+        identity: &Identity,
+        cert: &PeerCert,
+        node_id: &str,
+        key: &str,
+        payload: &str,
+    ) -> Result<(), &'static str> {
+        if key == NODE_KEY {
+            let info = keys::decode_node(payload).map_err(|_| "bad_record")?;
+            if info.cluster != identity.cluster() || (info.gateway && !cert.is_gateway()) {
+                return Err("bad_role");
+            }
+        } else if key == CA_ROLE_KEY {
+            let sig = signed::decode_ca_proof(payload).ok_or("bad_role")?;
+            if !self.authority.verify_ca(&signed::ca_role_input(node_id), &sig) {
+                return Err("bad_role");
+            }
+        } else if key.starts_with(ROLE_PREFIX) {
+            return Err("bad_role");
+        } else if key.starts_with(REMOTE_PREFIX) && !cert.is_gateway() {
+            return Err("bad_role");
+        }
+        Ok(())
+    }
+}
+
+/// The gate's shell: shared by a pool's readers, it decodes with meshnode's
+/// codec, checks, re-encodes, and only then lets chitchat parse the message.
+/// Blocking (signature checks): call it off the runtime's I/O thread.
+#[derive(Clone)]
+pub struct Guard {
+    gate: Arc<std::sync::Mutex<Gate>>,
+    start: std::time::Instant,
+    pool: &'static str,
+    logged: Arc<std::sync::Mutex<HashMap<&'static str, std::time::Instant>>>,
+}
+
+/// Drop reasons are logged at most this often each (they are all counted).
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl Guard {
+    pub fn new(gate: Gate) -> Self {
+        let pool = gate.kind.as_str();
+        Self {
+            gate: Arc::new(std::sync::Mutex::new(gate)),
+            start: std::time::Instant::now(),
+            pool,
+            logged: Arc::default(),
+        }
+    }
+
+    /// Checks one serialized chitchat message from `from`; what passes comes
+    /// back as chitchat's message, parsed from bytes meshnode wrote.
+    pub fn filter_bytes(
+        &self,
+        bytes: &[u8],
+        from: std::net::SocketAddr,
+    ) -> Option<chitchat::ChitchatMessage> {
+        use chitchat::Deserializable;
+        let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        let msg = match crate::wire::decode(bytes, gate.limits()) {
+            Ok(m) => m,
+            Err(e) => {
+                let reason = match e {
+                    crate::wire::WireError::TooManyNodes(_) => "too_many_nodes",
+                    crate::wire::WireError::Bomb(_) => "oversized",
+                    _ => "malformed",
+                };
+                drop(gate);
+                self.count(reason, &from.to_string(), &e.to_string());
+                return None;
+            }
+        };
+        let verdict = gate.admit(
+            msg,
+            self.start.elapsed(),
+            meshnode_transport::pki::unix_now(),
+        );
+        drop(gate);
+        for d in &verdict.dropped {
+            self.count(d.reason, &d.node, &from.to_string());
+        }
+        let msg = verdict.message?;
+        let bytes = crate::wire::encode(&msg, crate::wire::Blocks::Raw);
+        match chitchat::ChitchatMessage::deserialize(&mut &bytes[..]) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                // Cannot happen for bytes our encoder wrote; counted if it does.
+                self.count("malformed", &from.to_string(), &e.to_string());
+                None
+            }
+        }
+    }
+
+    /// [`Guard::filter_bytes`] for a message already in chitchat's types (an
+    /// in-memory transport): freshly built messages serialize safely.
+    pub fn filter_message(
+        &self,
+        msg: &chitchat::ChitchatMessage,
+        from: std::net::SocketAddr,
+    ) -> Option<chitchat::ChitchatMessage> {
+        use chitchat::Serializable;
+        self.filter_bytes(&msg.serialize_to_vec(), from)
+    }
+
+    fn count(&self, reason: &'static str, node: &str, detail: &str) {
+        metrics::counter!(crate::metrics::REFUSED, "pool" => self.pool, "reason" => reason)
+            .increment(1);
+        let now = std::time::Instant::now();
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        let due = logged
+            .get(reason)
+            .is_none_or(|t| now.duration_since(*t) >= LOG_EVERY);
+        if due {
+            logged.insert(reason, now);
+            tracing::warn!(pool = self.pool, reason, node, detail, "gossip refused (logged once per 10 s per reason; see meshnode_gossip_refused_total)");
+        }
+    }
+}
