@@ -270,7 +270,8 @@ impl Gate {
             None => true,
         };
         if new_generation {
-            if nd.from_version_excluded != 0 {
+            // A new incarnation must prove itself in this very delta.
+            if nd.from_version_excluded != 0 || !nd.key_values.iter().any(|kv| kv.key == CERT_KEY) {
                 return Err("unverified");
             }
             if known.is_some_and(|k| now.saturating_sub(k.since) < GENERATION_CHURN) {
@@ -484,6 +485,343 @@ impl Guard {
         if due {
             logged.insert(reason, now);
             tracing::warn!(pool = self.pool, reason, node, detail, "gossip refused (logged once per 10 s per reason; see meshnode_gossip_refused_total)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use meshnode_transport::pki::sign::NodeSigner;
+    use meshnode_transport::pki::{first_cert_der, Ca, Role};
+    use meshnode_transport::tls::TlsMaterial;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::keys::{encode_node, NodeInfo};
+    use crate::wire::KeyValue;
+
+    const POOL: &str = "acme/east";
+    const GEN: u64 = 100;
+
+    struct Node {
+        id: Identity,
+        signer: NodeSigner,
+        der: Vec<u8>,
+    }
+
+    struct Pki {
+        ca: Ca,
+        authority: Arc<dyn Authority>,
+    }
+
+    fn pki() -> Pki {
+        let day = Duration::from_secs(86_400);
+        let ca = Ca::generate("acme", day).unwrap();
+        let any = ca.issue("east", "authority", Role::Node, day).unwrap();
+        let tls = TlsMaterial::from_pem(ca.cert_pem(), &any.cert_pem, &any.key_pem).unwrap();
+        Pki {
+            ca,
+            authority: Arc::new(tls),
+        }
+    }
+
+    impl Pki {
+        fn node(&self, cluster: &str, name: &str, role: Role) -> Node {
+            let issued = self
+                .ca
+                .issue(cluster, name, role, Duration::from_secs(86_400))
+                .unwrap();
+            Node {
+                id: issued.identity.clone(),
+                signer: NodeSigner::from_pem(&issued.key_pem).unwrap(),
+                der: first_cert_der(&issued.cert_pem).unwrap(),
+            }
+        }
+
+        fn gate(&self, me: &Node) -> Gate {
+            Gate::new(
+                POOL.into(),
+                PoolKind::Lan {
+                    cluster: "east".into(),
+                },
+                &me.id,
+                1,
+                self.authority.clone(),
+                Limits::default(),
+            )
+        }
+    }
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:9470".parse().unwrap()
+    }
+
+    fn info(cluster: &str, gateway: bool) -> String {
+        encode_node(&NodeInfo {
+            cluster: cluster.into(),
+            advertise: addr(),
+            gateway,
+            version: "t".into(),
+        })
+        .unwrap()
+    }
+
+    /// A node's delta as chitchat would send it, each value signed by `by`.
+    fn delta(of: &Node, by: &Node, generation: u64, from: u64, kvs: &[(&str, String)]) -> NodeDelta {
+        let node_id = of.id.uri();
+        let key_values = kvs
+            .iter()
+            .enumerate()
+            .map(|(i, (key, payload))| {
+                let version = from + i as u64 + 1;
+                let input = signed::signing_input(POOL, &node_id, generation, key, version, payload);
+                KeyValue {
+                    key: key.to_string(),
+                    value: signed::seal(payload, &by.signer.sign(&input).unwrap()),
+                    version,
+                    status: Status::Set,
+                }
+            })
+            .collect();
+        NodeDelta {
+            id: NodeId {
+                node_id,
+                generation,
+                addr: addr(),
+            },
+            last_gc_version: 0,
+            from_version_excluded: from,
+            key_values,
+            set_max_version: vec![],
+        }
+    }
+
+    fn full(n: &Node, extra: &[(&str, String)]) -> NodeDelta {
+        let mut kvs = vec![
+            (CERT_KEY, signed::encode_cert(&n.der)),
+            (NODE_KEY, info(n.id.cluster(), false)),
+        ];
+        kvs.extend(extra.iter().cloned());
+        delta(n, n, GEN, 0, &kvs)
+    }
+
+    fn reasons(gate: &mut Gate, delta: Vec<NodeDelta>) -> (usize, Vec<&'static str>) {
+        reasons_at(gate, delta, 10)
+    }
+
+    fn reasons_at(gate: &mut Gate, delta: Vec<NodeDelta>, secs: u64) -> (usize, Vec<&'static str>) {
+        let v = gate.admit(Message::Ack { delta }, Duration::from_secs(secs), meshnode_transport::pki::unix_now());
+        let Some(Message::Ack { delta }) = v.message else {
+            panic!("not an ack")
+        };
+        (delta.len(), v.dropped.iter().map(|d| d.reason).collect())
+    }
+
+    fn digest_of(gate: &mut Gate, ids: &[(&Node, u64)]) -> usize {
+        let digest = ids
+            .iter()
+            .map(|(n, g)| {
+                (
+                    NodeId {
+                        node_id: n.id.uri(),
+                        generation: *g,
+                        addr: addr(),
+                    },
+                    NodeDigest::default(),
+                )
+            })
+            .collect();
+        let v = gate.admit(
+            Message::Syn {
+                cluster_id: POOL.into(),
+                digest,
+            },
+            Duration::from_secs(10),
+            0,
+        );
+        match v.message {
+            Some(Message::Syn { digest, .. }) => digest.len(),
+            _ => panic!("not a syn"),
+        }
+    }
+
+    #[test]
+    fn a_signed_node_with_its_certificate_is_admitted_then_its_digest_entry() {
+        let p = pki();
+        let (me, a) = (p.node("east", "me", Role::Node), p.node("east", "a", Role::Node));
+        let mut gate = p.gate(&me);
+        assert_eq!(digest_of(&mut gate, &[(&a, GEN)]), 0, "unverified digest entry");
+        let svc = ("svc:api:80", "c3Zj".to_string());
+        assert_eq!(reasons(&mut gate, vec![full(&a, &[svc])]), (1, vec![]));
+        assert_eq!(digest_of(&mut gate, &[(&a, GEN)]), 1);
+        assert_eq!(digest_of(&mut gate, &[(&a, GEN + 1)]), 0, "other generation");
+        // Later values of the same generation verify against the known certificate.
+        let later = delta(&a, &a, GEN, 3, &[("svc:api:80", String::new())]);
+        assert_eq!(reasons(&mut gate, vec![later]), (1, vec![]));
+    }
+
+    #[test]
+    fn another_members_values_cannot_be_forged() {
+        let p = pki();
+        let (me, a, m) = (
+            p.node("east", "me", Role::Node),
+            p.node("east", "a", Role::Node),
+            p.node("east", "mallory", Role::Node),
+        );
+        let mut gate = p.gate(&me);
+        assert_eq!(reasons(&mut gate, vec![full(&a, &[])]), (1, vec![]));
+        // `leaving` under a's id, signed by mallory.
+        let forged = delta(&a, &m, GEN, 2, &[(keys::LEAVING_KEY, "1".into())]);
+        assert_eq!(reasons(&mut gate, vec![forged]).1, vec!["bad_signature"]);
+        // A higher generation of a without a certificate, or with mallory's.
+        let shadow = delta(&a, &m, GEN + 1, 0, &[(NODE_KEY, info("east", false))]);
+        assert_eq!(reasons(&mut gate, vec![shadow]).1, vec!["unverified"]);
+        let with_cert = delta(&a, &m, GEN + 1, 0, &[(CERT_KEY, signed::encode_cert(&m.der))]);
+        assert_eq!(reasons_at(&mut gate, vec![with_cert], 20).1, vec!["bad_cert"]);
+        // Phantoms: ids with no certificate at all.
+        let phantom = Node {
+            id: Identity::new("acme", "east", "ghost").unwrap(),
+            signer: NodeSigner::from_pem(&meshnode_transport::pki::join::NodeKey::generate().unwrap().pem()).unwrap(),
+            der: m.der.clone(),
+        };
+        assert_eq!(reasons(&mut gate, vec![full(&phantom, &[])]).1, vec!["bad_cert"]);
+        // About the receiver itself, even correctly signed by it.
+        assert_eq!(reasons(&mut gate, vec![full(&me, &[])]).1, vec!["self"]);
+        // Another cluster's node in this LAN pool.
+        let west = p.node("west", "w", Role::Node);
+        assert_eq!(reasons(&mut gate, vec![full(&west, &[])]).1, vec!["foreign_id"]);
+    }
+
+    #[test]
+    fn metadata_chitchat_would_trust_blindly_drops_the_node() {
+        let p = pki();
+        let (me, a) = (p.node("east", "me", Role::Node), p.node("east", "a", Role::Node));
+        let mut gate = p.gate(&me);
+        let mut low_max = full(&a, &[]);
+        low_max.set_max_version = vec![(2, 1)];
+        let mut gc = full(&a, &[]);
+        gc.last_gc_version = 5;
+        let mut deleted = full(&a, &[]);
+        deleted.key_values[1].status = Status::Delete;
+        let mut bare = full(&a, &[]);
+        bare.key_values.clear();
+        bare.set_max_version = vec![(0, 9)];
+        for d in [low_max, gc, deleted, bare] {
+            assert_eq!(reasons(&mut gate, vec![d]).1, vec!["inconsistent"]);
+        }
+    }
+
+    #[test]
+    fn roles_come_only_from_certificates_and_the_ca() {
+        let p = pki();
+        let me = p.node("east", "me", Role::Node);
+        let plain = p.node("east", "plain", Role::Node);
+        let gw = p.node("east", "gw", Role::Gateway);
+        let mut gate = p.gate(&me);
+        let claims_gw = delta(&plain, &plain, GEN, 0, &[
+            (CERT_KEY, signed::encode_cert(&plain.der)),
+            (NODE_KEY, info("east", true)),
+        ]);
+        assert_eq!(reasons(&mut gate, vec![claims_gw]).1, vec!["bad_role"]);
+        let summary = full(&plain, &[("wan:west:api", "eA".into())]);
+        assert_eq!(reasons(&mut gate, vec![summary]).1, vec!["bad_role"]);
+        let other_cluster = delta(&plain, &plain, GEN, 0, &[
+            (CERT_KEY, signed::encode_cert(&plain.der)),
+            (NODE_KEY, info("west", false)),
+        ]);
+        assert_eq!(reasons(&mut gate, vec![other_cluster]).1, vec!["bad_role"]);
+        let fake_ca = full(&plain, &[(CA_ROLE_KEY, signed::encode_ca_proof(&[1; 70]))]);
+        assert_eq!(reasons(&mut gate, vec![fake_ca]).1, vec!["bad_role"]);
+        // A proof for another node does not transfer.
+        let other_proof = signed::encode_ca_proof(&p.ca.sign(&signed::ca_role_input(&gw.id.uri())).unwrap());
+        let stolen = full(&plain, &[(CA_ROLE_KEY, other_proof)]);
+        assert_eq!(reasons(&mut gate, vec![stolen]).1, vec!["bad_role"]);
+        let proof = signed::encode_ca_proof(&p.ca.sign(&signed::ca_role_input(&plain.id.uri())).unwrap());
+        assert_eq!(reasons(&mut gate, vec![full(&plain, &[(CA_ROLE_KEY, proof)])]), (1, vec![]));
+        let gw_delta = delta(&gw, &gw, GEN, 0, &[
+            (CERT_KEY, signed::encode_cert(&gw.der)),
+            (NODE_KEY, info("east", true)),
+            ("wan:west:api", "eA".into()),
+        ]);
+        assert_eq!(reasons(&mut gate, vec![gw_delta]), (1, vec![]));
+    }
+
+    #[test]
+    fn generations_only_move_forward_and_not_too_fast() {
+        let p = pki();
+        let (me, a) = (p.node("east", "me", Role::Node), p.node("east", "a", Role::Node));
+        let mut gate = p.gate(&me);
+        assert_eq!(reasons(&mut gate, vec![full(&a, &[])]), (1, vec![]));
+        let mut older = full(&a, &[]);
+        older.id.generation = GEN - 1;
+        assert_eq!(reasons(&mut gate, vec![older]).1, vec!["stale_generation"]);
+        // Same clock instant as the first: churn.
+        let next = delta(&a, &a, GEN + 1, 0, &[(CERT_KEY, signed::encode_cert(&a.der))]);
+        assert_eq!(reasons(&mut gate, vec![next.clone()]).1, vec!["generation_churn"]);
+        let v = gate.admit(Message::Ack { delta: vec![next] }, Duration::from_secs(12), meshnode_transport::pki::unix_now());
+        assert!(v.dropped.is_empty());
+    }
+
+    fn mutate(d: &mut NodeDelta, what: u8, at: usize, byte: u8) {
+        let n = d.key_values.len().max(1);
+        match what % 6 {
+            0 => d.id.generation ^= 1 << (at % 64),
+            1 => {
+                if let Some(kv) = d.key_values.get_mut(at % n) {
+                    kv.version += 1 + at as u64;
+                }
+            }
+            2 => {
+                if let Some(kv) = d.key_values.get_mut(at % n) {
+                    let mut b = kv.value.clone().into_bytes();
+                    let i = at % b.len().max(1);
+                    if let Some(x) = b.get_mut(i) {
+                        *x = if byte.is_ascii_alphanumeric() && *x != byte { byte } else { b'Z' ^ (*x & 1) };
+                    }
+                    kv.value = String::from_utf8_lossy(&b).into_owned();
+                }
+            }
+            3 => {
+                if let Some(kv) = d.key_values.get_mut(at % n) {
+                    kv.key.push(byte as char);
+                }
+            }
+            4 => d.from_version_excluded += 1 + (at as u64 % 3),
+            _ => d.id.node_id.push('x'),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Whatever is changed in a genuine delta, what passes is exactly what was signed.
+        #[test]
+        fn a_tampered_value_never_passes(what in any::<u8>(), at in 0usize..512, byte in any::<u8>()) {
+            let p = pki();
+            let (me, a) = (p.node("east", "me", Role::Node), p.node("east", "a", Role::Node));
+            let genuine = full(&a, &[("svc:api:80", "c3Zj".into())]);
+            let mut d = genuine.clone();
+            mutate(&mut d, what, at, byte);
+            let mut gate = p.gate(&me);
+            let v = gate.admit(Message::Ack { delta: vec![d.clone()] }, Duration::from_secs(5), meshnode_transport::pki::unix_now());
+            let Some(Message::Ack { delta }) = v.message else { panic!() };
+            for passed in &delta {
+                // Only a delta whose every value is genuine may pass.
+                for kv in &passed.key_values {
+                    prop_assert!(genuine.key_values.contains(kv), "tampered value passed: {kv:?}");
+                }
+                prop_assert_eq!(&passed.id, &genuine.id);
+            }
+        }
+
+        #[test]
+        fn arbitrary_messages_never_panic_the_gate(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+            let p = pki();
+            let me = p.node("east", "me", Role::Node);
+            let guard = Guard::new(p.gate(&me));
+            let _ = guard.filter_bytes(&bytes, addr());
         }
     }
 }
