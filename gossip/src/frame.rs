@@ -72,7 +72,8 @@ impl Codec {
             Codec::Zstd => {
                 // With a content checksum (4 bytes), so a damaged frame is an
                 // error rather than a different message.
-                let mut c = zstd::bulk::Compressor::new(LEVEL).map_err(|_| FrameError::Compression)?;
+                let mut c =
+                    zstd::bulk::Compressor::new(LEVEL).map_err(|_| FrameError::Compression)?;
                 c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
                     .map_err(|_| FrameError::Compression)?;
                 c.compress(message).map_err(|_| FrameError::Compression)?

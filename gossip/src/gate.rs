@@ -72,9 +72,9 @@ impl Authority for meshnode_transport::tls::TlsMaterial {
     }
 
     fn verify_ca(&self, msg: &[u8], sig: &[u8]) -> bool {
-        self.ca_certs().iter().any(|ca| {
-            meshnode_transport::pki::sign::verify_ca_signature(ca, msg, sig).is_ok()
-        })
+        self.ca_certs()
+            .iter()
+            .any(|ca| meshnode_transport::pki::sign::verify_ca_signature(ca, msg, sig).is_ok())
     }
 }
 
@@ -383,12 +383,16 @@ impl Gate {
             }
         } else if key == CA_ROLE_KEY {
             let sig = signed::decode_ca_proof(payload).ok_or("bad_role")?;
-            if !self.authority.verify_ca(&signed::ca_role_input(node_id), &sig) {
+            if !self
+                .authority
+                .verify_ca(&signed::ca_role_input(node_id), &sig)
+            {
                 return Err("bad_role");
             }
-        } else if key.starts_with(ROLE_PREFIX) {
-            return Err("bad_role");
-        } else if key.starts_with(REMOTE_PREFIX) && !cert.is_gateway() {
+        } else if key.starts_with(ROLE_PREFIX)
+            || (key.starts_with(REMOTE_PREFIX) && !cert.is_gateway())
+        {
+            // Unknown roles, and remote summaries from a non-gateway.
             return Err("bad_role");
         }
         Ok(())
@@ -570,14 +574,21 @@ mod tests {
     }
 
     /// A node's delta as chitchat would send it, each value signed by `by`.
-    fn delta(of: &Node, by: &Node, generation: u64, from: u64, kvs: &[(&str, String)]) -> NodeDelta {
+    fn delta(
+        of: &Node,
+        by: &Node,
+        generation: u64,
+        from: u64,
+        kvs: &[(&str, String)],
+    ) -> NodeDelta {
         let node_id = of.id.uri();
         let key_values = kvs
             .iter()
             .enumerate()
             .map(|(i, (key, payload))| {
                 let version = from + i as u64 + 1;
-                let input = signed::signing_input(POOL, &node_id, generation, key, version, payload);
+                let input =
+                    signed::signing_input(POOL, &node_id, generation, key, version, payload);
                 KeyValue {
                     key: key.to_string(),
                     value: signed::seal(payload, &by.signer.sign(&input).unwrap()),
@@ -613,7 +624,11 @@ mod tests {
     }
 
     fn reasons_at(gate: &mut Gate, delta: Vec<NodeDelta>, secs: u64) -> (usize, Vec<&'static str>) {
-        let v = gate.admit(Message::Ack { delta }, Duration::from_secs(secs), meshnode_transport::pki::unix_now());
+        let v = gate.admit(
+            Message::Ack { delta },
+            Duration::from_secs(secs),
+            meshnode_transport::pki::unix_now(),
+        );
         let Some(Message::Ack { delta }) = v.message else {
             panic!("not an ack")
         };
@@ -651,13 +666,24 @@ mod tests {
     #[test]
     fn a_signed_node_with_its_certificate_is_admitted_then_its_digest_entry() {
         let p = pki();
-        let (me, a) = (p.node("east", "me", Role::Node), p.node("east", "a", Role::Node));
+        let (me, a) = (
+            p.node("east", "me", Role::Node),
+            p.node("east", "a", Role::Node),
+        );
         let mut gate = p.gate(&me);
-        assert_eq!(digest_of(&mut gate, &[(&a, GEN)]), 0, "unverified digest entry");
+        assert_eq!(
+            digest_of(&mut gate, &[(&a, GEN)]),
+            0,
+            "unverified digest entry"
+        );
         let svc = ("svc:api:80", "c3Zj".to_string());
         assert_eq!(reasons(&mut gate, vec![full(&a, &[svc])]), (1, vec![]));
         assert_eq!(digest_of(&mut gate, &[(&a, GEN)]), 1);
-        assert_eq!(digest_of(&mut gate, &[(&a, GEN + 1)]), 0, "other generation");
+        assert_eq!(
+            digest_of(&mut gate, &[(&a, GEN + 1)]),
+            0,
+            "other generation"
+        );
         // Later values of the same generation verify against the known certificate.
         let later = delta(&a, &a, GEN, 3, &[("svc:api:80", String::new())]);
         assert_eq!(reasons(&mut gate, vec![later]), (1, vec![]));
@@ -679,26 +705,49 @@ mod tests {
         // A higher generation of a without a certificate, or with mallory's.
         let shadow = delta(&a, &m, GEN + 1, 0, &[(NODE_KEY, info("east", false))]);
         assert_eq!(reasons(&mut gate, vec![shadow]).1, vec!["unverified"]);
-        let with_cert = delta(&a, &m, GEN + 1, 0, &[(CERT_KEY, signed::encode_cert(&m.der))]);
-        assert_eq!(reasons_at(&mut gate, vec![with_cert], 20).1, vec!["bad_cert"]);
+        let with_cert = delta(
+            &a,
+            &m,
+            GEN + 1,
+            0,
+            &[(CERT_KEY, signed::encode_cert(&m.der))],
+        );
+        assert_eq!(
+            reasons_at(&mut gate, vec![with_cert], 20).1,
+            vec!["bad_cert"]
+        );
         // Phantoms: ids with no certificate at all.
         let phantom = Node {
             id: Identity::new("acme", "east", "ghost").unwrap(),
-            signer: NodeSigner::from_pem(&meshnode_transport::pki::join::NodeKey::generate().unwrap().pem()).unwrap(),
+            signer: NodeSigner::from_pem(
+                &meshnode_transport::pki::join::NodeKey::generate()
+                    .unwrap()
+                    .pem(),
+            )
+            .unwrap(),
             der: m.der.clone(),
         };
-        assert_eq!(reasons(&mut gate, vec![full(&phantom, &[])]).1, vec!["bad_cert"]);
+        assert_eq!(
+            reasons(&mut gate, vec![full(&phantom, &[])]).1,
+            vec!["bad_cert"]
+        );
         // About the receiver itself, even correctly signed by it.
         assert_eq!(reasons(&mut gate, vec![full(&me, &[])]).1, vec!["self"]);
         // Another cluster's node in this LAN pool.
         let west = p.node("west", "w", Role::Node);
-        assert_eq!(reasons(&mut gate, vec![full(&west, &[])]).1, vec!["foreign_id"]);
+        assert_eq!(
+            reasons(&mut gate, vec![full(&west, &[])]).1,
+            vec!["foreign_id"]
+        );
     }
 
     #[test]
     fn metadata_chitchat_would_trust_blindly_drops_the_node() {
         let p = pki();
-        let (me, a) = (p.node("east", "me", Role::Node), p.node("east", "a", Role::Node));
+        let (me, a) = (
+            p.node("east", "me", Role::Node),
+            p.node("east", "a", Role::Node),
+        );
         let mut gate = p.gate(&me);
         let mut low_max = full(&a, &[]);
         low_max.set_max_version = vec![(2, 1)];
@@ -721,47 +770,86 @@ mod tests {
         let plain = p.node("east", "plain", Role::Node);
         let gw = p.node("east", "gw", Role::Gateway);
         let mut gate = p.gate(&me);
-        let claims_gw = delta(&plain, &plain, GEN, 0, &[
-            (CERT_KEY, signed::encode_cert(&plain.der)),
-            (NODE_KEY, info("east", true)),
-        ]);
+        let claims_gw = delta(
+            &plain,
+            &plain,
+            GEN,
+            0,
+            &[
+                (CERT_KEY, signed::encode_cert(&plain.der)),
+                (NODE_KEY, info("east", true)),
+            ],
+        );
         assert_eq!(reasons(&mut gate, vec![claims_gw]).1, vec!["bad_role"]);
         let summary = full(&plain, &[("wan:west:api", "eA".into())]);
         assert_eq!(reasons(&mut gate, vec![summary]).1, vec!["bad_role"]);
-        let other_cluster = delta(&plain, &plain, GEN, 0, &[
-            (CERT_KEY, signed::encode_cert(&plain.der)),
-            (NODE_KEY, info("west", false)),
-        ]);
+        let other_cluster = delta(
+            &plain,
+            &plain,
+            GEN,
+            0,
+            &[
+                (CERT_KEY, signed::encode_cert(&plain.der)),
+                (NODE_KEY, info("west", false)),
+            ],
+        );
         assert_eq!(reasons(&mut gate, vec![other_cluster]).1, vec!["bad_role"]);
         let fake_ca = full(&plain, &[(CA_ROLE_KEY, signed::encode_ca_proof(&[1; 70]))]);
         assert_eq!(reasons(&mut gate, vec![fake_ca]).1, vec!["bad_role"]);
         // A proof for another node does not transfer.
-        let other_proof = signed::encode_ca_proof(&p.ca.sign(&signed::ca_role_input(&gw.id.uri())).unwrap());
+        let other_proof =
+            signed::encode_ca_proof(&p.ca.sign(&signed::ca_role_input(&gw.id.uri())).unwrap());
         let stolen = full(&plain, &[(CA_ROLE_KEY, other_proof)]);
         assert_eq!(reasons(&mut gate, vec![stolen]).1, vec!["bad_role"]);
-        let proof = signed::encode_ca_proof(&p.ca.sign(&signed::ca_role_input(&plain.id.uri())).unwrap());
-        assert_eq!(reasons(&mut gate, vec![full(&plain, &[(CA_ROLE_KEY, proof)])]), (1, vec![]));
-        let gw_delta = delta(&gw, &gw, GEN, 0, &[
-            (CERT_KEY, signed::encode_cert(&gw.der)),
-            (NODE_KEY, info("east", true)),
-            ("wan:west:api", "eA".into()),
-        ]);
+        let proof =
+            signed::encode_ca_proof(&p.ca.sign(&signed::ca_role_input(&plain.id.uri())).unwrap());
+        assert_eq!(
+            reasons(&mut gate, vec![full(&plain, &[(CA_ROLE_KEY, proof)])]),
+            (1, vec![])
+        );
+        let gw_delta = delta(
+            &gw,
+            &gw,
+            GEN,
+            0,
+            &[
+                (CERT_KEY, signed::encode_cert(&gw.der)),
+                (NODE_KEY, info("east", true)),
+                ("wan:west:api", "eA".into()),
+            ],
+        );
         assert_eq!(reasons(&mut gate, vec![gw_delta]), (1, vec![]));
     }
 
     #[test]
     fn generations_only_move_forward_and_not_too_fast() {
         let p = pki();
-        let (me, a) = (p.node("east", "me", Role::Node), p.node("east", "a", Role::Node));
+        let (me, a) = (
+            p.node("east", "me", Role::Node),
+            p.node("east", "a", Role::Node),
+        );
         let mut gate = p.gate(&me);
         assert_eq!(reasons(&mut gate, vec![full(&a, &[])]), (1, vec![]));
         let mut older = full(&a, &[]);
         older.id.generation = GEN - 1;
         assert_eq!(reasons(&mut gate, vec![older]).1, vec!["stale_generation"]);
         // Same clock instant as the first: churn.
-        let next = delta(&a, &a, GEN + 1, 0, &[(CERT_KEY, signed::encode_cert(&a.der))]);
-        assert_eq!(reasons(&mut gate, vec![next.clone()]).1, vec!["generation_churn"]);
-        let v = gate.admit(Message::Ack { delta: vec![next] }, Duration::from_secs(12), meshnode_transport::pki::unix_now());
+        let next = delta(
+            &a,
+            &a,
+            GEN + 1,
+            0,
+            &[(CERT_KEY, signed::encode_cert(&a.der))],
+        );
+        assert_eq!(
+            reasons(&mut gate, vec![next.clone()]).1,
+            vec!["generation_churn"]
+        );
+        let v = gate.admit(
+            Message::Ack { delta: vec![next] },
+            Duration::from_secs(12),
+            meshnode_transport::pki::unix_now(),
+        );
         assert!(v.dropped.is_empty());
     }
 
@@ -779,7 +867,11 @@ mod tests {
                     let mut b = kv.value.clone().into_bytes();
                     let i = at % b.len().max(1);
                     if let Some(x) = b.get_mut(i) {
-                        *x = if byte.is_ascii_alphanumeric() && *x != byte { byte } else { b'Z' ^ (*x & 1) };
+                        *x = if byte.is_ascii_alphanumeric() && *x != byte {
+                            byte
+                        } else {
+                            b'Z' ^ (*x & 1)
+                        };
                     }
                     kv.value = String::from_utf8_lossy(&b).into_owned();
                 }

@@ -16,7 +16,7 @@ pub mod wire;
 pub use catalog::{Catalog, Instance, Member, MemberState, NodeSnapshot, RemoteRoute};
 /// The chitchat this crate is built on (pinned), for alternative transports.
 pub use chitchat;
+pub use gate::{Authority, Gate, Guard};
 pub use keys::{Health, NodeInfo, Protocol, ServiceRecord};
 pub use pool::{GossipConfig, GossipError, GossipHandle, Tuning};
-pub use gate::{Authority, Gate, Guard};
 pub use quic::{GatedTransport, PoolKind, QuicTransport};

@@ -18,10 +18,10 @@ use crate::catalog::{self, Catalog, Member, MemberState, NodeSnapshot};
 use crate::federation::{wan_members, wan_node_id};
 use crate::gate::{Authority, Gate, Guard};
 use crate::keys::{self, NodeInfo, ServiceRecord, LEAVING_KEY, NODE_KEY, SERVICE_PREFIX};
-use crate::signed::{self, CERT_KEY};
-use crate::wire::Limits;
 use crate::metrics::{BAD_RECORDS, MEMBERS};
 use crate::quic::PoolKind;
+use crate::signed::{self, CERT_KEY};
+use crate::wire::Limits;
 
 /// Gossip timing. The defaults were chosen by measurement (see ARCHITECTURE.md).
 #[derive(Clone, Debug)]
@@ -141,7 +141,9 @@ impl Signing {
     /// signed for the version chitchat will give it. Unchanged payloads are
     /// left alone, so nothing is re-versioned.
     fn put(&self, state: &mut NodeState, key: &str, payload: &str) {
-        let current = state.get(key).map(|v| v.rsplit_once('.').map_or(v, |(p, _)| p));
+        let current = state
+            .get(key)
+            .map(|v| v.rsplit_once('.').map_or(v, |(p, _)| p));
         if current == Some(payload) || (current.is_none() && payload.is_empty()) {
             return;
         }
@@ -409,7 +411,12 @@ fn encode_record(rec: &ServiceRecord) -> Result<String, GossipError> {
 /// `<cluster>/<node>`), with the payloads of its values; tombstones and
 /// anything unsigned are left out. `None` for an id that is not a SPIFFE
 /// identity (the gate admits no such node).
-fn to_snapshot(id: &ChitchatId, state: &NodeState, live: bool, kind: &PoolKind) -> Option<NodeSnapshot> {
+fn to_snapshot(
+    id: &ChitchatId,
+    state: &NodeState,
+    live: bool,
+    kind: &PoolKind,
+) -> Option<NodeSnapshot> {
     let identity: Identity = id.node_id.parse().ok()?;
     let node = match kind {
         PoolKind::Lan { .. } => identity.node().to_string(),

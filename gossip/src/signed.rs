@@ -29,7 +29,9 @@ pub fn signing_input(
     version: u64,
     payload: &str,
 ) -> Vec<u8> {
-    let mut m = Vec::with_capacity(DOMAIN.len() + pool.len() + node_id.len() + key.len() + payload.len() + 40);
+    let mut m = Vec::with_capacity(
+        DOMAIN.len() + pool.len() + node_id.len() + key.len() + payload.len() + 40,
+    );
     m.extend_from_slice(DOMAIN);
     for field in [pool, node_id] {
         m.extend_from_slice(&(field.len() as u32).to_be_bytes());

@@ -300,7 +300,12 @@ fn parse_ops(ops: &[u8], limits: &Limits) -> Result<Vec<NodeDelta>, WireError> {
                     0 => Status::Set,
                     1 => Status::Delete,
                     2 => Status::DeleteAfterTtl,
-                    tag => return Err(WireError::Tag { what: "status", tag }),
+                    tag => {
+                        return Err(WireError::Tag {
+                            what: "status",
+                            tag,
+                        })
+                    }
                 };
                 let node = out
                     .last_mut()
@@ -530,7 +535,10 @@ mod tests {
         for e in std::fs::read_dir(dir).unwrap() {
             let path = e.unwrap().path();
             let name = path.file_name().unwrap().to_string_lossy().to_string();
-            if let Some(raw) = name.strip_prefix("raw-").map(|_| std::fs::read(&path).unwrap()) {
+            if let Some(raw) = name
+                .strip_prefix("raw-")
+                .map(|_| std::fs::read(&path).unwrap())
+            {
                 out.push(raw);
             }
         }
@@ -571,7 +579,10 @@ mod tests {
             // Equal up to the recorded serialized length of the delta.
             let strip = |m: &ChitchatMessage| {
                 let s = format!("{m:?}");
-                s.split("serialized_len").next().unwrap_or_default().to_string()
+                s.split("serialized_len")
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
             };
             assert_eq!(strip(&a), strip(&b));
         }
@@ -613,7 +624,12 @@ mod tests {
             key_values: vec![kv(2), kv(1)],
             set_max_version: vec![],
         };
-        let bytes = encode(&Message::Ack { delta: vec![nd.clone()] }, Blocks::Raw);
+        let bytes = encode(
+            &Message::Ack {
+                delta: vec![nd.clone()],
+            },
+            Blocks::Raw,
+        );
         assert_eq!(
             decode(&bytes, &Limits::default()),
             Err(WireError::Inconsistent("versions not increasing"))
@@ -660,7 +676,14 @@ mod tests {
 
     fn arb_delta() -> impl Strategy<Value = Vec<NodeDelta>> {
         let kvs = proptest::collection::vec(("[a-z:]{1,12}", ".{0,40}", 1u64..4, 0u8..3), 0..6);
-        let node = ("[a-z0-9/:.]{1,30}", any::<u64>(), any::<u64>(), any::<u64>(), kvs, proptest::option::of(any::<u64>()));
+        let node = (
+            "[a-z0-9/:.]{1,30}",
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            kvs,
+            proptest::option::of(any::<u64>()),
+        );
         proptest::collection::vec(node, 0..5).prop_map(|nodes| {
             nodes
                 .into_iter()
@@ -675,11 +698,13 @@ mod tests {
                                 key,
                                 value,
                                 version,
-                                status: [Status::Set, Status::Delete, Status::DeleteAfterTtl][st as usize],
+                                status: [Status::Set, Status::Delete, Status::DeleteAfterTtl]
+                                    [st as usize],
                             }
                         })
                         .collect();
-                    let set_max_version = max.map(|m| vec![(key_values.len(), m)]).unwrap_or_default();
+                    let set_max_version =
+                        max.map(|m| vec![(key_values.len(), m)]).unwrap_or_default();
                     NodeDelta {
                         id: id(&format!("{i}{name}"), generation),
                         last_gc_version: gc,

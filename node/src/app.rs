@@ -187,41 +187,42 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     let mut tasks = Vec::new();
 
     // Gateways also join the WAN pool of all gateways, on the same endpoint.
-    let (wan, wan_view): (Option<GossipHandle>, Option<watch::Receiver<Arc<WanView>>>) =
-        if cfg.gateway {
-            let wan_advertise = cfg.wan_advertise.unwrap_or(advertise);
-            let wan_cfg = GossipConfig {
-                me: me.identity.clone(),
-                kind: PoolKind::Wan,
-                generation,
-                advertise: wan_advertise,
-                gateway: true,
-                seeds: cfg
-                    .wan_seeds
-                    .iter()
-                    .copied()
-                    .filter(|s| *s != wan_advertise)
-                    .collect(),
-                services: Vec::new(),
-                tuning: tuning.clone(),
-                signer: signer.clone(),
-                cert_der: cert_der.clone(),
-            };
-            let guard = wan_cfg.guard(authority.clone(), limits);
-            let transport = QuicTransport::new(endpoint.clone(), incoming.wan, PoolKind::Wan, guard);
-            let wan = GossipHandle::spawn(wan_cfg, &transport).await?;
-            let (view, task) = federation::spawn(
-                gossip.clone(),
-                wan.clone(),
-                endpoint.clone(),
-                me.identity.cluster().to_string(),
-            );
-            tasks.push(task);
-            (Some(wan), Some(view))
-        } else {
-            tasks.push(tokio::spawn(refuse_wan(incoming.wan)));
-            (None, None)
+    let (wan, wan_view): (Option<GossipHandle>, Option<watch::Receiver<Arc<WanView>>>) = if cfg
+        .gateway
+    {
+        let wan_advertise = cfg.wan_advertise.unwrap_or(advertise);
+        let wan_cfg = GossipConfig {
+            me: me.identity.clone(),
+            kind: PoolKind::Wan,
+            generation,
+            advertise: wan_advertise,
+            gateway: true,
+            seeds: cfg
+                .wan_seeds
+                .iter()
+                .copied()
+                .filter(|s| *s != wan_advertise)
+                .collect(),
+            services: Vec::new(),
+            tuning: tuning.clone(),
+            signer: signer.clone(),
+            cert_der: cert_der.clone(),
         };
+        let guard = wan_cfg.guard(authority.clone(), limits);
+        let transport = QuicTransport::new(endpoint.clone(), incoming.wan, PoolKind::Wan, guard);
+        let wan = GossipHandle::spawn(wan_cfg, &transport).await?;
+        let (view, task) = federation::spawn(
+            gossip.clone(),
+            wan.clone(),
+            endpoint.clone(),
+            me.identity.cluster().to_string(),
+        );
+        tasks.push(task);
+        (Some(wan), Some(view))
+    } else {
+        tasks.push(tokio::spawn(refuse_wan(incoming.wan)));
+        (None, None)
+    };
     let registry = Arc::new(Registry::new(&services_cfg, gossip.clone()));
     gossip.publish_services(&registry.records()).await?;
     if let Some(ca) = &ca {

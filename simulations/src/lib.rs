@@ -233,27 +233,6 @@ pub fn lower_bound_rounds(n: usize, fanout: usize) -> u32 {
     rounds
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lower_bound_is_ceil_log_f_plus_1() {
-        assert_eq!(lower_bound_rounds(1, 3), 0);
-        assert_eq!(lower_bound_rounds(4, 3), 1);
-        assert_eq!(lower_bound_rounds(5, 3), 2);
-        assert_eq!(lower_bound_rounds(100, 3), 4);
-        assert_eq!(lower_bound_rounds(1000, 3), 5);
-        assert_eq!(lower_bound_rounds(10_000, 3), 7);
-    }
-
-    #[test]
-    fn addresses_are_distinct() {
-        let set: HashSet<_> = (0..70_000).map(addr).collect();
-        assert_eq!(set.len(), 70_000);
-    }
-}
-
 /// The simulated mesh's PKI: one CA, a certificate per node, and the gate
 /// every node runs on the in-memory network, as nodes do over QUIC.
 pub struct SimPki {
@@ -267,7 +246,11 @@ impl SimPki {
         let day = std::time::Duration::from_secs(86_400);
         let ca = Ca::generate(mesh, day)?;
         let any = ca.issue("sim", "authority", Role::Node, day)?;
-        let tls = meshnode_transport::tls::TlsMaterial::from_pem(ca.cert_pem(), &any.cert_pem, &any.key_pem)?;
+        let tls = meshnode_transport::tls::TlsMaterial::from_pem(
+            ca.cert_pem(),
+            &any.cert_pem,
+            &any.key_pem,
+        )?;
         Ok(Self {
             ca,
             authority: Arc::new(tls),
@@ -299,7 +282,31 @@ impl SimPki {
     ) -> meshnode_gossip::GatedTransport<SimNet> {
         meshnode_gossip::GatedTransport::new(
             net.clone(),
-            cfg.guard(self.authority.clone(), meshnode_gossip::wire::Limits::default()),
+            cfg.guard(
+                self.authority.clone(),
+                meshnode_gossip::wire::Limits::default(),
+            ),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lower_bound_is_ceil_log_f_plus_1() {
+        assert_eq!(lower_bound_rounds(1, 3), 0);
+        assert_eq!(lower_bound_rounds(4, 3), 1);
+        assert_eq!(lower_bound_rounds(5, 3), 2);
+        assert_eq!(lower_bound_rounds(100, 3), 4);
+        assert_eq!(lower_bound_rounds(1000, 3), 5);
+        assert_eq!(lower_bound_rounds(10_000, 3), 7);
+    }
+
+    #[test]
+    fn addresses_are_distinct() {
+        let set: HashSet<_> = (0..70_000).map(addr).collect();
+        assert_eq!(set.len(), 70_000);
     }
 }

@@ -1,6 +1,7 @@
 mod cli;
 mod federation;
 mod flow;
+mod integrity;
 mod onboarding;
 mod pool;
 mod scale;

@@ -35,11 +35,12 @@ impl NodeSigner {
     /// From a PEM PKCS#8 key.
     pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
         use rustls::pki_types::pem::PemObject;
-        let der = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
-            .map_err(|_| PkiError::NoPem {
+        let der = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).map_err(
+            |_| PkiError::NoPem {
                 what: "node key".into(),
                 expected: "a PKCS#8 private key",
-            })?;
+            },
+        )?;
         Self::from_pkcs8(der.secret_pkcs8_der())
     }
 
@@ -90,8 +91,7 @@ pub fn verify_ca_signature(ca_der: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), 
         .as_ref()
         .and_then(|p| p.as_oid().ok())
         .map(|o| o.to_id_string());
-    let algorithm: &dyn signature::VerificationAlgorithm = match (alg.as_str(), params.as_deref())
-    {
+    let algorithm: &dyn signature::VerificationAlgorithm = match (alg.as_str(), params.as_deref()) {
         // id-ecPublicKey with prime256v1 / secp384r1
         ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => &signature::ECDSA_P256_SHA256_ASN1,
         ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => &signature::ECDSA_P384_SHA384_ASN1,
