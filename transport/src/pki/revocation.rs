@@ -117,30 +117,14 @@ impl SignedRevocation {
 }
 
 fn verify_signature(ca_der: &[u8], body: &[u8], sig: &[u8]) -> Result<(), RevocationError> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(ca_der)
-        .map_err(|e| RevocationError::Malformed(format!("CA certificate: {e}")))?;
-    let spki = cert.public_key();
-    let alg = spki.algorithm.algorithm.to_id_string();
-    let params = spki
-        .algorithm
-        .parameters
-        .as_ref()
-        .and_then(|p| p.as_oid().ok())
-        .map(|o| o.to_id_string());
-    let algorithm: &dyn ring::signature::VerificationAlgorithm =
-        match (alg.as_str(), params.as_deref()) {
-            // id-ecPublicKey with prime256v1 / secp384r1
-            ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => {
-                &ring::signature::ECDSA_P256_SHA256_ASN1
-            }
-            ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => &ring::signature::ECDSA_P384_SHA384_ASN1,
-            ("1.3.101.112", _) => &ring::signature::ED25519,
-            (other, _) => return Err(RevocationError::KeyType(other.to_string())),
-        };
-    ring::signature::UnparsedPublicKey::new(algorithm, &spki.subject_public_key.data)
-        .verify(body, sig)
-        .map_err(|_| RevocationError::BadSignature)
+    use super::sign::{verify_ca_signature, CaSignatureError};
+    verify_ca_signature(ca_der, body, sig).map_err(|e| match e {
+        CaSignatureError::Certificate(m) => {
+            RevocationError::Malformed(format!("CA certificate: {m}"))
+        }
+        CaSignatureError::KeyType(t) => RevocationError::KeyType(t),
+        CaSignatureError::BadSignature => RevocationError::BadSignature,
+    })
 }
 
 /// The revocations in force, shared by the verifiers and the connection

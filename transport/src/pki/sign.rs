@@ -78,11 +78,22 @@ pub fn verify_node_signature(public_key: &[u8], msg: &[u8], sig: &[u8]) -> bool 
         .is_ok()
 }
 
+/// Why a CA signature was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CaSignatureError {
+    #[error("CA certificate: {0}")]
+    Certificate(String),
+    #[error("unsupported CA key type {0}")]
+    KeyType(String),
+    #[error("bad signature")]
+    BadSignature,
+}
+
 /// Checks a signature made with the CA key ([`super::Ca::sign`]) against the
 /// CA certificate (DER).
-pub fn verify_ca_signature(ca_der: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), String> {
-    let (_, cert) =
-        X509Certificate::from_der(ca_der).map_err(|e| format!("CA certificate: {e}"))?;
+pub fn verify_ca_signature(ca_der: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), CaSignatureError> {
+    let (_, cert) = X509Certificate::from_der(ca_der)
+        .map_err(|e| CaSignatureError::Certificate(e.to_string()))?;
     let spki = cert.public_key();
     let alg = spki.algorithm.algorithm.to_id_string();
     let params = spki
@@ -96,11 +107,11 @@ pub fn verify_ca_signature(ca_der: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), 
         ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => &signature::ECDSA_P256_SHA256_ASN1,
         ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => &signature::ECDSA_P384_SHA384_ASN1,
         ("1.3.101.112", _) => &signature::ED25519,
-        (other, _) => return Err(format!("unsupported CA key type {other}")),
+        (other, _) => return Err(CaSignatureError::KeyType(other.to_string())),
     };
     UnparsedPublicKey::new(algorithm, &spki.subject_public_key.data)
         .verify(msg, sig)
-        .map_err(|_| "bad signature".to_string())
+        .map_err(|_| CaSignatureError::BadSignature)
 }
 
 #[cfg(test)]
