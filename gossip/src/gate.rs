@@ -405,6 +405,8 @@ impl Gate {
 #[derive(Clone)]
 pub struct Guard {
     gate: Arc<std::sync::Mutex<Gate>>,
+    /// A copy of the gate's limits, so decoding runs outside the gate's lock.
+    limits: Limits,
     start: std::time::Instant,
     pool: &'static str,
     logged: Arc<std::sync::Mutex<HashMap<&'static str, std::time::Instant>>>,
@@ -417,6 +419,7 @@ impl Guard {
     pub fn new(gate: Gate) -> Self {
         let pool = gate.kind.as_str();
         Self {
+            limits: gate.limits,
             gate: Arc::new(std::sync::Mutex::new(gate)),
             start: std::time::Instant::now(),
             pool,
@@ -432,8 +435,9 @@ impl Guard {
         from: std::net::SocketAddr,
     ) -> Option<chitchat::ChitchatMessage> {
         use chitchat::Deserializable;
-        let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-        let msg = match crate::wire::decode(bytes, gate.limits()) {
+        // Decoding (and decompressing) needs no gate state: readers of
+        // several peers decode in parallel and only the checks are serial.
+        let msg = match crate::wire::decode(bytes, &self.limits) {
             Ok(m) => m,
             Err(e) => {
                 let reason = match e {
@@ -441,11 +445,11 @@ impl Guard {
                     crate::wire::WireError::Bomb(_) => "oversized",
                     _ => "malformed",
                 };
-                drop(gate);
                 self.count(reason, &from.to_string(), &e.to_string());
                 return None;
             }
         };
+        let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         let verdict = gate.admit(
             msg,
             self.start.elapsed(),

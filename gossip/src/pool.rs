@@ -141,9 +141,7 @@ impl Signing {
     /// signed for the version chitchat will give it. Unchanged payloads are
     /// left alone, so nothing is re-versioned.
     fn put(&self, state: &mut NodeState, key: &str, payload: &str) {
-        let current = state
-            .get(key)
-            .map(|v| v.rsplit_once('.').map_or(v, |(p, _)| p));
+        let current = state.get(key).map(signed::raw_payload);
         if current == Some(payload) || (current.is_none() && payload.is_empty()) {
             return;
         }

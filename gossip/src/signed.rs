@@ -67,6 +67,12 @@ pub fn payload(value: &str) -> Option<&str> {
     (!payload.is_empty()).then_some(payload)
 }
 
+/// The payload of a published value, empty for a tombstone; a value without
+/// a signature is taken whole (only our own state is read this way).
+pub fn raw_payload(value: &str) -> &str {
+    value.rsplit_once('.').map_or(value, |(p, _)| p)
+}
+
 /// What the CA key signs to make a node a CA node (`role:ca`).
 pub fn ca_role_input(node_id: &str) -> Vec<u8> {
     let mut m = CA_ROLE_DOMAIN.to_vec();
