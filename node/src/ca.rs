@@ -1,5 +1,5 @@
-//! A CA node: holds the mesh CA key, keeps join tokens (only a hash of each
-//! secret) and a log of what it issued, signs joins and renewals, and makes
+//! A CA node: holds the mesh CA key, keeps join tokens (only the public half
+//! of each token's key) and a log of what it issued, signs joins and renewals, and makes
 //! signed revocations. State lives in `<data_dir>/ca/` (0700) and survives
 //! restarts; every change is written atomically before it is acted on.
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use meshnode_transport::join::{Refusal, Request, Response};
 use meshnode_transport::pki::revocation::{Revocation, SignedRevocation};
-use meshnode_transport::pki::token::Token;
+use meshnode_transport::pki::token::{proof_input, verify_proof, Token};
 use meshnode_transport::pki::{
     check_name, csr_key_id, unix_now, write_atomic, Ca, Identity, PkiError, DEFAULT_NODE_VALIDITY,
 };
@@ -43,8 +43,11 @@ struct State {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TokenRecord {
-    /// Hex SHA-256 of the secret; the secret itself is never stored.
-    pub secret_sha256: String,
+    /// Hex Ed25519 public key of the token's key; the secret (its private
+    /// half) is never stored here and never travels. Empty for tokens of an
+    /// older meshnode, which can no longer be used.
+    #[serde(default)]
+    pub public_key: String,
     pub expires: u64,
     pub uses_left: u32,
     pub cluster: Option<String>,
@@ -58,9 +61,23 @@ pub struct IssuedRecord {
     pub serial: String,
     pub key_id: String,
     pub not_after: i64,
+    /// Unix seconds; 0 in records of an older meshnode.
+    #[serde(default)]
+    pub not_before: i64,
+    #[serde(default)]
+    pub role: Option<Role>,
     pub issued_at: i64,
     /// `join` or `renew`.
     pub how: String,
+}
+
+/// The fields of a join request.
+struct JoinAsk<'a> {
+    token_id: &'a [u8; 16],
+    proof: &'a [u8],
+    csr: &'a [u8],
+    node: &'a str,
+    cluster: Option<&'a str>,
 }
 
 /// What the handling node knows of its own pool, for the name check and seeds.
@@ -70,6 +87,9 @@ pub struct PoolView {
     pub live: Vec<String>,
     /// Live members' QUIC addresses.
     pub addrs: Vec<std::net::SocketAddr>,
+    /// Certificates (DER) of every member the pool knows, live or not: with
+    /// this node's own issuance log, what the one-identity-one-key rule sees.
+    pub certs: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +163,7 @@ impl CaNode {
         Ok(())
     }
 
-    /// Makes a join token. Only the hash of its secret is kept.
+    /// Makes a join token. Only the public half of its key is kept.
     pub fn create_token(
         &self,
         ttl: Duration,
@@ -167,13 +187,16 @@ impl CaNode {
         }
         let now = unix_now();
         let token = Token::generate(self.fingerprint, (now as u64).saturating_add(ttl.as_secs()));
+        let public_key = token
+            .public_key_hex()
+            .map_err(|e| CaError::Invalid(e.to_string()))?;
         let mut state = self.lock();
         let now_u = now as u64;
         state.tokens.retain(|_, t| t.expires > now_u);
         state.tokens.insert(
             token.id_hex(),
             TokenRecord {
-                secret_sha256: token.secret_hash(),
+                public_key,
                 expires: token.expires,
                 uses_left: uses,
                 cluster: cluster.clone(),
@@ -191,44 +214,58 @@ impl CaNode {
     pub fn handle(&self, req: &Request, pool: &PoolView, tls: &TlsMaterial) -> Response {
         match req {
             Request::Join {
-                token,
+                token_id,
+                proof,
                 csr,
                 node,
                 cluster,
-            } => self.join(token, csr, node, cluster.as_deref(), pool, tls),
+            } => self.join(
+                JoinAsk {
+                    token_id,
+                    proof,
+                    csr,
+                    node,
+                    cluster: cluster.as_deref(),
+                },
+                pool,
+                tls,
+            ),
             Request::Renew { cert, csr } => self.renew(cert, csr, tls),
         }
     }
 
-    fn join(
-        &self,
-        token: &str,
-        csr: &[u8],
-        node: &str,
-        cluster: Option<&str>,
-        pool: &PoolView,
-        tls: &TlsMaterial,
-    ) -> Response {
-        let Ok(token) = Token::decode(token) else {
-            return Response::refused(Refusal::BadToken, "the token is malformed");
-        };
-        if token.ca_fingerprint != self.fingerprint {
-            return Response::refused(Refusal::BadToken, "the token is for another CA");
-        }
+    fn join(&self, ask: JoinAsk<'_>, pool: &PoolView, tls: &TlsMaterial) -> Response {
+        let JoinAsk {
+            token_id,
+            proof,
+            csr,
+            node,
+            cluster,
+        } = ask;
         if let Err(e) = check_name("node", node) {
             return Response::refused(Refusal::Malformed, e.to_string());
         }
         let now = unix_now();
         let mut state = self.lock();
-        let id = token.id_hex();
+        let id = meshnode_transport::pki::hex(token_id);
         let Some(record) = state.tokens.get(&id).cloned() else {
             return Response::refused(
                 Refusal::BadToken,
-                "unknown token (never issued here, or expired and removed)",
+                "unknown token (never issued by this CA, or expired and removed)",
             );
         };
-        if record.secret_sha256 != token.secret_hash() {
-            return Response::refused(Refusal::BadToken, "wrong token secret");
+        if record.public_key.is_empty() {
+            return Response::refused(
+                Refusal::BadToken,
+                "the token was made by an older meshnode; create a new one",
+            );
+        }
+        let input = proof_input(&self.fingerprint, token_id, csr, node, cluster);
+        if !verify_proof(&record.public_key, &input, proof) {
+            return Response::refused(
+                Refusal::BadToken,
+                "the token proof does not match this request (wrong token, or the request was altered)",
+            );
         }
         if record.expires <= now as u64 {
             return Response::refused(
@@ -265,6 +302,24 @@ impl CaNode {
         } else {
             Role::Node
         };
+        let key_id = match csr_key_id(csr) {
+            Ok(k) => k,
+            Err(e) => return Response::refused(Refusal::Malformed, e.to_string()),
+        };
+        if let Some(holder) = self.holder_of(&identity, &key_id, &state, pool, tls, now) {
+            return Response::refused(
+                Refusal::NameTaken,
+                format!(
+                    "{identity} already has a certificate for another key (serial {}, valid for {} more); \
+                     to replace that machine, revoke it first on a CA node: \
+                     `meshnode cert revoke --node {node} --cluster {cluster}`",
+                    holder.serial,
+                    humantime::format_duration(Duration::from_secs(
+                        holder.not_after.saturating_sub(now).max(0) as u64
+                    )),
+                ),
+            );
+        }
         let floor = tls.revocations().identity_revoked_at(&identity);
         let issued = match self.sign(csr, &identity, role, floor, "join", &mut state) {
             Ok(i) => i,
@@ -287,6 +342,43 @@ impl CaNode {
                 Vec::new()
             },
         }
+    }
+
+    /// One identity, one key: an unexpired, unrevoked certificate of
+    /// `identity` for another key than `key_id`, from this node's issuance
+    /// log or from the certificates its pool carries (so one issued by
+    /// another CA node, or offline, counts too).
+    fn holder_of(
+        &self,
+        identity: &Identity,
+        key_id: &str,
+        state: &State,
+        pool: &PoolView,
+        tls: &TlsMaterial,
+        now: i64,
+    ) -> Option<PeerCert> {
+        let name = identity.to_string();
+        let logged = state
+            .issued
+            .iter()
+            .filter(|r| r.identity == name && r.not_after > now && r.key_id != key_id)
+            .map(|r| PeerCert {
+                identity: identity.clone(),
+                role: r.role.unwrap_or(Role::Node),
+                not_after: r.not_after,
+                not_before: r.not_before,
+                key_id: r.key_id.clone(),
+                serial: r.serial.clone(),
+            });
+        let mut found = logged.filter(|p| !tls.revocations().is_revoked(p));
+        if let Some(p) = found.next() {
+            return Some(p);
+        }
+        // `verify_peer` checks the chain, the validity period and revocations.
+        pool.certs
+            .iter()
+            .filter_map(|der| tls.verify_peer(der).ok())
+            .find(|p| p.identity == *identity && p.key_id != key_id)
     }
 
     fn renew(&self, cert: &[u8], csr: &[u8], tls: &TlsMaterial) -> Response {
@@ -347,6 +439,16 @@ impl CaNode {
         how: &str,
         state: &mut State,
     ) -> Result<String, Response> {
+        // A certificate for a revoked identity starts after the revocation's
+        // second; right after a revocation that second may not have begun,
+        // and the certificate would not be valid yet when it arrives. Rare
+        // (an operator just replaced this identity) and under a second.
+        if let Some(floor) = floor {
+            let start = std::time::UNIX_EPOCH + Duration::from_secs((floor.max(0) as u64) + 1);
+            if let Ok(wait) = start.duration_since(std::time::SystemTime::now()) {
+                std::thread::sleep(wait.min(Duration::from_secs(2)));
+            }
+        }
         let pem = self
             .ca
             .sign_csr(csr, identity, role, self.cert_ttl, floor)
@@ -358,6 +460,8 @@ impl CaNode {
             serial: peer.serial,
             key_id: peer.key_id,
             not_after: peer.not_after,
+            not_before: peer.not_before,
+            role: Some(peer.role),
             issued_at: unix_now(),
             how: how.to_string(),
         });
@@ -495,15 +599,22 @@ mod tests {
             cluster: "east".into(),
             live: vec!["ca-1".into(), "busy".into()],
             addrs: vec!["127.0.0.1:9470".parse().unwrap()],
+            certs: Vec::new(),
         }
     }
 
     fn join_req(token: &Token, node: &str) -> Request {
+        join_req_with(token, node, None, &NodeKey::generate().unwrap())
+    }
+
+    fn join_req_with(token: &Token, node: &str, cluster: Option<&str>, key: &NodeKey) -> Request {
+        let csr = key.csr(node).unwrap();
         Request::Join {
-            token: token.encode(),
-            csr: NodeKey::generate().unwrap().csr(node).unwrap(),
+            token_id: token.id,
+            proof: token.prove(&csr, node, cluster).unwrap(),
+            csr,
             node: node.into(),
-            cluster: None,
+            cluster: cluster.map(str::to_string),
         }
     }
 
@@ -521,13 +632,13 @@ mod tests {
             .ca_node
             .create_token(Duration::from_secs(60), 1, None, false)
             .unwrap();
-        // Only the hash is on disk.
+        // Only the public key is on disk.
         let stored = std::fs::read_to_string(f.dir.path().join("ca/tokens.json")).unwrap();
-        assert!(stored.contains(&t.secret_hash()));
-        assert!(!stored.contains(&meshnode_transport::pki::hex(&t.secret)));
+        assert!(stored.contains(&t.public_key_hex().unwrap()));
+        assert!(!stored.contains(&meshnode_transport::pki::hex(&t.seed)));
         // A wrong secret, a token of another CA, a taken name.
         let mut wrong = t.clone();
-        wrong.secret[0] ^= 1;
+        wrong.seed[0] ^= 1;
         assert_eq!(
             refusal(f.ca_node.handle(&join_req(&wrong, "vm-1"), &pool(), &f.tls)),
             Refusal::BadToken
@@ -595,10 +706,8 @@ mod tests {
             .ca_node
             .create_token(Duration::from_secs(60), 3, Some("west".into()), true)
             .unwrap();
-        let mut req = join_req(&t, "gw-1");
-        if let Request::Join { cluster, .. } = &mut req {
-            *cluster = Some("east".into());
-        }
+        let key = NodeKey::generate().unwrap();
+        let req = join_req_with(&t, "gw-1", Some("east"), &key);
         assert_eq!(
             refusal(f.ca_node.handle(&req, &pool(), &f.tls)),
             Refusal::Malformed
@@ -625,12 +734,7 @@ mod tests {
             .create_token(Duration::from_secs(60), 1, None, false)
             .unwrap();
         let key = NodeKey::generate().unwrap();
-        let req = Request::Join {
-            token: t.encode(),
-            csr: key.csr("vm-1").unwrap(),
-            node: "vm-1".into(),
-            cluster: None,
-        };
+        let req = join_req_with(&t, "vm-1", None, &key);
         let Response::Issued { cert_pem, .. } = f.ca_node.handle(&req, &pool(), &f.tls) else {
             panic!("join failed")
         };
@@ -673,5 +777,71 @@ mod tests {
         );
         // Unknown serials are an error; known ones revoke that key.
         assert!(f.ca_node.revoke(None, Some("00ff"), "x").is_err());
+    }
+
+    #[test]
+    fn one_identity_one_key_from_the_log_and_from_gossip_until_revoked() {
+        let f = fixture();
+        let t = f
+            .ca_node
+            .create_token(Duration::from_secs(60), 10, None, false)
+            .unwrap();
+        let first = NodeKey::generate().unwrap();
+        assert!(matches!(
+            f.ca_node
+                .handle(&join_req_with(&t, "vm-1", None, &first), &pool(), &f.tls),
+            Response::Issued { .. }
+        ));
+        // A second key for the same name: refused, the token not spent.
+        let Response::Refused { reason, message } =
+            f.ca_node.handle(&join_req(&t, "vm-1"), &pool(), &f.tls)
+        else {
+            panic!("issued a second key")
+        };
+        assert_eq!(reason, Refusal::NameTaken);
+        assert!(message.contains("cert revoke --node vm-1"), "{message}");
+        // The same key again is not a conflict (a retry).
+        assert!(matches!(
+            f.ca_node
+                .handle(&join_req_with(&t, "vm-1", None, &first), &pool(), &f.tls),
+            Response::Issued { .. }
+        ));
+        // Also after a restart of the CA node (the log is on disk).
+        let reopened =
+            CaNode::open(&f.settings, &f.dir.path().join("pki/ca.pem"), f.dir.path()).unwrap();
+        assert_eq!(
+            refusal(reopened.handle(&join_req(&t, "vm-1"), &pool(), &f.tls)),
+            Refusal::NameTaken
+        );
+        // A certificate this node never issued, carried by gossip.
+        let ca = Ca::load(&f.dir.path().join("pki")).unwrap();
+        let offline = ca
+            .issue("east", "vm-2", Role::Node, Duration::from_secs(3600))
+            .unwrap();
+        let mut with_cert = pool();
+        with_cert.certs = vec![meshnode_transport::pki::first_cert_der(&offline.cert_pem).unwrap()];
+        assert_eq!(
+            refusal(reopened.handle(&join_req(&t, "vm-2"), &with_cert, &f.tls)),
+            Refusal::NameTaken
+        );
+        // ... but not one of another mesh's CA, nor one for another name.
+        let stranger = Ca::generate("acme", DEFAULT_CA_VALIDITY)
+            .unwrap()
+            .issue("east", "vm-3", Role::Node, Duration::from_secs(3600))
+            .unwrap();
+        with_cert.certs =
+            vec![meshnode_transport::pki::first_cert_der(&stranger.cert_pem).unwrap()];
+        assert!(matches!(
+            reopened.handle(&join_req(&t, "vm-3"), &with_cert, &f.tls),
+            Response::Issued { .. }
+        ));
+        // The operator revokes vm-1: a new key may take the name.
+        let id = Identity::new("acme", "east", "vm-1").unwrap();
+        let entry = reopened.revoke(Some(&id), None, "replaced").unwrap();
+        f.tls.revocations().insert(entry, unix_now());
+        assert!(matches!(
+            reopened.handle(&join_req(&t, "vm-1"), &pool(), &f.tls),
+            Response::Issued { .. }
+        ));
     }
 }

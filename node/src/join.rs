@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshnode_gossip::catalog::ca_nodes;
+use meshnode_gossip::signed::{decode_cert, CERT_KEY};
 use meshnode_gossip::{GossipHandle, MemberState};
 use meshnode_transport::alpn::Alpn;
 use meshnode_transport::join::{self, Refusal, Request, Response};
@@ -117,10 +118,22 @@ impl JoinService {
             addrs.insert(0, self.advertise);
         }
         addrs.truncate(5);
+        // Only a CA node checks identities against the certificates in gossip.
+        let certs = if self.ca.is_some() {
+            self.gossip
+                .snapshot()
+                .await
+                .iter()
+                .filter_map(|n| n.kvs.get(CERT_KEY).and_then(|c| decode_cert(c)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         PoolView {
             cluster: me.identity.cluster().to_string(),
             live: alive.iter().map(|m| m.node.clone()).collect(),
             addrs,
+            certs,
         }
     }
 

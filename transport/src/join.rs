@@ -24,8 +24,11 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
+    /// The token's secret never travels: `proof` is its key's signature over
+    /// [`crate::pki::token::proof_input`] of this request's fields.
     Join {
-        token: String,
+        token_id: [u8; 16],
+        proof: Vec<u8>,
         /// DER.
         csr: Vec<u8>,
         node: String,
@@ -70,9 +73,26 @@ pub enum Refusal {
     Internal,
 }
 
+/// Version 1 carried the token itself in `Join`; its `Renew` is unchanged
+/// and is still what renewals send, so CA nodes can be upgraded first.
 #[derive(Serialize, Deserialize)]
 enum WireRequest {
-    V1(Request),
+    V1(RequestV1),
+    V2(Request),
+}
+
+#[derive(Serialize, Deserialize)]
+enum RequestV1 {
+    Join {
+        token: String,
+        csr: Vec<u8>,
+        node: String,
+        cluster: Option<String>,
+    },
+    Renew {
+        cert: Vec<u8>,
+        csr: Vec<u8>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -88,6 +108,8 @@ pub enum JoinError {
     Timeout,
     #[error(transparent)]
     Codec(#[from] codec::CodecError),
+    #[error("a join request of an older meshnode (its token's secret travels in it): upgrade the joining machine's meshnode and create a new token")]
+    Legacy,
 }
 
 impl Refusal {
@@ -115,12 +137,21 @@ impl Response {
 }
 
 pub fn encode_request(r: &Request) -> Result<Vec<u8>, codec::CodecError> {
-    codec::encode(&WireRequest::V1(r.clone()))
+    match r {
+        Request::Renew { cert, csr } => codec::encode(&WireRequest::V1(RequestV1::Renew {
+            cert: cert.clone(),
+            csr: csr.clone(),
+        })),
+        Request::Join { .. } => codec::encode(&WireRequest::V2(r.clone())),
+    }
 }
 
-pub fn decode_request(b: &[u8]) -> Result<Request, codec::CodecError> {
-    let WireRequest::V1(r) = codec::decode(b)?;
-    Ok(r)
+pub fn decode_request(b: &[u8]) -> Result<Request, JoinError> {
+    match codec::decode(b)? {
+        WireRequest::V1(RequestV1::Renew { cert, csr }) => Ok(Request::Renew { cert, csr }),
+        WireRequest::V1(RequestV1::Join { .. }) => Err(JoinError::Legacy),
+        WireRequest::V2(r) => Ok(r),
+    }
 }
 
 pub fn encode_response(r: &Response) -> Result<Vec<u8>, codec::CodecError> {
@@ -166,7 +197,7 @@ pub async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, JoinE
         .await
         .map_err(|_| JoinError::Timeout)?
         .map_err(|e| JoinError::Stream(e.to_string()))?;
-    Ok(decode_request(&bytes)?)
+    decode_request(&bytes)
 }
 
 /// Writes the answer and finishes the stream.
@@ -187,12 +218,21 @@ mod tests {
     #[test]
     fn round_trips() {
         let req = Request::Join {
-            token: "mnj1.x".into(),
+            token_id: [9; 16],
+            proof: vec![4; 64],
             csr: vec![1, 2, 3],
             node: "vm-1".into(),
             cluster: Some("east".into()),
         };
         assert_eq!(decode_request(&encode_request(&req).unwrap()).unwrap(), req);
+        let renew = Request::Renew {
+            cert: vec![1],
+            csr: vec![2],
+        };
+        assert_eq!(
+            decode_request(&encode_request(&renew).unwrap()).unwrap(),
+            renew
+        );
         let resp = Response::refused(Refusal::UsedUp, "token used up");
         assert_eq!(
             decode_response(&encode_response(&resp).unwrap()).unwrap(),
@@ -201,6 +241,32 @@ mod tests {
         let mut b = encode_request(&req).unwrap();
         b.push(0);
         assert!(decode_request(&b).is_err(), "trailing bytes");
+    }
+
+    #[test]
+    fn older_nodes_renew_but_their_joins_get_a_clear_error() {
+        let old_renew = codec::encode(&WireRequest::V1(RequestV1::Renew {
+            cert: vec![1],
+            csr: vec![2],
+        }))
+        .unwrap();
+        assert_eq!(
+            decode_request(&old_renew).unwrap(),
+            Request::Renew {
+                cert: vec![1],
+                csr: vec![2]
+            }
+        );
+        let old_join = codec::encode(&WireRequest::V1(RequestV1::Join {
+            token: "mnj1.x".into(),
+            csr: vec![],
+            node: "n".into(),
+            cluster: None,
+        }))
+        .unwrap();
+        let err = decode_request(&old_join).unwrap_err();
+        assert!(matches!(err, JoinError::Legacy), "{err}");
+        assert!(err.to_string().contains("new token"));
     }
 
     proptest! {

@@ -43,6 +43,17 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
+/// Bytes of a lower- or upper-case hex text; `None` if it is not hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
 /// The DER of the first certificate of a PEM text.
 pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, PkiError> {
     let certs = files::parse_certs("certificate", pem)?;

@@ -100,9 +100,16 @@ pub async fn join(a: JoinArgs) -> Result<(), Failure> {
     );
     let conn = connect(addr, token.ca_fingerprint).await?;
 
-    step(3, "sending the signing request and the token");
+    step(
+        3,
+        "sending the signing request with the token's proof (the token itself stays here)",
+    );
+    let proof = token
+        .prove(&csr, &node, a.cluster.as_deref())
+        .map_err(Failure::usage)?;
     let req = Request::Join {
-        token: a.token.trim().to_string(),
+        token_id: token.id,
+        proof,
         csr,
         node: node.clone(),
         cluster: a.cluster.clone(),

@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshnode_transport::join;
+use meshnode_transport::pki::join::NodeKey;
 use meshnode_transport::pki::token::Token;
-use meshnode_transport::tls::TlsMaterial;
+use meshnode_transport::tls::{join_client_config, transport_config, TlsMaterial};
 use meshnode_transport::{Endpoint, EndpointConfig};
 
 use crate::{
@@ -149,7 +151,7 @@ async fn join_directly_and_through_a_relay_then_carry_traffic() {
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("CA node"), "{err}");
     let t = token(&ca, &ca_dir, &["--uses", "2", "--ttl", "10m"]);
-    assert!(t.starts_with("mnj1."), "{t}");
+    assert!(t.starts_with("mnj2."), "{t}");
 
     // 1. Directly at the CA node, from an empty data dir.
     let work = tempfile::tempdir().expect("tempdir");
@@ -243,18 +245,21 @@ async fn join_directly_and_through_a_relay_then_carry_traffic() {
     drop(relay);
 }
 
-/// A server of another CA that records every join connection and stream it gets.
+/// A join server holding a certificate of `pki`'s CA that records every join
+/// connection and request it gets, and refuses each (`no_ca`) so joiners end
+/// quickly. With a foreign `pki` it stands for a server of another mesh; with
+/// the mesh's own, for an insider relay that keeps what passes through it.
 struct Recorder {
     addr: SocketAddr,
     conns: Arc<AtomicUsize>,
     streams: Arc<AtomicUsize>,
+    requests: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
     ca_fingerprint: [u8; 32],
     _endpoint: Endpoint,
 }
 
-async fn recorder(net: [u8; 2]) -> Recorder {
-    let other = Pki::new();
-    let d = other.issue(CLUSTER, "impostor");
+async fn recorder(pki: &Pki, net: [u8; 2]) -> Recorder {
+    let d = pki.issue(CLUSTER, "impostor");
     let tls = TlsMaterial::load(&d.join("ca.pem"), &d.join("node.pem"), &d.join("node.key"))
         .expect("tls");
     let bind = crate::free_udp(std::net::Ipv4Addr::new(127, net[0], net[1], 9));
@@ -265,15 +270,20 @@ async fn recorder(net: [u8; 2]) -> Recorder {
     .expect("bind");
     let conns = Arc::new(AtomicUsize::new(0));
     let streams = Arc::new(AtomicUsize::new(0));
-    let (c, s) = (conns.clone(), streams.clone());
+    let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (c, s, r) = (conns.clone(), streams.clone(), requests.clone());
     tokio::spawn(async move {
         while let Some(jc) = incoming.join.recv().await {
             c.fetch_add(1, Ordering::SeqCst);
-            let s = s.clone();
+            let (s, r) = (s.clone(), r.clone());
             tokio::spawn(async move {
-                while let Ok((_send, mut recv)) = jc.conn.accept_bi().await {
+                while let Ok((mut send, mut recv)) = jc.conn.accept_bi().await {
                     s.fetch_add(1, Ordering::SeqCst);
-                    let _ = recv.read_to_end(64 * 1024).await;
+                    if let Ok(bytes) = recv.read_to_end(64 * 1024).await {
+                        r.lock().expect("lock").push(bytes);
+                    }
+                    let no = join::Response::refused(join::Refusal::NoCa, "recorder");
+                    let _ = join::respond(&mut send, &no).await;
                 }
             });
         }
@@ -282,15 +292,40 @@ async fn recorder(net: [u8; 2]) -> Recorder {
         addr: endpoint.local_addr().expect("addr"),
         conns,
         streams,
-        ca_fingerprint: other.ca.fingerprint().expect("fp"),
+        requests,
+        ca_fingerprint: pki.ca.fingerprint().expect("fp"),
         _endpoint: endpoint,
+    }
+}
+
+/// One join request straight to `to`, as any machine with the CA's
+/// fingerprint can send it.
+async fn send_join(to: SocketAddr, fp: [u8; 32], req: &join::Request) -> join::Response {
+    let cfg = join_client_config(fp, Arc::new(transport_config())).expect("client config");
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let conn = ep
+        .connect_with(cfg, to, "meshnode")
+        .expect("dial")
+        .await
+        .expect("handshake");
+    let resp = join::call(&conn, req, Duration::from_secs(10))
+        .await
+        .expect("answer");
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    resp
+}
+
+fn refusal_of(r: &join::Response) -> Option<&'static str> {
+    match r {
+        join::Response::Refused { reason, .. } => Some(reason.as_str()),
+        join::Response::Issued { .. } => None,
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_for_another_ca_never_reach_the_server_and_bad_tokens_are_clear() {
     let net = crate::subnet();
-    let rec = recorder(net).await;
+    let rec = recorder(&Pki::new(), net).await;
     let pki = Pki::new();
     let work = tempfile::tempdir().expect("tempdir");
     let spec = NodeSpec::new(net, 3, "vm-1");
@@ -324,9 +359,13 @@ async fn tokens_for_another_ca_never_reach_the_server_and_bad_tokens_are_clear()
     let out = join_once(&expired, rec.addr, &work.path().join("c"), &spec);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("expired"), "{err}");
-    let out = join_once("mnj1.abc", rec.addr, &work.path().join("d"), &spec);
+    let out = join_once("mnj2.abc", rec.addr, &work.path().join("d"), &spec);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"));
+    // A token of an older meshnode, whose secret travelled in the request.
+    let out = join_once("mnj1.abc", rec.addr, &work.path().join("d"), &spec);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("older meshnode"));
     let silent = crate::free_udp(spec.ip);
     let started = Instant::now();
     let out = join_once(&ours, silent, &work.path().join("e"), &spec);
@@ -536,4 +575,324 @@ async fn revocation_cuts_live_tunnels_spreads_and_survives_restarts() {
         "vm-1 rejoined node-2 after its restart"
     );
     drop(vm);
+}
+
+/// A relay (or anyone on the path) that captures a join request holds no
+/// token: the request carries a proof bound to the joiner's key, name and
+/// cluster. Replayed with another key, name or cluster it is refused and the
+/// token stays unspent for the real joiner.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_captured_join_request_is_useless_for_another_key_name_or_cluster() {
+    let pki = Pki::new();
+    let net = crate::subnet();
+    let (ca, ca_dir) = ca_node(&pki, net, "72h", "api").await;
+    let rec = recorder(&pki, net).await;
+    let t = token(&ca, &ca_dir, &["--gateway"]);
+    let parsed = Token::decode(&t).expect("token");
+    let work = tempfile::tempdir().expect("tempdir");
+    let spec = NodeSpec::new(net, 3, "vm-1");
+
+    // The real joiner goes through the insider relay, which keeps the request.
+    let out = join_once(&t, rec.addr, &work.path().join("first"), &spec);
+    assert!(!out.status.success(), "the recorder refuses");
+    let captured = rec.requests.lock().expect("lock").clone();
+    assert_eq!(captured.len(), 1, "one request");
+    let bytes = &captured[0];
+    let body = t.trim_start_matches("mnj2.");
+    for (what, secret) in [
+        ("the token's secret", parsed.seed.to_vec()),
+        ("the token text", body.as_bytes().to_vec()),
+        (
+            "the token text's tail",
+            body.as_bytes()[body.len() - 43..].to_vec(),
+        ),
+    ] {
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_slice()),
+            "{what} travelled in the join request"
+        );
+    }
+    let join::Request::Join {
+        token_id,
+        proof,
+        csr,
+        node,
+        cluster,
+    } = join::decode_request(bytes).expect("decodes")
+    else {
+        panic!("not a join request")
+    };
+    assert_eq!(token_id, parsed.id);
+    assert_eq!(node, "vm-1");
+
+    // The attacker swaps in its own key, or another name, or another cluster.
+    let attacker = NodeKey::generate().expect("key");
+    let forged = [
+        (
+            "own key",
+            attacker.csr("vm-1").expect("csr"),
+            "vm-1",
+            cluster.clone(),
+        ),
+        ("other name", csr.clone(), "evil", cluster.clone()),
+        (
+            "other cluster",
+            csr.clone(),
+            "vm-1",
+            Some("west".to_string()),
+        ),
+        (
+            "own key and name",
+            attacker.csr("evil").expect("csr"),
+            "evil",
+            None,
+        ),
+    ];
+    for (what, csr, node, cluster) in forged {
+        let req = join::Request::Join {
+            token_id,
+            proof: proof.clone(),
+            csr,
+            node: node.into(),
+            cluster,
+        };
+        let resp = send_join(ca.spec.quic, parsed.ca_fingerprint, &req).await;
+        assert_eq!(refusal_of(&resp), Some("bad_token"), "{what}: {resp:?}");
+    }
+    // A guessed proof for a known token id fails the same way.
+    let req = join::Request::Join {
+        token_id,
+        proof: vec![0; 64],
+        csr: attacker.csr("evil").expect("csr"),
+        node: "evil".into(),
+        cluster: None,
+    };
+    let resp = send_join(ca.spec.quic, parsed.ca_fingerprint, &req).await;
+    assert_eq!(refusal_of(&resp), Some("bad_token"), "{resp:?}");
+
+    // Nothing was spent: the real joiner, pointed at a real node, gets its
+    // gateway certificate with the same token.
+    let dir = work.path().join("second");
+    let out = join_once(&t, ca.spec.quic, &dir, &spec);
+    assert!(
+        out.status.success(),
+        "the token was spent by forgeries: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cert = meshnode_transport::PeerCert::from_pem(
+        &std::fs::read_to_string(dir.join("node.pem")).expect("node.pem"),
+    )
+    .expect("cert");
+    assert!(cert.is_gateway());
+}
+
+/// One identity, one key: a CA node refuses a second key for a name that
+/// holds an unexpired certificate, whether it issued it (its log) or not
+/// (a certificate issued offline, seen in gossip), until an operator revokes.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_identity_one_key_until_an_operator_revokes() {
+    let pki = Pki::new();
+    let net = crate::subnet();
+    let (ca, ca_dir) = ca_node(&pki, net, "72h", "api").await;
+    let t = token(&ca, &ca_dir, &["--uses", "3"]);
+    let work = tempfile::tempdir().expect("tempdir");
+
+    // vm-1 joins but never runs: only the CA node's log knows it.
+    let out = join_once(
+        &t,
+        ca.spec.quic,
+        &work.path().join("a"),
+        &NodeSpec::new(net, 3, "vm-1"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another machine asks for the same name with a fresh key.
+    let out = join_once(
+        &t,
+        ca.spec.quic,
+        &work.path().join("b"),
+        &NodeSpec::new(net, 4, "vm-1"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second key for vm-1 was issued");
+    assert!(
+        err.contains("name_taken") && err.contains("another key"),
+        "{err}"
+    );
+    assert!(err.contains("meshnode cert revoke --node vm-1"), "{err}");
+    assert!(!work.path().join("b/node.pem").exists());
+
+    // vm-7 has a certificate issued offline, runs, then dies: the CA node
+    // never issued it, but its certificate is in the pool's state.
+    let mut spec7 = NodeSpec::new(net, 5, "vm-7");
+    spec7.seeds = vec![ca.spec.quic];
+    let mut vm7 = NodeProc::start(spec7, &pki.issue(CLUSTER, "vm-7"));
+    assert!(
+        wait_until(Duration::from_secs(15), || alive_on(&ca, "vm-7"))
+            .await
+            .is_some(),
+        "vm-7 did not join: {}",
+        vm7.log_text()
+    );
+    vm7.kill9();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            !alive_on(&ca, "vm-7").await
+        })
+        .await
+        .is_some(),
+        "vm-7 still alive on ca-1"
+    );
+    let out = join_once(
+        &t,
+        ca.spec.quic,
+        &work.path().join("c"),
+        &NodeSpec::new(net, 6, "vm-7"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second key for vm-7 was issued");
+    assert!(err.contains("another key"), "{err}");
+
+    // The operator replaces vm-1 explicitly: revoke, then the join goes through.
+    let admin = ca.spec.admin.to_string();
+    let data = ca_dir.display().to_string();
+    let out = meshnode(&[
+        "cert",
+        "revoke",
+        "--node",
+        "vm-1",
+        "--admin",
+        &admin,
+        "--data-dir",
+        &data,
+    ]);
+    assert!(
+        out.status.success(),
+        "revoke: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = join_once(
+        &t,
+        ca.spec.quic,
+        &work.path().join("d"),
+        &NodeSpec::new(net, 4, "vm-1"),
+    );
+    assert!(
+        out.status.success(),
+        "after revocation: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A member that claims the CA role with a proof the CA key did not make gets
+/// no join requests: the gate drops its claim, so a relay picks only proven
+/// CA nodes. The insider's name sorts first, so a relay that believed it
+/// would try it before ca-1.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_join_relay_never_picks_a_member_claiming_the_ca_role_without_proof() {
+    use meshnode_gossip::keys::{CA_ROLE_KEY, ROLE_PREFIX};
+    use meshnode_gossip::{signed, GossipConfig, GossipHandle, PoolKind, QuicTransport, Tuning};
+    use meshnode_transport::pki::sign::NodeSigner;
+
+    let pki = Pki::new();
+    let net = crate::subnet();
+    let (ca, ca_dir) = ca_node(&pki, net, "72h", "api").await;
+    let mut relay_spec = NodeSpec::new(net, 2, "relay-1");
+    relay_spec.seeds = vec![ca.spec.quic];
+    let relay = NodeProc::start(relay_spec, &pki.issue(CLUSTER, "relay-1"));
+
+    // The insider: a real certificate of the cluster, a real gossip pool member.
+    let d = pki.issue(CLUSTER, "a-mallory");
+    let tls = TlsMaterial::load(&d.join("ca.pem"), &d.join("node.pem"), &d.join("node.key"))
+        .expect("tls");
+    let me = tls.me();
+    let cert_der = meshnode_transport::pki::first_cert_der(
+        &std::fs::read_to_string(d.join("node.pem")).expect("pem"),
+    )
+    .expect("der");
+    let signer = Arc::new(
+        NodeSigner::from_pem(&std::fs::read_to_string(d.join("node.key")).expect("key"))
+            .expect("signer"),
+    );
+    let tls = Arc::new(tls);
+    let authority = tls.clone();
+    let bind = crate::free_udp(std::net::Ipv4Addr::new(127, net[0], net[1], 8));
+    let (endpoint, incoming) = Endpoint::bind(EndpointConfig { bind, tls }).expect("bind");
+    let advertise = endpoint.local_addr().expect("addr");
+    let cfg = GossipConfig {
+        me: me.identity.clone(),
+        kind: PoolKind::Lan {
+            cluster: CLUSTER.into(),
+        },
+        generation: 1,
+        advertise,
+        gateway: false,
+        seeds: vec![ca.spec.quic],
+        services: Vec::new(),
+        tuning: Tuning::default(),
+        signer: signer.clone(),
+        cert_der,
+    };
+    let guard = cfg.guard(authority, meshnode_gossip::wire::Limits::default());
+    let transport = QuicTransport::new(endpoint.clone(), incoming.gossip, cfg.kind.clone(), guard);
+    let insider = GossipHandle::spawn(cfg, &transport).await.expect("gossip");
+    let joins = Arc::new(AtomicUsize::new(0));
+    let counted = joins.clone();
+    let mut join_conns = incoming.join;
+    tokio::spawn(async move {
+        while let Some(jc) = join_conns.recv().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(jc);
+        }
+    });
+    for n in [&ca, &relay] {
+        assert!(
+            wait_until(Duration::from_secs(15), || alive_on(n, "a-mallory"))
+                .await
+                .is_some(),
+            "the insider did not become a member of {}",
+            n.spec.name
+        );
+    }
+    // Now it claims the CA role: its own signature, not the CA key's.
+    let forged = signed::encode_ca_proof(
+        &signer
+            .sign(&signed::ca_role_input(&me.identity.uri()))
+            .expect("sign"),
+    );
+    insider
+        .publish_prefixed(ROLE_PREFIX, [(CA_ROLE_KEY.to_string(), forged)].into())
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let t = token(&ca, &ca_dir, &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let out = join_once(
+        &t,
+        relay.spec.quic,
+        &work.path().join("vm-1"),
+        &NodeSpec::new(net, 3, "vm-1"),
+    );
+    assert!(
+        out.status.success(),
+        "relayed join: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        joins.load(Ordering::SeqCst),
+        0,
+        "the relay sent a join request to the insider"
+    );
+    let metrics = relay.get_text("/metrics").await.unwrap_or_default();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("meshnode_gossip_refused_total{")
+                && l.contains("reason=\"bad_role\"")),
+        "the relay did not count the forged role"
+    );
+    insider.shutdown().await;
 }
