@@ -59,3 +59,35 @@ tls_conf() { # $1=name $2=client? $3..=sections "name accept connect"
 
 # Resident memory of a process in MiB.
 rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+
+# A meshnode pair on loopback: node-b hosts service "echo" (127.0.0.1:$3),
+# node-a has an upstream to it on 127.0.0.1:$4. $1/$2: the last octet of
+# node-a's and node-b's 127.0.0.x. Sets MESH_A, MESH_B.
+bench_pair() { # $1=a-octet $2=b-octet $3=echo-port $4=upstream-port
+  cat >"$WORK/node-b/config.toml" <<CFG
+node = "node-b"
+cluster = "bench"
+mesh = "bench"
+data_dir = "$WORK/node-b"
+bind = "127.0.0.$2:9470"
+admin = "127.0.0.$2:9471"
+[[service]]
+name = "echo"
+address = "127.0.0.1"
+port = $3
+CFG
+  cat >"$WORK/node-a/config.toml" <<CFG
+node = "node-a"
+cluster = "bench"
+mesh = "bench"
+data_dir = "$WORK/node-a"
+bind = "127.0.0.$1:9470"
+admin = "127.0.0.$1:9471"
+seeds = ["127.0.0.$2:9470"]
+[[upstream]]
+service = "echo"
+listen = "127.0.0.1:$4"
+CFG
+  MESHNODE_LOG=error "$MESHNODE" run --config "$WORK/node-b/config.toml" & MESH_B=$!; PIDS+=($MESH_B)
+  MESHNODE_LOG=error "$MESHNODE" run --config "$WORK/node-a/config.toml" & MESH_A=$!; PIDS+=($MESH_A)
+}

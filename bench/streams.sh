@@ -14,32 +14,7 @@ bench_setup meshnode-streams
 ECHO_PORT=7100
 "$TOOL" rr-server 127.0.0.1:$ECHO_PORT 1 & PIDS+=($!)
 
-cat >"$WORK/node-b/config.toml" <<CFG
-node = "node-b"
-cluster = "bench"
-mesh = "bench"
-data_dir = "$WORK/node-b"
-bind = "127.0.0.72:9470"
-admin = "127.0.0.72:9471"
-[[service]]
-name = "echo"
-address = "127.0.0.1"
-port = $ECHO_PORT
-CFG
-cat >"$WORK/node-a/config.toml" <<CFG
-node = "node-a"
-cluster = "bench"
-mesh = "bench"
-data_dir = "$WORK/node-a"
-bind = "127.0.0.71:9470"
-admin = "127.0.0.71:9471"
-seeds = ["127.0.0.72:9470"]
-[[upstream]]
-service = "echo"
-listen = "127.0.0.1:37100"
-CFG
-MESHNODE_LOG=error "$MESHNODE" run --config "$WORK/node-b/config.toml" & MESH_B=$!; PIDS+=($MESH_B)
-MESHNODE_LOG=error "$MESHNODE" run --config "$WORK/node-a/config.toml" & MESH_A=$!; PIDS+=($MESH_A)
+bench_pair 71 72 $ECHO_PORT 37100
 
 stunnel "$(tls_conf tls-server no "echo 27100 $ECHO_PORT")" & STUNNEL_S=$!; PIDS+=($STUNNEL_S)
 stunnel "$(tls_conf tls-client yes "echo 17100 27100")" & STUNNEL_C=$!; PIDS+=($STUNNEL_C)

@@ -37,7 +37,13 @@ fn main() -> anyhow::Result<()> {
             let secs = parse_or(args.get(3), 10)?;
             hold(addr, count, secs)
         }
-        _ => bail!("usage: meshnode-bench rr-server ADDR [SIZE] | rr ADDR [COUNT] [SIZE] [WARMUP] | hold ADDR [COUNT] [SECONDS]"),
+        Some("soak") => {
+            let addr = parse_addr(args.get(1))?;
+            let count = parse_or(args.get(2), 10_000)?;
+            let secs = parse_or(args.get(3), 600)?;
+            soak(addr, count, secs)
+        }
+        _ => bail!("usage: meshnode-bench rr-server ADDR [SIZE] | rr ADDR [COUNT] [SIZE] [WARMUP] | hold ADDR [COUNT] [SECONDS] | soak ADDR [COUNT] [SECONDS]"),
     }
 }
 
@@ -79,34 +85,7 @@ fn rr_server(addr: SocketAddr, size: usize) -> anyhow::Result<()> {
 /// `secs`, checks each again. Prints `opened ok_after_hold errors` and, on
 /// stderr, progress; the caller reads the nodes' RSS while they are held.
 fn hold(addr: SocketAddr, count: usize, secs: usize) -> anyhow::Result<()> {
-    let mut conns = Vec::with_capacity(count);
-    let mut errors = 0usize;
-    let mut first_error = None;
-    let start = Instant::now();
-    for i in 0..count {
-        let r = (|| -> anyhow::Result<TcpStream> {
-            let mut s = TcpStream::connect(addr)?;
-            s.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
-            s.write_all(&[1])?;
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b)?;
-            Ok(s)
-        })();
-        match r {
-            Ok(s) => conns.push(s),
-            Err(e) => {
-                errors += 1;
-                first_error.get_or_insert_with(|| format!("connection {i}: {e:#}"));
-            }
-        }
-        if (i + 1) % 1000 == 0 {
-            eprintln!(
-                "  {} open, {errors} errors, {:.1} s",
-                conns.len(),
-                start.elapsed().as_secs_f64()
-            );
-        }
-    }
+    let (mut conns, errors, first_error) = open_checked(addr, count, true);
     println!("HELD {} {errors}", conns.len());
     std::thread::sleep(std::time::Duration::from_secs(secs as u64));
     let mut ok = 0;
@@ -121,6 +100,82 @@ fn hold(addr: SocketAddr, count: usize, secs: usize) -> anyhow::Result<()> {
         eprintln!("first error: {e}");
     }
     Ok(())
+}
+
+/// Opens `count` connections like [`hold`], then for `secs` keeps traffic on
+/// all of them: round after round, one 1-byte round trip on every
+/// connection. Prints `HELD n errors` once open, a line `t rounds errors` every
+/// 30 s (the caller samples RSS meanwhile), and `DONE rounds round_trips errors`.
+fn soak(addr: SocketAddr, count: usize, secs: usize) -> anyhow::Result<()> {
+    let (mut conns, mut errors, mut first_error) = open_checked(addr, count, false);
+    println!("HELD {} {errors}", conns.len());
+    let start = Instant::now();
+    let until = std::time::Duration::from_secs(secs as u64);
+    let mut next_report = 30u64;
+    let (mut rounds, mut trips) = (0u64, 0u64);
+    while start.elapsed() < until {
+        for (i, s) in conns.iter_mut().enumerate() {
+            let mut b = [0u8; 1];
+            match s.write_all(&[3]).and_then(|()| s.read_exact(&mut b)) {
+                Ok(()) => trips += 1,
+                Err(e) => {
+                    errors += 1;
+                    first_error
+                        .get_or_insert_with(|| format!("round {rounds}, connection {i}: {e}"));
+                }
+            }
+        }
+        rounds += 1;
+        let t = start.elapsed().as_secs();
+        if t >= next_report {
+            println!("{t} {rounds} {errors}");
+            next_report += 30;
+        }
+    }
+    println!("DONE {rounds} {trips} {errors}");
+    if let Some(e) = first_error {
+        eprintln!("first error: {e}");
+    }
+    Ok(())
+}
+
+/// Opens `count` connections to `addr`, each checked with a 1-byte round
+/// trip. Returns them, the errors and the first error's text.
+fn open_checked(
+    addr: SocketAddr,
+    count: usize,
+    progress: bool,
+) -> (Vec<TcpStream>, usize, Option<String>) {
+    let mut conns = Vec::with_capacity(count);
+    let mut errors = 0usize;
+    let mut first_error = None;
+    let start = Instant::now();
+    for i in 0..count {
+        let r = (|| -> anyhow::Result<TcpStream> {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
+            s.set_nodelay(true)?;
+            s.write_all(&[1])?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)?;
+            Ok(s)
+        })();
+        match r {
+            Ok(s) => conns.push(s),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| format!("connection {i}: {e:#}"));
+            }
+        }
+        if progress && (i + 1) % 1000 == 0 {
+            eprintln!(
+                "  {} open, {errors} errors, {:.1} s",
+                conns.len(),
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    (conns, errors, first_error)
 }
 
 /// Round-trip percentiles in microseconds.

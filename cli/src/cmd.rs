@@ -93,6 +93,9 @@ enum Command {
     },
     /// Leave the pool gracefully: instances are withdrawn at once, streams drain, the agent exits.
     Leave {
+        /// The node's data_dir (holds the admin secret; or set MESHNODE_ADMIN_SECRET).
+        #[arg(long, default_value = "/var/lib/meshnode")]
+        data_dir: PathBuf,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -239,7 +242,7 @@ impl Cli {
             Command::Services { admin } => admin::services(&admin).await,
             Command::Endpoints { service, admin } => admin::endpoints(&admin, &service).await,
             Command::Status { admin, check } => admin::status(&admin, check).await,
-            Command::Leave { admin } => admin::leave(&admin).await,
+            Command::Leave { admin, data_dir } => admin::leave(&admin, &data_dir).await,
         }
     }
 }

@@ -1,34 +1,52 @@
 //! The admin HTTP API on loopback: `/v1/health`, `/v1/members`, `/v1/services`,
 //! `/v1/status`, `/metrics`, and `POST /v1/leave`.
+//!
+//! Who may call what is [`access::Access`]. The listener itself is bounded:
+//! headers must arrive within [`HEADER_TIMEOUT`] (also between requests on a
+//! kept-alive connection), a connection lives at most [`MAX_CONN_LIFE`], at
+//! most [`MAX_CONNS`] are served at once (more are closed at accept), and
+//! accept errors (EMFILE) back off instead of spinning.
 
+mod access;
 pub mod client;
 mod types;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use meshnode_gossip::{Catalog, GossipHandle, Member, MemberState};
 use meshnode_transport::pki::Identity;
 use meshnode_transport::tls::TlsMaterial;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
-use tracing::debug;
+use tokio::sync::{Notify, Semaphore};
+use tracing::{debug, info, warn};
 
 use crate::ca::CaNode;
 use crate::drain::Drain;
 use crate::revocations::Revocations;
+pub use access::Access;
 pub use types::{PoolCounts, RemoteEntry, Status};
 
-/// On CA nodes: the secret the `/v1/ca/` endpoints require, in the data dir (0600).
+/// The secret every state-changing request needs, in the data dir (0600).
 pub const SECRET_FILE: &str = "admin.secret";
+/// A connection must send a request's headers within this (first request or
+/// the next one on a kept-alive connection).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// No admin connection lives longer (clients reconnect).
+pub const MAX_CONN_LIFE: Duration = Duration::from_secs(300);
+/// Connections served at once; more are closed as they are accepted.
+pub const MAX_CONNS: usize = 128;
+/// Cap on a request head (and hyper's read buffer).
+const MAX_HEAD: usize = 16 * 1024;
 /// Request bodies are small JSON documents.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -44,32 +62,61 @@ pub struct AdminState {
     /// Set on CA nodes.
     pub ca: Option<Arc<CaNode>>,
     pub revocations: Arc<Revocations>,
-    /// Required (`Authorization: Bearer ...`) by the `/v1/ca/` endpoints.
-    pub admin_secret: Option<String>,
+    /// Who may call what (the admin secret is in it).
+    pub access: Access,
     pub has_seeds: bool,
     pub local_services: usize,
     pub upstreams: usize,
     pub drain: Drain,
     pub metrics: Option<PrometheusHandle>,
     pub leave: Arc<Notify>,
+    pub refusal_log: crate::metrics::LogLimit,
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNS));
+    let mut backoff = Duration::from_millis(10);
+    let full_log = crate::metrics::LogLimit::new(Duration::from_secs(10));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(10);
+                stream
+            }
+            Err(e) => {
+                // EMFILE and friends: the socket stays readable, so retrying at
+                // once would spin. Wait, longer each time, up to a second.
+                warn!(error = %e, retry_in = ?backoff, "admin API cannot accept a connection");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics::counter!(crate::metrics::ADMIN_REFUSED, "reason" => "too_many_connections")
+                .increment(1);
+            if full_log.allow() {
+                warn!(limit = MAX_CONNS, "admin API at its connection limit; closing new connections (logged once per 10 s)");
+            }
+            drop(stream);
             continue;
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(req, &state).await) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                debug!(error = %e, "admin connection");
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
+                .serve_connection(TokioIo::new(stream), svc);
+            match tokio::time::timeout(MAX_CONN_LIFE, conn).await {
+                Ok(Err(e)) => debug!(error = %e, "admin connection"),
+                Ok(Ok(())) => {}
+                Err(_) => debug!("admin connection closed at its maximum lifetime"),
             }
         });
     }
@@ -90,6 +137,16 @@ fn error(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
 }
 
 async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> {
+    if let Err(refused) = s
+        .access
+        .check(req.method(), req.uri().path(), req.headers())
+    {
+        metrics::counter!(crate::metrics::ADMIN_REFUSED, "reason" => refused.reason).increment(1);
+        if s.refusal_log.allow() {
+            info!(method = %req.method(), path = req.uri().path(), reason = refused.reason, "admin request refused (logged at most once per 10 s; see meshnode_admin_refused_total)");
+        }
+        return error(refused.status, &refused.message);
+    }
     let query = req.uri().query().unwrap_or("");
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/health") => {
@@ -163,26 +220,16 @@ struct RevokeRequest {
     reason: Option<String>,
 }
 
-/// `POST /v1/ca/tokens` and `POST /v1/ca/revoke`: CA nodes only, with the secret.
+/// `POST /v1/ca/tokens` and `POST /v1/ca/revoke`: CA nodes only.
 async fn ca_route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> {
     use http_body_util::BodyExt;
-    let (Some(ca), Some(secret)) = (&s.ca, &s.admin_secret) else {
+    // The secret was checked with every other state-changing request.
+    let Some(ca) = &s.ca else {
         return error(
             StatusCode::NOT_FOUND,
             "this node holds no CA key (configure a [ca] section on a CA node)",
         );
     };
-    let presented = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if presented != Some(secret.as_str()) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            &format!("the CA endpoints need the secret in <data_dir>/{SECRET_FILE} (run the command as the node's user, with --data-dir)"),
-        );
-    }
     let path = req.uri().path().to_string();
     let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
         .collect()

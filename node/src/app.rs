@@ -62,6 +62,8 @@ pub enum AppError {
     Gossip(#[from] meshnode_gossip::GossipError),
     #[error("ca: {0}")]
     Ca(#[from] CaError),
+    #[error("data_dir: {0}")]
+    Lock(#[from] crate::lock::LockError),
 }
 
 impl AppError {
@@ -74,6 +76,7 @@ impl AppError {
                 | AppError::Advertise { .. }
                 | AppError::NotAGateway { .. }
                 | AppError::Ca(_)
+                | AppError::Lock(_)
         )
     }
 }
@@ -91,9 +94,14 @@ pub struct Bound {
     drain: Drain,
     leave: Arc<Notify>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Held until the process exits.
+    _lock: crate::lock::DataDirLock,
 }
 
 pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bound, AppError> {
+    // Before anything touches the data dir or the pool: a second agent on the
+    // same dir would take over this node's member entry.
+    let lock = crate::lock::acquire(&cfg.data_dir)?;
     let tls = Arc::new(TlsMaterial::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?);
     let me = tls.me();
     for (key, config, cert) in [
@@ -258,10 +266,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         }
         .run(),
     ));
-    let admin_secret = match &ca {
-        Some(_) => Some(write_admin_secret(&cfg.data_dir)?),
-        None => None,
-    };
+    let admin_secret = write_admin_secret(&cfg.data_dir)?;
 
     let drain = Drain::default();
     let checks = services_cfg
@@ -321,7 +326,12 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         tls: tls.clone(),
         ca,
         revocations,
-        admin_secret,
+        access: crate::admin::Access {
+            addr: admin_addr,
+            remote: cfg.admin_allow_remote,
+            secret: admin_secret,
+        },
+        refusal_log: crate::metrics::LogLimit::new(Duration::from_secs(10)),
         has_seeds: !cfg.seeds.iter().all(|s| *s == advertise),
         local_services: registry.len(),
         upstreams: cfg.upstreams.len(),
@@ -345,6 +355,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         drain,
         leave,
         tasks,
+        _lock: lock,
     })
 }
 
@@ -483,9 +494,10 @@ async fn refuse_wan(mut incoming: tokio::sync::mpsc::Receiver<meshnode_transport
     }
 }
 
-/// A fresh secret for the CA endpoints of the admin API, readable by the
-/// node's user only: `meshnode token create` and `cert revoke` read it from
-/// the data dir, so other local users cannot mint tokens through loopback.
+/// A fresh secret for the state-changing endpoints of the admin API,
+/// readable by the node's user only: `meshnode leave`, `token create` and
+/// `cert revoke` read it from the data dir, so other local users (and web
+/// pages in a local browser) cannot make the node leave or mint tokens.
 fn write_admin_secret(data_dir: &std::path::Path) -> Result<String, AppError> {
     use rand::RngExt;
     let secret = meshnode_transport::pki::hex(&rand::rng().random::<[u8; 32]>());

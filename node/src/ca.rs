@@ -385,7 +385,9 @@ impl CaNode {
         let current = match tls.verify_peer(cert) {
             Ok(p) => p,
             Err(e) => {
-                let reason = if e.to_string().contains("revoked") {
+                let revoked =
+                    PeerCert::from_der(cert).is_ok_and(|p| tls.revocations().is_revoked(&p));
+                let reason = if revoked {
                     Refusal::Revoked
                 } else {
                     Refusal::Malformed

@@ -28,6 +28,9 @@ pub struct Config {
     pub bind: SocketAddr,
     pub advertise: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// Allows a non-loopback `admin` address; then every endpoint but
+    /// `/v1/health` and `/metrics` needs the admin secret.
+    pub admin_allow_remote: bool,
     pub seeds: Vec<SocketAddr>,
     pub gateway: bool,
     /// Threads of the node's async runtime (data plane, gossip, admin API).

@@ -21,7 +21,10 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::balance;
 use crate::drain::Drain;
-use crate::metrics::{TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_STREAMS};
+use crate::metrics::{LogLimit, LABELS, TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_STREAMS};
+
+/// Refused streams are logged at most this often (they are all counted).
+static REFUSED_LOG: LogLimit = LogLimit::new(std::time::Duration::from_secs(10));
 use crate::registry::Registry;
 use crate::upstream::{open_to, STATUS_TIMEOUT};
 
@@ -148,9 +151,16 @@ async fn handle_stream(
     };
     let (route, caller) = route(&header, &peer, &ctx.me, ctx.gateway);
     let service = header.service.clone();
-    let caller_label = caller.to_string();
+    // Labels from the header are bounded: a name neither hosted here nor in
+    // the catalog is `other`, and each label keeps at most 256 values.
+    let known = ctx.registry.target_any(&service).is_some() || {
+        let cat = ctx.lan.catalog();
+        cat.services.contains_key(&service) || cat.remote.contains_key(&service)
+    };
+    let service_label = LABELS.value("service", &service, known);
+    let caller_label = LABELS.value("caller", &caller.to_string(), true);
     let count = |direction: &'static str, result: &'static str| {
-        metrics::counter!(TUNNEL_STREAMS, "service" => service.clone(), "direction" => direction,
+        metrics::counter!(TUNNEL_STREAMS, "service" => service_label.clone(), "direction" => direction,
             "result" => result, "caller" => caller_label.clone())
         .increment(1);
     };
@@ -160,7 +170,9 @@ async fn handle_stream(
     }
     match route {
         Route::Refuse(status, why) => {
-            warn!(peer = %peer.identity, %caller, %service, reason = why, "tunnel stream refused");
+            if REFUSED_LOG.allow() {
+                warn!(peer = %peer.identity, %caller, service = %service.escape_debug(), reason = why, "tunnel stream refused (logged at most once per 10 s; see meshnode_tunnel_streams_total)");
+            }
             count("in", "forbidden");
             tunnel::refuse(&mut send, status).await
         }
@@ -237,9 +249,9 @@ async fn connect_local(
     let stats = tunnel::splice(tcp, send, recv).await;
     active.decrement(1.0);
     // The caller's bytes arrive from the peer; ours go out to it.
-    metrics::counter!(TUNNEL_BYTES, "service" => service.to_string(), "direction" => "in")
+    metrics::counter!(TUNNEL_BYTES, "service" => LABELS.value("service", service, true), "direction" => "in")
         .increment(stats.from_peer);
-    metrics::counter!(TUNNEL_BYTES, "service" => service.to_string(), "direction" => "out")
+    metrics::counter!(TUNNEL_BYTES, "service" => LABELS.value("service", service, true), "direction" => "out")
         .increment(stats.to_peer);
     count("in", stats.ending.as_str());
     debug!(%caller, via = %peer.identity, %service, sent = stats.to_peer, received = stats.from_peer, ending = stats.ending.as_str(), "stream closed");
@@ -361,7 +373,7 @@ async fn forward(
                 active.increment(1.0);
                 let stats = tunnel::relay(send, recv, next_send, next_recv).await;
                 active.decrement(1.0);
-                metrics::counter!(TUNNEL_BYTES, "service" => service.to_string(), "direction" => "forward")
+                metrics::counter!(TUNNEL_BYTES, "service" => LABELS.value("service", service, true), "direction" => "forward")
                     .increment(stats.to_peer + stats.from_peer);
                 count("forward", stats.ending.as_str());
                 debug!(%caller, %service, to = %hop.node, cluster = %hop.cluster, sent = stats.to_peer, received = stats.from_peer, "forwarded stream closed");

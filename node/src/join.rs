@@ -11,19 +11,33 @@ use meshnode_gossip::{GossipHandle, MemberState};
 use meshnode_transport::alpn::Alpn;
 use meshnode_transport::join::{self, Refusal, Request, Response};
 use meshnode_transport::{Endpoint, Identity, JoinConn};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
+
+use crate::join_slots::{Admit, Slots};
+use crate::metrics::{LogLimit, JOIN_CONNECTIONS_REFUSED};
 
 use crate::ca::{CaNode, PoolView};
 use crate::metrics::JOIN_REQUESTS;
 
-/// Requests handled at once by this node; more wait. Anonymous clients can
-/// reach this protocol, so its cost is bounded.
-const CONCURRENT: usize = 16;
+/// Requests handled at once for machines without a certificate (joins).
+const CONCURRENT_ANONYMOUS: usize = 8;
+/// Requests handled at once for members (renewals, relayed joins): a share
+/// of their own, so a flood of anonymous requests cannot starve renewals.
+const CONCURRENT_MEMBERS: usize = 8;
 /// Streams one connection may open.
 const REQUESTS_PER_CONN: usize = 8;
 /// A relayed request waits this long for the CA node.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Anonymous connections per source address, and in all.
+pub const ANONYMOUS_PER_SOURCE: usize = 8;
+pub const ANONYMOUS_TOTAL: usize = 256;
+/// An anonymous connection is closed this long after its handshake, whatever
+/// it is doing: a join is one request and answer.
+pub const ANONYMOUS_DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct JoinService {
     pub ca: Option<Arc<CaNode>>,
@@ -33,37 +47,122 @@ pub struct JoinService {
 }
 
 pub async fn serve(mut incoming: mpsc::Receiver<JoinConn>, svc: Arc<JoinService>) {
-    let permits = Arc::new(Semaphore::new(CONCURRENT));
+    let anonymous = Arc::new(Semaphore::new(CONCURRENT_ANONYMOUS));
+    let members = Arc::new(Semaphore::new(CONCURRENT_MEMBERS));
+    let slots = Arc::new(Mutex::new(Slots::new(
+        ANONYMOUS_PER_SOURCE,
+        ANONYMOUS_TOTAL,
+    )));
+    // Admitted anonymous connections by slot id, so an eviction can close one.
+    let open: Arc<Mutex<HashMap<u64, quinn::Connection>>> = Arc::default();
     while let Some(jc) = incoming.recv().await {
-        let svc = svc.clone();
-        let permits = permits.clone();
-        tokio::spawn(async move {
-            let remote = jc.conn.remote_address();
-            for _ in 0..REQUESTS_PER_CONN {
-                let Ok((mut send, mut recv)) = jc.conn.accept_bi().await else {
-                    return;
-                };
-                let Ok(_permit) = permits.acquire().await else {
-                    return;
-                };
-                let resp = match join::read_request(&mut recv).await {
-                    Ok(req) => svc.handle(&req).await,
-                    Err(e) => Response::refused(Refusal::Malformed, e.to_string()),
-                };
-                let (kind, result) = match &resp {
-                    Response::Issued { .. } => ("issued", "ok"),
-                    Response::Refused { reason, .. } => ("refused", reason.as_str()),
-                };
-                metrics::counter!(JOIN_REQUESTS, "result" => result).increment(1);
-                debug!(%remote, member = jc.peer.is_some(), kind, result, "join request");
-                if let Err(e) = join::respond(&mut send, &resp).await {
-                    debug!(%remote, error = %e, "join answer not delivered");
+        let remote = jc.conn.remote_address();
+        let slot = if jc.peer.is_none() {
+            let (verdict, id) = lock(&slots).admit(remote.ip());
+            match verdict {
+                Admit::Yes => {}
+                Admit::Evict(old) => {
+                    if let Some(c) = lock(&open).remove(&old) {
+                        c.close(quinn::VarInt::from_u32(CLOSE_BUSY), b"busy");
+                    }
+                    refused("evicted");
+                }
+                Admit::PerSource | Admit::Full => {
+                    let reason = if verdict == Admit::PerSource {
+                        "per_source"
+                    } else {
+                        "full"
+                    };
+                    refused(reason);
+                    if REFUSED_LOG.allow() {
+                        info!(%remote, reason, "anonymous join connection refused (logged at most once per 10 s; see meshnode_join_connections_refused_total)");
+                    }
+                    jc.conn.close(quinn::VarInt::from_u32(CLOSE_BUSY), b"busy");
+                    continue;
                 }
             }
-            jc.conn
-                .close(quinn::VarInt::from_u32(0), b"too many requests");
+            if let Some(id) = id {
+                lock(&open).insert(id, jc.conn.clone());
+            }
+            id
+        } else {
+            None
+        };
+        let svc = svc.clone();
+        let permits = if jc.peer.is_some() {
+            members.clone()
+        } else {
+            anonymous.clone()
+        };
+        let (slots, open) = (slots.clone(), open.clone());
+        tokio::spawn(async move {
+            let conn = jc.conn.clone();
+            let work = serve_conn(jc, svc, permits, slot.map(|id| (id, slots.clone())));
+            if slot.is_some() {
+                if tokio::time::timeout(ANONYMOUS_DEADLINE, work)
+                    .await
+                    .is_err()
+                {
+                    debug!(%remote, "anonymous join connection reached its deadline");
+                }
+            } else {
+                work.await;
+            }
+            conn.close(quinn::VarInt::from_u32(0), b"done");
+            if let Some(id) = slot {
+                lock(&slots).remove(id);
+                lock(&open).remove(&id);
+            }
         });
     }
+}
+
+/// Close code for join connections refused or evicted for lack of room.
+const CLOSE_BUSY: u32 = 0x42;
+
+static REFUSED_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
+
+fn refused(reason: &'static str) {
+    metrics::counter!(JOIN_CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn serve_conn(
+    jc: JoinConn,
+    svc: Arc<JoinService>,
+    permits: Arc<Semaphore>,
+    slot: Option<(u64, Arc<Mutex<Slots>>)>,
+) {
+    let remote = jc.conn.remote_address();
+    for _ in 0..REQUESTS_PER_CONN {
+        let Ok((mut send, mut recv)) = jc.conn.accept_bi().await else {
+            return;
+        };
+        if let Some((id, slots)) = &slot {
+            lock(slots).busy(*id);
+        }
+        let Ok(_permit) = permits.acquire().await else {
+            return;
+        };
+        let resp = match join::read_request(&mut recv).await {
+            Ok(req) => svc.handle(&req).await,
+            Err(e) => Response::refused(Refusal::Malformed, e.to_string()),
+        };
+        let (kind, result) = match &resp {
+            Response::Issued { .. } => ("issued", "ok"),
+            Response::Refused { reason, .. } => ("refused", reason.as_str()),
+        };
+        metrics::counter!(JOIN_REQUESTS, "result" => result).increment(1);
+        debug!(%remote, member = jc.peer.is_some(), kind, result, "join request");
+        if let Err(e) = join::respond(&mut send, &resp).await {
+            debug!(%remote, error = %e, "join answer not delivered");
+        }
+    }
+    jc.conn
+        .close(quinn::VarInt::from_u32(0), b"too many requests");
 }
 
 impl JoinService {

@@ -11,6 +11,8 @@ mod federation;
 pub mod health;
 mod inbound;
 mod join;
+mod join_slots;
+pub mod lock;
 pub mod metrics;
 mod notify;
 pub mod outlier;

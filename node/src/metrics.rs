@@ -1,5 +1,9 @@
-//! Metric names of the agent, declared once, and the Prometheus recorder.
+//! Metric names of the agent, declared once, and the Prometheus recorder;
+//! the one rule for label values that come from the network
+//! ([`LabelGuard`]), and rate-limited logging ([`LogLimit`]).
 
+use std::collections::{HashMap, HashSet};
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -16,6 +20,8 @@ pub const CA_EXPIRY_SECONDS: &str = "meshnode_ca_expiry_seconds";
 pub const JOIN_REQUESTS: &str = "meshnode_join_requests_total";
 pub const CERT_RENEWALS: &str = "meshnode_cert_renewals_total";
 pub const REVOCATIONS: &str = "meshnode_revocations";
+pub const ADMIN_REFUSED: &str = "meshnode_admin_refused_total";
+pub const JOIN_CONNECTIONS_REFUSED: &str = "meshnode_join_connections_refused_total";
 
 /// Histogram buckets for connect latency, loopback to WAN.
 const CONNECT_BUCKETS: [f64; 12] = [
@@ -43,6 +49,14 @@ pub fn describe() {
         "Renewals of this node's certificate, by result (ok, failed)"
     );
     describe_gauge!(REVOCATIONS, "Revocation entries in force on this node");
+    describe_counter!(
+        JOIN_CONNECTIONS_REFUSED,
+        "Anonymous join connections refused or evicted, by reason (per_source, full, evicted)"
+    );
+    describe_counter!(
+        ADMIN_REFUSED,
+        "Admin API requests and connections refused, by reason (secret, host, origin, too_many_connections)"
+    );
     describe_histogram!(
         TUNNEL_CONNECT_SECONDS,
         Unit::Seconds,
@@ -91,4 +105,71 @@ pub fn install(node: &str) -> Result<PrometheusHandle, String> {
         }
     });
     Ok(handle)
+}
+
+/// What a label value becomes when it is not known or its label is full.
+pub const OTHER: &str = "other";
+/// Distinct values one label may take in this process.
+pub const MAX_LABEL_VALUES: usize = 256;
+
+/// Label values that come from the network (a service name in a tunnel
+/// header, a caller identity) are bounded: a value the caller of
+/// [`LabelGuard::value`] does not vouch for (`known`: a service hosted here
+/// or in the catalog, a cluster of the mesh) becomes [`OTHER`], and each
+/// label keeps at most `cap` distinct values, the rest folded into
+/// [`OTHER`]. Without this, anyone who can open a stream can mint series.
+pub struct LabelGuard {
+    cap: usize,
+    seen: Mutex<HashMap<&'static str, HashSet<String>>>,
+}
+
+impl LabelGuard {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn value(&self, label: &'static str, value: &str, known: bool) -> String {
+        if !known || value == OTHER {
+            return OTHER.to_string();
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let set = seen.entry(label).or_default();
+        if set.contains(value) {
+            return value.to_string();
+        }
+        if set.len() >= self.cap {
+            return OTHER.to_string();
+        }
+        set.insert(value.to_string());
+        value.to_string()
+    }
+}
+
+/// The process's label guard, used by every metric with a network-sourced label.
+pub static LABELS: LazyLock<LabelGuard> = LazyLock::new(|| LabelGuard::new(MAX_LABEL_VALUES));
+
+pub use meshnode_transport::LogLimit;
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn unknown_values_and_values_past_the_cap_fold_into_other() {
+        let g = LabelGuard::new(3);
+        assert_eq!(g.value("service", "api", true), "api");
+        assert_eq!(g.value("service", "evil", false), OTHER);
+        assert_eq!(g.value("service", "b", true), "b");
+        assert_eq!(g.value("service", "c", true), "c");
+        assert_eq!(g.value("service", "d", true), OTHER, "cap reached");
+        assert_eq!(g.value("service", "api", true), "api", "known values stay");
+        assert_eq!(g.value("caller", "d", true), "d", "per label");
+        let distinct: HashSet<String> = (0..10_000)
+            .map(|i| g.value("service", &format!("s{i}"), i % 2 == 0))
+            .collect();
+        assert!(distinct.len() <= 4, "{distinct:?}");
+    }
 }

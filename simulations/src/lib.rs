@@ -141,7 +141,7 @@ impl SimNet {
         let mut n = self.lock();
         n.stats.messages += 1;
         if n.sample_every > 0
-            && n.stats.messages % n.sample_every == 0
+            && n.stats.messages.is_multiple_of(n.sample_every)
             && n.samples.len() < MAX_SAMPLES
         {
             n.samples.push(raw.clone());

@@ -235,6 +235,22 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
+    /// The node's data dir (where `start` wrote its config and log).
+    pub fn data_dir(&self) -> PathBuf {
+        self.log.parent().map(Path::to_path_buf).unwrap_or_default()
+    }
+
+    /// `POST /v1/leave` as the operator does it: our Host and the admin secret.
+    pub async fn leave(&self) -> Option<(String, String)> {
+        let secret = std::fs::read_to_string(self.data_dir().join("admin.secret")).ok()?;
+        let headers = format!(
+            "Host: {}\r\nAuthorization: Bearer {}\r\n",
+            self.spec.admin,
+            secret.trim()
+        );
+        http_post(self.spec.admin, "/v1/leave", &headers).await
+    }
+
     /// Writes the config into `data_dir` and starts the node.
     pub fn start(spec: NodeSpec, data_dir: &Path) -> Self {
         let cfg = data_dir.join("config.toml");
@@ -522,19 +538,19 @@ pub fn upstream(service: &str, listen: SocketAddr) -> String {
 }
 
 /// A plain HTTP/1.1 POST with no body; returns the body of any answer.
-pub async fn http_post(addr: SocketAddr, path: &str) -> Option<String> {
+/// A raw `POST` with extra header lines (each ending in `\r\n`); returns the
+/// status line and the body.
+pub async fn http_post(addr: SocketAddr, path: &str, headers: &str) -> Option<(String, String)> {
     let mut s = TcpStream::connect(addr).await.ok()?;
     s.write_all(
-        format!(
-            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
+        format!("POST {path} HTTP/1.1\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.ok()?;
-    String::from_utf8_lossy(&buf)
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
 }

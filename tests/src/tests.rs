@@ -1,7 +1,9 @@
 mod cli;
 mod federation;
 mod flow;
+mod handshakes;
 mod integrity;
+mod listeners;
 mod onboarding;
 mod pool;
 mod scale;

@@ -10,8 +10,9 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 use tracing::{debug, info_span, Instrument};
 
+use crate::admission::{Admission, Decision, Limits as AdmissionLimits};
 use crate::alpn::Alpn;
-use crate::metrics::HANDSHAKES;
+use crate::metrics::{HANDSHAKES, HANDSHAKE_ADMISSION};
 use crate::pki::PeerCert;
 use crate::pool::{ConnectError, Pool};
 use crate::tls::{endpoint_config, transport_config, TlsError, TlsMaterial, TUNNEL_STREAMS};
@@ -22,6 +23,20 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const STALE_AFTER: Duration = Duration::from_secs(2);
 /// Accepted connections waiting for their protocol's consumer.
 const ACCEPT_QUEUE: usize = 256;
+
+static ADMISSION_LOG: crate::LogLimit = crate::LogLimit::new(Duration::from_secs(10));
+static REFUSED_LOG: crate::LogLimit = crate::LogLimit::new(Duration::from_secs(10));
+
+/// A handshake refused for a reason other than the certificate's.
+fn refused_handshake(reason: &'static str, detail: &str) {
+    metrics::counter!(crate::metrics::HANDSHAKES_REFUSED, "side" => "server", "reason" => reason)
+        .increment(1);
+    if REFUSED_LOG.allow_for(reason) {
+        tracing::info!(reason, detail, "incoming connection refused (logged at most once per 10 s per reason; see meshnode_handshakes_refused_total)");
+    } else {
+        debug!(reason, detail, "incoming connection refused");
+    }
+}
 
 pub struct EndpointConfig {
     pub bind: SocketAddr,
@@ -286,14 +301,48 @@ async fn accept_loop(
     tracker: Arc<Tracker>,
 ) {
     let router = Arc::new(router);
+    let admission = Arc::new(Mutex::new(Admission::new(AdmissionLimits::default())));
+    let clock = Instant::now();
     while let Some(incoming) = quic.accept().await {
         let remote = incoming.remote_address();
+        let decision = admission.lock().unwrap_or_else(|e| e.into_inner()).decide(
+            remote.ip(),
+            incoming.remote_address_validated(),
+            clock.elapsed(),
+        );
+        match decision {
+            Decision::Accept => {}
+            Decision::Retry => {
+                metrics::counter!(HANDSHAKE_ADMISSION, "decision" => decision.as_str())
+                    .increment(1);
+                // Fails only if this Initial cannot be retried (it carried
+                // a token already): then it is dropped.
+                if incoming.may_retry() {
+                    let _ = incoming.retry();
+                } else {
+                    incoming.ignore();
+                }
+                continue;
+            }
+            Decision::IgnoreBusy | Decision::IgnoreRate => {
+                metrics::counter!(HANDSHAKE_ADMISSION, "decision" => decision.as_str())
+                    .increment(1);
+                if ADMISSION_LOG.allow() {
+                    tracing::info!(%remote, decision = decision.as_str(), "incoming handshakes shed (logged at most once per 10 s; see meshnode_quic_admission_total)");
+                }
+                incoming.ignore();
+                continue;
+            }
+        }
         let router = router.clone();
         let pool = pool.clone();
         let tracker = tracker.clone();
+        let admission = admission.clone();
         tokio::spawn(
             async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(incoming)).await {
+                let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(incoming)).await;
+                admission.lock().unwrap_or_else(|e| e.into_inner()).done();
+                match outcome {
                     Ok(Ok((alpn, conn, peer))) => {
                         metrics::counter!(HANDSHAKES, "direction" => "in", "alpn" => alpn.as_str(), "result" => "ok").increment(1);
                         if let Some(peer) = &peer {
@@ -317,7 +366,7 @@ async fn accept_loop(
                             }
                             (alpn, None) => {
                                 metrics::counter!(HANDSHAKES, "direction" => "in", "alpn" => alpn.as_str(), "result" => "refused").increment(1);
-                                debug!(alpn = alpn.as_str(), "no client certificate; closing");
+                                refused_handshake("no_certificate", alpn.as_str());
                                 conn.close(quinn::VarInt::from_u32(0x01), b"a client certificate of the mesh is required");
                                 true
                             }
@@ -328,7 +377,16 @@ async fn accept_loop(
                     }
                     Ok(Err(reason)) => {
                         metrics::counter!(HANDSHAKES, "direction" => "in", "alpn" => "unknown", "result" => "refused").increment(1);
-                        debug!(%reason, "incoming handshake refused");
+                        // Certificate refusals were counted by the verifier.
+                        let lower = reason.to_ascii_lowercase();
+                        if lower.contains("application protocol")
+                            || lower.contains("known protocol")
+                            || lower.contains("alpn")
+                        {
+                            refused_handshake("alpn", &reason);
+                        } else {
+                            debug!(%reason, "incoming handshake refused");
+                        }
                     }
                     Err(_) => {
                         metrics::counter!(HANDSHAKES, "direction" => "in", "alpn" => "unknown", "result" => "timeout").increment(1);

@@ -5,6 +5,7 @@
 //! on uni streams of `meshnode-gossip/1` connections, proxied TCP connections
 //! on bidi streams of `meshnode-tunnel/1` connections. There is no plaintext mode.
 
+pub mod admission;
 pub mod alpn;
 pub mod codec;
 pub mod endpoint;
@@ -17,5 +18,6 @@ pub mod tunnel;
 pub mod window;
 
 pub use endpoint::{negotiated_alpn, Accepted, Endpoint, EndpointConfig, Incoming, JoinConn};
+pub use metrics::LogLimit;
 pub use pki::{Identity, PeerCert, Role};
 pub use pool::ConnectError;

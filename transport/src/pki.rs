@@ -11,7 +11,10 @@ pub mod sign;
 pub mod token;
 pub mod verify;
 
-pub use ca::{csr_key_id, Ca, IssuedCert, DEFAULT_CA_VALIDITY, DEFAULT_NODE_VALIDITY};
+pub use ca::{
+    csr_key_id, mesh_of_ca_der, mesh_of_ca_pem, Ca, IssuedCert, DEFAULT_CA_VALIDITY,
+    DEFAULT_NODE_VALIDITY,
+};
 pub use cert::{not_after, PeerCert, Role};
 pub use files::{read_private_key, write_atomic, write_private_file};
 pub use identity::{check_name, Identity, IdentityError};
@@ -43,9 +46,16 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
+/// Compares two secrets in constant time (for equal lengths; a length
+/// mismatch is answered at once, which reveals only the length).
+pub fn secret_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
+}
+
 /// Bytes of a lower- or upper-case hex text; `None` if it is not hex.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
     }
     (0..s.len())

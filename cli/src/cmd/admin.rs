@@ -8,8 +8,20 @@ use super::AdminArgs;
 use crate::output::{cell, table};
 use crate::Failure;
 
+/// The admin secret from `MESHNODE_ADMIN_SECRET`, for an agent whose admin
+/// address is remote (`admin_allow_remote`): its reads need the secret.
+pub(super) fn secret_from_env() -> Option<String> {
+    std::env::var("MESHNODE_ADMIN_SECRET")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
 async fn get(a: &AdminArgs, path: &str) -> Result<Value, Failure> {
-    let body = client::get(a.admin, path).await.map_err(Failure::runtime)?;
+    let secret = secret_from_env();
+    let body = client::get_with(a.admin, path, secret.as_deref())
+        .await
+        .map_err(Failure::runtime)?;
     serde_json::from_str(&body)
         .with_context(|| format!("the admin API answered {path} with invalid JSON"))
         .map_err(Failure::runtime)
@@ -275,8 +287,9 @@ pub async fn status(a: &AdminArgs, check: bool) -> Result<(), Failure> {
     verdict()
 }
 
-pub async fn leave(a: &AdminArgs) -> Result<(), Failure> {
-    client::post(a.admin, "/v1/leave")
+pub async fn leave(a: &AdminArgs, data_dir: &std::path::Path) -> Result<(), Failure> {
+    let secret = super::ca::admin_secret(data_dir)?;
+    client::post(a.admin, "/v1/leave", &secret)
         .await
         .map_err(Failure::runtime)?;
     println!("leaving: the node withdraws its instances now, drains open streams and exits");

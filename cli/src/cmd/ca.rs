@@ -60,14 +60,18 @@ pub fn issue(
     Ok(())
 }
 
-/// The secret the agent wrote for its CA endpoints.
-fn admin_secret(data_dir: &Path) -> Result<String, Failure> {
+/// The secret the agent wrote for its state-changing endpoints.
+/// `MESHNODE_ADMIN_SECRET` wins, for an agent on another machine.
+pub(super) fn admin_secret(data_dir: &Path) -> Result<String, Failure> {
+    if let Some(s) = super::admin::secret_from_env() {
+        return Ok(s);
+    }
     let path = data_dir.join(meshnode_node::admin::SECRET_FILE);
     std::fs::read_to_string(&path)
         .map(|s| s.trim().to_string())
         .with_context(|| {
             format!(
-                "reading {} (run this on a CA node, as the node's user or root, with --data-dir set to the node's data_dir)",
+                "reading {} (run this on the node, as the node's user or root, with --data-dir set to the node's data_dir)",
                 path.display()
             )
         })

@@ -192,7 +192,10 @@ async fn run(hold: bool) -> anyhow::Result<()> {
     step("stopping: every node leaves its pools gracefully");
     for n in nodes.iter_mut() {
         if let Some(mut child) = n.child.take() {
-            let _ = client::post(n.admin, "/v1/leave").await;
+            let secret =
+                std::fs::read_to_string(n.config.with_file_name(meshnode_node::admin::SECRET_FILE))
+                    .unwrap_or_default();
+            let _ = client::post(n.admin, "/v1/leave", secret.trim()).await;
             match tokio::time::timeout(Duration::from_secs(15), child.wait()).await {
                 Ok(Ok(st)) => println!("    {} exited ({st})", n.name),
                 _ => {

@@ -108,6 +108,16 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<String, ClientError> {
     request(addr, hyper::Method::GET, path).await
 }
 
-pub async fn post(addr: SocketAddr, path: &str) -> Result<String, ClientError> {
-    request(addr, hyper::Method::POST, path).await
+/// A `GET` with the admin secret, which a remote admin address needs.
+pub async fn get_with(
+    addr: SocketAddr,
+    path: &str,
+    secret: Option<&str>,
+) -> Result<String, ClientError> {
+    send(addr, hyper::Method::GET, path, None, secret).await
+}
+
+/// A `POST` without a body, with the admin secret (`/v1/leave`).
+pub async fn post(addr: SocketAddr, path: &str, secret: &str) -> Result<String, ClientError> {
+    send(addr, hyper::Method::POST, path, None, Some(secret)).await
 }

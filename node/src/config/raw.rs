@@ -15,7 +15,7 @@ use super::{
 // Defaults, each with its reason.
 /// One UDP port for gossip, tunnels and join (design contract).
 const DEFAULT_BIND: &str = "0.0.0.0:9470";
-/// The admin API stays on loopback by default: it is unauthenticated.
+/// The admin API stays on loopback by default: its reads need no secret.
 const DEFAULT_ADMIN: &str = "127.0.0.1:9471";
 const DEFAULT_DATA_DIR: &str = "/var/lib/meshnode";
 /// Consul's default check interval; fast enough to fail over within seconds.
@@ -49,6 +49,7 @@ pub struct RawConfig {
     bind: Option<String>,
     advertise: Option<String>,
     admin: Option<String>,
+    admin_allow_remote: bool,
     seeds: Vec<String>,
     gateway: bool,
     workers: Option<i64>,
@@ -250,6 +251,14 @@ impl RawConfig {
             }
         }
         let admin = e.addr("admin", self.admin.as_deref().unwrap_or(DEFAULT_ADMIN));
+        if let Some(a) = admin {
+            if !a.ip().is_loopback() && !self.admin_allow_remote {
+                e.push(
+                    "admin",
+                    format!("{a} is not a loopback address: the admin API can make the node leave and mint join tokens; keep it on 127.0.0.1, or set admin_allow_remote = true (then every endpoint but /v1/health and /metrics needs the admin secret)"),
+                );
+            }
+        }
         let seeds: Vec<SocketAddr> = self
             .seeds
             .iter()
@@ -371,6 +380,7 @@ impl RawConfig {
                 bind,
                 advertise,
                 admin,
+                admin_allow_remote: self.admin_allow_remote,
                 seeds,
                 gateway: self.gateway,
                 workers,

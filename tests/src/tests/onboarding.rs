@@ -137,7 +137,7 @@ async fn join_directly_and_through_a_relay_then_carry_traffic() {
             .is_some(),
         "relay did not join"
     );
-    // A node without the CA key has no secret and no CA endpoints.
+    // A node without the CA key has no CA endpoints (its secret opens none).
     let relay_admin = relay.spec.admin.to_string();
     let out = meshnode(&[
         "token",
@@ -145,7 +145,7 @@ async fn join_directly_and_through_a_relay_then_carry_traffic() {
         "--admin",
         &relay_admin,
         "--data-dir",
-        "/nonexistent",
+        &relay.data_dir().display().to_string(),
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
@@ -895,4 +895,73 @@ async fn a_join_relay_never_picks_a_member_claiming_the_ca_role_without_proof() 
         "the relay did not count the forged role"
     );
     insider.shutdown().await;
+}
+
+/// Anonymous join connections are bounded per source and in all, and a full
+/// table makes room by evicting the oldest idle one: a real join goes
+/// through at once while 500 anonymous connections are held open.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_join_completes_while_500_anonymous_connections_are_held() {
+    let pki = Pki::new();
+    let net = crate::subnet();
+    let (ca, ca_dir) = ca_node(&pki, net, "72h", "api").await;
+    let fp = pki.ca.fingerprint().expect("fp");
+    let cfg = join_client_config(fp, Arc::new(transport_config())).expect("client config");
+
+    // One source opens 100: only 8 stay. Then 62 sources open 8 each (496).
+    let mut held = Vec::new();
+    let mut endpoints = Vec::new();
+    let mut dialled = 0;
+    let sources: Vec<(u8, usize)> = std::iter::once((50u8, 100usize))
+        .chain((100u8..162).map(|h| (h, 8)))
+        .collect();
+    for (host, n) in sources {
+        let bind = SocketAddr::from(([127, net[0], net[1], host], 0));
+        let ep = quinn::Endpoint::client(bind).expect("endpoint");
+        for _ in 0..n {
+            dialled += 1;
+            if let Ok(connecting) = ep.connect_with(cfg.clone(), ca.spec.quic, "meshnode") {
+                if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(5), connecting).await {
+                    held.push(c);
+                }
+            }
+        }
+        endpoints.push(ep);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let open = held.iter().filter(|c| c.close_reason().is_none()).count();
+    eprintln!(
+        "measure: {dialled} anonymous join connections dialled, {} handshakes, {open} still open",
+        held.len()
+    );
+    assert!(open <= 256, "{open} anonymous connections held");
+
+    let t = token(&ca, &ca_dir, &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let started = Instant::now();
+    let out = join_once(
+        &t,
+        ca.spec.quic,
+        &work.path().join("vm-1"),
+        &NodeSpec::new(net, 3, "vm-1"),
+    );
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "join under flood: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("measure: a real join under the flood took {took:.2?}");
+    assert!(took <= Duration::from_secs(2), "join took {took:?}");
+    let metrics = ca.get_text("/metrics").await.unwrap_or_default();
+    for reason in ["per_source", "evicted"] {
+        assert!(
+            metrics.lines().any(
+                |l| l.starts_with("meshnode_join_connections_refused_total{")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            ),
+            "{reason} not counted"
+        );
+    }
+    drop(held);
 }

@@ -113,7 +113,13 @@ async fn leave_and_sigterm_withdraw_instances_at_once_and_exit_zero() {
     .is_some());
 
     // `meshnode leave` on node-2.
-    let out = crate::meshnode(&["leave", "--admin", &nodes[1].spec.admin.to_string()]);
+    let out = crate::meshnode(&[
+        "leave",
+        "--admin",
+        &nodes[1].spec.admin.to_string(),
+        "--data-dir",
+        &nodes[1].data_dir().display().to_string(),
+    ]);
     assert!(
         out.status.success(),
         "{}",

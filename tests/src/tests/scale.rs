@@ -33,7 +33,11 @@ async fn measure_propagation_and_detection_at_30_nodes() {
 
     // A state change: node-30 leaves; time until no observer lists its instance.
     let t0 = Instant::now();
-    crate::http_post(nodes[NODES - 1].spec.admin, "/v1/leave").await;
+    let left = nodes[NODES - 1].leave().await;
+    assert!(
+        left.as_ref().is_some_and(|(st, _)| st.contains("202")),
+        "{left:?}"
+    );
     let spread = all_gone(&nodes[..observers], "leaver", t0).await;
     eprintln!(
         "MEASURE leave propagation to {observers} nodes: max {:.3} s, median {:.3} s",

@@ -32,12 +32,78 @@ pub fn check_mesh(end_entity: &[u8], mesh: &str) -> Result<PeerCert, String> {
 }
 
 /// The chain-verified certificate must be of `mesh` and not revoked.
-fn admit(end_entity: &[u8], mesh: &str, revoked: &RevocationSet) -> Result<(), rustls::Error> {
-    let peer = check_mesh(end_entity, mesh).map_err(reject)?;
+fn admit(end_entity: &[u8], mesh: &str, revoked: &RevocationSet) -> Result<(), Refusal> {
+    let peer = PeerCert::from_der(end_entity).map_err(|e| Refusal {
+        reason: "bad_identity",
+        detail: e.to_string(),
+    })?;
+    if peer.identity.mesh() != mesh {
+        return Err(Refusal {
+            reason: "other_mesh",
+            detail: format!("{} is not of mesh {mesh:?}", peer.identity),
+        });
+    }
     if revoked.is_revoked(&peer) {
-        return Err(reject(format!("{} is revoked", peer.identity)));
+        return Err(Refusal {
+            reason: "revoked",
+            detail: format!("{} is revoked", peer.identity),
+        });
     }
     Ok(())
+}
+
+/// Why a peer certificate was refused: `reason` is a label from a small fixed
+/// set, `detail` is for this node's log only.
+#[derive(Debug)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+impl From<rustls::Error> for Refusal {
+    fn from(e: rustls::Error) -> Self {
+        use rustls::CertificateError as C;
+        let reason = match &e {
+            rustls::Error::InvalidCertificate(c) => match c {
+                C::Expired | C::ExpiredContext { .. } => "expired",
+                C::NotValidYet | C::NotValidYetContext { .. } => "not_yet_valid",
+                C::Revoked => "revoked",
+                C::UnknownIssuer => "unknown_ca",
+                C::BadSignature
+                | C::UnsupportedSignatureAlgorithmContext { .. }
+                | C::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => "bad_signature",
+                C::InvalidPurpose | C::InvalidPurposeContext { .. } => "bad_purpose",
+                C::BadEncoding | C::UnhandledCriticalExtension => "malformed",
+                _ => "invalid",
+            },
+            _ => "invalid",
+        };
+        Refusal {
+            reason,
+            detail: e.to_string(),
+        }
+    }
+}
+
+static REFUSAL_LOG: crate::LogLimit = crate::LogLimit::new(std::time::Duration::from_secs(10));
+
+/// Counts and logs a refusal here, with its detail, and answers the peer with
+/// a generic error: only `certificate_expired` and `certificate_revoked`
+/// say more, because a node needs them to tell its operator why it is
+/// refused. The rest (`access_denied`) names no mesh, CA or identity.
+fn refuse(side: &'static str, r: Refusal) -> rustls::Error {
+    metrics::counter!(crate::metrics::HANDSHAKES_REFUSED, "side" => side, "reason" => r.reason)
+        .increment(1);
+    if REFUSAL_LOG.allow_for(r.reason) {
+        tracing::info!(side, reason = r.reason, detail = %r.detail, "peer certificate refused (logged at most once per 10 s per reason; see meshnode_handshakes_refused_total)");
+    } else {
+        tracing::debug!(side, reason = r.reason, detail = %r.detail, "peer certificate refused");
+    }
+    rustls::Error::InvalidCertificate(match r.reason {
+        "expired" | "not_yet_valid" => rustls::CertificateError::Expired,
+        "revoked" => rustls::CertificateError::Revoked,
+        _ => rustls::CertificateError::ApplicationVerificationFailure,
+    })
 }
 
 fn reject(reason: String) -> rustls::Error {
@@ -118,8 +184,9 @@ impl ClientCertVerifier for MeshClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        admit(end_entity, &self.mesh, &self.revoked)?;
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|e| refuse("server", e.into()))?;
+        admit(end_entity, &self.mesh, &self.revoked).map_err(|r| refuse("server", r))?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -181,15 +248,17 @@ impl ServerCertVerifier for MeshServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
+        let parsed =
+            ParsedCertificate::try_from(end_entity).map_err(|e| refuse("client", e.into()))?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &self.roots,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
-        )?;
-        admit(end_entity, &self.mesh, &self.revoked)?;
+        )
+        .map_err(|e| refuse("client", e.into()))?;
+        admit(end_entity, &self.mesh, &self.revoked).map_err(|r| refuse("client", r))?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -337,9 +406,17 @@ mod tests {
             .unwrap();
         assert!(verify(&verifier(&ca, "acme"), &good.cert_pem).is_ok());
         assert!(verify(&verifier(&ca, "acme"), &foreign.cert_pem).is_err());
-        // Same CA, but this verifier serves another trust domain.
+        // Same CA, but this verifier serves another trust domain: refused,
+        // and the peer learns nothing of either mesh.
         let err = verify(&verifier(&ca, "globex"), &good.cert_pem).unwrap_err();
-        assert!(err.to_string().contains("globex"), "{err}");
+        assert!(!err.to_string().contains("globex"), "{err}");
+        assert!(!err.to_string().contains("acme"), "{err}");
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure
+            )
+        );
     }
 
     #[test]
