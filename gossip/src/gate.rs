@@ -409,7 +409,7 @@ pub struct Guard {
     limits: Limits,
     start: std::time::Instant,
     pool: &'static str,
-    logged: Arc<std::sync::Mutex<HashMap<&'static str, std::time::Instant>>>,
+    logged: Arc<meshnode_transport::LogLimit>,
 }
 
 /// Drop reasons are logged at most this often each (they are all counted).
@@ -423,7 +423,7 @@ impl Guard {
             gate: Arc::new(std::sync::Mutex::new(gate)),
             start: std::time::Instant::now(),
             pool,
-            logged: Arc::default(),
+            logged: Arc::new(meshnode_transport::LogLimit::new(LOG_EVERY)),
         }
     }
 
@@ -510,13 +510,7 @@ impl Guard {
     fn count(&self, reason: &'static str, node: &str, detail: &str) {
         metrics::counter!(crate::metrics::REFUSED, "pool" => self.pool, "reason" => reason)
             .increment(1);
-        let now = std::time::Instant::now();
-        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
-        let due = logged
-            .get(reason)
-            .is_none_or(|t| now.duration_since(*t) >= LOG_EVERY);
-        if due {
-            logged.insert(reason, now);
+        if self.logged.allow_for(reason) {
             tracing::warn!(pool = self.pool, reason, node, detail, "gossip refused (logged once per 10 s per reason; see meshnode_gossip_refused_total)");
         }
     }

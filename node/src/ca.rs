@@ -374,11 +374,14 @@ impl CaNode {
         if let Some(p) = found.next() {
             return Some(p);
         }
-        // `verify_peer` checks the chain, the validity period and revocations.
+        // Parsing is cheap; the chain check (`verify_peer`: chain, validity,
+        // revocations) runs only on certificates of this identity.
         pool.certs
             .iter()
-            .filter_map(|der| tls.verify_peer(der).ok())
-            .find(|p| p.identity == *identity && p.key_id != key_id)
+            .filter(|der| {
+                PeerCert::from_der(der).is_ok_and(|p| p.identity == *identity && p.key_id != key_id)
+            })
+            .find_map(|der| tls.verify_peer(der).ok())
     }
 
     fn renew(&self, cert: &[u8], csr: &[u8], tls: &TlsMaterial) -> Response {
