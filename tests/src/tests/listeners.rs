@@ -432,7 +432,7 @@ async fn a_handshake_burst_is_answered_with_retries_and_one_source_is_rate_limit
     // burst, above the Retry threshold in all.
     let mut sources = tokio::task::JoinSet::new();
     for i in 0..4 {
-        sources.spawn(burst(100 + i, 60, Duration::from_secs(4)));
+        sources.spawn(burst(100 + i, 60, Duration::from_secs(10)));
     }
     let established: usize = sources.join_all().await.iter().sum();
     let metrics = http_get(node.spec.admin, "/metrics")
