@@ -1,4 +1,5 @@
-//! Gossip frames arrive from pool members, raw (`/1`) or zstd (`/2`). Any
+//! Gossip frames arrive from pool members, raw (`/1`), zstd (`/2`) or zstd
+//! with the pool's dictionary (`/3`). Any
 //! bytes: no panic, bounded memory, and a frame that decodes re-encodes to one
 //! that decodes to the same message, for messages without a delta.
 //!
@@ -12,10 +13,11 @@
 
 use libfuzzer_sys::fuzz_target;
 use meshnode_gossip::chitchat::{ChitchatMessage, Serializable};
-use meshnode_gossip::frame::Codec;
+use meshnode_gossip::frame::{Codec, Dictionary};
 
 fuzz_target!(|data: &[u8]| {
-    for codec in [Codec::Raw, Codec::Zstd] {
+    let dict = Dictionary::for_pool("acme/east", "spiffe://acme/cluster/east/node/");
+    for codec in [Codec::Raw, Codec::Zstd, Codec::Pool(dict)] {
         if let Ok(msg) = codec.decode(data) {
             if matches!(msg, ChitchatMessage::SynAck { .. } | ChitchatMessage::Ack { .. }) {
                 continue;

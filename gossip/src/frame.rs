@@ -1,17 +1,25 @@
 //! Gossip frames on the wire: one chitchat message per QUIC uni stream,
-//! either as chitchat serialized it (`meshnode-gossip/1`) or compressed with
-//! zstd (`meshnode-gossip/2`, and the `/2` of the WAN pool). The codec is
-//! chosen per connection by the negotiated ALPN, so a node that only knows
-//! `/1` keeps working with newer ones.
+//! either as chitchat serialized it (`meshnode-gossip/1`), compressed with
+//! zstd (`/2`), or compressed with zstd and the pool's dictionary (`/3`; the
+//! WAN pool's `meshnode-wan/N` likewise). The codec is chosen per connection
+//! by the negotiated ALPN, so a node that only knows `/1` or `/2` keeps
+//! working with newer ones.
 //!
 //! Idle gossip is almost all digests (every node's id, generation, address,
 //! heartbeat and versions in each SYN and SYN-ACK): zstd takes them to about
-//! a third. Decoding never trusts a length: the wire frame is capped before
-//! it is read and the decompressed message is capped while it is produced.
+//! a third. Every message of a pool repeats the pool id and the SPIFFE prefix
+//! of every node id (`spiffe://<mesh>/cluster/<cluster>/node/`), which zstd
+//! alone must spell out once per message; `/3` primes zstd with those bytes
+//! (a raw-content dictionary both sides derive from the pool), so a small
+//! digest no longer pays for them. Decoding never trusts a length: the wire
+//! frame is capped before it is read and the decompressed message is capped
+//! while it is produced.
 
 use std::io::Read;
+use std::sync::Arc;
 
 use chitchat::{ChitchatMessage, Deserializable};
+use zstd::dict::{DecoderDictionary, EncoderDictionary};
 
 /// The largest frame read from a stream (chitchat's own UDP-sized limit).
 pub const MAX_WIRE: usize = 65_507;
@@ -23,12 +31,22 @@ pub const MAX_DECODED: usize = 1 << 20;
 const LEVEL: i32 = 3;
 
 /// How the frames of one connection are encoded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Codec {
     /// chitchat's serialization, as is.
     Raw,
     /// chitchat's serialization, compressed as one zstd frame.
     Zstd,
+    /// Compressed as one zstd frame primed with the pool's dictionary.
+    Pool(Arc<Dictionary>),
+}
+
+/// What every gossip message of one pool repeats, as a zstd raw-content
+/// dictionary: both sides derive it from the pool, nothing is sent for it.
+pub struct Dictionary {
+    content: Vec<u8>,
+    encoder: EncoderDictionary<'static>,
+    decoder: DecoderDictionary<'static>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -43,40 +61,78 @@ pub enum FrameError {
     Malformed,
 }
 
+// === impl Dictionary ===
+
+impl Dictionary {
+    /// The dictionary of the pool whose chitchat `cluster_id` is `pool_id`
+    /// and whose node ids all start with `id_prefix`.
+    pub fn for_pool(pool_id: &str, id_prefix: &str) -> Arc<Self> {
+        // zstd finds matches anywhere in it; the most frequent bytes (the id
+        // prefix, once per digest entry) go last, where offsets are shortest.
+        let content =
+            format!("{pool_id}\0cert\0node\0leaving\0role:ca\0svc:\0{id_prefix}").into_bytes();
+        Arc::new(Self {
+            encoder: EncoderDictionary::copy(&content, LEVEL),
+            decoder: DecoderDictionary::copy(&content),
+            content,
+        })
+    }
+}
+
+impl PartialEq for Dictionary {
+    fn eq(&self, other: &Self) -> bool {
+        self.content == other.content
+    }
+}
+
+impl Eq for Dictionary {}
+
+impl std::fmt::Debug for Dictionary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dictionary")
+            .field("content", &String::from_utf8_lossy(&self.content))
+            .finish()
+    }
+}
+
 // === impl Codec ===
 
 impl Codec {
-    /// The codec of a connection whose handshake settled on `negotiated`.
-    pub fn for_alpn(negotiated: Option<&[u8]>) -> Codec {
-        match negotiated {
-            Some(p) if meshnode_transport::alpn::compressed_gossip(p) => Codec::Zstd,
-            _ => Codec::Raw,
+    /// The codec of a connection whose handshake settled on `negotiated`,
+    /// in the pool whose dictionary is `dict`.
+    pub fn for_alpn(negotiated: Option<&[u8]>, dict: &Arc<Dictionary>) -> Codec {
+        use meshnode_transport::alpn::{framing, Framing};
+        match negotiated.map(framing) {
+            Some(Framing::PoolDictionary) => Codec::Pool(dict.clone()),
+            Some(Framing::Zstd) => Codec::Zstd,
+            Some(Framing::Raw) | None => Codec::Raw,
         }
     }
 
-    pub fn of(conn: &quinn::Connection) -> Codec {
-        Codec::for_alpn(meshnode_transport::negotiated_alpn(conn).as_deref())
+    pub fn of(conn: &quinn::Connection, dict: &Arc<Dictionary>) -> Codec {
+        Codec::for_alpn(meshnode_transport::negotiated_alpn(conn).as_deref(), dict)
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Codec::Raw => "raw",
             Codec::Zstd => "zstd",
+            Codec::Pool(_) => "zstd_dict",
         }
     }
 
     /// The frame for a serialized chitchat message.
-    pub fn encode(self, message: &[u8]) -> Result<Vec<u8>, FrameError> {
+    pub fn encode(&self, message: &[u8]) -> Result<Vec<u8>, FrameError> {
         let frame = match self {
             Codec::Raw => message.to_vec(),
             Codec::Zstd => {
-                // With a content checksum (4 bytes), so a damaged frame is an
-                // error rather than a different message.
-                let mut c =
-                    zstd::bulk::Compressor::new(LEVEL).map_err(|_| FrameError::Compression)?;
-                c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+                let c = zstd::bulk::Compressor::new(LEVEL).map_err(|_| FrameError::Compression)?;
+                compress(c, message)?
+            }
+            Codec::Pool(dict) => {
+                let c = zstd::bulk::Compressor::with_prepared_dictionary(&dict.encoder)
                     .map_err(|_| FrameError::Compression)?;
-                c.compress(message).map_err(|_| FrameError::Compression)?
+                compress(c, message)?
             }
         };
         if frame.len() > MAX_WIRE {
@@ -89,7 +145,7 @@ impl Codec {
     ///
     /// Only for tests and tools: the node never hands wire bytes to chitchat's
     /// decoder, it goes through [`Codec::unframe`] and the gate.
-    pub fn decode(self, frame: &[u8]) -> Result<ChitchatMessage, FrameError> {
+    pub fn decode(&self, frame: &[u8]) -> Result<ChitchatMessage, FrameError> {
         let bytes = self.unframe(frame)?;
         let mut cursor = &bytes[..];
         match ChitchatMessage::deserialize(&mut cursor) {
@@ -102,23 +158,38 @@ impl Codec {
 impl Codec {
     /// The serialized chitchat message a frame holds (decompressed, capped
     /// at [`MAX_DECODED`]), not yet parsed.
-    pub fn unframe(self, frame: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, FrameError> {
+    pub fn unframe<'f>(&self, frame: &'f [u8]) -> Result<std::borrow::Cow<'f, [u8]>, FrameError> {
         if frame.len() > MAX_WIRE {
             return Err(FrameError::Oversized(frame.len()));
         }
         Ok(match self {
             Codec::Raw => std::borrow::Cow::Borrowed(frame),
-            Codec::Zstd => std::borrow::Cow::Owned(inflate(frame)?),
+            Codec::Zstd => std::borrow::Cow::Owned(inflate(
+                zstd::stream::read::Decoder::with_buffer(frame)
+                    .map_err(|_| FrameError::Compression)?,
+                frame.len(),
+            )?),
+            Codec::Pool(dict) => std::borrow::Cow::Owned(inflate(
+                zstd::stream::read::Decoder::with_prepared_dictionary(frame, &dict.decoder)
+                    .map_err(|_| FrameError::Compression)?,
+                frame.len(),
+            )?),
         })
     }
 }
 
+/// One zstd frame with a content checksum (4 bytes), so a damaged frame is
+/// an error rather than a different message.
+fn compress(mut c: zstd::bulk::Compressor<'_>, message: &[u8]) -> Result<Vec<u8>, FrameError> {
+    c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+        .map_err(|_| FrameError::Compression)?;
+    c.compress(message).map_err(|_| FrameError::Compression)
+}
+
 /// Decompresses with the output capped as it grows, so a small frame that
 /// claims (or really holds) gigabytes costs at most [`MAX_DECODED`].
-fn inflate(frame: &[u8]) -> Result<Vec<u8>, FrameError> {
-    let decoder =
-        zstd::stream::read::Decoder::with_buffer(frame).map_err(|_| FrameError::Compression)?;
-    let mut out = Vec::with_capacity(frame.len() * 4);
+fn inflate<R: Read>(decoder: R, frame_len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::with_capacity(frame_len * 4);
     decoder
         .take(MAX_DECODED as u64 + 1)
         .read_to_end(&mut out)
@@ -163,10 +234,46 @@ mod tests {
         out
     }
 
+    fn dict() -> Arc<Dictionary> {
+        Dictionary::for_pool("acme/east", "spiffe://acme/cluster/east/node/")
+    }
+
+    fn codecs() -> [Codec; 3] {
+        [Codec::Raw, Codec::Zstd, Codec::Pool(dict())]
+    }
+
+    /// A SYN of `nodes` digest entries with SPIFFE node ids, as a pool sends it.
+    fn syn(nodes: usize) -> Vec<u8> {
+        use crate::wire::{self, Blocks, Message, NodeDigest, NodeId};
+        let digest = (0..nodes)
+            .map(|i| {
+                (
+                    NodeId {
+                        node_id: format!("spiffe://acme/cluster/east/node/vm-{i}"),
+                        generation: 1_795_000_000_000_000_000 + i as u64 * 7_919_113,
+                        addr: SocketAddr::from((Ipv4Addr::new(10, 0, 1, i as u8), 9470)),
+                    },
+                    NodeDigest {
+                        heartbeat: 1_000 + i as u64 * 37,
+                        last_gc_version: 0,
+                        max_version: 3 + i as u64 % 4,
+                    },
+                )
+            })
+            .collect();
+        wire::encode(
+            &Message::Syn {
+                cluster_id: "acme/east".into(),
+                digest,
+            },
+            Blocks::Chitchat,
+        )
+    }
+
     #[test]
-    fn both_codecs_round_trip_a_message() {
+    fn every_codec_round_trips_a_message() {
         let raw = chitchat::ChitchatMessage::BadCluster.serialize_to_vec();
-        for codec in [Codec::Raw, Codec::Zstd] {
+        for codec in codecs() {
             let frame = codec.encode(&raw).unwrap();
             assert_eq!(
                 codec.decode(&frame).unwrap(),
@@ -185,13 +292,49 @@ mod tests {
             bulk.len(),
             frame.len()
         );
-        assert_eq!(inflate(&frame).unwrap(), bulk);
+        assert_eq!(Codec::Zstd.unframe(&frame).unwrap().as_ref(), &bulk[..]);
+    }
+
+    #[test]
+    fn the_pool_dictionary_takes_the_id_prefixes_off_a_small_digest() {
+        // The bytes a SYN of 10 nodes costs: the dictionary must win back
+        // what SPIFFE node ids added to it (BENCHMARKS.md, "Signed gossip").
+        let msg = syn(10);
+        let plain = Codec::Zstd.encode(&msg).unwrap();
+        let primed = Codec::Pool(dict()).encode(&msg).unwrap();
+        eprintln!(
+            "SYN of 10: {} B, zstd {} B, primed {} B",
+            msg.len(),
+            plain.len(),
+            primed.len()
+        );
+        assert!(
+            primed.len() * 100 <= plain.len() * 92,
+            "zstd {} B, with the pool dictionary {} B",
+            plain.len(),
+            primed.len()
+        );
+        assert_eq!(
+            Codec::Pool(dict()).unframe(&primed).unwrap().as_ref(),
+            &msg[..]
+        );
+        let msg = chitchat::ChitchatMessage::deserialize(&mut &msg[..]).unwrap();
+        assert_eq!(Codec::Pool(dict()).decode(&primed).unwrap(), msg);
+    }
+
+    #[test]
+    fn a_frame_needs_the_same_dictionary_to_decode() {
+        let msg = syn(5);
+        let primed = Codec::Pool(dict()).encode(&msg).unwrap();
+        let other = Dictionary::for_pool("acme/west", "spiffe://acme/cluster/west/node/");
+        assert!(Codec::Pool(other).unframe(&primed).is_err());
+        assert!(Codec::Zstd.unframe(&primed).is_err());
     }
 
     #[test]
     fn trailing_bytes_are_malformed() {
         let bulk = message(3);
-        for codec in [Codec::Raw, Codec::Zstd] {
+        for codec in codecs() {
             let frame = codec.encode(&bulk).unwrap();
             assert_eq!(codec.decode(&frame), Err(FrameError::Malformed));
         }
@@ -207,6 +350,11 @@ mod tests {
             bomb.len()
         );
         assert_eq!(Codec::Zstd.decode(&bomb), Err(FrameError::Bomb));
+        let d = dict();
+        let c = zstd::bulk::Compressor::with_prepared_dictionary(&d.encoder).unwrap();
+        let bomb = compress(c, &zeros).unwrap();
+        assert!(bomb.len() < MAX_WIRE);
+        assert_eq!(Codec::Pool(d).decode(&bomb), Err(FrameError::Bomb));
     }
 
     #[test]
@@ -220,38 +368,49 @@ mod tests {
             Codec::Raw.decode(&big),
             Err(FrameError::Oversized(MAX_WIRE + 1))
         );
-        assert_eq!(
-            Codec::Zstd.decode(&big),
-            Err(FrameError::Oversized(MAX_WIRE + 1))
-        );
+        for codec in codecs() {
+            assert_eq!(codec.decode(&big), Err(FrameError::Oversized(MAX_WIRE + 1)));
+        }
     }
 
     #[test]
     fn the_codec_follows_the_negotiated_alpn() {
         use meshnode_transport::alpn;
-        assert_eq!(Codec::for_alpn(Some(alpn::GOSSIP_V2)), Codec::Zstd);
-        assert_eq!(Codec::for_alpn(Some(alpn::WAN_GOSSIP_V2)), Codec::Zstd);
-        assert_eq!(Codec::for_alpn(Some(alpn::GOSSIP)), Codec::Raw);
-        assert_eq!(Codec::for_alpn(Some(alpn::WAN_GOSSIP)), Codec::Raw);
-        assert_eq!(Codec::for_alpn(None), Codec::Raw);
+        let d = dict();
+        assert_eq!(
+            Codec::for_alpn(Some(alpn::GOSSIP_V3), &d),
+            Codec::Pool(d.clone())
+        );
+        assert_eq!(
+            Codec::for_alpn(Some(alpn::WAN_GOSSIP_V3), &d),
+            Codec::Pool(d.clone())
+        );
+        assert_eq!(Codec::for_alpn(Some(alpn::GOSSIP_V2), &d), Codec::Zstd);
+        assert_eq!(Codec::for_alpn(Some(alpn::WAN_GOSSIP_V2), &d), Codec::Zstd);
+        assert_eq!(Codec::for_alpn(Some(alpn::GOSSIP), &d), Codec::Raw);
+        assert_eq!(Codec::for_alpn(Some(alpn::WAN_GOSSIP), &d), Codec::Raw);
+        assert_eq!(Codec::for_alpn(Some(alpn::TUNNEL), &d), Codec::Raw);
+        assert_eq!(Codec::for_alpn(None, &d), Codec::Raw);
     }
 
     proptest! {
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
-            let _ = Codec::Raw.decode(&bytes);
-            let _ = Codec::Zstd.decode(&bytes);
+            for codec in codecs() {
+                let _ = codec.decode(&bytes);
+            }
         }
 
         #[test]
-        fn damaged_compressed_frames_are_errors(flip in 0usize..200, bit in 0u8..8) {
-            let frame = Codec::Zstd.encode(&message(20)).unwrap();
+        fn damaged_compressed_frames_are_errors(flip in 0usize..200, bit in 0u8..8, primed: bool) {
+            let codec = if primed { Codec::Pool(dict()) } else { Codec::Zstd };
+            let frame = codec.encode(&syn(20)).unwrap();
             let mut bad = frame.clone();
             let i = flip % bad.len();
             bad[i] ^= 1 << bit;
             // zstd frames carry a checksum of their content (see `encode`):
             // any flipped bit is an error, never a different message or a panic.
-            prop_assert!(Codec::Zstd.decode(&bad).is_err());
+            prop_assert!(codec.decode(&bad).is_err());
         }
     }
 }

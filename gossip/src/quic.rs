@@ -1,9 +1,9 @@
 //! chitchat's `Transport` over the node's QUIC endpoint.
 //!
-//! One uni stream per gossip message on a pooled `meshnode-gossip/2`
-//! connection (`meshnode-wan/2` for the WAN pool of gateways; `/1` with a
-//! peer that offers only that), each message one frame of the connection's
-//! [`Codec`]. A node pair
+//! One uni stream per gossip message on a pooled `meshnode-gossip/3`
+//! connection (`meshnode-wan/3` for the WAN pool of gateways; `/2` or `/1`
+//! with a peer that offers only those), each message one frame of the
+//! connection's [`Codec`]. A node pair
 //! shares one connection: the side that did not dial adopts the other's
 //! (unless it had its own already), and both read streams on every
 //! connection of the pool. Only peers
@@ -27,7 +27,7 @@ use meshnode_transport::{Accepted, Endpoint, PeerCert};
 use tokio::sync::mpsc;
 use tracing::{debug, trace};
 
-use crate::frame::{Codec, FrameError, MAX_WIRE};
+use crate::frame::{Codec, Dictionary, FrameError, MAX_WIRE};
 use crate::gate::Guard;
 use crate::metrics::{BYTES, DROPPED, MESSAGES};
 
@@ -36,8 +36,12 @@ const PEER_QUEUE: usize = 32;
 const IN_QUEUE: usize = 1024;
 /// Gossip messages of one pool checked at once on the blocking pool.
 const CHECKS_AT_ONCE: usize = 1;
-/// Messages with at most this many values to verify are checked inline.
-const INLINE_CHECKS: usize = 16;
+/// Messages with at most this many values to verify are checked inline:
+/// about 15 ms of signatures at most, which covers what a pool sends while
+/// it forms (a SYN-ACK with the states of dozens of new nodes). Only larger
+/// ones (a frame holds at most ~650 values) take the blocking pool, whose
+/// threads and malloc arenas cost RSS (BENCHMARKS.md, "Signed gossip").
+const INLINE_CHECKS: usize = 256;
 /// A per-peer sender with nothing to send for this long exits.
 const PEER_IDLE: Duration = Duration::from_secs(60);
 const CLOSE_WRONG_POOL: quinn::VarInt = quinn::VarInt::from_u32(0x20);
@@ -52,6 +56,7 @@ struct Parts {
     incoming: mpsc::Receiver<Accepted>,
     kind: PoolKind,
     guard: Guard,
+    dict: Arc<Dictionary>,
 }
 
 /// Which gossip pool a transport carries, and so who may take part in it.
@@ -96,12 +101,14 @@ impl PoolKind {
 
 impl QuicTransport {
     /// `incoming` must be the endpoint's queue for `kind`'s ALPN; `guard`
-    /// checks every message before chitchat parses it.
+    /// checks every message before chitchat parses it; `dict` is the pool's
+    /// frame dictionary ([`GossipConfig::dictionary`](crate::GossipConfig::dictionary)).
     pub fn new(
         endpoint: Endpoint,
         incoming: mpsc::Receiver<Accepted>,
         kind: PoolKind,
         guard: Guard,
+        dict: Arc<Dictionary>,
     ) -> Self {
         Self {
             parts: Mutex::new(Some(Parts {
@@ -109,6 +116,7 @@ impl QuicTransport {
                 incoming,
                 kind,
                 guard,
+                dict,
             })),
         }
     }
@@ -130,6 +138,7 @@ impl Transport for QuicTransport {
             serving: Arc::new(Mutex::new(HashSet::new())),
             guard: parts.guard,
             checks: Arc::new(tokio::sync::Semaphore::new(CHECKS_AT_ONCE)),
+            dict: parts.dict,
         };
         tokio::spawn(accept_loop(
             parts.incoming,
@@ -191,6 +200,7 @@ struct Readers {
     guard: Guard,
     /// Messages checked at once (see `read_frame`).
     checks: Arc<tokio::sync::Semaphore>,
+    dict: Arc<Dictionary>,
 }
 
 impl Readers {
@@ -209,12 +219,12 @@ impl Readers {
         let this = self.clone();
         tokio::spawn(async move {
             let from = conn.remote_address();
-            let codec = Codec::of(&conn);
+            let codec = Codec::of(&conn, &this.dict);
             while let Ok(stream) = conn.accept_uni().await {
                 tokio::spawn(read_frame(
                     stream,
                     from,
-                    codec,
+                    codec.clone(),
                     this.inbox.clone(),
                     this.guard.clone(),
                     this.checks.clone(),
@@ -247,14 +257,16 @@ async fn read_frame(
     };
     let len = bytes.len() as u64;
     // Decompressing and decoding are cheap and bounded (1 MiB): done here.
-    // Signature checks cost 60-75 us per value: a message with few values
-    // (idle digests, a changed value) is checked here too, which keeps a hop
-    // off the propagation path; one with many (a new node's state, a large
-    // or hostile delta) goes to the blocking pool, one message of a pool at a
-    // time, so the pool keeps one thread instead of one per message in
-    // flight (each with its stack and malloc arena: measured +6 MiB RSS per
-    // node at N = 60 without the cap), and the runtime thread that carries
-    // the data plane never waits on a flood of signatures.
+    // Signature checks cost 60-75 us per value: a message of up to
+    // INLINE_CHECKS values (idle digests, a changed value, a new node's
+    // state, formation's SYN-ACKs) is checked here too, which keeps a hop off
+    // the propagation path and the blocking pool's threads out of RSS; a
+    // larger one (only a big or hostile delta) goes to the blocking pool, one
+    // message of a pool at a time, so the pool keeps one thread instead of
+    // one per message in flight (each with its stack and malloc arena:
+    // measured +6 MiB RSS per node at N = 60 without the cap), and the
+    // runtime thread that carries the data plane never waits on a flood of
+    // signatures.
     let message = match codec.unframe(&bytes) {
         Ok(m) => m,
         Err(e) => {
@@ -398,7 +410,7 @@ fn spawn_peer(
                     continue;
                 }
             };
-            let frame = match Codec::of(&conn).encode(&bytes) {
+            let frame = match Codec::of(&conn, &readers.dict).encode(&bytes) {
                 Ok(frame) => frame,
                 Err(e) => {
                     debug!(%to, error = %e, "gossip message not sent");

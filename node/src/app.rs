@@ -190,47 +190,58 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     // Publish instances through the registry, so initial health is right from the first round.
     let kind = gossip_cfg.kind.clone();
     let guard = gossip_cfg.guard(authority.clone(), limits);
-    let transport = QuicTransport::new(endpoint.clone(), incoming.gossip, kind, guard);
+    let transport = QuicTransport::new(
+        endpoint.clone(),
+        incoming.gossip,
+        kind,
+        guard,
+        gossip_cfg.dictionary(),
+    );
     let gossip = GossipHandle::spawn(gossip_cfg, &transport).await?;
     let mut tasks = Vec::new();
 
     // Gateways also join the WAN pool of all gateways, on the same endpoint.
-    let (wan, wan_view): (Option<GossipHandle>, Option<watch::Receiver<Arc<WanView>>>) = if cfg
-        .gateway
-    {
-        let wan_advertise = cfg.wan_advertise.unwrap_or(advertise);
-        let wan_cfg = GossipConfig {
-            me: me.identity.clone(),
-            kind: PoolKind::Wan,
-            generation,
-            advertise: wan_advertise,
-            gateway: true,
-            seeds: cfg
-                .wan_seeds
-                .iter()
-                .copied()
-                .filter(|s| *s != wan_advertise)
-                .collect(),
-            services: Vec::new(),
-            tuning: tuning.clone(),
-            signer: signer.clone(),
-            cert_der: cert_der.clone(),
+    let (wan, wan_view): (Option<GossipHandle>, Option<watch::Receiver<Arc<WanView>>>) =
+        if cfg.gateway {
+            let wan_advertise = cfg.wan_advertise.unwrap_or(advertise);
+            let wan_cfg = GossipConfig {
+                me: me.identity.clone(),
+                kind: PoolKind::Wan,
+                generation,
+                advertise: wan_advertise,
+                gateway: true,
+                seeds: cfg
+                    .wan_seeds
+                    .iter()
+                    .copied()
+                    .filter(|s| *s != wan_advertise)
+                    .collect(),
+                services: Vec::new(),
+                tuning: tuning.clone(),
+                signer: signer.clone(),
+                cert_der: cert_der.clone(),
+            };
+            let guard = wan_cfg.guard(authority.clone(), limits);
+            let transport = QuicTransport::new(
+                endpoint.clone(),
+                incoming.wan,
+                PoolKind::Wan,
+                guard,
+                wan_cfg.dictionary(),
+            );
+            let wan = GossipHandle::spawn(wan_cfg, &transport).await?;
+            let (view, task) = federation::spawn(
+                gossip.clone(),
+                wan.clone(),
+                endpoint.clone(),
+                me.identity.cluster().to_string(),
+            );
+            tasks.push(task);
+            (Some(wan), Some(view))
+        } else {
+            tasks.push(tokio::spawn(refuse_wan(incoming.wan)));
+            (None, None)
         };
-        let guard = wan_cfg.guard(authority.clone(), limits);
-        let transport = QuicTransport::new(endpoint.clone(), incoming.wan, PoolKind::Wan, guard);
-        let wan = GossipHandle::spawn(wan_cfg, &transport).await?;
-        let (view, task) = federation::spawn(
-            gossip.clone(),
-            wan.clone(),
-            endpoint.clone(),
-            me.identity.cluster().to_string(),
-        );
-        tasks.push(task);
-        (Some(wan), Some(view))
-    } else {
-        tasks.push(tokio::spawn(refuse_wan(incoming.wan)));
-        (None, None)
-    };
     let registry = Arc::new(Registry::new(&services_cfg, gossip.clone()));
     gossip.publish_services(&registry.records()).await?;
     if let Some(ca) = &ca {

@@ -5,10 +5,15 @@ pub const GOSSIP: &[u8] = b"meshnode-gossip/1";
 /// The gossip pool with zstd-compressed frames. Newer nodes offer and prefer
 /// it; a node that knows only `/1` still gets `/1`, so versions can mix.
 pub const GOSSIP_V2: &[u8] = b"meshnode-gossip/2";
+/// The gossip pool with zstd frames primed by the pool's dictionary (its id
+/// and node-id prefix, which every message repeats). Preferred over `/2`.
+pub const GOSSIP_V3: &[u8] = b"meshnode-gossip/3";
 /// The WAN pool of all gateways of the mesh; only gateway certificates may join.
 pub const WAN_GOSSIP: &[u8] = b"meshnode-wan/1";
 /// The WAN pool with zstd-compressed frames.
 pub const WAN_GOSSIP_V2: &[u8] = b"meshnode-wan/2";
+/// The WAN pool with zstd frames primed by the pool's dictionary.
+pub const WAN_GOSSIP_V3: &[u8] = b"meshnode-wan/3";
 /// Proxied connections: one bidi stream per TCP connection.
 pub const TUNNEL: &[u8] = b"meshnode-tunnel/1";
 /// The join handshake of a new machine.
@@ -16,11 +21,35 @@ pub const JOIN: &[u8] = b"meshnode-join/1";
 
 /// The protocols a node serves, in its order of preference (rustls picks the
 /// first of these that the client offers).
-pub const ALL: [&[u8]; 6] = [GOSSIP_V2, GOSSIP, WAN_GOSSIP_V2, WAN_GOSSIP, TUNNEL, JOIN];
+pub const ALL: [&[u8]; 8] = [
+    GOSSIP_V3,
+    GOSSIP_V2,
+    GOSSIP,
+    WAN_GOSSIP_V3,
+    WAN_GOSSIP_V2,
+    WAN_GOSSIP,
+    TUNNEL,
+    JOIN,
+];
 
-/// Whether a negotiated protocol carries compressed gossip frames.
-pub fn compressed_gossip(negotiated: &[u8]) -> bool {
-    negotiated == GOSSIP_V2 || negotiated == WAN_GOSSIP_V2
+/// How a negotiated gossip protocol frames its messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// chitchat's bytes as they are (`/1`, and anything not gossip).
+    Raw,
+    /// One zstd frame per message (`/2`).
+    Zstd,
+    /// One zstd frame per message, primed with the pool's dictionary (`/3`).
+    PoolDictionary,
+}
+
+/// The framing of a negotiated protocol.
+pub fn framing(negotiated: &[u8]) -> Framing {
+    match negotiated {
+        GOSSIP_V3 | WAN_GOSSIP_V3 => Framing::PoolDictionary,
+        GOSSIP_V2 | WAN_GOSSIP_V2 => Framing::Zstd,
+        _ => Framing::Raw,
+    }
 }
 
 /// A protocol as a small copyable value, for map keys and metric labels.
@@ -47,8 +76,8 @@ impl Alpn {
     /// What a client dialling for this protocol offers, newest version first.
     pub fn offers(self) -> &'static [&'static [u8]] {
         match self {
-            Alpn::Gossip => &[GOSSIP_V2, GOSSIP],
-            Alpn::WanGossip => &[WAN_GOSSIP_V2, WAN_GOSSIP],
+            Alpn::Gossip => &[GOSSIP_V3, GOSSIP_V2, GOSSIP],
+            Alpn::WanGossip => &[WAN_GOSSIP_V3, WAN_GOSSIP_V2, WAN_GOSSIP],
             Alpn::Tunnel => &[TUNNEL],
             Alpn::Join => &[JOIN],
         }
@@ -57,8 +86,8 @@ impl Alpn {
     /// The protocol of a negotiated ALPN id, whatever its version.
     pub fn from_bytes(b: &[u8]) -> Option<Alpn> {
         match b {
-            GOSSIP | GOSSIP_V2 => Some(Alpn::Gossip),
-            WAN_GOSSIP | WAN_GOSSIP_V2 => Some(Alpn::WanGossip),
+            GOSSIP | GOSSIP_V2 | GOSSIP_V3 => Some(Alpn::Gossip),
+            WAN_GOSSIP | WAN_GOSSIP_V2 | WAN_GOSSIP_V3 => Some(Alpn::WanGossip),
             TUNNEL => Some(Alpn::Tunnel),
             JOIN => Some(Alpn::Join),
             _ => None,

@@ -11,6 +11,9 @@
 //! ```sh
 //! meshnode-gossip-bench --meshnode target/release/meshnode --serf /usr/bin/serf --sizes 10,30,60
 //! ```
+//!
+//! `--only meshnode` (or `serf`) runs one system: for comparing two meshnode
+//! builds quickly, without ratios.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -25,7 +28,10 @@ struct Args {
     serf: PathBuf,
     sizes: Vec<usize>,
     work: PathBuf,
+    only: Option<String>,
 }
+
+const USAGE: &str = "usage: meshnode-gossip-bench [--meshnode PATH] [--serf PATH] [--sizes 10,30,60] [--work DIR] [--only meshnode|serf]";
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Figures {
@@ -52,12 +58,19 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.work)?;
     let mut rows = Vec::new();
     for &n in &a.sizes {
-        eprintln!("== N = {n}: meshnode");
-        let m = meshnode_run(&a, n)?;
-        eprintln!("   {m:?}");
-        eprintln!("== N = {n}: serf");
-        let s = serf_run(&a, n)?;
-        eprintln!("   {s:?}");
+        let run = |system: &str| a.only.as_deref().is_none_or(|o| o == system);
+        let mut m = Figures::default();
+        if run("meshnode") {
+            eprintln!("== N = {n}: meshnode");
+            m = meshnode_run(&a, n)?;
+            eprintln!("   {m:?}");
+        }
+        let mut s = Figures::default();
+        if run("serf") {
+            eprintln!("== N = {n}: serf");
+            s = serf_run(&a, n)?;
+            eprintln!("   {s:?}");
+        }
         rows.push((n, m, s));
     }
     println!("\n| N | system | state change seen by all | kill -9 seen by all | idle B/s per node | RSS per node |");
@@ -100,11 +113,22 @@ fn parse_args() -> anyhow::Result<Args> {
         serf: "/usr/bin/serf".into(),
         sizes: vec![10, 30, 60],
         work: std::env::temp_dir().join("meshnode-gossip-bench"),
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        let v = it
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
+            "--only" => match v.as_str() {
+                "meshnode" | "serf" => a.only = Some(v),
+                other => bail!("--only: meshnode or serf, not {other:?}"),
+            },
             "--meshnode" => a.meshnode = v.into(),
             "--serf" => a.serf = v.into(),
             "--work" => a.work = v.into(),
@@ -115,7 +139,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     .collect::<Result<_, _>>()
                     .context("--sizes: comma-separated numbers")?
             }
-            other => bail!("unknown flag {other}"),
+            other => bail!("unknown flag {other}\n{USAGE}"),
         }
     }
     Ok(a)

@@ -23,6 +23,11 @@ use crate::{echo_server, echo_service, subnet, upstream, wait_until, Pki};
 
 const POOL: &str = "acme/east";
 
+/// The pool's frame dictionary: derived from public names, so an insider has it too.
+fn pool_dict() -> std::sync::Arc<meshnode_gossip::frame::Dictionary> {
+    meshnode_gossip::frame::Dictionary::for_pool(POOL, "spiffe://acme/cluster/east/node/")
+}
+
 /// The insider: a real endpoint with a real certificate of cluster east.
 struct Insider {
     endpoint: meshnode_transport::Endpoint,
@@ -34,7 +39,7 @@ struct Insider {
 impl Insider {
     async fn send(&self, to: SocketAddr, msg: &Message) {
         let (conn, _) = self.endpoint.connect(to, Alpn::Gossip).await.expect("dial");
-        let frame = Codec::of(&conn)
+        let frame = Codec::of(&conn, &pool_dict())
             .encode(&wire::encode(msg, Blocks::Chitchat))
             .expect("frame");
         self.send_frame(&conn, &frame).await;
@@ -53,7 +58,7 @@ impl Insider {
             cluster_id: POOL.into(),
             digest: vec![],
         };
-        let frame = Codec::of(&conn)
+        let frame = Codec::of(&conn, &pool_dict())
             .encode(&wire::encode(&syn, Blocks::Chitchat))
             .unwrap();
         self.send_frame(&conn, &frame).await;
@@ -63,7 +68,10 @@ impl Insider {
         })
         .await
         .expect("the victim answers a SYN");
-        let bytes = Codec::of(&conn).unframe(&answer).unwrap().into_owned();
+        let bytes = Codec::of(&conn, &pool_dict())
+            .unframe(&answer)
+            .unwrap()
+            .into_owned();
         match wire::decode(&bytes, &wire::Limits::default()).unwrap() {
             Message::SynAck { digest, delta } => (digest, delta),
             other => panic!("expected a SYN-ACK, got {other:?}"),

@@ -837,7 +837,13 @@ async fn a_join_relay_never_picks_a_member_claiming_the_ca_role_without_proof() 
         cert_der,
     };
     let guard = cfg.guard(authority, meshnode_gossip::wire::Limits::default());
-    let transport = QuicTransport::new(endpoint.clone(), incoming.gossip, cfg.kind.clone(), guard);
+    let transport = QuicTransport::new(
+        endpoint.clone(),
+        incoming.gossip,
+        cfg.kind.clone(),
+        guard,
+        cfg.dictionary(),
+    );
     let insider = GossipHandle::spawn(cfg, &transport).await.expect("gossip");
     let joins = Arc::new(AtomicUsize::new(0));
     let counted = joins.clone();

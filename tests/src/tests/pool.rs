@@ -305,9 +305,17 @@ async fn gossip_frames_follow_the_version_each_peer_offers() {
             .unwrap(),
     );
     let transport = std::sync::Arc::new(tls::transport_config());
+    let dict = meshnode_gossip::frame::Dictionary::for_pool(
+        "acme/east",
+        "spiffe://acme/cluster/east/node/",
+    );
     for (offers, codec) in [
         (&[alpn::GOSSIP][..], Codec::Raw),
         (&[alpn::GOSSIP_V2, alpn::GOSSIP][..], Codec::Zstd),
+        (
+            &[alpn::GOSSIP_V3, alpn::GOSSIP_V2, alpn::GOSSIP][..],
+            Codec::Pool(dict.clone()),
+        ),
     ] {
         let client = quinn::Endpoint::client((nodes[0].spec.ip, 0).into()).unwrap();
         let cfg = me.client_config(offers, transport.clone()).unwrap();
@@ -316,7 +324,10 @@ async fn gossip_frames_follow_the_version_each_peer_offers() {
             .unwrap()
             .await
             .unwrap();
-        assert_eq!(Codec::for_alpn(negotiated_alpn(&conn).as_deref()), codec);
+        assert_eq!(
+            Codec::for_alpn(negotiated_alpn(&conn).as_deref(), &dict),
+            codec
+        );
         let mut s = conn.open_uni().await.unwrap();
         s.write_all(&codec.encode(&empty_syn("acme/east")).unwrap())
             .await
