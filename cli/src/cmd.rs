@@ -41,10 +41,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Check a config file without starting.
+    /// Check a config file without starting (and, when they exist, its certificate and key).
     Validate {
         #[arg(long, short)]
         config: PathBuf,
+        /// Print the result as JSON: `{"valid": true, ...}` or `{"valid": false, "errors": [...]}`.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a whole mesh on loopback with demo services, traffic and a node failure.
     Demo {
@@ -198,7 +201,7 @@ impl Cli {
     pub async fn run(self) -> Result<(), Failure> {
         match self.command {
             Command::Run { config } => run::run(&config).await,
-            Command::Validate { config } => run::validate(&config),
+            Command::Validate { config, json } => run::validate(&config, json),
             Command::Demo { hold } => demo::demo(hold).await,
             Command::Ca(CaCommand::Init { mesh, out }) => ca::init(&mesh, &out),
             Command::Cert(CertCommand::Issue {

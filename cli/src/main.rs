@@ -26,6 +26,14 @@ impl Failure {
         }
     }
 
+    /// A failure whose message the command printed already (as JSON, say).
+    pub fn silent(code: u8) -> Self {
+        Self {
+            code,
+            error: anyhow::anyhow!(""),
+        }
+    }
+
     pub fn runtime(error: impl Into<anyhow::Error>) -> Self {
         Self {
             code: 1,
@@ -46,8 +54,11 @@ fn main() -> ExitCode {
     let default_level = if cli.is_agent() { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHNODE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Colour only for a person at a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -64,8 +75,80 @@ fn main() -> ExitCode {
     match runtime.block_on(cli.run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("error: {:#}", f.error);
+            let text = render(&f.error);
+            if !text.is_empty() {
+                eprintln!("error: {text}");
+            }
             ExitCode::from(f.code)
         }
+    }
+}
+
+/// An error and its causes on one line, each cause once: many errors name
+/// their source in their own message already (`reading X: Permission
+/// denied`), and anyhow's `{:#}` would print it a second time. A refused
+/// permission gets a hint, since it is almost always the file's owner.
+pub fn render(error: &anyhow::Error) -> String {
+    let mut out = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    let denied = error.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+    });
+    if denied {
+        out.push_str(
+            "\nhint: the file belongs to another user: run this as that user \
+             (the agent's files belong to `meshnode`: sudo -u meshnode ...) or as root, \
+             and check the owner with `ls -l`",
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Read {
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Read {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "reading /x/node.key: {}", self.source)
+        }
+    }
+
+    impl std::error::Error for Read {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_printed_once_and_a_refused_permission_gets_a_hint() {
+        let e = anyhow::Error::new(Read {
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        })
+        .context("loading the node's TLS files");
+        let text = render(&e);
+        assert_eq!(text.matches("permission denied").count(), 1, "{text}");
+        assert!(
+            text.starts_with("loading the node's TLS files: reading /x/node.key: "),
+            "{text}"
+        );
+        assert!(
+            text.contains("hint: the file belongs to another user"),
+            "{text}"
+        );
+        let plain = render(&anyhow::anyhow!("no such service"));
+        assert_eq!(plain, "no such service");
     }
 }

@@ -98,10 +98,11 @@ pub struct Bound {
     _lock: crate::lock::DataDirLock,
 }
 
-pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bound, AppError> {
-    // Before anything touches the data dir or the pool: a second agent on the
-    // same dir would take over this node's member entry.
-    let lock = crate::lock::acquire(&cfg.data_dir)?;
+/// Loads the node's certificate, CA and key and checks them against the
+/// config: the chain, the names in the certificate, the gateway role, the
+/// key file's mode (refused when group or others can read it). `build` starts with it, and `meshnode validate` runs it too, so a
+/// config that validates also starts.
+pub fn check_credentials(cfg: &Config) -> Result<Arc<TlsMaterial>, AppError> {
     let tls = Arc::new(TlsMaterial::load(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?);
     let me = tls.me();
     for (key, config, cert) in [
@@ -123,6 +124,15 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
             identity: me.identity.to_string(),
         });
     }
+    Ok(tls)
+}
+
+pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bound, AppError> {
+    // Before anything touches the data dir or the pool: a second agent on the
+    // same dir would take over this node's member entry.
+    let lock = crate::lock::acquire(&cfg.data_dir)?;
+    let tls = check_credentials(&cfg)?;
+    let me = tls.me();
     let ca = match &cfg.ca {
         Some(settings) => Some(Arc::new(CaNode::open(
             settings,

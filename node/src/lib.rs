@@ -21,5 +21,5 @@ mod renew;
 mod revocations;
 mod upstream;
 
-pub use app::{build, AppError, Bound};
+pub use app::{build, check_credentials, AppError, Bound};
 pub use config::Config;

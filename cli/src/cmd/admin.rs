@@ -229,16 +229,12 @@ pub async fn status(a: &AdminArgs, check: bool) -> Result<(), Failure> {
         vec!["revocations".into(), field(&v, "revocations")],
         vec![
             "cert expires in".into(),
-            humantime::format_duration(std::time::Duration::from_secs(expires.max(0) as u64))
-                .to_string(),
+            crate::output::duration(std::time::Duration::from_secs(expires.max(0) as u64)),
         ],
         vec![
             "CA expires in".into(),
             match v.get("ca_expires_in_seconds").and_then(Value::as_i64) {
-                Some(s) => {
-                    humantime::format_duration(std::time::Duration::from_secs(s.max(0) as u64))
-                        .to_string()
-                }
+                Some(s) => crate::output::duration(std::time::Duration::from_secs(s.max(0) as u64)),
                 None => "unknown".into(),
             },
         ],
@@ -289,9 +285,13 @@ pub async fn status(a: &AdminArgs, check: bool) -> Result<(), Failure> {
 
 pub async fn leave(a: &AdminArgs, data_dir: &std::path::Path) -> Result<(), Failure> {
     let secret = super::ca::admin_secret(data_dir)?;
-    client::post(a.admin, "/v1/leave", &secret)
+    let answer = client::post(a.admin, "/v1/leave", &secret)
         .await
         .map_err(Failure::runtime)?;
-    println!("leaving: the node withdraws its instances now, drains open streams and exits");
+    if a.json {
+        println!("{}", answer.trim());
+    } else {
+        println!("leaving: the node withdraws its instances now, drains open streams and exits");
+    }
     Ok(())
 }

@@ -52,7 +52,7 @@ pub fn issue(
     println!(
         "issued {} ({role}) valid for {}",
         cert.identity,
-        humantime::format_duration(validity)
+        crate::output::duration(validity)
     );
     for f in ["node.pem", "node.key", "ca.pem"] {
         println!("  {}", out.join(f).display());
@@ -138,7 +138,7 @@ pub async fn token_create(
     println!("{token}");
     eprintln!(
         "join token: valid {}, {} use(s){}{}; on the new machine run:\n  meshnode join --token <TOKEN> <ADDRESS OF ANY NODE>:9470",
-        humantime::format_duration(o.ttl),
+        crate::output::duration(o.ttl),
         o.uses,
         o.cluster
             .as_deref()

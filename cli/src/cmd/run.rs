@@ -41,28 +41,98 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
         .map_err(|e| Failure::runtime(anyhow::anyhow!(e)))
 }
 
-pub fn validate(path: &Path) -> Result<(), Failure> {
-    let cfg = load(path)?;
-    println!(
-        "{}: valid (node {}, cluster {}, mesh {}; {} service(s), {} upstream(s))",
-        path.display(),
-        cfg.node,
-        cfg.cluster,
-        cfg.mesh,
-        cfg.services.len(),
-        cfg.upstreams.len()
-    );
+pub fn validate(path: &Path, json: bool) -> Result<(), Failure> {
+    let result = check(path);
+    if json {
+        let v = match &result {
+            Ok((cfg, notes)) => serde_json::json!({
+                "valid": true,
+                "config": path.display().to_string(),
+                "node": cfg.node,
+                "cluster": cfg.cluster,
+                "mesh": cfg.mesh,
+                "services": cfg.services.len(),
+                "upstreams": cfg.upstreams.len(),
+                "notes": notes,
+            }),
+            Err(Invalid::Keys(errors)) => serde_json::json!({
+                "valid": false,
+                "config": path.display().to_string(),
+                "errors": errors
+                    .iter()
+                    .map(|e| serde_json::json!({ "key": e.key, "message": e.message }))
+                    .collect::<Vec<_>>(),
+            }),
+            Err(Invalid::Other(e)) => serde_json::json!({
+                "valid": false,
+                "config": path.display().to_string(),
+                "errors": [{ "key": null, "message": crate::render(e) }],
+            }),
+        };
+        println!("{v}");
+        return match result {
+            Ok(_) => Ok(()),
+            // Printed already: exit 64 without a second message.
+            Err(_) => Err(Failure::silent(crate::EXIT_USAGE)),
+        };
+    }
+    match result {
+        Ok((cfg, notes)) => {
+            println!(
+                "{}: valid (node {}, cluster {}, mesh {}; {} service(s), {} upstream(s))",
+                path.display(),
+                cfg.node,
+                cfg.cluster,
+                cfg.mesh,
+                cfg.services.len(),
+                cfg.upstreams.len()
+            );
+            for note in notes {
+                println!("note: {note}");
+            }
+            Ok(())
+        }
+        Err(Invalid::Keys(errors)) => Err(Failure::usage(anyhow::anyhow!(
+            "{}: {}",
+            path.display(),
+            LoadError::Invalid(errors)
+        ))),
+        Err(Invalid::Other(e)) => Err(Failure::usage(e)),
+    }
+}
+
+enum Invalid {
+    /// Keys of the file that are wrong.
+    Keys(Vec<meshnode_node::config::ConfigError>),
+    /// The file cannot be read, or its certificate or key do not fit it.
+    Other(anyhow::Error),
+}
+
+/// The config, and notes about it, or why `run` would refuse it.
+fn check(path: &Path) -> Result<(Config, Vec<String>), Invalid> {
+    let cfg = Config::load(path).map_err(|e| match e {
+        LoadError::Invalid(errors) => Invalid::Keys(errors),
+        e @ LoadError::Read { .. } => Invalid::Other(e.into()),
+    })?;
+    let mut notes = Vec::new();
     for (key, p) in [
         ("tls.ca", &cfg.tls.ca),
         ("tls.cert", &cfg.tls.cert),
         ("tls.key", &cfg.tls.key),
     ] {
         if !p.exists() {
-            println!(
-                "note: {key} {} does not exist yet (meshnode join or cert issue writes it)",
+            notes.push(format!(
+                "{key} {} does not exist yet (meshnode join or cert issue writes it)",
                 p.display()
-            );
+            ));
         }
     }
-    Ok(())
+    // With the files in place, the same checks as `run` (names in the
+    // certificate, gateway role, key mode): a config that validates starts.
+    if notes.is_empty() {
+        meshnode_node::check_credentials(&cfg).map_err(|e| {
+            Invalid::Other(anyhow::Error::new(e).context(format!("{}: not valid", path.display())))
+        })?;
+    }
+    Ok((cfg, notes))
 }

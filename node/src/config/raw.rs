@@ -169,6 +169,14 @@ impl Errors {
     }
 }
 
+/// "line L, column C" (both from 1) of a byte offset into `text`.
+fn position(text: &str, offset: usize) -> String {
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}")
+}
+
 fn service_name_ok(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
@@ -202,7 +210,11 @@ impl RawConfig {
                 } else {
                     key
                 };
-                let msg = e.into_inner().message().trim().to_string();
+                let inner = e.into_inner();
+                let mut msg = inner.message().trim().to_string();
+                if let Some(span) = inner.span() {
+                    msg = format!("{} ({msg})", position(text, span.start));
+                }
                 Err(LoadError::Invalid(vec![ConfigError::new(key, msg)]))
             }
         }

@@ -117,9 +117,15 @@ fn type_errors_name_the_key() {
 }
 
 #[test]
-fn syntax_errors_are_reported_not_panicked() {
+fn syntax_errors_are_reported_with_line_and_column_not_panicked() {
     let errs = errors("cluster = \n");
     assert_eq!(errs.len(), 1);
+    let errs = errors("cluster = \"c\"\nmesh = \"m\"\n[[service]]\nname = \"a\"\nport = 80 80\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].contains("line 5, column"), "{errs:?}");
+    let errs =
+        errors("cluster = \"c\"\nmesh = \"m\"\n[[service]]\nname = \"a\"\nport = \"eighty\"\n");
+    assert!(errs[0].contains("line 5, column 8"), "{errs:?}");
 }
 
 #[test]

@@ -40,6 +40,58 @@ fn a_bad_config_exits_64_and_names_every_key() {
 }
 
 #[test]
+fn validate_json_says_valid_or_lists_every_error_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "mesh = \"acme\"\nclustr = \"east\"\n").unwrap();
+    let out = meshnode(&["validate", "--json", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(out.stderr.is_empty(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["errors"][0]["key"], "clustr", "{v}");
+
+    std::fs::write(&cfg, "mesh = \"acme\"\ncluster = \"east\"\nnode = \"n1\"\n").unwrap();
+    let out = meshnode(&["validate", "--json", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["valid"], true, "{v}");
+    assert_eq!(v["node"], "n1");
+    assert!(
+        v["notes"][0]
+            .as_str()
+            .unwrap()
+            .contains("does not exist yet"),
+        "{v}"
+    );
+
+    let out = meshnode(&["validate", "--json", "--config", "/nonexistent.toml"]);
+    assert_eq!(out.status.code(), Some(64));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(
+        v["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("No such file"),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_toml_syntax_error_names_its_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "mesh = \"acme\"\ncluster = \"east\"\nbind = 127.0.0.1:9470\n",
+    )
+    .unwrap();
+    let out = meshnode(&["validate", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out).contains("line 3, column"), "{}", text(&out));
+}
+
+#[test]
 fn usage_errors_exit_64() {
     assert_eq!(meshnode(&["frobnicate"]).status.code(), Some(64));
     assert_eq!(
@@ -124,9 +176,12 @@ fn ca_init_and_cert_issue_write_private_keys_0600_and_run_refuses_a_readable_key
         format!("node = \"n1\"\ncluster = \"east\"\nmesh = \"acme\"\ndata_dir = \"{}\"\nbind = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n", node.display()),
     )
     .unwrap();
-    let out = meshnode(&["run", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
-    assert!(text(&out).contains("chmod 600"), "{}", text(&out));
+    // `validate` refuses what `run` refuses, with the same message.
+    for cmd in ["validate", "run"] {
+        let out = meshnode(&[cmd, "--config", cfg.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64), "{cmd}: {}", text(&out));
+        assert!(text(&out).contains("chmod 600"), "{cmd}: {}", text(&out));
+    }
 
     // A config whose identity disagrees with the certificate is refused, naming the key.
     std::fs::set_permissions(
@@ -141,13 +196,15 @@ fn ca_init_and_cert_issue_write_private_keys_0600_and_run_refuses_a_readable_key
             .replace("cluster = \"east\"", "cluster = \"west\""),
     )
     .unwrap();
-    let out = meshnode(&["run", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
-    assert!(
-        text(&out).contains("cluster: config says \"west\""),
-        "{}",
-        text(&out)
-    );
+    for cmd in ["validate", "run"] {
+        let out = meshnode(&[cmd, "--config", cfg.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64), "{cmd}: {}", text(&out));
+        assert!(
+            text(&out).contains("cluster: config says \"west\""),
+            "{cmd}: {}",
+            text(&out)
+        );
+    }
 
     // gateway = true needs a gateway certificate.
     let plain = dir.path().join("n2");
@@ -158,9 +215,75 @@ fn ca_init_and_cert_issue_write_private_keys_0600_and_run_refuses_a_readable_key
         format!("node = \"n2\"\ncluster = \"east\"\nmesh = \"acme\"\ndata_dir = \"{}\"\nbind = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ngateway = true\n", plain.display()),
     )
     .unwrap();
-    let out = meshnode(&["run", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
-    assert!(text(&out).contains("--gateway"), "{}", text(&out));
+    for cmd in ["validate", "run"] {
+        let out = meshnode(&[cmd, "--config", cfg.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64), "{cmd}: {}", text(&out));
+        assert!(text(&out).contains("--gateway"), "{cmd}: {}", text(&out));
+    }
+    // And a config that validates does start: n2 without `gateway`.
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("gateway = true\n", ""),
+    )
+    .unwrap();
+    let out = meshnode(&["validate", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("valid (node n2"), "{}", text(&out));
+}
+
+/// A key only its owner may read, read by another user: the OS error once,
+/// with a hint about ownership. Needs root (to run the command as nobody).
+#[test]
+fn a_key_of_another_user_is_refused_once_with_a_hint() {
+    if !nix_is_root() {
+        eprintln!("skipped: needs root to run meshnode as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ca = dir.path().join("ca");
+    let node = dir.path().join("n1");
+    assert!(meshnode(&[
+        "ca",
+        "init",
+        "--mesh",
+        "acme",
+        "--out",
+        ca.to_str().unwrap()
+    ])
+    .status
+    .success());
+    assert!(issue(&ca, "n1", &node, false).status.success());
+    std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = dir.path().join("n1.toml");
+    std::fs::write(
+        &cfg,
+        format!("node = \"n1\"\ncluster = \"east\"\nmesh = \"acme\"\ndata_dir = \"{}\"\nbind = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n", node.display()),
+    )
+    .unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(crate::meshnode_bin())
+        .args(["validate", "--config", cfg.to_str().unwrap()])
+        .output()
+        .expect("setpriv (util-linux)");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(64), "{t}");
+    assert_eq!(t.matches("Permission denied").count(), 1, "{t}");
+    assert!(t.contains("hint: the file belongs to another user"), "{t}");
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
 }
 
 #[test]
@@ -182,6 +305,46 @@ fn the_example_config_validates() {
     );
     let out = meshnode(&["validate", "--config", example]);
     assert!(out.status.success(), "{}", text(&out));
+    // As shipped it is a lone first node: no seeds, services or upstreams
+    // that a new user would carry into every catalog by accident.
+    assert!(
+        text(&out).contains("0 service(s), 0 upstream(s)"),
+        "{}",
+        text(&out)
+    );
+    // Its commented examples are valid once uncommented.
+    let keys = [
+        "seeds",
+        "[[service]]",
+        "name",
+        "address",
+        "port",
+        "protocol",
+        "tags",
+        "check",
+        "[[upstream]]",
+        "service",
+        "listen",
+        "failover",
+    ];
+    let uncommented: String = std::fs::read_to_string(example)
+        .unwrap()
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest) if keys.iter().any(|k| rest.starts_with(k)) => format!("{rest}\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full.toml");
+    std::fs::write(&full, uncommented).unwrap();
+    let out = meshnode(&["validate", "--config", full.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 service(s), 1 upstream(s)"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]

@@ -40,6 +40,10 @@ async fn three_nodes_form_a_pool_and_report_health() {
         metrics.contains("# HELP meshnode_gossip_members"),
         "{metrics}"
     );
+    // Logs to a file (as under journald) are plain text: no colour codes.
+    let log = nodes[0].log_text();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\x1b'), "ANSI codes in a log file: {log:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -119,12 +123,16 @@ async fn leave_and_sigterm_withdraw_instances_at_once_and_exit_zero() {
         &nodes[1].spec.admin.to_string(),
         "--data-dir",
         &nodes[1].data_dir().display().to_string(),
+        "--json",
     ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let answer: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("leave --json prints JSON");
+    assert_eq!(answer["status"], "leaving");
     // Well below failure detection: the leave is announced, not detected.
     let took = wait_until(Duration::from_secs(2), || async {
         nodes[0].instances("echo").await.len() == 1
