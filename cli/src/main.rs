@@ -15,29 +15,27 @@ pub const EXIT_USAGE: u8 = 64;
 /// A failed command and the exit code it maps to.
 pub struct Failure {
     pub code: u8,
-    pub error: anyhow::Error,
+    /// What to print; `None` when the command printed it already (as JSON, say).
+    pub error: Option<anyhow::Error>,
 }
 
 impl Failure {
     pub fn usage(error: impl Into<anyhow::Error>) -> Self {
         Self {
             code: EXIT_USAGE,
-            error: error.into(),
+            error: Some(error.into()),
         }
     }
 
     /// A failure whose message the command printed already (as JSON, say).
     pub fn silent(code: u8) -> Self {
-        Self {
-            code,
-            error: anyhow::anyhow!(""),
-        }
+        Self { code, error: None }
     }
 
     pub fn runtime(error: impl Into<anyhow::Error>) -> Self {
         Self {
             code: 1,
-            error: error.into(),
+            error: Some(error.into()),
         }
     }
 }
@@ -75,9 +73,8 @@ fn main() -> ExitCode {
     match runtime.block_on(cli.run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            let text = render(&f.error);
-            if !text.is_empty() {
-                eprintln!("error: {text}");
+            if let Some(e) = &f.error {
+                eprintln!("error: {}", render(e));
             }
             ExitCode::from(f.code)
         }

@@ -29,6 +29,11 @@ pub const MAX_WIRE: usize = 65_507;
 pub const MAX_DECODED: usize = 1 << 20;
 /// zstd's default level: small messages, so its cost is negligible.
 const LEVEL: i32 = 3;
+/// The largest back-reference window a frame may ask the decoder for
+/// (2^20 = [`MAX_DECODED`]). A frame's header names its window, and zstd
+/// sizes its buffer from that claim (up to 128 MiB by default) before a
+/// byte is produced; a real frame of at most [`MAX_DECODED`] needs no more.
+const WINDOW_LOG_MAX: u32 = 20;
 
 /// How the frames of one connection are encoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,12 +193,28 @@ fn compress(mut c: zstd::bulk::Compressor<'_>, message: &[u8]) -> Result<Vec<u8>
 
 /// Decompresses with the output capped as it grows, so a small frame that
 /// claims (or really holds) gigabytes costs at most [`MAX_DECODED`].
-fn inflate<R: Read>(decoder: R, frame_len: usize) -> Result<Vec<u8>, FrameError> {
+fn inflate<R: std::io::BufRead>(
+    mut decoder: zstd::stream::read::Decoder<'_, R>,
+    frame_len: usize,
+) -> Result<Vec<u8>, FrameError> {
+    decoder
+        .window_log_max(WINDOW_LOG_MAX)
+        .map_err(|_| FrameError::Compression)?;
     let mut out = Vec::with_capacity(frame_len * 4);
     decoder
         .take(MAX_DECODED as u64 + 1)
         .read_to_end(&mut out)
-        .map_err(|_| FrameError::Compression)?;
+        .map_err(|e| {
+            // A window over the cap is a claim to expand past it: a bomb.
+            let too_large =
+                zstd::zstd_safe::zstd_sys::ZSTD_ErrorCode::ZSTD_error_frameParameter_windowTooLarge;
+            let name = zstd::zstd_safe::get_error_name(0usize.wrapping_sub(too_large as usize));
+            if e.to_string() == name {
+                FrameError::Bomb
+            } else {
+                FrameError::Compression
+            }
+        })?;
     if out.len() > MAX_DECODED {
         return Err(FrameError::Bomb);
     }
@@ -355,6 +376,19 @@ mod tests {
         let bomb = compress(c, &zeros).unwrap();
         assert!(bomb.len() < MAX_WIRE);
         assert_eq!(Codec::Pool(d).decode(&bomb), Err(FrameError::Bomb));
+    }
+
+    #[test]
+    fn a_frame_that_asks_for_a_window_over_the_cap_is_refused_before_it_expands() {
+        // A streaming encoder that states no content size writes its whole
+        // window (here 2^27 = 128 MiB) into the frame header.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), LEVEL).unwrap();
+        enc.window_log(27).unwrap();
+        enc.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut enc, &syn(3)).unwrap();
+        let frame = enc.finish().unwrap();
+        assert!(frame.len() < 1_000);
+        assert_eq!(Codec::Zstd.unframe(&frame), Err(FrameError::Bomb));
     }
 
     #[test]

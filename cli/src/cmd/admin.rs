@@ -200,7 +200,7 @@ pub async fn status(a: &AdminArgs, check: bool) -> Result<(), Failure> {
         if check && warnings > 0 {
             Err(Failure {
                 code: EXIT_WARNINGS,
-                error: anyhow::anyhow!("{warnings} warning(s) (status --check)"),
+                error: Some(anyhow::anyhow!("{warnings} warning(s) (status --check)")),
             })
         } else {
             Ok(())
