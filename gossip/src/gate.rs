@@ -90,6 +90,9 @@ pub struct Verdict {
     /// What may reach chitchat (`None`: nothing of the message).
     pub message: Option<Message>,
     pub dropped: Vec<Dropped>,
+    /// The admitted node deltas that carried versions this gate had not
+    /// seen before (SYN-ACK and ACK only): what a receiver passes on.
+    pub fresh: Vec<NodeDelta>,
 }
 
 struct Known {
@@ -99,6 +102,9 @@ struct Known {
     keys: HashSet<String>,
     since: Duration,
     last_seen: Duration,
+    /// The highest version admitted for this generation: a delta that goes
+    /// beyond it is news, which the transport passes on.
+    max_seen: u64,
 }
 
 pub struct Gate {
@@ -154,6 +160,7 @@ impl Gate {
                 .retain(|_, k| now.saturating_sub(k.last_seen) < FORGET_AFTER);
         }
         let mut dropped = Vec::new();
+        let mut fresh = Vec::new();
         let message = match msg {
             Message::Syn { cluster_id, digest } => Message::Syn {
                 cluster_id,
@@ -163,20 +170,21 @@ impl Gate {
             // entry, which is what makes chitchat create the node and apply
             // the delta within this one message.
             Message::SynAck { digest, delta } => {
-                let delta = self.filter_delta(delta, now, unix_now, &mut dropped);
+                let delta = self.filter_delta(delta, now, unix_now, &mut dropped, &mut fresh);
                 Message::SynAck {
                     digest: self.filter_digest(digest, now, &mut dropped),
                     delta,
                 }
             }
             Message::Ack { delta } => Message::Ack {
-                delta: self.filter_delta(delta, now, unix_now, &mut dropped),
+                delta: self.filter_delta(delta, now, unix_now, &mut dropped, &mut fresh),
             },
             Message::BadCluster => Message::BadCluster,
         };
         Verdict {
             message: Some(message),
             dropped,
+            fresh,
         }
     }
 
@@ -219,11 +227,17 @@ impl Gate {
         now: Duration,
         unix_now: i64,
         dropped: &mut Vec<Dropped>,
+        fresh: &mut Vec<NodeDelta>,
     ) -> Vec<NodeDelta> {
         let mut out = Vec::with_capacity(delta.len());
         for nd in delta {
             match self.check(&nd, now, unix_now) {
-                Ok(()) => out.push(nd),
+                Ok(news) => {
+                    if news {
+                        fresh.push(nd.clone());
+                    }
+                    out.push(nd)
+                }
                 Err(reason) => dropped.push(Dropped {
                     reason,
                     node: nd.id.node_id,
@@ -233,8 +247,21 @@ impl Gate {
         out
     }
 
-    /// Checks one node's delta; on success records what it proved.
-    fn check(&mut self, nd: &NodeDelta, now: Duration, unix_now: i64) -> Result<(), &'static str> {
+    /// The public key and generation this gate verified for `node_id`.
+    pub fn public_key(&self, node_id: &str) -> Option<(u64, Vec<u8>)> {
+        self.nodes
+            .get(node_id)
+            .map(|k| (k.generation, k.public_key.clone()))
+    }
+
+    /// Checks one node's delta; on success records what it proved, and says
+    /// whether the delta went beyond every version admitted before.
+    fn check(
+        &mut self,
+        nd: &NodeDelta,
+        now: Duration,
+        unix_now: i64,
+    ) -> Result<bool, &'static str> {
         let node_id = nd.id.node_id.as_str();
         if node_id == self.me {
             return Err("self");
@@ -349,6 +376,7 @@ impl Gate {
                     keys: HashSet::new(),
                     since: now,
                     last_seen: now,
+                    max_seen: 0,
                 },
             );
             self.nodes.get_mut(node_id)
@@ -360,11 +388,15 @@ impl Gate {
             }
             self.nodes.get_mut(node_id)
         };
+        let mut news = false;
         if let Some(k) = entry {
             k.last_seen = now;
             k.keys.extend(nd.key_values.iter().map(|kv| kv.key.clone()));
+            let max = nd.max_version();
+            news = max > k.max_seen;
+            k.max_seen = k.max_seen.max(max);
         }
-        Ok(())
+        Ok(news)
     }
 
     /// Claims a value makes that only the certificate or the CA can back.
@@ -389,6 +421,8 @@ impl Gate {
             {
                 return Err("bad_role");
             }
+        } else if key == keys::SUSPECT_KEY {
+            keys::decode_accusations(payload).map_err(|_| "bad_record")?;
         } else if key.starts_with(ROLE_PREFIX)
             || (key.starts_with(REMOTE_PREFIX) && !cert.is_gateway())
         {
@@ -473,6 +507,15 @@ impl Guard {
         msg: Message,
         from: std::net::SocketAddr,
     ) -> Option<chitchat::ChitchatMessage> {
+        self.check_fresh(msg, from).map(|(m, _)| m)
+    }
+
+    /// [`Guard::check`], also returning the admitted node deltas that were news.
+    pub fn check_fresh(
+        &self,
+        msg: Message,
+        from: std::net::SocketAddr,
+    ) -> Option<(chitchat::ChitchatMessage, Vec<NodeDelta>)> {
         use chitchat::Deserializable;
         let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         let verdict = gate.admit(
@@ -487,7 +530,7 @@ impl Guard {
         let msg = verdict.message?;
         let bytes = crate::wire::encode(&msg, crate::wire::Blocks::Raw);
         match chitchat::ChitchatMessage::deserialize(&mut &bytes[..]) {
-            Ok(m) => Some(m),
+            Ok(m) => Some((m, verdict.fresh)),
             Err(e) => {
                 // Cannot happen for bytes our encoder wrote; counted if it does.
                 self.count("malformed", &from.to_string(), &e.to_string());
@@ -505,6 +548,14 @@ impl Guard {
     ) -> Option<chitchat::ChitchatMessage> {
         use chitchat::Serializable;
         self.filter_bytes(&msg.serialize_to_vec(), from)
+    }
+
+    /// See [`Gate::public_key`].
+    pub fn public_key(&self, node_id: &str) -> Option<(u64, Vec<u8>)> {
+        self.gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .public_key(node_id)
     }
 
     fn count(&self, reason: &'static str, node: &str, detail: &str) {

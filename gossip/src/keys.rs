@@ -7,6 +7,8 @@
 //! | `leaving` | `"1"` once the node leaves gracefully |
 //! | `role:ca` | `"1"` on nodes that hold the CA key (they sign joins and renewals) |
 //! | `rev:<id>` | a CA-signed revocation (base64), re-published by every node that verified it |
+//! | `suspect` | the members this node's probes found silent ([`Accusation`](crate::swim::Accusation)s) |
+//! | `alive` | a counter the node bumps to refute an accusation of itself |
 //! | `wan:<cluster>:<service>` | gateways only: a [`RemoteService`](crate::federation::RemoteService) of another cluster |
 //!
 //! In the WAN pool a gateway publishes `node` and, per service of its cluster,
@@ -33,6 +35,11 @@ pub const ROLE_PREFIX: &str = "role:";
 pub const CA_ROLE_KEY: &str = "role:ca";
 /// `rev:<id>`: a CA-signed revocation, re-published by every node that verified it.
 pub const REVOCATION_PREFIX: &str = "rev:";
+/// This node's accusations (see [`crate::swim`]).
+pub const SUSPECT_KEY: &str = "suspect";
+/// A counter bumped to refute an accusation: any newer signed value would do,
+/// this one carries nothing else.
+pub const ALIVE_KEY: &str = "alive";
 /// Cap on one encoded value.
 pub const MAX_VALUE_LEN: usize = 8 * 1024;
 
@@ -149,6 +156,24 @@ pub(crate) fn decode<T: DeserializeOwned>(s: &str) -> Result<T, KeyError> {
         .decode(s.as_bytes())
         .map_err(|e| KeyError::Base64(e.to_string()))?;
     Ok(codec::decode(&bytes)?)
+}
+
+#[derive(Serialize, Deserialize)]
+enum WireAccusations {
+    V1(Vec<crate::swim::Accusation>),
+}
+
+pub fn encode_accusations(list: &[crate::swim::Accusation]) -> Result<String, KeyError> {
+    encode(&WireAccusations::V1(list.to_vec()))
+}
+
+/// At most [`MAX_ACCUSATIONS`](crate::swim::MAX_ACCUSATIONS) accusations, or an error.
+pub fn decode_accusations(s: &str) -> Result<Vec<crate::swim::Accusation>, KeyError> {
+    let WireAccusations::V1(list) = decode(s)?;
+    if list.len() > crate::swim::MAX_ACCUSATIONS {
+        return Err(KeyError::TooLarge(s.len()));
+    }
+    Ok(list)
 }
 
 pub fn encode_node(info: &NodeInfo) -> Result<String, KeyError> {

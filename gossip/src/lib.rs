@@ -8,9 +8,13 @@ pub mod frame;
 pub mod gate;
 pub mod keys;
 pub mod metrics;
+pub mod pacing;
+pub mod plane;
 mod pool;
+mod probe;
 mod quic;
 pub mod signed;
+pub mod swim;
 pub mod wire;
 
 pub use catalog::{Catalog, Instance, Member, MemberState, NodeSnapshot, RemoteRoute};

@@ -19,6 +19,8 @@ use crate::federation::{wan_members, wan_node_id};
 use crate::gate::{Authority, Gate, Guard};
 use crate::keys::{self, NodeInfo, ServiceRecord, LEAVING_KEY, NODE_KEY, SERVICE_PREFIX};
 use crate::metrics::{BAD_RECORDS, MEMBERS};
+use crate::plane::{Plane, Probing};
+use crate::probe::{ProbeCtx, Verdicts};
 use crate::quic::PoolKind;
 use crate::signed::{self, CERT_KEY};
 use crate::wire::Limits;
@@ -72,7 +74,10 @@ pub struct GossipHandle {
 }
 
 struct Inner {
-    signing: Signing,
+    signing: Arc<Signing>,
+    /// Pushes and probes (None: chitchat alone, as in the in-memory simulations).
+    plane: Option<Arc<Plane>>,
+    verdicts: Option<Arc<Verdicts>>,
     /// Set once chitchat's task has ended, with why.
     ended: watch::Receiver<Option<String>>,
     handle: Mutex<Option<ChitchatHandle>>,
@@ -83,11 +88,11 @@ struct Inner {
 }
 
 /// What every signature of this node in this pool covers besides key, version and payload.
-struct Signing {
-    signer: Arc<NodeSigner>,
-    pool: String,
-    node_id: String,
-    generation: u64,
+pub(crate) struct Signing {
+    pub signer: Arc<NodeSigner>,
+    pub pool: String,
+    pub node_id: String,
+    pub generation: u64,
 }
 
 // === impl GossipConfig ===
@@ -156,7 +161,7 @@ impl Signing {
     /// Publishes `payload` under `key` (an empty payload is a tombstone),
     /// signed for the version chitchat will give it. Unchanged payloads are
     /// left alone, so nothing is re-versioned.
-    fn put(&self, state: &mut NodeState, key: &str, payload: &str) {
+    pub(crate) fn put(&self, state: &mut NodeState, key: &str, payload: &str) {
         let current = state.get(key).map(signed::raw_payload);
         if current == Some(payload) || (current.is_none() && payload.is_empty()) {
             return;
@@ -186,9 +191,15 @@ impl Default for Tuning {
 impl GossipHandle {
     /// Starts chitchat on `transport`: [`QuicTransport`](crate::QuicTransport)
     /// in a node, an in-memory network in the simulations.
+    ///
+    /// With `probing` (the QUIC transport's [`Probing`]), liveness comes from
+    /// the SWIM prober, local changes are pushed at once, and chitchat's full
+    /// exchanges are paced; without it chitchat runs alone (its phi detector
+    /// decides liveness and every round exchanges digests).
     pub async fn spawn(
         cfg: GossipConfig,
         transport: &dyn chitchat::transport::Transport,
+        probing: Option<Probing>,
     ) -> Result<Self, GossipError> {
         let info = NodeInfo {
             cluster: cfg.me.cluster().to_string(),
@@ -200,12 +211,12 @@ impl GossipHandle {
         // The SPIFFE identity of the certificate: the gate checks that every
         // node's values are signed by the key of a certificate naming its id.
         let node_id = cfg.me.uri();
-        let signing = Signing {
+        let signing = Arc::new(Signing {
             signer: cfg.signer.clone(),
             pool: pool_id.clone(),
             node_id: node_id.clone(),
             generation: cfg.generation,
-        };
+        });
         let mut payloads = vec![
             (CERT_KEY.to_string(), signed::encode_cert(&cfg.cert_der)),
             (
@@ -215,6 +226,11 @@ impl GossipHandle {
         ];
         for rec in &cfg.services {
             payloads.push((rec.key(), encode_record(rec)?));
+        }
+        if probing.is_some() {
+            // Says "I answer probes": only such members are probed and
+            // accused (an older node in a mixed pool is judged by chitchat).
+            payloads.push((keys::ALIVE_KEY.to_string(), "0".to_string()));
         }
         // chitchat sets initial values one by one from version 1, the
         // certificate first (deltas carry values in version order).
@@ -232,19 +248,34 @@ impl GossipHandle {
             gossip_interval: cfg.tuning.interval,
             listen_addr: cfg.advertise,
             seed_nodes: cfg.seeds.iter().map(ToString::to_string).collect(),
-            failure_detector_config: FailureDetectorConfig {
-                phi_threshold: cfg.tuning.phi_threshold,
-                // Heartbeat intervals kept per node for the mean: 200 is 50 s
-                // of history at 250 ms rounds. chitchat allocates the whole
-                // window per node up front (8 B a slot): its default of 1,000
-                // cost 0.4 MiB per pool at N = 60 for no better estimate.
-                sampling_window_size: 200,
-                // A silence longer than this is not a heartbeat interval but an outage.
-                max_interval: cfg.tuning.interval * 40,
-                // The prior for a new node's mean interval: the real interval, not
-                // chitchat's 5 s default, or new nodes take ages to judge.
-                initial_interval: cfg.tuning.interval,
-                dead_node_grace_period: cfg.tuning.dead_node_grace,
+            failure_detector_config: if probing.is_some() {
+                // The prober decides liveness. chitchat's phi only judges
+                // when to forget a node (its GC) and which peers its rounds
+                // pick; heartbeats now arrive at the pace of anti-entropy,
+                // so the window takes long intervals and starts from a slow
+                // prior.
+                FailureDetectorConfig {
+                    phi_threshold: cfg.tuning.phi_threshold,
+                    sampling_window_size: 200,
+                    max_interval: Duration::from_secs(3600),
+                    initial_interval: Duration::from_secs(5),
+                    dead_node_grace_period: cfg.tuning.dead_node_grace,
+                }
+            } else {
+                FailureDetectorConfig {
+                    phi_threshold: cfg.tuning.phi_threshold,
+                    // Heartbeat intervals kept per node for the mean: 200 is 50 s
+                    // of history at 250 ms rounds. chitchat allocates the whole
+                    // window per node up front (8 B a slot): its default of 1,000
+                    // cost 0.4 MiB per pool at N = 60 for no better estimate.
+                    sampling_window_size: 200,
+                    // A silence longer than this is not a heartbeat interval but an outage.
+                    max_interval: cfg.tuning.interval * 40,
+                    // The prior for a new node's mean interval: the real interval, not
+                    // chitchat's 5 s default, or new nodes take ages to judge.
+                    initial_interval: cfg.tuning.interval,
+                    dead_node_grace_period: cfg.tuning.dead_node_grace,
+                }
             },
             marked_for_deletion_grace_period: cfg.tuning.dead_node_grace,
             catchup_callback: None,
@@ -265,16 +296,41 @@ impl GossipHandle {
         });
         let watcher = chitchat.lock().await.live_nodes_watcher();
         let (tx, catalog) = watch::channel(Arc::new(Catalog::default()));
+        let (changed_tx, changed) = watch::channel(0u64);
+        let (plane, verdicts) = match probing {
+            Some(p) => {
+                let verdicts = Arc::new(Verdicts::default());
+                tokio::spawn(crate::probe::run(ProbeCtx {
+                    chitchat: chitchat.clone(),
+                    signing: signing.clone(),
+                    plane: p.plane.clone(),
+                    guard: p.guard,
+                    verdicts: verdicts.clone(),
+                    changed: changed_tx,
+                    pool: cfg.kind.as_str(),
+                    swim: match cfg.kind {
+                        PoolKind::Lan { .. } => crate::swim::SwimConfig::default(),
+                        PoolKind::Wan => crate::swim::SwimConfig::wan(),
+                    },
+                }));
+                (Some(p.plane), Some(verdicts))
+            }
+            None => (None, None),
+        };
         tokio::spawn(catalog_loop(
             watcher,
+            changed,
             chitchat.clone(),
             tx,
             cfg.kind.clone(),
+            verdicts.clone(),
         ));
         info!(node = %cfg.me, pool = cfg.kind.as_str(), advertise = %cfg.advertise, seeds = cfg.seeds.len(), "gossip started");
         Ok(Self {
             inner: Arc::new(Inner {
                 signing,
+                plane,
+                verdicts,
                 ended,
                 handle: Mutex::new(Some(handle)),
                 chitchat,
@@ -299,7 +355,11 @@ impl GossipHandle {
 
     /// Every node the pool knows, live or dead, all generations.
     pub async fn snapshot(&self) -> Vec<NodeSnapshot> {
-        snapshot(&*self.inner.chitchat.lock().await, &self.inner.kind)
+        snapshot(
+            &*self.inner.chitchat.lock().await,
+            &self.inner.kind,
+            self.inner.verdicts.as_deref(),
+        )
     }
 
     /// Every value under `prefix` that any node publishes (live or not), by
@@ -349,36 +409,62 @@ impl GossipHandle {
     /// `entries` (whose keys must start with `prefix`). Unchanged values are
     /// not re-versioned, so an identical call gossips nothing.
     pub async fn publish_prefixed(&self, prefix: &str, encoded: BTreeMap<String, String>) {
-        let mut cc = self.inner.chitchat.lock().await;
-        let state = cc.self_node_state();
-        let stale: Vec<String> = state
-            .key_values()
-            .filter(|(k, v)| {
-                k.starts_with(prefix) && !encoded.contains_key(*k) && signed::payload(v).is_some()
-            })
-            .map(|(k, _)| k.to_string())
-            .collect();
-        for k in stale {
-            // A signed tombstone: chitchat's delete would leave an unsigned empty value.
-            self.inner.signing.put(state, &k, "");
-        }
-        for (k, v) in encoded {
-            self.inner.signing.put(state, &k, &v);
-        }
+        self.change(|state, signing| {
+            let stale: Vec<String> = state
+                .key_values()
+                .filter(|(k, v)| {
+                    k.starts_with(prefix)
+                        && !encoded.contains_key(*k)
+                        && signed::payload(v).is_some()
+                })
+                .map(|(k, _)| k.to_string())
+                .collect();
+            for k in stale {
+                // A signed tombstone: chitchat's delete would leave an unsigned empty value.
+                signing.put(state, &k, "");
+            }
+            for (k, v) in &encoded {
+                signing.put(state, k, v);
+            }
+        })
+        .await;
     }
 
     /// Publishes a renewed certificate of this node (same key).
     pub async fn publish_cert(&self, der: &[u8]) {
-        let mut cc = self.inner.chitchat.lock().await;
-        let state = cc.self_node_state();
-        self.inner
-            .signing
-            .put(state, CERT_KEY, &signed::encode_cert(der));
+        self.change(|state, signing| signing.put(state, CERT_KEY, &signed::encode_cert(der)))
+            .await;
+    }
+
+    /// Changes this node's own state and pushes the change.
+    async fn change(&self, f: impl FnOnce(&mut NodeState, &Signing)) {
+        change_own(
+            &self.inner.chitchat,
+            &self.inner.signing,
+            self.inner.plane.as_ref(),
+            f,
+        )
+        .await;
     }
 
     /// Leaves the pool gracefully: marks this node as leaving and withdraws its
     /// instances, pushes that to live peers at once, and waits two rounds so it spreads.
     pub async fn leave(&self) {
+        if let Some(plane) = &self.inner.plane {
+            let delta = {
+                let mut cc = self.inner.chitchat.lock().await;
+                let me = cc.self_chitchat_id().clone();
+                let state = cc.self_node_state();
+                let before = state.max_version();
+                leave_values(state, &self.inner.signing);
+                own_delta(&me, state, before)
+            };
+            // Everyone at once, not a few: a leave must not wait on forwarding.
+            plane.push_all(delta);
+            tokio::time::sleep(self.inner.tuning.interval * 2).await;
+            info!("left the gossip pool");
+            return;
+        }
         let peers = {
             let mut cc = self.inner.chitchat.lock().await;
             let me = cc.self_chitchat_id().clone();
@@ -417,6 +503,69 @@ impl GossipHandle {
     }
 }
 
+/// Marks this node as leaving and withdraws its instances.
+fn leave_values(state: &mut NodeState, signing: &Signing) {
+    signing.put(state, LEAVING_KEY, "1");
+    let svc: Vec<String> = state
+        .key_values()
+        .filter(|(k, _)| k.starts_with(SERVICE_PREFIX))
+        .map(|(k, _)| k.to_string())
+        .collect();
+    for k in svc {
+        signing.put(state, &k, "");
+    }
+}
+
+/// Applies `f` to this node's own state under chitchat's lock and, when it
+/// changed anything and a plane is there, pushes exactly the change.
+pub(crate) async fn change_own(
+    chitchat: &Mutex<Chitchat>,
+    signing: &Signing,
+    plane: Option<&Arc<Plane>>,
+    f: impl FnOnce(&mut NodeState, &Signing),
+) {
+    let delta = {
+        let mut cc = chitchat.lock().await;
+        let me = cc.self_chitchat_id().clone();
+        let state = cc.self_node_state();
+        let before = state.max_version();
+        f(state, signing);
+        (state.max_version() > before).then(|| own_delta(&me, state, before))
+    };
+    if let (Some(delta), Some(plane)) = (delta, plane) {
+        plane.push(vec![delta], None, "change");
+    }
+}
+
+/// This node's values above version `after`, as one node delta in version
+/// order (what chitchat itself would send a peer at `after`).
+fn own_delta(id: &ChitchatId, state: &NodeState, after: u64) -> crate::wire::NodeDelta {
+    use crate::wire::{KeyValue, NodeDelta, NodeId, Status};
+    let mut key_values: Vec<KeyValue> = state
+        .key_values_including_deleted()
+        .filter(|(_, v)| v.version > after)
+        .map(|(k, v)| KeyValue {
+            key: k.to_string(),
+            value: v.value.clone(),
+            version: v.version,
+            // meshnode never deletes (tombstones are signed empty values).
+            status: Status::Set,
+        })
+        .collect();
+    key_values.sort_by_key(|kv| kv.version);
+    NodeDelta {
+        id: NodeId {
+            node_id: id.node_id.to_string(),
+            generation: id.generation_id,
+            addr: id.gossip_advertise_addr,
+        },
+        last_gc_version: state.last_gc_version(),
+        from_version_excluded: after,
+        key_values,
+        set_max_version: Vec::new(),
+    }
+}
+
 fn encode_record(rec: &ServiceRecord) -> Result<String, GossipError> {
     keys::encode_service(rec).map_err(|source| GossipError::Record {
         name: rec.name.clone(),
@@ -452,39 +601,73 @@ fn to_snapshot(
     })
 }
 
-fn snapshot(cc: &Chitchat, kind: &PoolKind) -> Vec<NodeSnapshot> {
+/// Every node; live per the prober's verdicts when there are any, else per chitchat.
+fn snapshot(cc: &Chitchat, kind: &PoolKind, verdicts: Option<&Verdicts>) -> Vec<NodeSnapshot> {
     let live: HashSet<&ChitchatId> = cc.live_nodes().collect();
+    let me = cc.self_chitchat_id();
     cc.node_states()
         .iter()
-        .filter_map(|(id, state)| to_snapshot(id, state, live.contains(id), kind))
+        .filter_map(|(id, state)| {
+            let alive = match verdicts.and_then(|v| v.judged(&id.node_id, id.generation_id)) {
+                _ if id == me => true,
+                Some(dead) => !dead,
+                None => live.contains(id),
+            };
+            to_snapshot(id, state, alive, kind)
+        })
         .collect()
 }
 
 async fn catalog_loop(
     mut watcher: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    mut changed: watch::Receiver<u64>,
     chitchat: Arc<Mutex<Chitchat>>,
     tx: watch::Sender<Arc<Catalog>>,
     kind: PoolKind,
+    verdicts: Option<Arc<Verdicts>>,
 ) {
     loop {
-        let live: Vec<NodeSnapshot> = watcher
-            .borrow_and_update()
-            .iter()
-            .filter_map(|(id, s)| to_snapshot(id, s, true, &kind))
-            .collect();
+        let live: Vec<NodeSnapshot> = match &verdicts {
+            // The prober's view: every node it does not hold dead.
+            Some(v) => {
+                watcher.borrow_and_update();
+                changed.borrow_and_update();
+                snapshot(&*chitchat.lock().await, &kind, Some(v))
+                    .into_iter()
+                    .filter(|n| n.live)
+                    .collect()
+            }
+            None => watcher
+                .borrow_and_update()
+                .iter()
+                .filter_map(|(id, s)| to_snapshot(id, s, true, &kind))
+                .collect(),
+        };
         let cat = Catalog::derive(&live);
         if matches!(kind, PoolKind::Lan { .. }) {
             metrics::gauge!(BAD_RECORDS).set(cat.bad_records as f64);
         }
         // For the WAN pool the "catalog" is empty: the watch is only a change signal.
         tx.send_replace(Arc::new(cat));
-        let members = catalog::members(&snapshot(&*chitchat.lock().await, &kind));
+        let members = catalog::members(&snapshot(
+            &*chitchat.lock().await,
+            &kind,
+            verdicts.as_deref(),
+        ));
         for state in [MemberState::Alive, MemberState::Dead, MemberState::Left] {
             let n = members.iter().filter(|m| m.state == state).count();
             metrics::gauge!(MEMBERS, "pool" => kind.as_str(), "state" => state.as_str())
                 .set(n as f64);
         }
-        if watcher.changed().await.is_err() {
+        let ok = if verdicts.is_some() {
+            tokio::select! {
+                r = watcher.changed() => r.is_ok(),
+                r = changed.changed() => r.is_ok(),
+            }
+        } else {
+            watcher.changed().await.is_ok()
+        };
+        if !ok {
             return;
         }
     }

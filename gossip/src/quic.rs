@@ -29,7 +29,9 @@ use tracing::{debug, trace};
 
 use crate::frame::{Codec, Dictionary, FrameError, MAX_WIRE};
 use crate::gate::Guard;
-use crate::metrics::{BYTES, DROPPED, MESSAGES};
+use crate::metrics::{BYTES, DROPPED, MESSAGES, SYNS_HELD};
+use crate::pacing::PacingConfig;
+use crate::plane::{Datagram, Out, Plane, Probing};
 
 /// Queued outbound messages per peer; gossip is lossy by design, so overflow drops.
 const PEER_QUEUE: usize = 32;
@@ -49,6 +51,7 @@ const CLOSE_WRONG_POOL: quinn::VarInt = quinn::VarInt::from_u32(0x20);
 /// Hands chitchat a socket over QUIC. `open` may be called once.
 pub struct QuicTransport {
     parts: Mutex<Option<Parts>>,
+    plane: Arc<Plane>,
 }
 
 struct Parts {
@@ -57,6 +60,7 @@ struct Parts {
     kind: PoolKind,
     guard: Guard,
     dict: Arc<Dictionary>,
+    plane: Arc<Plane>,
 }
 
 /// Which gossip pool a transport carries, and so who may take part in it.
@@ -69,9 +73,14 @@ pub enum PoolKind {
 }
 
 struct QuicSocket {
-    out: mpsc::Sender<(SocketAddr, Vec<u8>)>,
-    inbox: mpsc::Receiver<(SocketAddr, ChitchatMessage)>,
+    plane: Arc<Plane>,
+    inbox: mpsc::Receiver<Inbound>,
+    /// The sender of a pushed SYN-ACK: chitchat's answer to it is dropped.
+    suppress: Option<SocketAddr>,
 }
+
+/// A checked message for chitchat; `push` if it was not an answer to us.
+type Inbound = (SocketAddr, ChitchatMessage, bool);
 
 // === impl QuicTransport ===
 
@@ -110,6 +119,7 @@ impl QuicTransport {
         guard: Guard,
         dict: Arc<Dictionary>,
     ) -> Self {
+        let plane = Plane::new(PacingConfig::default());
         Self {
             parts: Mutex::new(Some(Parts {
                 endpoint,
@@ -117,8 +127,20 @@ impl QuicTransport {
                 kind,
                 guard,
                 dict,
+                plane: plane.clone(),
             })),
+            plane,
         }
+    }
+
+    /// What the pool shares with this transport: hand it to
+    /// [`GossipHandle::spawn`](crate::GossipHandle::spawn). `None` once opened.
+    pub fn probing(&self) -> Option<Probing> {
+        let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        parts.as_ref().map(|p| Probing {
+            plane: self.plane.clone(),
+            guard: p.guard.clone(),
+        })
     }
 }
 
@@ -132,13 +154,17 @@ impl Transport for QuicTransport {
             .take()
             .ok_or_else(|| anyhow!("the QUIC gossip transport was already opened"))?;
         let (in_tx, inbox) = mpsc::channel(IN_QUEUE);
-        let (out, out_rx) = mpsc::channel(IN_QUEUE);
+        let out_rx = parts
+            .plane
+            .take_out()
+            .ok_or_else(|| anyhow!("the gossip plane was already opened"))?;
         let readers = Readers {
             inbox: in_tx,
             serving: Arc::new(Mutex::new(HashSet::new())),
             guard: parts.guard,
             checks: Arc::new(tokio::sync::Semaphore::new(CHECKS_AT_ONCE)),
             dict: parts.dict,
+            plane: parts.plane.clone(),
         };
         tokio::spawn(accept_loop(
             parts.incoming,
@@ -147,7 +173,11 @@ impl Transport for QuicTransport {
             readers.clone(),
         ));
         tokio::spawn(send_loop(parts.endpoint, parts.kind, out_rx, readers));
-        Ok(Box::new(QuicSocket { out, inbox }))
+        Ok(Box::new(QuicSocket {
+            plane: parts.plane,
+            inbox,
+            suppress: None,
+        }))
     }
 }
 
@@ -155,19 +185,31 @@ impl Transport for QuicTransport {
 impl Socket for QuicSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
         // Never wait on the network here: chitchat awaits send inline in its only task.
-        let bytes = msg.serialize_to_vec();
-        if self.out.try_send((to, bytes)).is_err() {
-            metrics::counter!(DROPPED, "reason" => "queue_full").increment(1);
+        let suppress = self.suppress.take();
+        match &msg {
+            ChitchatMessage::Syn { .. } if !self.plane.allow_syn(to) => {
+                metrics::counter!(SYNS_HELD).increment(1);
+                return Ok(());
+            }
+            // chitchat answers a pushed SYN-ACK right after handling it,
+            // with an ACK for what the push's partial digest lacks: nothing
+            // the pusher asked for.
+            ChitchatMessage::Ack { .. } if suppress == Some(to) => return Ok(()),
+            _ => {}
         }
+        self.plane.send(to, msg.serialize_to_vec());
         Ok(())
     }
 
     async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
         // Cancel-safe: chitchat polls this in a select!.
-        self.inbox
+        let (from, msg, push) = self
+            .inbox
             .recv()
             .await
-            .ok_or_else(|| anyhow!("QUIC endpoint closed"))
+            .ok_or_else(|| anyhow!("QUIC endpoint closed"))?;
+        self.suppress = (push && matches!(msg, ChitchatMessage::SynAck { .. })).then_some(from);
+        Ok((from, msg))
     }
 }
 
@@ -194,13 +236,14 @@ async fn accept_loop(
 /// accepted: a peer sends on whichever connection it pooled, ours included.
 #[derive(Clone)]
 struct Readers {
-    inbox: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
+    inbox: mpsc::Sender<Inbound>,
     /// `stable_id`s of the connections being read, so each gets one reader.
     serving: Arc<Mutex<HashSet<usize>>>,
     guard: Guard,
     /// Messages checked at once (see `read_frame`).
     checks: Arc<tokio::sync::Semaphore>,
     dict: Arc<Dictionary>,
+    plane: Arc<Plane>,
 }
 
 impl Readers {
@@ -217,6 +260,22 @@ impl Readers {
             return;
         }
         let this = self.clone();
+        if let Some(peer) = meshnode_transport::endpoint::peer_cert(&conn) {
+            // Probes: QUIC datagrams on the same connection.
+            let conn = conn.clone();
+            let plane = self.plane.clone();
+            let from_id = peer.identity.uri();
+            tokio::spawn(async move {
+                let from = conn.remote_address();
+                while let Ok(bytes) = conn.read_datagram().await {
+                    plane.deliver_probe(Datagram {
+                        from_id: from_id.clone(),
+                        from,
+                        bytes,
+                    });
+                }
+            });
+        }
         tokio::spawn(async move {
             let from = conn.remote_address();
             let codec = Codec::of(&conn, &this.dict);
@@ -228,6 +287,7 @@ impl Readers {
                     this.inbox.clone(),
                     this.guard.clone(),
                     this.checks.clone(),
+                    this.plane.clone(),
                 ));
             }
             this.serving
@@ -242,9 +302,10 @@ async fn read_frame(
     mut stream: quinn::RecvStream,
     from: SocketAddr,
     codec: Codec,
-    inbox: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
+    inbox: mpsc::Sender<Inbound>,
     guard: Guard,
     checks: Arc<tokio::sync::Semaphore>,
+    plane: Arc<Plane>,
 ) {
     let bytes = match stream.read_to_end(MAX_WIRE).await {
         Ok(b) => b,
@@ -284,12 +345,12 @@ async fn read_frame(
     };
     drop(message);
     let checked = if Guard::work(&decoded) <= INLINE_CHECKS {
-        guard.check(decoded, from)
+        guard.check_fresh(decoded, from)
     } else {
         let Ok(_permit) = checks.acquire_owned().await else {
             return;
         };
-        match tokio::task::spawn_blocking(move || guard.check(decoded, from)).await {
+        match tokio::task::spawn_blocking(move || guard.check_fresh(decoded, from)).await {
             Ok(m) => m,
             Err(e) => {
                 debug!(%from, error = %e, "gossip check task failed");
@@ -298,12 +359,23 @@ async fn read_frame(
         }
     };
     // `None`: counted by the guard.
-    if let Some(msg) = checked {
-        metrics::counter!(MESSAGES, "direction" => "received").increment(1);
-        metrics::counter!(BYTES, "direction" => "received").increment(len);
-        if inbox.try_send((from, msg)).is_err() {
-            metrics::counter!(DROPPED, "reason" => "queue_full").increment(1);
-        }
+    let Some((msg, fresh)) = checked else {
+        return;
+    };
+    metrics::counter!(MESSAGES, "direction" => "received").increment(1);
+    metrics::counter!(BYTES, "direction" => "received").increment(len);
+    // News passes on, once per node that learns it (the gate says what is
+    // news): from pushes and ACKs, not from the answers to our own SYNs,
+    // whose news is mostly what the rest of the pool knows already.
+    let push = match &msg {
+        ChitchatMessage::SynAck { .. } => !plane.on_synack(from, !fresh.is_empty()),
+        _ => false,
+    };
+    if push || matches!(msg, ChitchatMessage::Ack { .. }) {
+        plane.push(fresh, Some(from), "forward");
+    }
+    if inbox.try_send((from, msg, push)).is_err() {
+        metrics::counter!(DROPPED, "reason" => "queue_full").increment(1);
     }
 }
 
@@ -354,11 +426,15 @@ impl Socket for GatedSocket {
 async fn send_loop(
     endpoint: Endpoint,
     kind: PoolKind,
-    mut out: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+    mut out: mpsc::Receiver<Out>,
     readers: Readers,
 ) {
-    let mut peers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
-    while let Some((to, bytes)) = out.recv().await {
+    let mut peers: HashMap<SocketAddr, mpsc::Sender<PeerOut>> = HashMap::new();
+    while let Some(item) = out.recv().await {
+        let (to, bytes) = match item {
+            Out::Stream(to, b) => (to, PeerOut::Stream(b)),
+            Out::Datagram(to, b) => (to, PeerOut::Datagram(b)),
+        };
         let tx = peers
             .entry(to)
             .or_insert_with(|| spawn_peer(&endpoint, &kind, to, &readers));
@@ -378,19 +454,24 @@ async fn send_loop(
     }
 }
 
+enum PeerOut {
+    Stream(Vec<u8>),
+    Datagram(bytes::Bytes),
+}
+
 /// One sender per peer, so a slow handshake with one peer never delays the others.
 fn spawn_peer(
     endpoint: &Endpoint,
     kind: &PoolKind,
     to: SocketAddr,
     readers: &Readers,
-) -> mpsc::Sender<Vec<u8>> {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
+) -> mpsc::Sender<PeerOut> {
+    let (tx, mut rx) = mpsc::channel::<PeerOut>(PEER_QUEUE);
     let endpoint = endpoint.clone();
     let kind = kind.clone();
     let readers = readers.clone();
     tokio::spawn(async move {
-        while let Ok(Some(bytes)) = tokio::time::timeout(PEER_IDLE, rx.recv()).await {
+        while let Ok(Some(item)) = tokio::time::timeout(PEER_IDLE, rx.recv()).await {
             let conn = match endpoint.connect(to, kind.alpn()).await {
                 Ok((conn, peer)) if kind.admits(&peer) => {
                     // The peer may adopt this connection and answer on it.
@@ -407,6 +488,22 @@ fn spawn_peer(
                     metrics::counter!(DROPPED, "reason" => "dial").increment(1);
                     // Whatever queued up while dialling is stale by now.
                     while rx.try_recv().is_ok() {}
+                    continue;
+                }
+            };
+            let bytes = match item {
+                PeerOut::Stream(bytes) => bytes,
+                PeerOut::Datagram(d) => {
+                    let len = d.len() as u64;
+                    match conn.send_datagram(d) {
+                        Ok(()) => {
+                            metrics::counter!(BYTES, "direction" => "probe_sent").increment(len);
+                        }
+                        Err(e) => {
+                            trace!(%to, error = %e, "probe not sent");
+                            metrics::counter!(DROPPED, "reason" => "probe").increment(1);
+                        }
+                    }
                     continue;
                 }
             };

@@ -46,6 +46,24 @@ pub fn signing_input(
     m
 }
 
+const PROBE_DOMAIN: &[u8] = b"meshnode-probe-ack/1\0";
+
+/// What a probe target signs when a helper pings it on `origin`'s behalf:
+/// proof for `origin` that `target` (this generation) answered this very
+/// probe, so a helper cannot answer for a dead target.
+pub fn probe_input(pool: &str, target: &str, generation: u64, origin: &str, nonce: u64) -> Vec<u8> {
+    let mut m =
+        Vec::with_capacity(PROBE_DOMAIN.len() + pool.len() + target.len() + origin.len() + 28);
+    m.extend_from_slice(PROBE_DOMAIN);
+    for field in [pool, target, origin] {
+        m.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        m.extend_from_slice(field.as_bytes());
+    }
+    m.extend_from_slice(&generation.to_be_bytes());
+    m.extend_from_slice(&nonce.to_be_bytes());
+    m
+}
+
 /// The value as published: payload and signature.
 pub fn seal(payload: &str, sig: &[u8]) -> String {
     format!("{payload}.{}", B64.encode(sig))

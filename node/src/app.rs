@@ -207,7 +207,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         guard,
         gossip_cfg.dictionary(),
     );
-    let gossip = GossipHandle::spawn(gossip_cfg, &transport).await?;
+    let probing = transport.probing();
+    let gossip = GossipHandle::spawn(gossip_cfg, &transport, probing).await?;
     let mut tasks = Vec::new();
 
     // Gateways also join the WAN pool of all gateways, on the same endpoint.
@@ -239,7 +240,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
                 guard,
                 wan_cfg.dictionary(),
             );
-            let wan = GossipHandle::spawn(wan_cfg, &transport).await?;
+            let probing = transport.probing();
+            let wan = GossipHandle::spawn(wan_cfg, &transport, probing).await?;
             let (view, task) = federation::spawn(
                 gossip.clone(),
                 wan.clone(),

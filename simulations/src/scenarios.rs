@@ -65,7 +65,7 @@ pub async fn start_pool(n: usize, seed: u64) -> anyhow::Result<Pool> {
             signer,
             cert_der,
         };
-        nodes.push(GossipHandle::spawn(cfg.clone(), &pki.gated(&net, &cfg)).await?);
+        nodes.push(GossipHandle::spawn(cfg.clone(), &pki.gated(&net, &cfg), None).await?);
     }
     Ok(Pool { net, nodes, tuning })
 }
@@ -296,7 +296,7 @@ pub async fn federation(clusters: usize, seed: u64) -> anyhow::Result<Federation
             signer,
             cert_der,
         };
-        let gw = GossipHandle::spawn(cfg.clone(), &pki.gated(&net, &cfg)).await?;
+        let gw = GossipHandle::spawn(cfg.clone(), &pki.gated(&net, &cfg), None).await?;
         publish_summary(&gw, &format!("svc-{i}"), 2).await?;
         gws.push(gw);
     }

@@ -15,7 +15,7 @@ use crate::alpn::Alpn;
 use crate::metrics::{HANDSHAKES, HANDSHAKE_ADMISSION};
 use crate::pki::PeerCert;
 use crate::pool::{ConnectError, Pool};
-use crate::tls::{endpoint_config, transport_config, TlsError, TlsMaterial, TUNNEL_STREAMS};
+use crate::tls::{endpoint_config, transport_config, Link, TlsError, TlsMaterial, TUNNEL_STREAMS};
 
 /// A handshake that has not finished by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,8 +89,9 @@ pub enum EndpointError {
 impl Endpoint {
     /// Binds the UDP socket and starts accepting. Must run inside a tokio runtime.
     pub fn bind(cfg: EndpointConfig) -> Result<(Endpoint, Incoming), EndpointError> {
-        let transport = Arc::new(transport_config());
-        let server = cfg.tls.server_config(transport.clone())?;
+        let server = cfg
+            .tls
+            .server_config(Arc::new(transport_config(Link::Server)))?;
         let tracker = Arc::new(Tracker::default());
         let bind_err = |source| EndpointError::Bind {
             addr: cfg.bind,
@@ -106,7 +107,14 @@ impl Endpoint {
         .map_err(bind_err)?;
         let clients = [Alpn::Gossip, Alpn::WanGossip, Alpn::Tunnel, Alpn::Join]
             .into_iter()
-            .map(|a| Ok((a, cfg.tls.client_config(a.offers(), transport.clone())?)))
+            .map(|a| {
+                let link = match a {
+                    Alpn::Gossip | Alpn::WanGossip => Link::Gossip,
+                    Alpn::Tunnel | Alpn::Join => Link::Tunnel,
+                };
+                let transport = Arc::new(transport_config(link));
+                Ok((a, cfg.tls.client_config(a.offers(), transport)?))
+            })
             .collect::<Result<Vec<_>, TlsError>>()?;
         let pool = Arc::new(Pool::new(
             quic.clone(),

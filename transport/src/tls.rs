@@ -400,7 +400,39 @@ pub fn endpoint_config() -> quinn::EndpointConfig {
 /// proxied TCP connection (4,096 stalled the 4,097th of a node pair).
 pub const TUNNEL_STREAMS: u32 = 16_384;
 
-/// QUIC transport settings shared by every connection of the endpoint.
+/// What a connection is for, as far as its liveness settings go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// The accepting side of every protocol: no keep-alives of its own (the
+    /// dialler's settings decide; QUIC takes the smaller idle timeout).
+    Server,
+    /// Gossip: no keep-alives and a long idle timeout. Probes, pushes and
+    /// anti-entropy reach every peer of a pool now and then, and the prober,
+    /// not the connection, decides who is alive; keep-alives on a connection
+    /// per peer would cost idle bytes that grow with the pool.
+    Gossip,
+    /// Tunnels and joins: keep-alives every 2 s and a 10 s idle timeout, so
+    /// a pooled connection to a dead peer is noticed quickly.
+    Tunnel,
+}
+
+impl Link {
+    pub fn keep_alive(self) -> Option<Duration> {
+        match self {
+            Link::Tunnel => Some(Duration::from_secs(2)),
+            Link::Server | Link::Gossip => None,
+        }
+    }
+
+    pub fn idle_timeout(self) -> Duration {
+        match self {
+            Link::Tunnel => Duration::from_secs(10),
+            Link::Server | Link::Gossip => Duration::from_secs(300),
+        }
+    }
+}
+
+/// QUIC transport settings of the endpoint's connections, by [`Link`]."
 ///
 /// quinn's defaults allow 100 bidi streams, 1.25 MB per-stream windows with
 /// no connection cap, and no keep-alive. The connection receive window starts
@@ -410,20 +442,19 @@ pub const TUNNEL_STREAMS: u32 = 16_384;
 /// are small (gossip: one uni stream per message; join: a few bidi streams)
 /// and an accepted tunnel connection is raised to [`TUNNEL_STREAMS`]: with
 /// 16,384 on every connection, each gossip peer cost ~2 MiB of RSS.
-pub fn transport_config() -> quinn::TransportConfig {
+pub fn transport_config(link: Link) -> quinn::TransportConfig {
     const STREAM_WINDOW: u32 = 1024 * 1024;
     const SEND_WINDOW: u64 = 16 * 1024 * 1024;
-    const IDLE_TIMEOUT_MS: u32 = 10_000;
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(32u32.into())
         .max_concurrent_uni_streams(64u32.into())
         .stream_receive_window(STREAM_WINDOW.into())
         .receive_window(crate::window::MIN_RECEIVE_WINDOW.into())
         .send_window(SEND_WINDOW)
-        // A dead peer's pooled connection is noticed within the idle timeout;
-        // keep-alives keep healthy idle connections open.
-        .keep_alive_interval(Some(Duration::from_secs(2)))
-        .max_idle_timeout(Some(quinn::VarInt::from_u32(IDLE_TIMEOUT_MS).into()));
+        .keep_alive_interval(link.keep_alive())
+        .max_idle_timeout(Some(
+            quinn::VarInt::from_u32(link.idle_timeout().as_millis() as u32).into(),
+        ));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));

@@ -14,7 +14,7 @@ use meshnode_transport::join::{self, Refusal, Request, Response};
 use meshnode_transport::pki::join::NodeKey;
 use meshnode_transport::pki::token::Token;
 use meshnode_transport::pki::{fingerprint, first_cert_der, hex, unix_now, write_atomic, PeerCert};
-use meshnode_transport::tls::{join_client_config, transport_config};
+use meshnode_transport::tls::{join_client_config, transport_config, Link};
 
 use crate::Failure;
 
@@ -257,7 +257,8 @@ async fn connect(addr: SocketAddr, fp: [u8; 32]) -> Result<quinn::Connection, Fa
     let endpoint = quinn::Endpoint::client(bind)
         .with_context(|| format!("opening a UDP socket on {bind}"))
         .map_err(Failure::runtime)?;
-    let cfg = join_client_config(fp, Arc::new(transport_config())).map_err(Failure::runtime)?;
+    let cfg = join_client_config(fp, Arc::new(transport_config(Link::Tunnel)))
+        .map_err(Failure::runtime)?;
     let connecting = endpoint
         .connect_with(cfg, addr, "meshnode")
         .map_err(|e| Failure::runtime(anyhow!("cannot dial {addr}: {e}")))?;

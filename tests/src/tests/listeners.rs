@@ -401,14 +401,15 @@ async fn refused_streams_with_random_names_add_few_series_and_log_lines() {
 async fn a_handshake_burst_is_answered_with_retries_and_one_source_is_rate_limited() {
     use std::sync::Arc;
 
-    use meshnode_transport::tls::{join_client_config, transport_config};
+    use meshnode_transport::tls::{join_client_config, transport_config, Link};
 
     let pki = Pki::new();
     let net = subnet();
     let node = one_node(&pki, net);
     up(&node).await;
     let fp = pki.ca.fingerprint().expect("fp");
-    let cfg = join_client_config(fp, Arc::new(transport_config())).expect("client config");
+    let cfg =
+        join_client_config(fp, Arc::new(transport_config(Link::Tunnel))).expect("client config");
     let burst = |host: u8, n: usize, wait: Duration| {
         let cfg = cfg.clone();
         let to = node.spec.quic;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use meshnode_transport::join;
 use meshnode_transport::pki::join::NodeKey;
 use meshnode_transport::pki::token::Token;
-use meshnode_transport::tls::{join_client_config, transport_config, TlsMaterial};
+use meshnode_transport::tls::{join_client_config, transport_config, Link, TlsMaterial};
 use meshnode_transport::{Endpoint, EndpointConfig};
 
 use crate::{
@@ -301,7 +301,8 @@ async fn recorder(pki: &Pki, net: [u8; 2]) -> Recorder {
 /// One join request straight to `to`, as any machine with the CA's
 /// fingerprint can send it.
 async fn send_join(to: SocketAddr, fp: [u8; 32], req: &join::Request) -> join::Response {
-    let cfg = join_client_config(fp, Arc::new(transport_config())).expect("client config");
+    let cfg =
+        join_client_config(fp, Arc::new(transport_config(Link::Tunnel))).expect("client config");
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let conn = ep
         .connect_with(cfg, to, "meshnode")
@@ -844,7 +845,10 @@ async fn a_join_relay_never_picks_a_member_claiming_the_ca_role_without_proof() 
         guard,
         cfg.dictionary(),
     );
-    let insider = GossipHandle::spawn(cfg, &transport).await.expect("gossip");
+    let probing = transport.probing();
+    let insider = GossipHandle::spawn(cfg, &transport, probing)
+        .await
+        .expect("gossip");
     let joins = Arc::new(AtomicUsize::new(0));
     let counted = joins.clone();
     let mut join_conns = incoming.join;
@@ -912,7 +916,8 @@ async fn a_real_join_completes_while_500_anonymous_connections_are_held() {
     let net = crate::subnet();
     let (ca, ca_dir) = ca_node(&pki, net, "72h", "api").await;
     let fp = pki.ca.fingerprint().expect("fp");
-    let cfg = join_client_config(fp, Arc::new(transport_config())).expect("client config");
+    let cfg =
+        join_client_config(fp, Arc::new(transport_config(Link::Tunnel))).expect("client config");
 
     // One source opens 100: only 8 stay. Then 62 sources open 8 each (496).
     let mut held = Vec::new();

@@ -312,7 +312,7 @@ async fn gossip_frames_follow_the_version_each_peer_offers() {
         tls::TlsMaterial::load(&d.join("ca.pem"), &d.join("node.pem"), &d.join("node.key"))
             .unwrap(),
     );
-    let transport = std::sync::Arc::new(tls::transport_config());
+    let transport = std::sync::Arc::new(tls::transport_config(tls::Link::Gossip));
     let dict = meshnode_gossip::frame::Dictionary::for_pool(
         "acme/east",
         "spiffe://acme/cluster/east/node/",
