@@ -119,6 +119,9 @@ pub struct Gate {
     limits: Limits,
     nodes: HashMap<String, Known>,
     last_prune: Duration,
+    /// Whether `admit` returns the news (`Verdict::fresh`): only a pool
+    /// that pushes needs it, and it copies every admitted delta.
+    collect_fresh: bool,
 }
 
 impl Gate {
@@ -140,6 +143,7 @@ impl Gate {
             limits,
             nodes: HashMap::new(),
             last_prune: Duration::ZERO,
+            collect_fresh: true,
         }
     }
 
@@ -170,14 +174,15 @@ impl Gate {
             // entry, which is what makes chitchat create the node and apply
             // the delta within this one message.
             Message::SynAck { digest, delta } => {
-                let delta = self.filter_delta(delta, now, unix_now, &mut dropped, &mut fresh);
+                let delta =
+                    self.filter_delta(delta, now, unix_now, &mut dropped, &mut fresh, false);
                 Message::SynAck {
                     digest: self.filter_digest(digest, now, &mut dropped),
                     delta,
                 }
             }
             Message::Ack { delta } => Message::Ack {
-                delta: self.filter_delta(delta, now, unix_now, &mut dropped, &mut fresh),
+                delta: self.filter_delta(delta, now, unix_now, &mut dropped, &mut fresh, true),
             },
             Message::BadCluster => Message::BadCluster,
         };
@@ -228,12 +233,13 @@ impl Gate {
         unix_now: i64,
         dropped: &mut Vec<Dropped>,
         fresh: &mut Vec<NodeDelta>,
+        skip_seen: bool,
     ) -> Vec<NodeDelta> {
         let mut out = Vec::with_capacity(delta.len());
         for nd in delta {
-            match self.check(&nd, now, unix_now) {
+            match self.check(&nd, now, unix_now, skip_seen) {
                 Ok(news) => {
-                    if news {
+                    if news && self.collect_fresh {
                         fresh.push(nd.clone());
                     }
                     out.push(nd)
@@ -247,6 +253,20 @@ impl Gate {
         out
     }
 
+    /// Whether every version of `nd` was admitted before (same generation).
+    fn seen_before(&self, nd: &NodeDelta) -> bool {
+        self.nodes.get(nd.id.node_id.as_str()).is_some_and(|k| {
+            k.generation == nd.id.generation && nd.max_version() <= k.max_seen && k.max_seen > 0
+        })
+    }
+
+    /// The generation this gate verified for `node_id` and the highest
+    /// version it admitted for it (chitchat may lag behind: it refuses a
+    /// delta that starts above what it has).
+    pub fn max_seen(&self, node_id: &str) -> Option<(u64, u64)> {
+        self.nodes.get(node_id).map(|k| (k.generation, k.max_seen))
+    }
+
     /// The public key and generation this gate verified for `node_id`.
     pub fn public_key(&self, node_id: &str) -> Option<(u64, Vec<u8>)> {
         self.nodes
@@ -256,11 +276,20 @@ impl Gate {
 
     /// Checks one node's delta; on success records what it proved, and says
     /// whether the delta went beyond every version admitted before.
+    ///
+    /// With `skip_seen` (ACKs), a delta that brings nothing beyond what was
+    /// admitted before is another copy of a push (a node hears each change
+    /// from several peers; checking every copy's signatures cost more CPU
+    /// than anything else a pool does): `Err("duplicate")` once its shape
+    /// passed, before any signature is checked. SYN-ACKs (answers to our
+    /// own SYNs) are always checked: they fill what chitchat refused from
+    /// pushes that came too early.
     fn check(
         &mut self,
         nd: &NodeDelta,
         now: Duration,
         unix_now: i64,
+        skip_seen: bool,
     ) -> Result<bool, &'static str> {
         let node_id = nd.id.node_id.as_str();
         if node_id == self.me {
@@ -296,6 +325,9 @@ impl Gate {
             Some(k) => nd.id.generation > k.generation,
             None => true,
         };
+        if skip_seen && !new_generation && self.seen_before(nd) {
+            return Err("duplicate");
+        }
         if new_generation {
             // A new incarnation must prove itself in this very delta.
             if nd.from_version_excluded != 0 || !nd.key_values.iter().any(|kv| kv.key == CERT_KEY) {
@@ -525,6 +557,11 @@ impl Guard {
         );
         drop(gate);
         for d in &verdict.dropped {
+            if d.reason == "duplicate" {
+                // Not a refusal: another copy of a push already admitted.
+                metrics::counter!(crate::metrics::DROPPED, "reason" => "duplicate").increment(1);
+                continue;
+            }
             self.count(d.reason, &d.node, &from.to_string());
         }
         let msg = verdict.message?;
@@ -547,7 +584,20 @@ impl Guard {
         from: std::net::SocketAddr,
     ) -> Option<chitchat::ChitchatMessage> {
         use chitchat::Serializable;
+        // chitchat alone (no plane): nobody reads the news.
+        self.gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .collect_fresh = false;
         self.filter_bytes(&msg.serialize_to_vec(), from)
+    }
+
+    /// See [`Gate::max_seen`].
+    pub fn max_seen(&self, node_id: &str) -> Option<(u64, u64)> {
+        self.gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .max_seen(node_id)
     }
 
     /// See [`Gate::public_key`].

@@ -326,7 +326,8 @@ impl GossipHandle {
             verdicts.clone(),
         ));
         info!(node = %cfg.me, pool = cfg.kind.as_str(), advertise = %cfg.advertise, seeds = cfg.seeds.len(), "gossip started");
-        Ok(Self {
+        let exchanges = plane.as_ref().and_then(|p| p.take_exchanges());
+        let this = Self {
             inner: Arc::new(Inner {
                 signing,
                 plane,
@@ -338,7 +339,21 @@ impl GossipHandle {
                 tuning: cfg.tuning,
                 kind: cfg.kind,
             }),
-        })
+        };
+        if let Some(mut rx) = exchanges {
+            // Full exchanges the prober asks for, with chitchat's own SYN.
+            let weak = Arc::downgrade(&this.inner);
+            tokio::spawn(async move {
+                while let Some(addr) = rx.recv().await {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let handle = inner.handle.lock().await;
+                    if let Some(h) = handle.as_ref() {
+                        let _ = h.gossip(addr);
+                    }
+                }
+            });
+        }
+        Ok(this)
     }
 
     /// Resolves when chitchat's task has ended (it failed, or [`Self::shutdown`]
@@ -533,6 +548,7 @@ pub(crate) async fn change_own(
         (state.max_version() > before).then(|| own_delta(&me, state, before))
     };
     if let (Some(delta), Some(plane)) = (delta, plane) {
+        plane.mark_dirty();
         plane.push(vec![delta], None, "change");
     }
 }

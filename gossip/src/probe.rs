@@ -3,8 +3,10 @@
 //! node's signed state, and keeps the verdicts the catalog reads.
 //!
 //! Datagrams (bincode through the one codec module, a version tag first):
-//! - `Ping{seq}` -> `Ack{seq}`: a direct probe. The answer is authentic
-//!   because it arrives on the mTLS connection of the target's certificate.
+//! - `Ping{seq}`: a direct probe, answered by the target's QUIC stack with
+//!   an ACK frame (see `quic::watch_ack`), which the transport hands back as
+//!   `Ack{seq}`. The answer is authentic because only the holder of the
+//!   connection's keys (the target's certificate) can produce it.
 //! - `PingReq{seq, target, nonce}` to a helper, which sends the target
 //!   `IndirectPing{seq', origin, nonce}`; the target answers the helper with
 //!   `IndirectAck{seq', sig}`, a signature by its node key over the pool, its
@@ -34,6 +36,8 @@ use crate::swim::{Action, Detector, Health, MemberView, SwimConfig};
 
 /// The prober's clock: often enough for 200 ms probe timeouts.
 const TICK: Duration = Duration::from_millis(50);
+/// The prober re-reads the whole state at least this often.
+const RESYNC: Duration = Duration::from_secs(2);
 /// Relayed probes in flight at once on behalf of others.
 const MAX_RELAYS: usize = 256;
 /// Signatures for indirect probes per second, at most (each ~30 us).
@@ -85,6 +89,11 @@ fn decode(b: &[u8]) -> Option<Msg> {
         Ok(Wire::V1(m)) => Some(m),
         Err(_) => None,
     }
+}
+
+/// An `Ack{seq}` as the transport hands it to the prober.
+pub(crate) fn ack_bytes(seq: u32) -> Vec<u8> {
+    encode(Msg::Ack { seq }).unwrap_or_default()
 }
 
 /// The detector's verdicts, read by the catalog and the member list.
@@ -141,6 +150,7 @@ pub(crate) async fn run(ctx: ProbeCtx) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut fingerprint = 0u64;
+    let mut dirty_ticks = 0u8;
     let mut last_sync = Duration::ZERO;
     // The current probe's indirect nonces: seq -> (target, nonce).
     let mut nonces: HashMap<u32, (String, u64)> = HashMap::new();
@@ -159,23 +169,30 @@ pub(crate) async fn run(ctx: ProbeCtx) {
             }
         }
         let now = ctx.plane.now();
-        // Sync with the gossip state when it changed (and at least every second).
-        let (views, my_version, fp) = {
-            let cc = ctx.chitchat.lock().await;
-            let fp = state_fingerprint(&cc);
-            if fp != fingerprint || now.saturating_sub(last_sync) >= Duration::from_secs(1) {
+        // Re-read the gossip state when news arrived (this tick and the next:
+        // chitchat applies a message just after the transport hands it
+        // over), and every few seconds whatever happens. Reading it is O(N).
+        if ctx.plane.take_dirty() {
+            dirty_ticks = 2;
+        }
+        let mut state_changed = false;
+        if dirty_ticks > 0 || now.saturating_sub(last_sync) >= RESYNC {
+            dirty_ticks = dirty_ticks.saturating_sub(1);
+            let (views, my_version, fp, lagging) = {
+                let cc = ctx.chitchat.lock().await;
+                let fp = state_fingerprint(&cc);
                 let (views, mine) = member_views(&cc, &me);
-                (Some(views), mine, fp)
-            } else {
-                (None, 0, fp)
+                (views, mine, fp, lags(&cc, &me, &ctx.guard))
+            };
+            if lagging {
+                ctx.plane.hurry();
+                dirty_ticks = dirty_ticks.max(1);
             }
-        };
-        if let Some(views) = views {
             det.sync(&views, my_version, now);
             last_sync = now;
+            state_changed = fp != fingerprint;
+            fingerprint = fp;
         }
-        let state_changed = fp != fingerprint;
-        fingerprint = fp;
 
         let actions = det.tick(now, &mut rng);
         for a in actions {
@@ -184,7 +201,7 @@ pub(crate) async fn run(ctx: ProbeCtx) {
                     nonces.clear();
                     metrics::counter!(PROBES, "pool" => ctx.pool, "kind" => "direct").increment(1);
                     if let Some(b) = encode(Msg::Ping { seq }) {
-                        ctx.plane.send_datagram(to, b);
+                        ctx.plane.send_probe(to, b, seq);
                     }
                 }
                 Action::PingReq {
@@ -252,6 +269,13 @@ pub(crate) async fn run(ctx: ProbeCtx) {
                 "this node was paused; suspicion timers restarted and probes widened"
             );
         }
+        for (id, accusers) in det.take_died() {
+            info!(pool = ctx.pool, member = %id, ?accusers, "member declared dead: accused and not refuted in time");
+        }
+        for addr in det.take_revived() {
+            info!(pool = ctx.pool, %addr, "a member held dead answered a probe; exchanging state with it");
+            ctx.plane.exchange_with(addr);
+        }
         let verdicts_changed = det.take_verdicts_changed();
         if verdicts_changed {
             publish_verdicts(&ctx, &det);
@@ -299,9 +323,12 @@ fn handle(
         }
     };
     match msg {
-        Msg::Ping { seq } => reply(Msg::Ack { seq }),
+        // The QUIC ACK answers it.
+        Msg::Ping { .. } => {}
         Msg::Ack { seq } => {
-            // Authentic: it came on the connection of `from_id`'s certificate.
+            // Only the transport makes these (a datagram claiming to be one
+            // is a peer's own word for its liveness, which is as good as
+            // the ACK that carried it): on the connection of `from_id`.
             det.on_ack(&d.from_id, seq);
         }
         Msg::PingReq { seq, target, nonce } => {
@@ -381,6 +408,24 @@ fn handle(
         }
         Msg::Nack { seq } => det.on_nack(seq),
     }
+}
+
+/// Whether this node's state is behind what it knows exists: a node known
+/// only from a digest (no values yet), or one whose values the gate
+/// admitted beyond what chitchat holds (a push chitchat refused because an
+/// earlier change is missing). The next full exchange fills either gap, so
+/// the prober hurries it.
+fn lags(cc: &Chitchat, me: &str, guard: &Guard) -> bool {
+    // Heartbeats of a node known only from digests keep it live for
+    // chitchat; one that died before we got its values does not count.
+    let live: std::collections::HashSet<&ChitchatId> = cc.live_nodes().collect();
+    cc.node_states().iter().any(|(id, st)| {
+        &*id.node_id != me
+            && ((st.max_version() == 0 && live.contains(id))
+                || guard
+                    .max_seen(&id.node_id)
+                    .is_some_and(|(g, seen)| g == id.generation_id && seen > st.max_version()))
+    })
 }
 
 /// Cheap: changes whenever a node's state version, generation or the

@@ -29,7 +29,7 @@ use tracing::{debug, trace};
 
 use crate::frame::{Codec, Dictionary, FrameError, MAX_WIRE};
 use crate::gate::Guard;
-use crate::metrics::{BYTES, DROPPED, MESSAGES, SYNS_HELD};
+use crate::metrics::{BYTES, DROPPED, MESSAGES};
 use crate::pacing::PacingConfig;
 use crate::plane::{Datagram, Out, Plane, Probing};
 
@@ -75,12 +75,10 @@ pub enum PoolKind {
 struct QuicSocket {
     plane: Arc<Plane>,
     inbox: mpsc::Receiver<Inbound>,
-    /// The sender of a pushed SYN-ACK: chitchat's answer to it is dropped.
-    suppress: Option<SocketAddr>,
 }
 
-/// A checked message for chitchat; `push` if it was not an answer to us.
-type Inbound = (SocketAddr, ChitchatMessage, bool);
+/// A checked message for chitchat.
+type Inbound = (SocketAddr, ChitchatMessage);
 
 // === impl QuicTransport ===
 
@@ -176,7 +174,6 @@ impl Transport for QuicTransport {
         Ok(Box::new(QuicSocket {
             plane: parts.plane,
             inbox,
-            suppress: None,
         }))
     }
 }
@@ -185,31 +182,18 @@ impl Transport for QuicTransport {
 impl Socket for QuicSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
         // Never wait on the network here: chitchat awaits send inline in its only task.
-        let suppress = self.suppress.take();
-        match &msg {
-            ChitchatMessage::Syn { .. } if !self.plane.allow_syn(to) => {
-                metrics::counter!(SYNS_HELD).increment(1);
-                return Ok(());
-            }
-            // chitchat answers a pushed SYN-ACK right after handling it,
-            // with an ACK for what the push's partial digest lacks: nothing
-            // the pusher asked for.
-            ChitchatMessage::Ack { .. } if suppress == Some(to) => return Ok(()),
-            _ => {}
+        if self.plane.outgoing(to, &msg) {
+            self.plane.send(to, msg.serialize_to_vec());
         }
-        self.plane.send(to, msg.serialize_to_vec());
         Ok(())
     }
 
     async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
         // Cancel-safe: chitchat polls this in a select!.
-        let (from, msg, push) = self
-            .inbox
+        self.inbox
             .recv()
             .await
-            .ok_or_else(|| anyhow!("QUIC endpoint closed"))?;
-        self.suppress = (push && matches!(msg, ChitchatMessage::SynAck { .. })).then_some(from);
-        Ok((from, msg))
+            .ok_or_else(|| anyhow!("QUIC endpoint closed"))
     }
 }
 
@@ -364,17 +348,8 @@ async fn read_frame(
     };
     metrics::counter!(MESSAGES, "direction" => "received").increment(1);
     metrics::counter!(BYTES, "direction" => "received").increment(len);
-    // News passes on, once per node that learns it (the gate says what is
-    // news): from pushes and ACKs, not from the answers to our own SYNs,
-    // whose news is mostly what the rest of the pool knows already.
-    let push = match &msg {
-        ChitchatMessage::SynAck { .. } => !plane.on_synack(from, !fresh.is_empty()),
-        _ => false,
-    };
-    if push || matches!(msg, ChitchatMessage::Ack { .. }) {
-        plane.push(fresh, Some(from), "forward");
-    }
-    if inbox.try_send((from, msg, push)).is_err() {
+    plane.incoming(from, &msg, fresh);
+    if inbox.try_send((from, msg)).is_err() {
         metrics::counter!(DROPPED, "reason" => "queue_full").increment(1);
     }
 }
@@ -384,16 +359,42 @@ async fn read_frame(
 pub struct GatedTransport<T> {
     inner: T,
     guard: Guard,
+    plane: Option<Arc<Plane>>,
 }
 
 struct GatedSocket {
     inner: Box<dyn Socket>,
     guard: Guard,
+    plane: Option<Arc<Plane>>,
 }
 
 impl<T> GatedTransport<T> {
+    /// chitchat alone behind the gate: no pacing, no pushes, no probes.
     pub fn new(inner: T, guard: Guard) -> Self {
-        Self { inner, guard }
+        Self {
+            inner,
+            guard,
+            plane: None,
+        }
+    }
+
+    /// With a [`Plane`] as over QUIC: SYNs paced, news passed on. The
+    /// network must carry the plane's
+    /// [`Out`] queue ([`Plane::take_out`]) and hand probes back.
+    pub fn with_plane(inner: T, guard: Guard) -> Self {
+        Self {
+            inner,
+            guard,
+            plane: Some(Plane::new(PacingConfig::default())),
+        }
+    }
+
+    /// For [`GossipHandle::spawn`](crate::GossipHandle::spawn), with a plane.
+    pub fn probing(&self) -> Option<Probing> {
+        self.plane.as_ref().map(|p| Probing {
+            plane: p.clone(),
+            guard: self.guard.clone(),
+        })
     }
 }
 
@@ -403,6 +404,7 @@ impl<T: Transport> Transport for GatedTransport<T> {
         Ok(Box::new(GatedSocket {
             inner: self.inner.open(listen_addr).await?,
             guard: self.guard.clone(),
+            plane: self.plane.clone(),
         }))
     }
 }
@@ -410,13 +412,29 @@ impl<T: Transport> Transport for GatedTransport<T> {
 #[async_trait]
 impl Socket for GatedSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+        if let Some(plane) = &self.plane {
+            if !plane.outgoing(to, &msg) {
+                return Ok(());
+            }
+        }
         self.inner.send(to, msg).await
     }
 
     async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
         loop {
             let (from, msg) = self.inner.recv().await?;
-            if let Some(msg) = self.guard.filter_message(&msg, from) {
+            let Some(plane) = &self.plane else {
+                if let Some(msg) = self.guard.filter_message(&msg, from) {
+                    return Ok((from, msg));
+                }
+                continue;
+            };
+            let bytes = msg.serialize_to_vec();
+            let Some(decoded) = self.guard.decode(&bytes, from) else {
+                continue;
+            };
+            if let Some((msg, fresh)) = self.guard.check_fresh(decoded, from) {
+                plane.incoming(from, &msg, fresh);
                 return Ok((from, msg));
             }
         }
@@ -429,11 +447,35 @@ async fn send_loop(
     mut out: mpsc::Receiver<Out>,
     readers: Readers,
 ) {
-    let mut peers: HashMap<SocketAddr, mpsc::Sender<PeerOut>> = HashMap::new();
+    let mut peers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     while let Some(item) = out.recv().await {
         let (to, bytes) = match item {
-            Out::Stream(to, b) => (to, PeerOut::Stream(b)),
-            Out::Datagram(to, b) => (to, PeerOut::Datagram(b)),
+            Out::Stream(to, b) => (to, b),
+            // Probes never queue behind a peer's streams: a burst of pushes
+            // waiting for stream credit must not make a live peer miss its
+            // probes (and be accused for it).
+            Out::Datagram(to, b) => {
+                tokio::spawn(send_probe(
+                    endpoint.clone(),
+                    kind.clone(),
+                    to,
+                    b,
+                    None,
+                    readers.clone(),
+                ));
+                continue;
+            }
+            Out::Probe(to, b, seq) => {
+                tokio::spawn(send_probe(
+                    endpoint.clone(),
+                    kind.clone(),
+                    to,
+                    b,
+                    Some(seq),
+                    readers.clone(),
+                ));
+                continue;
+            }
         };
         let tx = peers
             .entry(to)
@@ -454,10 +496,66 @@ async fn send_loop(
     }
 }
 
-enum PeerOut {
-    Stream(Vec<u8>),
-    Datagram(bytes::Bytes),
+/// Sends one probe datagram on the pooled connection to `to` (dialled if
+/// needed); `seq` for a direct probe, whose QUIC acknowledgement is watched.
+async fn send_probe(
+    endpoint: Endpoint,
+    kind: PoolKind,
+    to: SocketAddr,
+    d: bytes::Bytes,
+    seq: Option<u32>,
+    readers: Readers,
+) {
+    let (conn, peer) = match endpoint.connect(to, kind.alpn()).await {
+        Ok((conn, peer)) if kind.admits(&peer) => {
+            readers.serve(conn.clone());
+            (conn, peer)
+        }
+        _ => {
+            metrics::counter!(DROPPED, "reason" => "probe").increment(1);
+            return;
+        }
+    };
+    let acks = conn.stats().frame_rx.acks;
+    let len = d.len() as u64;
+    if conn.send_datagram(d).is_err() {
+        metrics::counter!(DROPPED, "reason" => "probe").increment(1);
+        return;
+    }
+    metrics::counter!(BYTES, "direction" => "probe_sent").increment(len);
+    if let Some(seq) = seq {
+        watch_ack(conn, acks, readers.plane.clone(), peer.identity.uri(), seq).await;
+    }
 }
+
+/// A direct probe is answered by the peer's QUIC stack: any ACK frame
+/// arriving on the connection after the probe went out (quinn acknowledges
+/// an ack-eliciting packet within its 25 ms ack delay). The ACK is authentic
+/// (the connection's keys protect it) and costs the peer one small packet and
+/// no ack of its own, where an answering datagram would cost two.
+async fn watch_ack(
+    conn: quinn::Connection,
+    before: u64,
+    plane: Arc<Plane>,
+    peer: String,
+    seq: u32,
+) {
+    let step = Duration::from_millis(5);
+    for _ in 0..ACK_WATCH_STEPS {
+        tokio::time::sleep(step).await;
+        if conn.stats().frame_rx.acks > before {
+            plane.probe_acked(peer, conn.remote_address(), seq);
+            return;
+        }
+        if conn.close_reason().is_some() {
+            return;
+        }
+    }
+}
+
+/// How long a probe's acknowledgement is watched for, in 5 ms steps: past
+/// any probe timeout (200 ms, widened up to 9x by local health).
+const ACK_WATCH_STEPS: u32 = 400;
 
 /// One sender per peer, so a slow handshake with one peer never delays the others.
 fn spawn_peer(
@@ -465,8 +563,8 @@ fn spawn_peer(
     kind: &PoolKind,
     to: SocketAddr,
     readers: &Readers,
-) -> mpsc::Sender<PeerOut> {
-    let (tx, mut rx) = mpsc::channel::<PeerOut>(PEER_QUEUE);
+) -> mpsc::Sender<Vec<u8>> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PEER_QUEUE);
     let endpoint = endpoint.clone();
     let kind = kind.clone();
     let readers = readers.clone();
@@ -476,7 +574,7 @@ fn spawn_peer(
                 Ok((conn, peer)) if kind.admits(&peer) => {
                     // The peer may adopt this connection and answer on it.
                     readers.serve(conn.clone());
-                    conn
+                    (conn, peer)
                 }
                 Ok((_, peer)) => {
                     debug!(%to, peer = %peer.identity, pool = kind.as_str(), "seed or peer is outside this pool; not gossiping with it");
@@ -491,22 +589,8 @@ fn spawn_peer(
                     continue;
                 }
             };
-            let bytes = match item {
-                PeerOut::Stream(bytes) => bytes,
-                PeerOut::Datagram(d) => {
-                    let len = d.len() as u64;
-                    match conn.send_datagram(d) {
-                        Ok(()) => {
-                            metrics::counter!(BYTES, "direction" => "probe_sent").increment(len);
-                        }
-                        Err(e) => {
-                            trace!(%to, error = %e, "probe not sent");
-                            metrics::counter!(DROPPED, "reason" => "probe").increment(1);
-                        }
-                    }
-                    continue;
-                }
-            };
+            let (conn, _) = conn;
+            let bytes = item;
             let frame = match Codec::of(&conn, &readers.dict).encode(&bytes) {
                 Ok(frame) => frame,
                 Err(e) => {

@@ -30,6 +30,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
+use rand::RngExt;
 
 /// Probing parameters. The defaults are tuned for a LAN (see ARCHITECTURE.md).
 #[derive(Clone, Debug)]
@@ -176,7 +177,20 @@ pub struct Detector {
     verdicts_changed: bool,
     /// Pauses noticed so far.
     pauses: u64,
+    /// A probe of a dead member, to find one that came back (after a
+    /// partition, say): `(seq, target)`.
+    revival: Option<(u32, String)>,
+    next_revival: Duration,
+    /// Dead members that answered: the shell starts a full exchange with each.
+    revived: Vec<SocketAddr>,
+    /// Members declared dead since the last call, with their accusers.
+    died: Vec<(String, Vec<String>)>,
 }
+
+/// How often a node may probe one dead member (with a probability of dead
+/// over live members, so a pool tries about once per interval in all, as
+/// serf's reconnects do, and every node tries after a partition).
+pub const REVIVAL_EVERY: Duration = Duration::from_secs(5);
 
 impl Detector {
     pub fn new(cfg: SwimConfig, me: String, my_generation: u64) -> Self {
@@ -198,6 +212,10 @@ impl Detector {
             refute: false,
             verdicts_changed: false,
             pauses: 0,
+            revival: None,
+            next_revival: REVIVAL_EVERY,
+            revived: Vec::new(),
+            died: Vec::new(),
         }
     }
 
@@ -303,7 +321,7 @@ impl Detector {
             let by = accusers.remove(id.as_str());
             match (&mut p.health, by) {
                 (Health::Alive, Some(by)) => {
-                    if !by.contains(&self.me) {
+                    if !by.contains(&self.me) && by.len() <= self.cfg.indirect_checks {
                         urgent.push(id.clone());
                     }
                     p.health = Health::Suspect {
@@ -344,10 +362,12 @@ impl Detector {
         let n = self.alive_count();
         let (min, max) = self.suspicion_bounds(n);
         let k = (self.cfg.indirect_checks as f64).min(n.saturating_sub(2) as f64);
-        for p in self.peers.values_mut() {
+        for (id, p) in self.peers.iter_mut() {
             if let Health::Suspect { since, accusers } = &p.health {
                 let timeout = suspicion_timeout(min, max, k, accusers.len());
                 if now.saturating_sub(*since) >= timeout {
+                    self.died
+                        .push((id.clone(), accusers.iter().cloned().collect()));
                     p.health = Health::Dead { since: now };
                     self.verdicts_changed = true;
                 }
@@ -387,6 +407,25 @@ impl Detector {
                 }
             }
         }
+        if now >= self.next_revival {
+            self.next_revival = now + REVIVAL_EVERY;
+            let dead: Vec<(&String, &Peer)> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| !p.leaving && matches!(p.health, Health::Dead { .. }))
+                .collect();
+            let live = self.alive_count().max(1);
+            if !dead.is_empty() && rng.random::<f64>() < dead.len() as f64 / live as f64 {
+                let (id, p) = dead[rng.random_range(0..dead.len())];
+                self.seq = self.seq.wrapping_add(1);
+                out.push(Action::Ping {
+                    to: p.addr,
+                    target: id.clone(),
+                    seq: self.seq,
+                });
+                self.revival = Some((self.seq, id.clone()));
+            }
+        }
         if self.probe.is_none() && now >= self.next_probe {
             if let Some(target) = self.next_target(rng) {
                 if let Some(p) = self.peers.get(&target) {
@@ -413,6 +452,17 @@ impl Detector {
     /// An answer to probe `seq` from `target` (direct, or relayed by a helper
     /// and proven by the target's signature: the shell checks that).
     pub fn on_ack(&mut self, target: &str, seq: u32) {
+        if self
+            .revival
+            .as_ref()
+            .is_some_and(|(s, t)| *s == seq && t == target)
+        {
+            self.revival = None;
+            if let Some(p) = self.peers.get(target) {
+                self.revived.push(p.addr);
+            }
+            return;
+        }
         let matches = self
             .probe
             .as_ref()
@@ -470,6 +520,17 @@ impl Detector {
             self.lhm = (self.lhm + 1).min(self.cfg.max_lhm);
         }
         r
+    }
+
+    /// Dead members that answered a probe since the last call: exchange
+    /// full state with them (they may not know they were accused).
+    pub fn take_revived(&mut self) -> Vec<SocketAddr> {
+        std::mem::take(&mut self.revived)
+    }
+
+    /// Members declared dead since the last call, with who accused them.
+    pub fn take_died(&mut self) -> Vec<(String, Vec<String>)> {
+        std::mem::take(&mut self.died)
     }
 
     /// Whether any member's health changed since the last call.
@@ -553,7 +614,13 @@ impl Detector {
             generation: p.generation,
             version: p.version,
         };
-        if self.accusing.get(&probe.target) != Some(&a) {
+        // Enough independent accusers already bring the timeout to its
+        // minimum: one more published accusation would only cost the pool a
+        // signed change and its pushes (after a death, every prober would
+        // publish one). Count it here, publish nothing.
+        let enough = matches!(&p.health, Health::Suspect { accusers, .. }
+            if accusers.len() > self.cfg.indirect_checks);
+        if !enough && self.accusing.get(&probe.target) != Some(&a) {
             self.accusing.insert(probe.target.clone(), a);
             self.accusing_changed = true;
             // Keep the published list small (it is one gossip value).
@@ -885,6 +952,41 @@ mod tests {
             t += 50;
         }
         assert_eq!(d.local_health(), 0);
+    }
+
+    #[test]
+    fn dead_members_are_probed_now_and_then_and_one_that_answers_is_reported() {
+        let (mut d, mut members) = detector(3);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        // Both peers die (a partition, seen from this side).
+        members[1].accuses = vec![Accusation {
+            id: "n2".into(),
+            generation: 1,
+            version: 5,
+        }];
+        members[2].accuses = vec![Accusation {
+            id: "n1".into(),
+            generation: 1,
+            version: 5,
+        }];
+        d.sync(&members, 5, ms(0));
+        run(&mut d, 0, 20_000, &mut rng, |_| false);
+        assert_eq!(d.counts(), (0, 0, 2));
+        // Every 5 s a dead member is probed (2 dead, 1 live: always); this one answers.
+        let mut revived = Vec::new();
+        let mut t = 20_000;
+        while t < 26_000 {
+            for a in d.tick(ms(t), &mut rng) {
+                if let Action::Ping { target, seq, .. } = a {
+                    d.on_ack(&target, seq);
+                }
+            }
+            revived.extend(d.take_revived());
+            t += 50;
+        }
+        assert!(!revived.is_empty());
+        // An answer is not a refutation: still dead until a newer version.
+        assert_eq!(d.counts(), (0, 0, 2));
     }
 
     #[test]

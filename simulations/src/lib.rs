@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use meshnode_gossip::chitchat::transport::{Socket, Transport};
-use meshnode_gossip::chitchat::{ChitchatMessage, Serializable};
+use meshnode_gossip::chitchat::{ChitchatMessage, Deserializable, Serializable};
 use meshnode_gossip::frame::{Codec, FrameError};
+use meshnode_gossip::plane::{Datagram, Out, Plane};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio::sync::mpsc;
@@ -43,6 +44,8 @@ struct Net {
     rng: StdRng,
     /// Probability of dropping a message, 0..1.
     loss: f64,
+    /// How long a gossip message takes to arrive (0: at once).
+    latency: std::time::Duration,
     /// Nodes that are down: nothing to or from them is delivered.
     down: HashSet<SocketAddr>,
     /// Partition groups: messages cross only within a group. Empty: no partition.
@@ -51,7 +54,21 @@ struct Net {
     /// Keep every `sample_every`-th message (0: none), up to [`MAX_SAMPLES`].
     sample_every: u64,
     samples: Vec<Vec<u8>>,
+    /// Nodes with a [`Plane`] (probes and pushes): their id and plane.
+    planes: HashMap<SocketAddr, (String, Arc<Plane>)>,
 }
+
+/// What a QUIC packet adds to a datagram's payload on the wire: IPv4 and
+/// UDP headers (28), a short header with quinn's 8-byte connection id and a
+/// 2-byte packet number (11), the AEAD tag (16) and the DATAGRAM frame's
+/// type and length (2). A model, checked against the bench's nftables
+/// counts (a probe's ping came to 62 B there).
+pub const DATAGRAM_OVERHEAD: u64 = 57;
+/// A packet holding only an ACK frame: how a direct probe is answered.
+pub const ACK_PACKET: u64 = 60;
+/// What QUIC adds to a gossip message on its own uni stream: one packet's
+/// headers, the STREAM frame's, and the peer's ACK packet.
+pub const STREAM_OVERHEAD: u64 = DATAGRAM_OVERHEAD + 6 + ACK_PACKET;
 
 /// Serialized messages kept by [`SimNet::sample`] at most.
 pub const MAX_SAMPLES: usize = 64;
@@ -70,6 +87,17 @@ pub struct NetStats {
     /// The largest serialized message, and the largest frame.
     pub max_message: u64,
     pub max_wire: u64,
+    /// Probe traffic: datagrams and the ACKs that answer direct probes, on
+    /// the wire (see [`DATAGRAM_OVERHEAD`], [`ACK_PACKET`]).
+    pub probe_packets: u64,
+    pub probe_wire_bytes: u64,
+}
+
+impl NetStats {
+    /// Everything on the wire: frames with QUIC and IP overhead, and probes.
+    pub fn total_wire_bytes(&self) -> u64 {
+        self.wire_bytes + self.messages * STREAM_OVERHEAD + self.probe_wire_bytes
+    }
 }
 
 struct SimSocket {
@@ -85,11 +113,13 @@ impl SimNet {
                 inboxes: HashMap::new(),
                 rng: StdRng::seed_from_u64(seed),
                 loss: 0.0,
+                latency: std::time::Duration::ZERO,
                 down: HashSet::new(),
                 group: HashMap::new(),
                 stats: NetStats::default(),
                 sample_every: 0,
                 samples: Vec::new(),
+                planes: HashMap::new(),
             })),
         }
     }
@@ -100,6 +130,12 @@ impl SimNet {
 
     pub fn set_loss(&self, loss: f64) {
         self.lock().loss = loss.clamp(0.0, 1.0);
+    }
+
+    /// Every gossip message (not probes) arrives `latency` after it was
+    /// sent: what makes push hops countable in virtual time.
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.lock().latency = latency;
     }
 
     pub fn set_down(&self, addr: SocketAddr, down: bool) {
@@ -134,6 +170,81 @@ impl SimNet {
         self.lock().samples.clone()
     }
 
+    /// Carries `plane`'s pushes and probes for the node at `addr` (SPIFFE
+    /// id `node_id`). A direct probe is acknowledged at once when the link
+    /// passes both ways (the QUIC ACK); datagrams go to the target's prober.
+    /// Must run inside the simulation's runtime.
+    pub fn attach(&self, addr: SocketAddr, node_id: String, plane: Arc<Plane>) {
+        let Some(mut out) = plane.take_out() else {
+            return;
+        };
+        self.lock().planes.insert(addr, (node_id.clone(), plane));
+        let net = self.clone();
+        tokio::spawn(async move {
+            while let Some(o) = out.recv().await {
+                match o {
+                    Out::Stream(to, bytes) => {
+                        if let Ok(msg) = ChitchatMessage::deserialize(&mut &bytes[..]) {
+                            net.deliver(addr, to, msg);
+                        }
+                    }
+                    Out::Datagram(to, bytes) => net.datagram(addr, &node_id, to, bytes),
+                    Out::Probe(to, bytes, seq) => net.probe(addr, to, bytes.len() as u64, seq),
+                }
+            }
+        });
+    }
+
+    /// Whether a packet from `from` to `to` gets through (drawing loss).
+    fn passes(n: &mut Net, from: SocketAddr, to: SocketAddr) -> bool {
+        if n.down.contains(&from) || n.down.contains(&to) {
+            return false;
+        }
+        if !n.group.is_empty() && n.group.get(&from) != n.group.get(&to) {
+            n.stats.dropped_partition += 1;
+            return false;
+        }
+        if n.loss > 0.0 && n.rng.random::<f64>() < n.loss {
+            n.stats.dropped_loss += 1;
+            return false;
+        }
+        true
+    }
+
+    fn datagram(&self, from: SocketAddr, from_id: &str, to: SocketAddr, bytes: bytes::Bytes) {
+        let mut n = self.lock();
+        n.stats.probe_packets += 1;
+        n.stats.probe_wire_bytes += bytes.len() as u64 + DATAGRAM_OVERHEAD;
+        if !Self::passes(&mut n, from, to) {
+            return;
+        }
+        if let Some((_, plane)) = n.planes.get(&to) {
+            plane.deliver_probe(Datagram {
+                from_id: from_id.to_string(),
+                from,
+                bytes,
+            });
+        }
+    }
+
+    fn probe(&self, from: SocketAddr, to: SocketAddr, len: u64, seq: u32) {
+        let mut n = self.lock();
+        n.stats.probe_packets += 1;
+        n.stats.probe_wire_bytes += len + DATAGRAM_OVERHEAD;
+        if !Self::passes(&mut n, from, to) {
+            return;
+        }
+        n.stats.probe_packets += 1;
+        n.stats.probe_wire_bytes += ACK_PACKET;
+        if !Self::passes(&mut n, to, from) {
+            return;
+        }
+        let target = n.planes.get(&to).map(|(id, _)| id.clone());
+        if let (Some(id), Some((_, plane))) = (target, n.planes.get(&from)) {
+            plane.probe_acked(id, to, seq);
+        }
+    }
+
     fn deliver(&self, from: SocketAddr, to: SocketAddr, msg: ChitchatMessage) {
         let raw = msg.serialize_to_vec();
         // Compress outside the lock: it is the costliest step of a delivery.
@@ -159,19 +270,19 @@ impl SimNet {
             n.stats.oversize += 1;
             return;
         }
-        if n.down.contains(&from) || n.down.contains(&to) {
-            return;
-        }
-        if !n.group.is_empty() && n.group.get(&from) != n.group.get(&to) {
-            n.stats.dropped_partition += 1;
-            return;
-        }
-        if n.loss > 0.0 && n.rng.random::<f64>() < n.loss {
-            n.stats.dropped_loss += 1;
+        if !Self::passes(&mut n, from, to) {
             return;
         }
         if let Some(inbox) = n.inboxes.get(&to) {
-            let _ = inbox.try_send((from, msg));
+            if n.latency.is_zero() {
+                let _ = inbox.try_send((from, msg));
+            } else {
+                let (inbox, latency) = (inbox.clone(), n.latency);
+                tokio::spawn(async move {
+                    tokio::time::sleep(latency).await;
+                    let _ = inbox.try_send((from, msg));
+                });
+            }
         }
     }
 }
@@ -272,6 +383,23 @@ impl SimPki {
         let signer = meshnode_transport::pki::sign::NodeSigner::from_pem(&issued.key_pem)?;
         let der = meshnode_transport::pki::first_cert_der(&issued.cert_pem)?;
         Ok((Arc::new(signer), der))
+    }
+
+    /// `net` behind the gate of the node `cfg` describes, with probes and
+    /// pushes as over QUIC: spawn the node with the transport's
+    /// `probing()`, then [`SimNet::attach`] it.
+    pub fn gated_probing(
+        &self,
+        net: &SimNet,
+        cfg: &meshnode_gossip::GossipConfig,
+    ) -> meshnode_gossip::GatedTransport<SimNet> {
+        meshnode_gossip::GatedTransport::with_plane(
+            net.clone(),
+            cfg.guard(
+                self.authority.clone(),
+                meshnode_gossip::wire::Limits::default(),
+            ),
+        )
     }
 
     /// `net` behind the gate of the node `cfg` describes.

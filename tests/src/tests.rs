@@ -4,6 +4,7 @@ mod flow;
 mod handshakes;
 mod integrity;
 mod listeners;
+mod liveness;
 mod onboarding;
 mod pool;
 mod scale;

@@ -455,8 +455,23 @@ pub fn transport_config(link: Link) -> quinn::TransportConfig {
         .max_idle_timeout(Some(
             quinn::VarInt::from_u32(link.idle_timeout().as_millis() as u32).into(),
         ));
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    t.mtu_discovery_config(Some(mtu));
+    // Path MTU discovery sends a binary search of probes (up to 6.5 KB each,
+    // about 50 KB with quinn's 20-byte steps) on every new connection.
+    // Gossip messages are small: its dialled connections skip it. The
+    // accepting side serves tunnels too, whose downloads want the large
+    // packets, so it searches in coarse steps (3 probes instead of ~9).
+    match link {
+        Link::Gossip => {
+            t.mtu_discovery_config(None);
+        }
+        Link::Server | Link::Tunnel => {
+            let mut mtu = quinn::MtuDiscoveryConfig::default();
+            mtu.upper_bound(MAX_UDP_PAYLOAD);
+            if link == Link::Server {
+                mtu.minimum_change(1000);
+            }
+            t.mtu_discovery_config(Some(mtu));
+        }
+    }
     t
 }

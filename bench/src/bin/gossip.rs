@@ -29,9 +29,19 @@ struct Args {
     sizes: Vec<usize>,
     work: PathBuf,
     only: Option<String>,
+    /// The idle window: long enough for serf's 30 s push-pull (and our slow
+    /// anti-entropy) to fall inside it several times.
+    idle: Duration,
+    /// The pool size that also runs the loss windows (0: none).
+    loss_n: usize,
+    /// How long each loss window lasts.
+    loss_window: Duration,
 }
 
-const USAGE: &str = "usage: meshnode-gossip-bench [--meshnode PATH] [--serf PATH] [--sizes 10,30,60] [--work DIR] [--only meshnode|serf]";
+/// Random loss levels of the loss windows, in percent.
+const LOSS_LEVELS: [u8; 2] = [30, 40];
+
+const USAGE: &str = "usage: meshnode-gossip-bench [--meshnode PATH] [--serf PATH] [--sizes 10,30,60,100] [--work DIR] [--only meshnode|serf] [--idle-secs 120] [--loss-n 30] [--loss-secs 60]";
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Figures {
@@ -39,6 +49,9 @@ struct Figures {
     detection_s: f64,
     idle_bytes_per_node_s: Option<f64>,
     rss_kib_per_node: f64,
+    /// Per loss level: members some node listed as dead (observer, member
+    /// pairs) while every node was alive, or None when not run.
+    false_deaths: [Option<usize>; 2],
 }
 
 /// Children killed on drop.
@@ -104,6 +117,19 @@ fn main() -> anyhow::Result<()> {
             ratio(m.rss_kib_per_node, s.rss_kib_per_node)
         );
     }
+    for (n, m, s) in rows.iter().filter(|(n, _, _)| *n == a.loss_n) {
+        println!("\n| N | random loss | window | meshnode false deaths | serf false deaths |");
+        println!("|---|---|---|---|---|");
+        for (k, level) in LOSS_LEVELS.iter().enumerate() {
+            let show = |v: Option<usize>| v.map_or("n/a".into(), |c| c.to_string());
+            println!(
+                "| {n} | {level} % | {} s | {} | {} |",
+                a.loss_window.as_secs(),
+                show(m.false_deaths[k]),
+                show(s.false_deaths[k])
+            );
+        }
+    }
     Ok(())
 }
 
@@ -111,9 +137,12 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut a = Args {
         meshnode: "target/release/meshnode".into(),
         serf: "/usr/bin/serf".into(),
-        sizes: vec![10, 30, 60],
+        sizes: vec![10, 30, 60, 100],
         work: std::env::temp_dir().join("meshnode-gossip-bench"),
         only: None,
+        idle: Duration::from_secs(120),
+        loss_n: 30,
+        loss_window: Duration::from_secs(60),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -132,6 +161,13 @@ fn parse_args() -> anyhow::Result<Args> {
             "--meshnode" => a.meshnode = v.into(),
             "--serf" => a.serf = v.into(),
             "--work" => a.work = v.into(),
+            "--loss-n" => a.loss_n = v.parse().context("--loss-n: a number")?,
+            "--loss-secs" => {
+                a.loss_window = Duration::from_secs(v.parse().context("--loss-secs: a number")?)
+            }
+            "--idle-secs" => {
+                a.idle = Duration::from_secs(v.parse().context("--idle-secs: a number")?)
+            }
             "--sizes" => {
                 a.sizes = v
                     .split(',')
@@ -189,8 +225,9 @@ fn rss_kib(pids: &[u32]) -> f64 {
     total as f64 / pids.len().max(1) as f64
 }
 
-/// Bytes sent over UDP from `subnet` (127.S.N.0/24) during `window`, per node
-/// and second, from an nftables counter; None without nft or root.
+/// Bytes sent from `subnet` (127.S.N.0/24) during `window`, per node and
+/// second, from an nftables counter; None without nft or root. UDP and TCP:
+/// serf's push-pull runs over TCP, QUIC (keep-alives and all) over UDP.
 fn idle_bytes(subnet: &str, n: usize, window: Duration) -> Option<f64> {
     let table = "meshnode_gossip_bench";
     let nft = |args: &str| {
@@ -206,7 +243,7 @@ fn idle_bytes(subnet: &str, n: usize, window: Duration) -> Option<f64> {
         "add chain ip {table} out {{ type filter hook output priority 0 ; }}"
     ))?;
     nft(&format!(
-        "add rule ip {table} out ip saddr {subnet} meta l4proto udp counter"
+        "add rule ip {table} out ip saddr {subnet} meta l4proto {{ udp, tcp }} counter"
     ))?;
     std::thread::sleep(window);
     let out = nft(&format!("list chain ip {table} out"))?;
@@ -219,6 +256,82 @@ fn idle_bytes(subnet: &str, n: usize, window: Duration) -> Option<f64> {
         .parse()
         .ok()?;
     Some(bytes / n as f64 / window.as_secs_f64())
+}
+
+/// How long a formed pool settles before the idle window, both systems
+/// alike: a meshnode node's probes reach every peer once in N x 500 ms, and
+/// each first contact costs a QUIC handshake (a one-time cost per node pair,
+/// reported in BENCHMARKS.md apart from the idle bytes).
+fn settle(n: usize) -> Duration {
+    Duration::from_millis(500 * n as u64 + 5_000)
+}
+
+/// Drops `percent` % of the gossip packets that arrive at `subnet`
+/// (nftables at the receivers' input, `numgen random`) while `f` runs, then
+/// removes the rule; `tcp` adds a TCP port to the UDP one (serf's push-pull).
+/// None without nft or root.
+fn with_loss<T>(
+    subnet: &str,
+    udp: u16,
+    tcp: Option<u16>,
+    percent: u8,
+    f: impl FnOnce() -> T,
+) -> Option<T> {
+    let table = "meshnode_gossip_bench_loss";
+    let nft = |args: &str| {
+        Command::new("nft")
+            .args(args.split(' '))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    };
+    let _ = nft(&format!("delete table ip {table}"));
+    nft(&format!("add table ip {table}"))?;
+    nft(&format!(
+        "add chain ip {table} in {{ type filter hook input priority 0 ; }}"
+    ))?;
+    nft(&format!(
+        "add rule ip {table} in ip daddr {subnet} udp dport {udp} numgen random mod 100 < {percent} drop"
+    ))?;
+    if let Some(port) = tcp {
+        nft(&format!(
+            "add rule ip {table} in ip daddr {subnet} tcp dport {port} numgen random mod 100 < {percent} drop"
+        ))?;
+    }
+    let out = f();
+    let _ = nft(&format!("delete table ip {table}"));
+    Some(out)
+}
+
+/// Runs every loss window: for each level, `dead_pairs` is polled every
+/// second for `window` and the distinct (observer, member) pairs it ever
+/// returned are counted. Nobody dies during a window, so each is false.
+fn loss_windows(
+    subnet: &str,
+    udp: u16,
+    tcp: Option<u16>,
+    window: Duration,
+    dead_pairs: &dyn Fn() -> Vec<(usize, String)>,
+) -> [Option<usize>; 2] {
+    let mut out = [None; 2];
+    for (k, level) in LOSS_LEVELS.iter().enumerate() {
+        out[k] = with_loss(subnet, udp, tcp, *level, || {
+            let mut seen = std::collections::BTreeSet::new();
+            let start = Instant::now();
+            while start.elapsed() < window {
+                seen.extend(dead_pairs());
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            seen.len()
+        });
+        eprintln!(
+            "   {level} % loss for {window:?}: {:?} false deaths",
+            out[k]
+        );
+        // Let the pool heal before the next level (or the next figure).
+        std::thread::sleep(Duration::from_secs(15));
+    }
+    out
 }
 
 fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
@@ -286,10 +399,41 @@ fn meshnode_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
         admins.iter().all(|a| alive(a) == n)
     })
     .context("meshnode pool did not form")?;
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(settle(n));
     let pids: Vec<u32> = procs.0.iter().map(Child::id).collect();
+    let idle = idle_bytes(&format!("127.77.{n}.0/24"), n, a.idle);
+    // After the idle window: the steady state, with every connection open.
     let rss = rss_kib(&pids);
-    let idle = idle_bytes(&format!("127.77.{n}.0/24"), n, Duration::from_secs(10));
+    let mut false_deaths = [None; 2];
+    if n == a.loss_n {
+        let dead_pairs = || {
+            let mut v = Vec::new();
+            for (i, admin) in admins.iter().enumerate() {
+                // A lost admin answer is no verdict; admin runs over TCP, untouched.
+                if let Some(body) = http_get(admin, "/v1/members") {
+                    // Pretty-printed JSON: one object per member.
+                    for entry in body.split('{').skip(1) {
+                        if !entry.contains("\"alive\"") {
+                            let name = entry
+                                .split("\"node\": \"")
+                                .nth(1)
+                                .and_then(|r| r.split('"').next())
+                                .unwrap_or("?");
+                            v.push((i, name.to_string()));
+                        }
+                    }
+                }
+            }
+            v
+        };
+        false_deaths = loss_windows(
+            &format!("127.77.{n}.0/24"),
+            9470,
+            None,
+            a.loss_window,
+            &dead_pairs,
+        );
+    }
 
     // A state change: node 0's service turns passing.
     let passing =
@@ -317,6 +461,7 @@ fn meshnode_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
         detection_s: t0.elapsed().as_secs_f64(),
         idle_bytes_per_node_s: idle,
         rss_kib_per_node: rss,
+        false_deaths,
     })
 }
 
@@ -373,10 +518,37 @@ fn serf_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
             "serf pool of {n} did not form in 120 s; alive members seen by each agent: {seen:?}"
         );
     }
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(settle(n));
     let pids: Vec<u32> = procs.0.iter().map(Child::id).collect();
+    let idle = idle_bytes(&format!("127.78.{n}.0/24"), n, a.idle);
     let rss = rss_kib(&pids);
-    let idle = idle_bytes(&format!("127.78.{n}.0/24"), n, Duration::from_secs(10));
+    let mut false_deaths = [None; 2];
+    if n == a.loss_n {
+        let dead_pairs = || {
+            let mut v = Vec::new();
+            for i in 0..n {
+                // `serf members` talks RPC over TCP 7373, which the rule leaves alone.
+                if let Ok(o) = Command::new(&a.serf)
+                    .args(["members", "-rpc-addr", &rpc(i), "-status", "failed"])
+                    .output()
+                {
+                    for line in String::from_utf8_lossy(&o.stdout).lines() {
+                        if let Some(name) = line.split_whitespace().next() {
+                            v.push((i, name.to_string()));
+                        }
+                    }
+                }
+            }
+            v
+        };
+        false_deaths = loss_windows(
+            &format!("127.78.{n}.0/24"),
+            7946,
+            Some(7946),
+            a.loss_window,
+            &dead_pairs,
+        );
+    }
 
     // Every agent's view, polled in parallel: `serf members` with `filter`,
     // and `check` on its output. (Event handlers would add serf's member-event
@@ -424,5 +596,6 @@ fn serf_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
         detection_s: detection,
         idle_bytes_per_node_s: idle,
         rss_kib_per_node: rss,
+        false_deaths,
     })
 }
