@@ -484,16 +484,7 @@ impl GossipHandle {
             let mut cc = self.inner.chitchat.lock().await;
             let me = cc.self_chitchat_id().clone();
             let state = cc.self_node_state();
-            let signing = &self.inner.signing;
-            signing.put(state, LEAVING_KEY, "1");
-            let svc: Vec<String> = state
-                .key_values()
-                .filter(|(k, _)| k.starts_with(SERVICE_PREFIX))
-                .map(|(k, _)| k.to_string())
-                .collect();
-            for k in svc {
-                signing.put(state, &k, "");
-            }
+            leave_values(state, &self.inner.signing);
             cc.live_nodes()
                 .filter(|id| **id != me)
                 .map(|id| id.gossip_advertise_addr)
