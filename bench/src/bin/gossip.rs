@@ -230,13 +230,6 @@ fn rss_kib(pids: &[u32]) -> f64 {
 /// serf's push-pull runs over TCP, QUIC (keep-alives and all) over UDP.
 fn idle_bytes(subnet: &str, n: usize, window: Duration) -> Option<f64> {
     let table = "meshnode_gossip_bench";
-    let nft = |args: &str| {
-        Command::new("nft")
-            .args(args.split(' '))
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-    };
     let _ = nft(&format!("delete table ip {table}"));
     nft(&format!("add table ip {table}"))?;
     nft(&format!(
@@ -278,13 +271,6 @@ fn with_loss<T>(
     f: impl FnOnce() -> T,
 ) -> Option<T> {
     let table = "meshnode_gossip_bench_loss";
-    let nft = |args: &str| {
-        Command::new("nft")
-            .args(args.split(' '))
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-    };
     let _ = nft(&format!("delete table ip {table}"));
     nft(&format!("add table ip {table}"))?;
     nft(&format!(
@@ -332,6 +318,15 @@ fn loss_windows(
         std::thread::sleep(Duration::from_secs(15));
     }
     out
+}
+
+/// One `nft` command (arguments split on spaces); None if it failed.
+fn nft(args: &str) -> Option<std::process::Output> {
+    Command::new("nft")
+        .args(args.split(' '))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
 }
 
 fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
