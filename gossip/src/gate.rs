@@ -105,6 +105,8 @@ struct Known {
     /// The highest version admitted for this generation: a delta that goes
     /// beyond it is news, which the transport passes on.
     max_seen: u64,
+    /// What this member adds to chitchat's digest ([`crate::wire::digest_entry_len`]).
+    digest_len: usize,
 }
 
 pub struct Gate {
@@ -145,6 +147,16 @@ impl Gate {
             last_prune: Duration::ZERO,
             collect_fresh: true,
         }
+    }
+
+    /// chitchat's digest of the pool as admitted so far, in bytes: every
+    /// member's entry, ours (an IPv6 address at worst), the count.
+    pub fn digest_len(&self) -> usize {
+        let me = crate::wire::digest_entry_len(
+            &self.me,
+            &std::net::SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0),
+        );
+        2 + me + self.nodes.values().map(|k| k.digest_len).sum::<usize>()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -339,6 +351,12 @@ impl Gate {
             if known.is_none() && self.nodes.len() >= self.limits.max_nodes {
                 return Err("pool_full");
             }
+            if known.is_none()
+                && self.digest_len() + crate::wire::digest_entry_len(node_id, &nd.id.addr)
+                    > self.limits.max_digest
+            {
+                return Err("pool_full");
+            }
         }
 
         // The key that signs: from a certificate in this delta, else the one verified before.
@@ -409,6 +427,7 @@ impl Gate {
                     since: now,
                     last_seen: now,
                     max_seen: 0,
+                    digest_len: crate::wire::digest_entry_len(node_id, &nd.id.addr),
                 },
             );
             self.nodes.get_mut(node_id)
@@ -670,6 +689,10 @@ mod tests {
         }
 
         fn gate(&self, me: &Node) -> Gate {
+            self.gate_with(me, Limits::default())
+        }
+
+        fn gate_with(&self, me: &Node, limits: Limits) -> Gate {
             Gate::new(
                 POOL.into(),
                 PoolKind::Lan {
@@ -678,7 +701,7 @@ mod tests {
                 &me.id,
                 1,
                 self.authority.clone(),
-                Limits::default(),
+                limits,
             )
         }
     }
@@ -811,6 +834,36 @@ mod tests {
         // Later values of the same generation verify against the known certificate.
         let later = delta(&a, &a, GEN, 3, &[("svc:api:80", String::new())]);
         assert_eq!(reasons(&mut gate, vec![later]), (1, vec![]));
+    }
+
+    /// chitchat 0.11 crashes its task when its own digest nears 65.4 KB:
+    /// past the budget no new member is admitted, known ones still are.
+    #[test]
+    fn no_new_member_past_the_digest_budget() {
+        let p = pki();
+        let (me, a, b) = (
+            p.node("east", "me", Role::Node),
+            p.node("east", "a", Role::Node),
+            p.node("east", "b", Role::Node),
+        );
+        let probe = p.gate(&me);
+        let room = probe.digest_len() + crate::wire::digest_entry_len(&a.id.uri(), &addr());
+        let mut gate = p.gate_with(
+            &me,
+            Limits {
+                max_digest: room,
+                ..Limits::default()
+            },
+        );
+        assert_eq!(reasons(&mut gate, vec![full(&a, &[])]), (1, vec![]));
+        assert_eq!(gate.digest_len(), room);
+        assert_eq!(reasons(&mut gate, vec![full(&b, &[])]).1, vec!["pool_full"]);
+        // a's next change still passes.
+        let next = delta(&a, &a, GEN, 2, &[(NODE_KEY, info("east", false))]);
+        assert_eq!(reasons(&mut gate, vec![next]), (1, vec![]));
+        // The default budget keeps chitchat's assertion (65,507 - 1 - digest
+        // >= 100) with over 15 KB left for old generations it still keeps.
+        const { assert!(crate::wire::DIGEST_BUDGET + 15_000 < 65_406) };
     }
 
     #[test]

@@ -355,46 +355,24 @@ async fn read_frame(
 }
 
 /// Puts the [`Guard`] in front of another transport's messages (the
-/// simulations' in-memory network), so they run the same checks as QUIC.
+/// simulations' in-memory network running chitchat alone), so they run the
+/// same checks as QUIC. (The simulations' plane runs on their own byte
+/// transport: a message decoded from bytes must not be serialized again,
+/// see ARCHITECTURE.md.)
 pub struct GatedTransport<T> {
     inner: T,
     guard: Guard,
-    plane: Option<Arc<Plane>>,
 }
 
 struct GatedSocket {
     inner: Box<dyn Socket>,
     guard: Guard,
-    plane: Option<Arc<Plane>>,
 }
 
 impl<T> GatedTransport<T> {
     /// chitchat alone behind the gate: no pacing, no pushes, no probes.
     pub fn new(inner: T, guard: Guard) -> Self {
-        Self {
-            inner,
-            guard,
-            plane: None,
-        }
-    }
-
-    /// With a [`Plane`] as over QUIC: SYNs paced, news passed on. The
-    /// network must carry the plane's
-    /// [`Out`] queue ([`Plane::take_out`]) and hand probes back.
-    pub fn with_plane(inner: T, guard: Guard) -> Self {
-        Self {
-            inner,
-            guard,
-            plane: Some(Plane::new(PacingConfig::default())),
-        }
-    }
-
-    /// For [`GossipHandle::spawn`](crate::GossipHandle::spawn), with a plane.
-    pub fn probing(&self) -> Option<Probing> {
-        self.plane.as_ref().map(|p| Probing {
-            plane: p.clone(),
-            guard: self.guard.clone(),
-        })
+        Self { inner, guard }
     }
 }
 
@@ -404,7 +382,6 @@ impl<T: Transport> Transport for GatedTransport<T> {
         Ok(Box::new(GatedSocket {
             inner: self.inner.open(listen_addr).await?,
             guard: self.guard.clone(),
-            plane: self.plane.clone(),
         }))
     }
 }
@@ -412,29 +389,13 @@ impl<T: Transport> Transport for GatedTransport<T> {
 #[async_trait]
 impl Socket for GatedSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
-        if let Some(plane) = &self.plane {
-            if !plane.outgoing(to, &msg) {
-                return Ok(());
-            }
-        }
         self.inner.send(to, msg).await
     }
 
     async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
         loop {
             let (from, msg) = self.inner.recv().await?;
-            let Some(plane) = &self.plane else {
-                if let Some(msg) = self.guard.filter_message(&msg, from) {
-                    return Ok((from, msg));
-                }
-                continue;
-            };
-            let bytes = msg.serialize_to_vec();
-            let Some(decoded) = self.guard.decode(&bytes, from) else {
-                continue;
-            };
-            if let Some((msg, fresh)) = self.guard.check_fresh(decoded, from) {
-                plane.incoming(from, &msg, fresh);
+            if let Some(msg) = self.guard.filter_message(&msg, from) {
                 return Ok((from, msg));
             }
         }

@@ -48,6 +48,9 @@ pub struct Limits {
     pub max_nodes: usize,
     /// Total bytes all compressed blocks of the delta may expand to.
     pub max_expanded: usize,
+    /// The largest digest of the whole pool a node may come to hold, in
+    /// chitchat's serialized bytes (see [`DIGEST_BUDGET`]).
+    pub max_digest: usize,
 }
 
 impl Default for Limits {
@@ -55,8 +58,25 @@ impl Default for Limits {
         Self {
             max_nodes: DEFAULT_MAX_NODES,
             max_expanded: 1 << 20,
+            max_digest: DIGEST_BUDGET,
         }
     }
+}
+
+/// chitchat 0.11 answers a SYN with a delta of at most 65,507 - 1 - (its own
+/// digest) bytes and asserts that this is at least 100, in its task: a node
+/// whose digest of the pool (about 41 + id length bytes per member and
+/// generation, IPv4) passes ~65.4 KB crashes its gossip on the next SYN.
+/// The gate admits no new member past this budget, which leaves room for
+/// old generations chitchat keeps until it forgets them (see BENCHMARKS.md,
+/// "Where it stops").
+pub const DIGEST_BUDGET: usize = 48_000;
+
+/// What one member adds to chitchat's digest: its id (u16 length and the
+/// bytes), generation, address, and heartbeat, GC and max versions.
+pub fn digest_entry_len(node_id: &str, addr: &SocketAddr) -> usize {
+    let ip = if addr.is_ipv4() { 1 + 4 } else { 1 + 16 };
+    2 + node_id.len() + 8 + ip + 2 + 24
 }
 
 /// The default cap on nodes one message may name: above what one digest

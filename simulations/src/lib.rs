@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use meshnode_gossip::chitchat::transport::{Socket, Transport};
 use meshnode_gossip::chitchat::{ChitchatMessage, Deserializable, Serializable};
 use meshnode_gossip::frame::{Codec, FrameError};
-use meshnode_gossip::plane::{Datagram, Out, Plane};
+use meshnode_gossip::plane::{Datagram, Out, Plane, Probing};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio::sync::mpsc;
@@ -31,7 +31,17 @@ pub const MAX_FRAME: usize = meshnode_gossip::frame::MAX_WIRE;
 /// Messages queued per node before the network drops, like a full socket buffer.
 const INBOX: usize = 1024;
 
-type Inbox = mpsc::Sender<(SocketAddr, ChitchatMessage)>;
+/// One gossip message in flight: chitchat's serialized bytes, and the
+/// message itself when chitchat built it on this side (the chitchat-only
+/// path hands that on as is). Messages decoded from bytes are never
+/// serialized again: chitchat's serializer asserts on some decoded deltas.
+struct Packet {
+    from: SocketAddr,
+    raw: Vec<u8>,
+    msg: Option<ChitchatMessage>,
+}
+
+type Inbox = mpsc::Sender<Packet>;
 
 /// The in-memory network: every node's inbox, the faults in force, counters.
 #[derive(Clone)]
@@ -91,19 +101,26 @@ pub struct NetStats {
     /// the wire (see [`DATAGRAM_OVERHEAD`], [`ACK_PACKET`]).
     pub probe_packets: u64,
     pub probe_wire_bytes: u64,
+    /// chitchat SYNs delivered: anti-entropy exchanges started.
+    pub syns: u64,
 }
 
 impl NetStats {
     /// Everything on the wire: frames with QUIC and IP overhead, and probes.
     pub fn total_wire_bytes(&self) -> u64 {
-        self.wire_bytes + self.messages * STREAM_OVERHEAD + self.probe_wire_bytes
+        self.stream_wire_bytes() + self.probe_wire_bytes
+    }
+
+    /// Gossip messages on the wire (frames and QUIC/IP overhead), no probes.
+    pub fn stream_wire_bytes(&self) -> u64 {
+        self.wire_bytes + self.messages * STREAM_OVERHEAD
     }
 }
 
 struct SimSocket {
     me: SocketAddr,
     net: SimNet,
-    rx: mpsc::Receiver<(SocketAddr, ChitchatMessage)>,
+    rx: mpsc::Receiver<Packet>,
 }
 
 impl SimNet {
@@ -183,11 +200,7 @@ impl SimNet {
         tokio::spawn(async move {
             while let Some(o) = out.recv().await {
                 match o {
-                    Out::Stream(to, bytes) => {
-                        if let Ok(msg) = ChitchatMessage::deserialize(&mut &bytes[..]) {
-                            net.deliver(addr, to, msg);
-                        }
-                    }
+                    Out::Stream(to, bytes) => net.deliver_raw(addr, to, bytes, None),
                     Out::Datagram(to, bytes) => net.datagram(addr, &node_id, to, bytes),
                     Out::Probe(to, bytes, seq) => net.probe(addr, to, bytes.len() as u64, seq),
                 }
@@ -247,6 +260,16 @@ impl SimNet {
 
     fn deliver(&self, from: SocketAddr, to: SocketAddr, msg: ChitchatMessage) {
         let raw = msg.serialize_to_vec();
+        self.deliver_raw(from, to, raw, Some(msg));
+    }
+
+    fn deliver_raw(
+        &self,
+        from: SocketAddr,
+        to: SocketAddr,
+        raw: Vec<u8>,
+        msg: Option<ChitchatMessage>,
+    ) {
         // Compress outside the lock: it is the costliest step of a delivery.
         let frame = Codec::Zstd.encode(&raw);
         let mut n = self.lock();
@@ -273,30 +296,110 @@ impl SimNet {
         if !Self::passes(&mut n, from, to) {
             return;
         }
+        // chitchat's header: a 2-byte magic, the protocol version, the type.
+        if raw.get(3) == Some(&0) {
+            n.stats.syns += 1;
+        }
         if let Some(inbox) = n.inboxes.get(&to) {
+            let packet = Packet { from, raw, msg };
             if n.latency.is_zero() {
-                let _ = inbox.try_send((from, msg));
+                let _ = inbox.try_send(packet);
             } else {
                 let (inbox, latency) = (inbox.clone(), n.latency);
                 tokio::spawn(async move {
                     tokio::time::sleep(latency).await;
-                    let _ = inbox.try_send((from, msg));
+                    let _ = inbox.try_send(packet);
                 });
             }
         }
     }
 }
 
+impl SimNet {
+    fn open_inbox(&self, listen_addr: SocketAddr) -> mpsc::Receiver<Packet> {
+        let (tx, rx) = mpsc::channel(INBOX);
+        self.lock().inboxes.insert(listen_addr, tx);
+        rx
+    }
+}
+
 #[async_trait]
 impl Transport for SimNet {
     async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let (tx, rx) = mpsc::channel(INBOX);
-        self.lock().inboxes.insert(listen_addr, tx);
         Ok(Box::new(SimSocket {
             me: listen_addr,
             net: self.clone(),
-            rx,
+            rx: self.open_inbox(listen_addr),
         }))
+    }
+}
+
+/// A node's gossip on the [`SimNet`] as over QUIC: the node's [`Plane`]
+/// paces its SYNs and reads what arrives, and every message arriving goes
+/// through the gate as bytes (decode, signature and freshness checks), as
+/// `read_frame` does on a QUIC stream. Spawn the node with
+/// [`PlaneTransport::probing`], then [`SimNet::attach`] its plane.
+pub struct PlaneTransport {
+    net: SimNet,
+    probing: Probing,
+}
+
+impl PlaneTransport {
+    pub fn probing(&self) -> Option<Probing> {
+        Some(self.probing.clone())
+    }
+
+    pub fn plane(&self) -> Arc<Plane> {
+        self.probing.plane.clone()
+    }
+}
+
+struct PlaneSocket {
+    me: SocketAddr,
+    net: SimNet,
+    probing: Probing,
+    rx: mpsc::Receiver<Packet>,
+}
+
+#[async_trait]
+impl Transport for PlaneTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        Ok(Box::new(PlaneSocket {
+            me: listen_addr,
+            net: self.net.clone(),
+            probing: self.probing.clone(),
+            rx: self.net.open_inbox(listen_addr),
+        }))
+    }
+}
+
+async fn next_packet(rx: &mut mpsc::Receiver<Packet>) -> anyhow::Result<Packet> {
+    rx.recv()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("network closed"))
+}
+
+#[async_trait]
+impl Socket for PlaneSocket {
+    async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+        if self.probing.plane.outgoing(to, &msg) {
+            self.net.deliver(self.me, to, msg);
+        }
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
+        loop {
+            let p = next_packet(&mut self.rx).await?;
+            let guard = &self.probing.guard;
+            let Some(decoded) = guard.decode(&p.raw, p.from) else {
+                continue;
+            };
+            if let Some((msg, fresh)) = guard.check_fresh(decoded, p.from) {
+                self.probing.plane.incoming(p.from, &msg, fresh);
+                return Ok((p.from, msg));
+            }
+        }
     }
 }
 
@@ -308,10 +411,15 @@ impl Socket for SimSocket {
     }
 
     async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
-        self.rx
-            .recv()
-            .await
-            .ok_or_else(|| anyhow::anyhow!("network closed"))
+        loop {
+            let p = next_packet(&mut self.rx).await?;
+            if let Some(msg) = p.msg {
+                return Ok((p.from, msg));
+            }
+            if let Ok(msg) = ChitchatMessage::deserialize(&mut &p.raw[..]) {
+                return Ok((p.from, msg));
+            }
+        }
     }
 }
 
@@ -387,19 +495,23 @@ impl SimPki {
 
     /// `net` behind the gate of the node `cfg` describes, with probes and
     /// pushes as over QUIC: spawn the node with the transport's
-    /// `probing()`, then [`SimNet::attach`] it.
+    /// `probing()`, then [`SimNet::attach`] its plane. Must run inside the
+    /// simulation's runtime (the plane's clock is tokio's).
     pub fn gated_probing(
         &self,
         net: &SimNet,
         cfg: &meshnode_gossip::GossipConfig,
-    ) -> meshnode_gossip::GatedTransport<SimNet> {
-        meshnode_gossip::GatedTransport::with_plane(
-            net.clone(),
-            cfg.guard(
-                self.authority.clone(),
-                meshnode_gossip::wire::Limits::default(),
-            ),
-        )
+    ) -> PlaneTransport {
+        PlaneTransport {
+            net: net.clone(),
+            probing: Probing {
+                plane: Plane::new(meshnode_gossip::pacing::PacingConfig::default()),
+                guard: cfg.guard(
+                    self.authority.clone(),
+                    meshnode_gossip::wire::Limits::default(),
+                ),
+            },
+        }
     }
 
     /// `net` behind the gate of the node `cfg` describes.

@@ -1,41 +1,58 @@
-//! The CI-sized scenario: 100 nodes in virtual time. Bounds, not exact
-//! traces: chitchat chooses gossip peers with OS entropy.
+//! The CI-sized scenario: 50 nodes on the plane (probes, pushes, paced
+//! anti-entropy) in virtual time, debug build. Bounds, not exact traces:
+//! chitchat chooses gossip peers with OS entropy.
 
 use std::time::Duration;
 
+use meshnode_simulations::scenarios::Shape;
 use meshnode_simulations::{runtime, scenarios};
 
 #[test]
-fn hundred_nodes_converge_near_the_bound_and_detect_without_false_failures() {
+fn a_pool_converges_near_the_bound_and_detects_without_false_failures() {
     let rt = runtime().unwrap();
     let seed = 7;
-    let c = rt.block_on(scenarios::convergence(100, seed)).unwrap();
+    let n = 50;
+    let c = rt
+        .block_on(scenarios::convergence(n, seed, Shape::Plane, false))
+        .unwrap();
     eprintln!("{c:?}");
-    // Lower bound 4 rounds; more than 5x that would mean the key schema or
-    // timing broke dissemination.
+    // Push hops of 100 ms: at least the bound for ln N + 4 peers (2), and
+    // far from what anti-entropy alone would take (its pace is seconds).
     assert!(c.rounds >= f64::from(c.lower_bound_rounds), "{c:?}");
-    assert!(c.rounds <= 20.0, "{c:?}");
+    assert!(c.rounds <= 10.0, "{c:?}");
     assert_eq!(c.oversize_messages, 0, "{c:?}");
+    // Idle: probes (about 2 a second, each with its ACK) and paced
+    // exchanges; chitchat alone spent about 12,000 B/s per node at N = 30.
+    assert!(c.idle_model < 1_000.0, "{c:?}");
 
     let d = rt
         .block_on(scenarios::detection(
-            100,
+            n,
             0.0,
             Duration::from_secs(20),
             seed,
+            Shape::Plane,
         ))
         .unwrap();
     eprintln!("{d:?}");
     assert_eq!(d.false_failures, 0, "{d:?}");
     let t = d.detection_s.unwrap_or(f64::INFINITY);
-    assert!((1.0..=6.0).contains(&t), "{d:?}");
+    assert!((0.5..=8.0).contains(&t), "{d:?}");
 
+    // Each side must find 25 dead members by probing (two probes a second
+    // per node) and let their suspicions run out: about 40 s (release run,
+    // seed 7: 43 s).
     let p = rt
-        .block_on(scenarios::partition(100, Duration::from_secs(20), seed))
+        .block_on(scenarios::partition(
+            n,
+            Duration::from_secs(60),
+            seed,
+            Shape::Plane,
+        ))
         .unwrap();
     eprintln!("{p:?}");
     assert!(p.each_side_sees_half_s.is_some(), "{p:?}");
-    assert!(p.reconverge_s.is_some_and(|s| s <= 10.0), "{p:?}");
+    assert!(p.reconverge_s.is_some_and(|s| s <= 20.0), "{p:?}");
 }
 
 /// `meshnode-sim corpus` writes these as the fuzz target's seeds: they must be

@@ -390,10 +390,16 @@ fn meshnode_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
             .map(|b| b.matches("\"alive\"").count())
             .unwrap_or(0)
     };
-    until(Duration::from_secs(60), || {
+    if until(Duration::from_secs(120), || {
         admins.iter().all(|a| alive(a) == n)
     })
-    .context("meshnode pool did not form")?;
+    .is_err()
+    {
+        let seen: Vec<usize> = admins.iter().map(|a| alive(a)).collect();
+        anyhow::bail!(
+            "meshnode pool of {n} did not form in 120 s; alive members seen by each node: {seen:?}"
+        );
+    }
     std::thread::sleep(settle(n));
     let pids: Vec<u32> = procs.0.iter().map(Child::id).collect();
     let idle = idle_bytes(&format!("127.77.{n}.0/24"), n, a.idle);
@@ -447,10 +453,22 @@ fn meshnode_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
     let victim = n - 1;
     let _ = procs.0[victim].kill();
     let t0 = Instant::now();
-    until(Duration::from_secs(60), || {
+    if until(Duration::from_secs(60), || {
         admins[..victim].iter().all(|a| alive(a) == n - 1)
     })
-    .context("kill -9 not detected by every node")?;
+    .is_err()
+    {
+        let off: Vec<(usize, usize)> = admins[..victim]
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (i, alive(a)))
+            .filter(|(_, c)| *c != n - 1)
+            .collect();
+        anyhow::bail!(
+            "kill -9 not detected by every node in 60 s; (node, alive members it lists) where not {}: {off:?}",
+            n - 1
+        );
+    }
     Ok(Figures {
         propagation_s: propagation,
         detection_s: t0.elapsed().as_secs_f64(),
