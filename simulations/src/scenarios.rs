@@ -225,12 +225,35 @@ pub async fn convergence(
 ) -> anyhow::Result<Convergence> {
     let pool = start_pool(n, seed, shape).await?;
     let limit = Duration::from_secs(120 + n as u64 / 10);
-    let formation = pool.formed(limit).await.ok_or_else(|| {
+    let Some(formation) = pool.formed(limit).await else {
         let seen: Vec<usize> = (0..n).map(|i| pool.seen_by(i)).collect();
-        anyhow::anyhow!(
-            "{n} nodes did not form a pool within {limit:?}; probes each node lists: {seen:?}"
-        )
-    })?;
+        let low = (0..n).min_by_key(|i| seen[*i]).unwrap_or(0);
+        let states = |m: Vec<meshnode_gossip::Member>| {
+            m.iter()
+                .map(|m| format!("{}={}", m.node, m.state.as_str()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let keys: Vec<String> = pool.nodes[0]
+            .snapshot()
+            .await
+            .iter()
+            .filter(|s| s.node.ends_with(&format!("/n{low}")))
+            .map(|s| {
+                format!(
+                    "{} live={} keys={:?}",
+                    s.node,
+                    s.live,
+                    s.kvs.keys().collect::<Vec<_>>()
+                )
+            })
+            .collect();
+        anyhow::bail!(
+            "{n} nodes did not form a pool within {limit:?}; probes each node lists: {seen:?}; node 0's members: {}; node {low}'s members: {}; node {low} as node 0 holds it: {keys:?}",
+            states(pool.nodes[0].members().await),
+            states(pool.nodes[low].members().await)
+        );
+    };
     let per = |a: u64, b: u64, w: Duration| (a - b) as f64 / n as f64 / w.as_secs_f64();
     // The probe rate and the size of an exchange, soon after formation.
     tokio::time::sleep(Duration::from_secs(5)).await;
