@@ -46,6 +46,10 @@ pub struct AntiEntropy {
     /// The peer our last SYN went to, and when: its SYN-ACK is our answer.
     pending: Option<(SocketAddr, Duration)>,
     forced: Vec<SocketAddr>,
+    /// Where the last paced SYN went, and whether a SYN to it was passed
+    /// over since (see `allow_syn`).
+    last: Option<SocketAddr>,
+    passed_over: bool,
     passed: u64,
     held: u64,
 }
@@ -58,6 +62,8 @@ impl AntiEntropy {
             next: Duration::ZERO,
             pending: None,
             forced: Vec::new(),
+            last: None,
+            passed_over: false,
             passed: 0,
             held: 0,
         }
@@ -80,6 +86,19 @@ impl AntiEntropy {
             self.held += 1;
             return false;
         }
+        // chitchat offers its live peers first and dead nodes and seeds
+        // after them, in the same round. Taking the first SYN every time can
+        // keep the exchanges among a few peers: a node that only they know
+        // is never learned by the rest. So a SYN to the peer of the last
+        // exchange is passed over once, and the slot goes to the next SYN
+        // offered (in this round or the next) if it is to someone else.
+        if self.last == Some(to) && !self.passed_over {
+            self.passed_over = true;
+            self.held += 1;
+            return false;
+        }
+        self.passed_over = false;
+        self.last = Some(to);
         self.passed += 1;
         self.pending = Some((to, now));
         self.next = now + self.interval;
@@ -173,6 +192,35 @@ mod tests {
         let (passed, held) = ae.counts();
         assert_eq!(passed as usize, sent.len());
         assert!(held > 100 * passed);
+    }
+
+    /// chitchat offers its live peers first, then a seed or a dead node:
+    /// the slot must not always go to the same first peer, or a node known
+    /// only to a few never reaches the rest (seen in the simulation: a
+    /// bubble of a seed and two nodes the pool never learned of).
+    #[test]
+    fn the_exchanges_do_not_stick_to_the_first_peer_offered() {
+        let mut ae = AntiEntropy::new(PacingConfig::default());
+        let (live, seed) = (a(1), a(9));
+        let mut to = Vec::new();
+        let mut t = 0.0;
+        while to.len() < 6 {
+            for p in [live, seed] {
+                if ae.allow_syn(p, s(t), 10) {
+                    to.push(p);
+                    ae.on_synack(p, false, s(t + 0.001));
+                }
+            }
+            t += 0.25;
+        }
+        assert_eq!(to, vec![live, seed, live, seed, live, seed]);
+        // With one peer only, it still gets every exchange (one round late).
+        let mut ae = AntiEntropy::new(PacingConfig::default());
+        let sent: Vec<f64> = (0..400)
+            .map(|i| f64::from(i) * 0.25)
+            .filter(|t| ae.allow_syn(live, s(*t), 2))
+            .collect();
+        assert!(sent.len() >= 6, "{sent:?}");
     }
 
     #[test]
