@@ -477,10 +477,7 @@ fn partition(
     out: &Path,
 ) -> anyhow::Result<String> {
     let r = rt.block_on(scenarios::partition(n, split, seed, Shape::Plane))?;
-    let f = |v: Option<f64>| {
-        v.map(|d| format!("{d:.2}"))
-            .unwrap_or_else(|| "never".into())
-    };
+    let f = secs_or_never;
     std::fs::write(
         out.join("partition.csv"),
         format!(
@@ -496,6 +493,12 @@ fn partition(
         f(r.each_side_sees_half_s),
         f(r.reconverge_s)
     ))
+}
+
+/// Seconds with two decimals, or "never" for a scenario step that did not happen.
+fn secs_or_never(v: Option<f64>) -> String {
+    v.map(|d| format!("{d:.2}"))
+        .unwrap_or_else(|| "never".into())
 }
 
 fn federated(
@@ -552,10 +555,7 @@ fn federation(
     out: &Path,
 ) -> anyhow::Result<String> {
     let r = rt.block_on(scenarios::federation(clusters, seed))?;
-    let f = |v: Option<f64>| {
-        v.map(|d| format!("{d:.2}"))
-            .unwrap_or_else(|| "never".into())
-    };
+    let f = secs_or_never;
     std::fs::write(
         out.join("federation.csv"),
         format!(

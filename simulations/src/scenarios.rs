@@ -534,6 +534,22 @@ pub async fn federation(clusters: usize, seed: u64) -> anyhow::Result<Federation
     })
 }
 
+/// What a gateway's federation loop publishes: its LAN catalog summarized
+/// by the node's own [`summarize`](meshnode_gossip::federation::summarize).
+async fn publish_cluster(
+    wan: &GossipHandle,
+    lan: &GossipHandle,
+    cluster: &str,
+) -> anyhow::Result<()> {
+    let mut values = std::collections::BTreeMap::new();
+    for (service, sum) in meshnode_gossip::federation::summarize(&lan.catalog(), cluster) {
+        let encoded = encode_summary(&sum).map_err(|e| anyhow::anyhow!("{e}"))?;
+        values.insert(format!("{SUMMARY_PREFIX}{service}"), encoded);
+    }
+    wan.publish_prefixed(SUMMARY_PREFIX, values).await;
+    Ok(())
+}
+
 async fn publish_summary(gw: &GossipHandle, service: &str, healthy: u32) -> anyhow::Result<()> {
     let sum = ServiceSummary {
         healthy,
@@ -729,7 +745,7 @@ pub async fn federated(
         .await?;
     while start.elapsed() < Duration::from_secs(120) {
         if !published && !lans[0][0].catalog().instances("new-service").is_empty() {
-            publish_summary(&wans[0], "new-service", 1).await?;
+            publish_cluster(&wans[0], &lans[0][0], "c0").await?;
             published = true;
         }
         if published {
