@@ -4,6 +4,7 @@ mod admin;
 mod ca;
 mod demo;
 mod join;
+mod policy;
 mod run;
 
 use std::net::SocketAddr;
@@ -61,6 +62,9 @@ enum Command {
     /// Node certificate operations.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Mesh-wide policy documents: signed by an operator, spread by gossip.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Join tokens (on a CA node).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -117,18 +121,22 @@ pub enum CaCommand {
 
 #[derive(Subcommand)]
 pub enum CertCommand {
-    /// Issue a node certificate offline.
+    /// Issue a node (or operator) certificate offline.
     Issue {
         /// Directory holding ca.pem and ca.key.
         #[arg(long)]
         ca: PathBuf,
-        #[arg(long)]
-        cluster: String,
-        #[arg(long)]
-        node: String,
+        #[arg(long, required_unless_present = "operator")]
+        cluster: Option<String>,
+        #[arg(long, required_unless_present = "operator")]
+        node: Option<String>,
         /// Mark the certificate as a gateway's.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "operator")]
         gateway: bool,
+        /// Issue an operator certificate (spiffe://<mesh>/operator/NAME) that
+        /// signs policy documents; it cannot serve as a node.
+        #[arg(long, conflicts_with_all = ["cluster", "node"])]
+        operator: Option<String>,
         /// Certificate lifetime.
         #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
         validity: std::time::Duration,
@@ -209,9 +217,18 @@ impl Cli {
                 cluster,
                 node,
                 gateway,
+                operator,
                 validity,
                 out,
-            }) => ca::issue(&ca, &cluster, &node, gateway, validity, &out),
+            }) => match (operator, cluster, node) {
+                (Some(op), _, _) => ca::issue_operator(&ca, &op, validity, &out),
+                (None, Some(cluster), Some(node)) => {
+                    ca::issue(&ca, &cluster, &node, gateway, validity, &out)
+                }
+                _ => Err(Failure::usage(anyhow::anyhow!(
+                    "give --cluster and --node, or --operator"
+                ))),
+            },
             Command::Cert(CertCommand::Revoke {
                 node,
                 cluster,
@@ -240,6 +257,7 @@ impl Cli {
                 )
                 .await
             }
+            Command::Policy(cmd) => policy::run(cmd).await,
             Command::Join(args) => join::join(args).await,
             Command::Members { admin, wan } => admin::members(&admin, wan).await,
             Command::Services { admin } => admin::services(&admin).await,

@@ -124,7 +124,17 @@ pub struct Gate {
     /// Whether `admit` returns the news (`Verdict::fresh`): only a pool
     /// that pushes needs it, and it copies every admitted delta.
     collect_fresh: bool,
+    /// Node ids (with the generation) this gate refused for what their
+    /// certificate is (revoked, expired, not of the CA) or because the pool
+    /// is full: [`Gate::synced`] does not wait for them. Capped.
+    refused: HashMap<String, u64>,
+    /// Whether this node has held, at least once, every version a peer's
+    /// digest listed: a full state exchange completed.
+    synced: bool,
 }
+
+/// Most refused node ids remembered for [`Gate::synced`].
+const MAX_REFUSED: usize = 4_096;
 
 impl Gate {
     pub fn new(
@@ -146,6 +156,8 @@ impl Gate {
             nodes: HashMap::new(),
             last_prune: Duration::ZERO,
             collect_fresh: true,
+            refused: HashMap::new(),
+            synced: false,
         }
     }
 
@@ -163,6 +175,43 @@ impl Gate {
         &self.limits
     }
 
+    /// Whether a full state exchange has completed: once a SYN or SYN-ACK
+    /// came whose digest this gate had admitted every version of (after the
+    /// SYN-ACK's own delta), for every node of the pool it lists other than
+    /// ones refused for their certificate. Never resets.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    fn covers(&self, digest: &[(NodeId, NodeDigest)]) -> bool {
+        digest.iter().all(|(id, d)| {
+            if id.node_id == self.me || !self.in_pool(&id.node_id) {
+                return true;
+            }
+            if self
+                .refused
+                .get(&id.node_id)
+                .is_some_and(|g| *g >= id.generation)
+            {
+                return true;
+            }
+            self.nodes.get(&id.node_id).is_some_and(|k| {
+                k.generation > id.generation
+                    || (k.generation == id.generation && k.max_seen >= d.max_version)
+            })
+        })
+    }
+
+    fn in_pool(&self, node_id: &str) -> bool {
+        node_id.parse::<Identity>().is_ok_and(|identity| {
+            identity.mesh() == self.mesh
+                && match &self.kind {
+                    PoolKind::Lan { cluster } => identity.cluster() == cluster,
+                    PoolKind::Wan => true,
+                }
+        })
+    }
+
     /// Verified nodes (other than this one).
     pub fn verified(&self) -> usize {
         self.nodes.len()
@@ -178,16 +227,20 @@ impl Gate {
         let mut dropped = Vec::new();
         let mut fresh = Vec::new();
         let message = match msg {
-            Message::Syn { cluster_id, digest } => Message::Syn {
-                cluster_id,
-                digest: self.filter_digest(digest, now, &mut dropped),
-            },
+            Message::Syn { cluster_id, digest } => {
+                self.synced = self.synced || self.covers(&digest);
+                Message::Syn {
+                    cluster_id,
+                    digest: self.filter_digest(digest, now, &mut dropped),
+                }
+            }
             // The delta first: a node it proves may then keep its digest
             // entry, which is what makes chitchat create the node and apply
             // the delta within this one message.
             Message::SynAck { digest, delta } => {
                 let delta =
                     self.filter_delta(delta, now, unix_now, &mut dropped, &mut fresh, false);
+                self.synced = self.synced || self.covers(&digest);
                 Message::SynAck {
                     digest: self.filter_digest(digest, now, &mut dropped),
                     delta,
@@ -256,10 +309,19 @@ impl Gate {
                     }
                     out.push(nd)
                 }
-                Err(reason) => dropped.push(Dropped {
-                    reason,
-                    node: nd.id.node_id,
-                }),
+                Err(reason) => {
+                    if matches!(reason, "bad_cert" | "expired_or_revoked" | "pool_full")
+                        && (self.refused.len() < MAX_REFUSED
+                            || self.refused.contains_key(&nd.id.node_id))
+                    {
+                        let g = self.refused.entry(nd.id.node_id.clone()).or_insert(0);
+                        *g = (*g).max(nd.id.generation);
+                    }
+                    dropped.push(Dropped {
+                        reason,
+                        node: nd.id.node_id,
+                    })
+                }
             }
         }
         out
@@ -611,6 +673,11 @@ impl Guard {
         self.filter_bytes(&msg.serialize_to_vec(), from)
     }
 
+    /// See [`Gate::synced`].
+    pub fn synced(&self) -> bool {
+        self.gate.lock().unwrap_or_else(|e| e.into_inner()).synced()
+    }
+
     /// See [`Gate::max_seen`].
     pub fn max_seen(&self, node_id: &str) -> Option<(u64, u64)> {
         self.gate
@@ -780,6 +847,85 @@ mod tests {
             panic!("not an ack")
         };
         (delta.len(), v.dropped.iter().map(|d| d.reason).collect())
+    }
+
+    fn entry(n: &Node, generation: u64, max_version: u64) -> (NodeId, NodeDigest) {
+        (
+            NodeId {
+                node_id: n.id.uri(),
+                generation,
+                addr: addr(),
+            },
+            NodeDigest {
+                heartbeat: 1,
+                last_gc_version: 0,
+                max_version,
+            },
+        )
+    }
+
+    #[test]
+    fn synced_only_once_a_digest_is_covered_after_its_syn_acks_delta() {
+        let p = pki();
+        let me = p.node("east", "me", Role::Node);
+        let a = p.node("east", "a", Role::Node);
+        let b = p.node("east", "b", Role::Node);
+        let mut gate = p.gate(&me);
+        let syn = |digest| Message::Syn {
+            cluster_id: POOL.into(),
+            digest,
+        };
+        let now = meshnode_transport::pki::unix_now();
+        // A SYN listing a and b, of which we hold nothing: not synced.
+        let digest = vec![entry(&a, GEN, 2), entry(&b, GEN, 2), entry(&me, 1, 5)];
+        gate.admit(syn(digest.clone()), Duration::from_secs(1), now);
+        assert!(!gate.synced());
+        // A SYN-ACK that brings a only: still not.
+        gate.admit(
+            Message::SynAck {
+                digest: digest.clone(),
+                delta: vec![full(&a, &[])],
+            },
+            Duration::from_secs(2),
+            now,
+        );
+        assert!(!gate.synced());
+        // One that brings b too, within the same message as its digest: synced.
+        gate.admit(
+            Message::SynAck {
+                digest,
+                delta: vec![full(&b, &[])],
+            },
+            Duration::from_secs(3),
+            now,
+        );
+        assert!(gate.synced());
+    }
+
+    #[test]
+    fn a_node_refused_for_its_certificate_does_not_hold_back_synced() {
+        let p = pki();
+        let me = p.node("east", "me", Role::Node);
+        let a = p.node("east", "a", Role::Node);
+        let rogue = Pki {
+            ca: Ca::generate("acme", Duration::from_secs(3600)).unwrap(),
+            authority: p.authority.clone(),
+        };
+        let bad = rogue.node("east", "bad", Role::Node);
+        let mut gate = p.gate(&me);
+        let now = meshnode_transport::pki::unix_now();
+        gate.admit(
+            Message::SynAck {
+                digest: vec![entry(&a, GEN, 2), entry(&bad, GEN, 2)],
+                delta: vec![full(&a, &[]), full(&bad, &[])],
+            },
+            Duration::from_secs(1),
+            now,
+        );
+        assert!(
+            gate.synced(),
+            "the rogue node's entry cannot be covered, and need not be"
+        );
     }
 
     fn digest_of(gate: &mut Gate, ids: &[(&Node, u64)]) -> usize {

@@ -13,6 +13,7 @@ pub mod plane;
 mod pool;
 mod probe;
 mod quic;
+pub mod replica;
 pub mod signed;
 pub mod swim;
 pub mod wire;
@@ -22,5 +23,5 @@ pub use catalog::{Catalog, Instance, Member, MemberState, NodeSnapshot, RemoteRo
 pub use chitchat;
 pub use gate::{Authority, Gate, Guard};
 pub use keys::{Health, NodeInfo, Protocol, ServiceRecord};
-pub use pool::{GossipConfig, GossipError, GossipHandle, Tuning};
+pub use pool::{GossipConfig, GossipError, GossipHandle, ReplicaValue, ReplicaView, Tuning};
 pub use quic::{GatedTransport, PoolKind, QuicTransport};

@@ -78,6 +78,8 @@ struct Inner {
     /// Pushes and probes (None: chitchat alone, as in the in-memory simulations).
     plane: Option<Arc<Plane>>,
     verdicts: Option<Arc<Verdicts>>,
+    /// The gate in front of chitchat (None: chitchat alone).
+    guard: Option<Guard>,
     /// Set once chitchat's task has ended, with why.
     ended: watch::Receiver<Option<String>>,
     handle: Mutex<Option<ChitchatHandle>>,
@@ -297,6 +299,7 @@ impl GossipHandle {
         let watcher = chitchat.lock().await.live_nodes_watcher();
         let (tx, catalog) = watch::channel(Arc::new(Catalog::default()));
         let (changed_tx, changed) = watch::channel(0u64);
+        let guard = probing.as_ref().map(|p| p.guard.clone());
         let (plane, verdicts) = match probing {
             Some(p) => {
                 let verdicts = Arc::new(Verdicts::default());
@@ -332,6 +335,7 @@ impl GossipHandle {
                 signing,
                 plane,
                 verdicts,
+                guard,
                 ended,
                 handle: Mutex::new(Some(handle)),
                 chitchat,
@@ -368,6 +372,12 @@ impl GossipHandle {
         why
     }
 
+    /// Whether a full state exchange with a peer has completed (see
+    /// [`Gate::synced`]); false without a gate.
+    pub fn synced(&self) -> bool {
+        self.inner.guard.as_ref().is_some_and(Guard::synced)
+    }
+
     /// Every node the pool knows, live or dead, all generations.
     pub async fn snapshot(&self) -> Vec<NodeSnapshot> {
         snapshot(
@@ -390,6 +400,50 @@ impl GossipHandle {
             }
         }
         out
+    }
+
+    /// What [`crate::replica::plan`] needs for objects under `prefix`: this
+    /// node's id, the live members' ids (this node among them; leaving
+    /// members are not live), and every non-empty value under `prefix` with
+    /// the id of the node that publishes it (live or not: a dead node's
+    /// copy may still be the only one this node has seen).
+    pub async fn replica_view(&self, prefix: &str) -> ReplicaView {
+        let cc = self.inner.chitchat.lock().await;
+        let live_ids: HashSet<&ChitchatId> = cc.live_nodes().collect();
+        let me = cc.self_chitchat_id().clone();
+        let verdicts = self.inner.verdicts.as_deref();
+        let mut live = Vec::new();
+        let mut values = Vec::new();
+        for (id, state) in cc.node_states() {
+            let alive = match verdicts.and_then(|v| v.judged(&id.node_id, id.generation_id)) {
+                _ if *id == me => true,
+                Some(dead) => !dead,
+                None => live_ids.contains(id),
+            };
+            if alive && state.get(LEAVING_KEY).is_none() {
+                live.push(id.node_id.to_string());
+            }
+            for (k, v) in state.key_values() {
+                if !k.starts_with(prefix) {
+                    continue;
+                }
+                if let Some(p) = signed::payload(v).filter(|p| !p.is_empty()) {
+                    values.push(ReplicaValue {
+                        node: id.node_id.to_string(),
+                        live: alive,
+                        key: k.to_string(),
+                        payload: p.to_string(),
+                    });
+                }
+            }
+        }
+        live.sort();
+        live.dedup();
+        ReplicaView {
+            me: me.node_id.to_string(),
+            live,
+            values,
+        }
     }
 
     /// The member list (for the WAN pool: gateways, with plain node names).
@@ -507,6 +561,23 @@ impl GossipHandle {
             }
         }
     }
+}
+
+/// See [`GossipHandle::replica_view`].
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaView {
+    pub me: String,
+    pub live: Vec<String>,
+    pub values: Vec<ReplicaValue>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReplicaValue {
+    /// The publishing node's id (its SPIFFE identity).
+    pub node: String,
+    pub live: bool,
+    pub key: String,
+    pub payload: String,
 }
 
 /// Marks this node as leaving and withdraws its instances.

@@ -62,6 +62,7 @@ pub struct AdminState {
     /// Set on CA nodes.
     pub ca: Option<Arc<CaNode>>,
     pub revocations: Arc<Revocations>,
+    pub policy: Arc<crate::policy::PolicyAgent>,
     /// Who may call what (the admin secret is in it).
     pub access: Access,
     pub has_seeds: bool,
@@ -184,6 +185,15 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
             ),
         },
         (&Method::GET, "/v1/revocations") => json(StatusCode::OK, &revocation_list(s)),
+        (&Method::GET, "/v1/policy") => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "loaded": s.policy.loaded(),
+                "documents": s.policy.store.all().iter().map(|h| h.summary()).collect::<Vec<_>>(),
+            }),
+        ),
+        (&Method::POST, "/v1/policy") => policy_apply(req, s).await,
+        (&Method::GET, path) if path.starts_with("/v1/policy/") => policy_get(s, path),
         (&Method::POST, "/v1/ca/tokens" | "/v1/ca/revoke") => ca_route(req, s).await,
         (&Method::POST, "/v1/leave") => {
             s.leave.notify_one();
@@ -195,9 +205,91 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
         (
             _,
             "/v1/health" | "/v1/members" | "/v1/services" | "/v1/status" | "/metrics" | "/v1/leave"
-            | "/v1/revocations" | "/v1/ca/tokens" | "/v1/ca/revoke",
+            | "/v1/revocations" | "/v1/ca/tokens" | "/v1/ca/revoke" | "/v1/policy",
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyRequest {
+    /// The signed document's text form.
+    document: String,
+}
+
+/// `POST /v1/policy`: a signed document from `meshnode policy apply` or `delete`.
+async fn policy_apply(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> {
+    use crate::policy::Offer;
+    use http_body_util::BodyExt;
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+    };
+    let r: PolicyRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+    };
+    let status = match s.policy.apply(&r.document).await {
+        Offer::Adopted => "adopted",
+        Offer::Unchanged => "unchanged",
+        Offer::Ignored => "ignored",
+        Offer::Stale { held } => return error(
+            StatusCode::CONFLICT,
+            &format!(
+                "this node holds version {held}, newer than the one sent: fetch it and apply again"
+            ),
+        ),
+        Offer::Refused { reason, message } => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({ "error": message, "reason": reason }),
+            )
+        }
+    };
+    match meshnode_transport::pki::policy::SignedDocument::verify(
+        &r.document,
+        &*s.tls,
+        meshnode_transport::pki::unix_now(),
+    ) {
+        Ok(d) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "status": status,
+                "kind": d.header.kind,
+                "name": d.header.name,
+                "version": d.header.version,
+                "deleted": d.header.deleted,
+                "digest": d.digest_hex(),
+            }),
+        ),
+        Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}
+
+/// `GET /v1/policy/<kind>/<name>`.
+fn policy_get(s: &AdminState, path: &str) -> Response<Full<Bytes>> {
+    let rest = path.trim_start_matches("/v1/policy/");
+    let Some((kind, name)) = rest.split_once('/') else {
+        return error(StatusCode::NOT_FOUND, "use /v1/policy/<kind>/<name>");
+    };
+    match s.policy.store.get(kind, name) {
+        Some(h) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "summary": h.summary(),
+                "source": h.doc.source,
+                "document": h.parsed,
+                "adopted_at": h.adopted_at,
+            }),
+        ),
+        None => error(
+            StatusCode::NOT_FOUND,
+            &format!("no {kind} document named {name:?} on this node"),
+        ),
     }
 }
 
@@ -419,6 +511,11 @@ async fn status(s: &AdminState) -> Status {
             "no other live member yet: check seeds and that they are reachable over UDP".into(),
         );
     }
+    let policy_loaded = s.policy.loaded();
+    if !policy_loaded {
+        warnings
+            .push("policy not yet loaded: no full state exchange with a peer has completed".into());
+    }
     let catalog = s.gossip.catalog();
     Status {
         identity: me.identity.to_string(),
@@ -428,6 +525,10 @@ async fn status(s: &AdminState) -> Status {
         gateway: me.is_gateway(),
         ca: s.ca.is_some(),
         revocations: s.tls.revocations().len(),
+        policy: types::PolicyState {
+            loaded: policy_loaded,
+            documents: s.policy.store.len(),
+        },
         cert_not_after: me.not_after,
         cert_expires_in_seconds: expires_in,
         ca_not_after,

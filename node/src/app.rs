@@ -273,6 +273,17 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     // Persisted revocations are in force before the first peer is admitted.
     revocations.load();
     tasks.push(tokio::spawn(revocations.clone().run()));
+    let policy = Arc::new(crate::policy::PolicyAgent {
+        store: Arc::new(crate::policy::PolicyStore::default()),
+        tls: tls.clone(),
+        path: cfg.data_dir.join(crate::policy::FILE),
+        lan: gossip.clone(),
+        wan: wan.clone(),
+        bootstrap: cfg.seeds.iter().all(|s| *s == advertise),
+    });
+    // After the revocations: a document its signer signed after being revoked is refused.
+    policy.load();
+    tasks.push(tokio::spawn(policy.clone().run()));
     let join_svc = Arc::new(JoinService {
         ca: ca.clone(),
         endpoint: endpoint.clone(),
@@ -349,6 +360,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         tls: tls.clone(),
         ca,
         revocations,
+        policy,
         access: crate::admin::Access {
             addr: admin_addr,
             remote: cfg.admin_allow_remote,

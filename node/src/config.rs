@@ -7,6 +7,7 @@
 //! dotted key (`service[1].check.interval`).
 
 mod raw;
+pub(crate) use raw::parse_toml;
 
 use std::fmt;
 use std::net::SocketAddr;

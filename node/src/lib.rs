@@ -16,6 +16,7 @@ pub mod lock;
 pub mod metrics;
 mod notify;
 pub mod outlier;
+pub mod policy;
 mod registry;
 mod renew;
 mod revocations;

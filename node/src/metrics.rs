@@ -20,6 +20,10 @@ pub const CA_EXPIRY_SECONDS: &str = "meshnode_ca_expiry_seconds";
 pub const JOIN_REQUESTS: &str = "meshnode_join_requests_total";
 pub const CERT_RENEWALS: &str = "meshnode_cert_renewals_total";
 pub const REVOCATIONS: &str = "meshnode_revocations";
+pub const POLICY_DOCUMENTS: &str = "meshnode_policy_documents";
+pub const POLICY_PUBLISHED: &str = "meshnode_policy_published";
+pub const POLICY_ADOPTED: &str = "meshnode_policy_adopted_total";
+pub const POLICY_REFUSED: &str = "meshnode_policy_refused_total";
 pub const ADMIN_REFUSED: &str = "meshnode_admin_refused_total";
 pub const JOIN_CONNECTIONS_REFUSED: &str = "meshnode_join_connections_refused_total";
 
@@ -49,6 +53,22 @@ pub fn describe() {
         "Renewals of this node's certificate, by result (ok, failed)"
     );
     describe_gauge!(REVOCATIONS, "Revocation entries in force on this node");
+    describe_gauge!(
+        POLICY_DOCUMENTS,
+        "Policy documents this node holds (tombstones included)"
+    );
+    describe_gauge!(
+        POLICY_PUBLISHED,
+        "Policy documents and revocations this node publishes in gossip, by pool and kind"
+    );
+    describe_counter!(
+        POLICY_ADOPTED,
+        "Policy documents adopted, by source (local, gossip)"
+    );
+    describe_counter!(
+        POLICY_REFUSED,
+        "Policy documents refused, by reason (each distinct document counted once)"
+    );
     describe_counter!(
         JOIN_CONNECTIONS_REFUSED,
         "Anonymous join connections refused or evicted, by reason (per_source, full, evicted)"

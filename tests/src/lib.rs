@@ -147,6 +147,7 @@ impl Default for Pki {
 }
 
 /// A node's addresses and extra config.
+#[derive(Clone)]
 pub struct NodeSpec {
     pub name: String,
     pub cluster: String,
@@ -537,7 +538,25 @@ pub fn upstream(service: &str, listen: SocketAddr) -> String {
     format!("\n[[upstream]]\nservice = \"{service}\"\nlisten = \"{listen}\"\n")
 }
 
-/// A plain HTTP/1.1 POST with no body; returns the body of any answer.
+/// A raw `POST` of a JSON body with our `Host`; returns the status line and the body.
+pub async fn http_post_json(addr: SocketAddr, path: &str, body: &str) -> Option<(String, String)> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
 /// A raw `POST` with extra header lines (each ending in `\r\n`); returns the
 /// status line and the body.
 pub async fn http_post(addr: SocketAddr, path: &str, headers: &str) -> Option<(String, String)> {

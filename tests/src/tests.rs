@@ -6,6 +6,7 @@ mod integrity;
 mod listeners;
 mod liveness;
 mod onboarding;
+mod policy;
 mod pool;
 mod scale;
 mod systemd;

@@ -6,6 +6,8 @@ mod cert;
 pub(crate) mod files;
 mod identity;
 pub mod join;
+pub mod operator;
+pub mod policy;
 pub mod revocation;
 pub mod sign;
 pub mod token;

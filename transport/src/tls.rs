@@ -475,3 +475,49 @@ pub fn transport_config(link: Link) -> quinn::TransportConfig {
     }
     t
 }
+
+impl crate::pki::policy::PolicyTrust for TlsMaterial {
+    fn mesh(&self) -> &str {
+        &self.mesh
+    }
+
+    fn verify_ca(&self, msg: &[u8], sig: &[u8]) -> bool {
+        self.ca
+            .iter()
+            .any(|ca| crate::pki::sign::verify_ca_signature(ca, msg, sig).is_ok())
+    }
+
+    /// The standard WebPKI client check (chain, validity, clientAuth usage),
+    /// as of the signing time rather than now.
+    fn verify_operator_chain(&self, der: &[u8], at: i64) -> Result<(), (bool, String)> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider(),
+        )
+        .build()
+        .map_err(|e| (false, e.to_string()))?;
+        let at = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+            u64::try_from(at).unwrap_or(0),
+        ));
+        verifier
+            .verify_client_cert(&CertificateDer::from(der), &[], at)
+            .map(|_| ())
+            .map_err(|e| {
+                use rustls::CertificateError as C;
+                let expired = matches!(
+                    e,
+                    rustls::Error::InvalidCertificate(
+                        C::Expired
+                            | C::ExpiredContext { .. }
+                            | C::NotValidYet
+                            | C::NotValidYetContext { .. }
+                    )
+                );
+                (expired, e.to_string())
+            })
+    }
+
+    fn key_revoked_at(&self, key_id: &str) -> Option<i64> {
+        self.revoked.key_revoked_at(key_id)
+    }
+}

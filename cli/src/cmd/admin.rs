@@ -17,7 +17,7 @@ pub(super) fn secret_from_env() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-async fn get(a: &AdminArgs, path: &str) -> Result<Value, Failure> {
+pub(super) async fn get(a: &AdminArgs, path: &str) -> Result<Value, Failure> {
     let secret = secret_from_env();
     let body = client::get_with(a.admin, path, secret.as_deref())
         .await
@@ -27,7 +27,7 @@ async fn get(a: &AdminArgs, path: &str) -> Result<Value, Failure> {
         .map_err(Failure::runtime)
 }
 
-fn print_json(v: &Value) {
+pub(super) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -227,6 +227,17 @@ pub async fn status(a: &AdminArgs, check: bool) -> Result<(), Failure> {
             }
         }],
         vec!["revocations".into(), field(&v, "revocations")],
+        vec!["policy".into(), {
+            let n = v
+                .pointer("/policy/documents")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            if v.pointer("/policy/loaded").and_then(Value::as_bool) == Some(true) {
+                format!("{n} document(s), loaded")
+            } else {
+                format!("{n} document(s), NOT YET LOADED (no full state exchange yet)")
+            }
+        }],
         vec![
             "cert expires in".into(),
             crate::output::duration(std::time::Duration::from_secs(expires.max(0) as u64)),

@@ -60,6 +60,35 @@ pub fn issue(
     Ok(())
 }
 
+pub fn issue_operator(
+    ca_dir: &Path,
+    name: &str,
+    validity: Duration,
+    out: &Path,
+) -> Result<(), Failure> {
+    let ca = Ca::load(ca_dir)
+        .with_context(|| {
+            format!(
+                "loading the CA from {} (expects ca.pem and ca.key)",
+                ca_dir.display()
+            )
+        })
+        .map_err(Failure::usage)?;
+    let op = ca.issue_operator(name, validity).map_err(Failure::usage)?;
+    op.save(out, ca.cert_pem())
+        .with_context(|| format!("writing the certificate into {}", out.display()))
+        .map_err(Failure::runtime)?;
+    println!(
+        "issued {} (operator: signs policy documents) valid for {}",
+        op.uri,
+        crate::output::duration(validity)
+    );
+    for f in ["operator.pem", "operator.key", "ca.pem"] {
+        println!("  {}", out.join(f).display());
+    }
+    Ok(())
+}
+
 /// The secret the agent wrote for its state-changing endpoints.
 /// `MESHNODE_ADMIN_SECRET` wins, for an agent on another machine.
 pub(super) fn admin_secret(data_dir: &Path) -> Result<String, Failure> {

@@ -5,7 +5,9 @@
 //!   `admin_allow_remote = true` only `/v1/health` and `/metrics` stay open;
 //!   everything else needs the secret.
 //! - Every other method changes state (`leave`, tokens, revocations) and needs
-//!   the admin secret (`Authorization: Bearer`, compared in constant time).
+//!   the admin secret (`Authorization: Bearer`, compared in constant time),
+//!   except `POST /v1/policy` on a loopback address: a signed policy
+//!   document authorises itself.
 //!   It also needs a `Host` that names the admin address and no foreign
 //!   `Origin`: a web page in a local browser can send a cross-origin `POST`
 //!   without a preflight, but not with our `Host` rebound to its name, and
@@ -20,6 +22,10 @@ use super::SECRET_FILE;
 
 /// Endpoints that stay open without the secret even on a remote admin address.
 const ALWAYS_OPEN: [&str; 2] = ["/v1/health", "/metrics"];
+/// Writes whose body authorises itself: a policy document signed by an
+/// operator. On a loopback admin address they need no secret (the Host and
+/// Origin checks still apply); the agent verifies the signature.
+const SELF_AUTHENTICATING: [&str; 1] = ["/v1/policy"];
 
 pub struct Access {
     /// The admin API's own address (the bound one).
@@ -70,6 +76,9 @@ impl Access {
                     });
                 }
             }
+        }
+        if !read && !self.remote && SELF_AUTHENTICATING.contains(&path) {
+            return Ok(());
         }
         let presented = headers
             .get(AUTHORIZATION)
@@ -147,6 +156,36 @@ mod tests {
         );
         let auth = headers(&[("authorization", "Bearer s3cret")]);
         assert_eq!(remote.check(&Method::GET, "/v1/members", &auth), Ok(()));
+    }
+
+    #[test]
+    fn a_signed_policy_needs_no_secret_on_loopback_but_our_host_and_no_foreign_origin() {
+        let host = headers(&[("host", "127.0.0.1:9471")]);
+        assert_eq!(
+            access(false).check(&Method::POST, "/v1/policy", &host),
+            Ok(())
+        );
+        let page = headers(&[
+            ("host", "127.0.0.1:9471"),
+            ("origin", "http://evil.example"),
+        ]);
+        assert_eq!(
+            reason(access(false).check(&Method::POST, "/v1/policy", &page)),
+            Some("origin")
+        );
+        let rebound = headers(&[("host", "evil.example:9471")]);
+        assert_eq!(
+            reason(access(false).check(&Method::POST, "/v1/policy", &rebound)),
+            Some("host")
+        );
+        assert_eq!(
+            reason(access(true).check(&Method::POST, "/v1/policy", &host)),
+            Some("secret")
+        );
+        assert_eq!(
+            reason(access(false).check(&Method::POST, "/v1/policy/x", &host)),
+            Some("secret")
+        );
     }
 
     #[test]

@@ -48,6 +48,24 @@ pub async fn post_json(
     .await
 }
 
+/// A `POST` of JSON whose secret is optional (`/v1/policy`: the signed
+/// document authorises itself on a loopback admin address).
+pub async fn post_json_with(
+    addr: SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+    secret: Option<&str>,
+) -> Result<String, ClientError> {
+    send(
+        addr,
+        hyper::Method::POST,
+        path,
+        Some(body.to_string()),
+        secret,
+    )
+    .await
+}
+
 async fn send(
     addr: SocketAddr,
     method: hyper::Method,

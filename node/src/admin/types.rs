@@ -14,6 +14,8 @@ pub struct Status {
     pub ca: bool,
     /// Revocation entries in force here.
     pub revocations: usize,
+    /// Policy documents held, and whether they are known to be complete.
+    pub policy: PolicyState,
     pub cert_not_after: i64,
     pub cert_expires_in_seconds: i64,
     /// Unix seconds; absent if the CA file could not be parsed for it.
@@ -26,6 +28,15 @@ pub struct Status {
     pub upstreams: usize,
     pub active_streams: usize,
     pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyState {
+    /// False until a full state exchange with a peer has completed (or the
+    /// node has no seeds): until then the documents held may be out of date.
+    pub loaded: bool,
+    /// Documents held, tombstones included.
+    pub documents: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

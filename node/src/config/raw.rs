@@ -190,34 +190,7 @@ impl RawConfig {
     /// Deserializes TOML. Syntax and type errors stop here (with their key);
     /// unknown keys are all collected and reported.
     pub fn parse(text: &str) -> Result<RawConfig, LoadError> {
-        let mut unknown = Vec::new();
-        let de = toml::Deserializer::new(text);
-        let mut on_unknown = |path: serde_ignored::Path<'_>| unknown.push(dotted(&path));
-        let ignored = serde_ignored::Deserializer::new(de, &mut on_unknown);
-        let raw: Result<RawConfig, _> = serde_path_to_error::deserialize(ignored);
-        match raw {
-            Ok(raw) if unknown.is_empty() => Ok(raw),
-            Ok(_) => Err(LoadError::Invalid(
-                unknown
-                    .into_iter()
-                    .map(|k| ConfigError::new(k, "unknown key (check its spelling and section)"))
-                    .collect(),
-            )),
-            Err(e) => {
-                let key = e.path().to_string();
-                let key = if key == "." {
-                    "(file)".to_string()
-                } else {
-                    key
-                };
-                let inner = e.into_inner();
-                let mut msg = inner.message().trim().to_string();
-                if let Some(span) = inner.span() {
-                    msg = format!("{} ({msg})", position(text, span.start));
-                }
-                Err(LoadError::Invalid(vec![ConfigError::new(key, msg)]))
-            }
-        }
+        parse_toml(text).map_err(LoadError::Invalid)
     }
 
     /// Checks every key and builds the typed config, or returns every problem found.
@@ -590,6 +563,39 @@ fn validate_upstreams(
         });
     }
     out
+}
+
+/// Deserializes TOML into `T`: syntax and type errors stop here (with their
+/// key and position); unknown keys are all collected and reported by name.
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, Vec<ConfigError>> {
+    let mut unknown = Vec::new();
+    let de = toml::Deserializer::new(text);
+    let mut on_unknown = |path: serde_ignored::Path<'_>| unknown.push(dotted(&path));
+    let ignored = serde_ignored::Deserializer::new(de, &mut on_unknown);
+    let raw: Result<T, _> = serde_path_to_error::deserialize(ignored);
+    match raw {
+        Ok(raw) if unknown.is_empty() => Ok(raw),
+        Ok(_) => Err(unknown
+            .into_iter()
+            .map(|k| ConfigError::new(k, "unknown key (check its spelling and section)"))
+            .collect()),
+        Err(e) => {
+            let key = e.path().to_string();
+            let key = if key == "." {
+                "(file)".to_string()
+            } else {
+                key
+            };
+            let inner = e.into_inner();
+            let mut msg = inner.message().trim().to_string();
+            if let Some(span) = inner.span() {
+                msg = format!("{} ({msg})", position(text, span.start));
+            }
+            Err(vec![ConfigError::new(key, msg)])
+        }
+    }
 }
 
 /// `service[2].nmae` from serde_ignored's path.

@@ -170,6 +170,10 @@ impl Ca {
         Ok(super::fingerprint(first))
     }
 
+    pub(super) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
     /// Signs `msg` with the CA key (revocation entries).
     pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, PkiError> {
         use rcgen::SigningKey;
@@ -249,13 +253,13 @@ impl IssuedCert {
     }
 }
 
-fn set_validity(p: &mut CertificateParams, validity: Duration) {
+pub(super) fn set_validity(p: &mut CertificateParams, validity: Duration) {
     let now = OffsetDateTime::now_utc();
     p.not_before = now - BACKDATE.min(validity / 4);
     p.not_after = now + validity;
 }
 
-fn random_serial() -> SerialNumber {
+pub(super) fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::rng().random();
     bytes[0] &= 0x7f; // keep it a positive INTEGER
     SerialNumber::from_slice(&bytes)

@@ -7,7 +7,7 @@
 //! after the revocation time. The CA never issues a certificate for that
 //! identity that predates the revocation, so the name can be used again.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
 
 use base64::engine::general_purpose::STANDARD;
@@ -137,7 +137,8 @@ pub struct RevocationSet {
 #[derive(Default)]
 struct State {
     entries: BTreeMap<String, SignedRevocation>,
-    keys: HashSet<String>,
+    /// Key id -> the earliest revocation time that lists it.
+    keys: HashMap<String, i64>,
     identities: HashMap<Identity, i64>,
 }
 
@@ -183,7 +184,7 @@ impl RevocationSet {
 
     pub fn is_revoked(&self, peer: &PeerCert) -> bool {
         let s = self.state.read().unwrap_or_else(|e| e.into_inner());
-        s.keys.contains(&peer.key_id)
+        s.keys.contains_key(&peer.key_id)
             || s.identities
                 .get(&peer.identity)
                 .is_some_and(|at| peer.not_before <= *at)
@@ -193,6 +194,13 @@ impl RevocationSet {
     pub fn identity_revoked_at(&self, identity: &Identity) -> Option<i64> {
         let s = self.state.read().unwrap_or_else(|e| e.into_inner());
         s.identities.get(identity).copied()
+    }
+
+    /// When a key (hex SHA-256 of its SPKI) was first revoked: what an
+    /// operator's key signed before that time stays valid.
+    pub fn key_revoked_at(&self, key_id: &str) -> Option<i64> {
+        let s = self.state.read().unwrap_or_else(|e| e.into_inner());
+        s.keys.get(key_id).copied()
     }
 
     pub fn entries(&self) -> Vec<SignedRevocation> {
@@ -226,7 +234,10 @@ impl State {
         self.identities.clear();
         for e in self.entries.values() {
             let r = &e.revocation;
-            self.keys.extend(r.keys.iter().cloned());
+            for k in &r.keys {
+                let at = self.keys.entry(k.clone()).or_insert(r.revoked_at);
+                *at = (*at).min(r.revoked_at);
+            }
             if let Some(id) = &r.identity {
                 let at = self.identities.entry(id.clone()).or_insert(r.revoked_at);
                 *at = (*at).max(r.revoked_at);

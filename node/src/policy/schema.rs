@@ -1,0 +1,801 @@
+//! The schema of policy documents: one TOML file per `(kind, name)`.
+//! Every kind is validated here, whether or not the agent acts on it yet;
+//! unknown keys are errors that name the key, as in the config.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{parse_toml, ConfigError};
+
+/// `name` of the `defaults` document.
+pub const DEFAULTS_NAME: &str = "mesh";
+/// Retry conditions a `resilience` document may name.
+pub const RETRY_ON: [&str; 5] = [
+    "connect-failure",
+    "refused-stream",
+    "reset",
+    "5xx",
+    "gateway-error",
+];
+
+/// A validated document.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Document {
+    pub kind: String,
+    pub name: String,
+    #[serde(flatten)]
+    pub body: Body,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Body {
+    Intentions { rule: Vec<Rule> },
+    Routes { route: Vec<Route> },
+    Resilience(Resilience),
+    Defaults { default_intention: Action },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// Who a rule is about.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub enum Source {
+    Any,
+    Service(String),
+    Cluster(String),
+    /// A node SPIFFE ID; the node segment may be `*`.
+    Spiffe {
+        cluster: String,
+        node: Option<String>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    pub source: Source,
+    pub action: Action,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Match {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_exact: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    /// `key=value` (a service tag of that form), a plain tag, or `*`.
+    pub subset: String,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Route {
+    #[serde(rename = "match")]
+    pub matches: Match,
+    pub split: Vec<Split>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Resilience {
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_duration_opt"
+    )]
+    pub timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Retries {
+    pub attempts: u32,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_duration_opt"
+    )]
+    pub per_try_timeout: Option<Duration>,
+    pub on: Vec<String>,
+    /// Retries may add at most this fraction of the requests.
+    pub budget: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    pub max_pending: Option<u32>,
+    pub max_requests: Option<u32>,
+    pub max_connections: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RateLimit {
+    pub rps: f64,
+    pub burst: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Fault {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abort: Option<Abort>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay: Option<Delay>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Abort {
+    pub status: u16,
+    pub percent: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Delay {
+    #[serde(serialize_with = "ser_duration")]
+    pub duration: Duration,
+    pub percent: f64,
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
+fn ser_duration_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+impl From<Source> for String {
+    fn from(s: Source) -> String {
+        match s {
+            Source::Any => "*".into(),
+            Source::Service(n) => format!("service:{n}"),
+            Source::Cluster(c) => format!("cluster:{c}"),
+            Source::Spiffe { cluster, node } => format!(
+                "spiffe://<mesh>/cluster/{cluster}/node/{}",
+                node.as_deref().unwrap_or("*")
+            ),
+        }
+    }
+}
+
+// What the TOML may hold, for every kind at once; `validate` checks which
+// keys belong to the document's kind.
+#[derive(Deserialize)]
+struct Raw {
+    kind: Option<String>,
+    name: Option<String>,
+    rule: Option<Vec<RawRule>>,
+    route: Option<Vec<RawRoute>>,
+    timeout: Option<String>,
+    retries: Option<RawRetries>,
+    circuit_breaker: Option<CircuitBreaker>,
+    rate_limit: Option<RawRateLimit>,
+    fault: Option<RawFault>,
+    default_intention: Option<Action>,
+}
+
+#[derive(Deserialize)]
+struct RawRule {
+    source: String,
+    action: Action,
+}
+
+#[derive(Deserialize)]
+struct RawRoute {
+    #[serde(rename = "match", default)]
+    matches: Match,
+    split: Vec<Split>,
+}
+
+#[derive(Deserialize)]
+struct RawRetries {
+    attempts: u32,
+    per_try_timeout: Option<String>,
+    #[serde(default)]
+    on: Vec<String>,
+    budget: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct RawRateLimit {
+    rps: f64,
+    burst: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawFault {
+    abort: Option<Abort>,
+    delay: Option<RawDelay>,
+}
+
+#[derive(Deserialize)]
+struct RawDelay {
+    duration: String,
+    percent: f64,
+}
+
+impl<'de> Deserialize<'de> for Abort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct A {
+            status: u16,
+            percent: f64,
+        }
+        let a = A::deserialize(d)?;
+        Ok(Abort {
+            status: a.status,
+            percent: a.percent,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, key: impl Into<String>, msg: impl Into<String>) {
+        self.0.push(ConfigError::new(key, msg));
+    }
+}
+
+/// Parses and validates a document; every problem found is returned.
+pub fn parse(text: &str) -> Result<Document, Vec<ConfigError>> {
+    let raw: Raw = parse_toml(text)?;
+    let mut e = Errors::default();
+    let kind = raw.kind.clone().unwrap_or_default();
+    let name = raw.name.clone().unwrap_or_default();
+    if raw.kind.is_none() {
+        e.push(
+            "kind",
+            "missing: one of intentions, routes, resilience, defaults",
+        );
+    }
+    if raw.name.is_none() {
+        e.push(
+            "name",
+            "missing: the destination service (or \"mesh\" for defaults)",
+        );
+    } else if kind == "defaults" {
+        if name != DEFAULTS_NAME {
+            e.push(
+                "name",
+                format!("a defaults document is named {DEFAULTS_NAME:?}"),
+            );
+        }
+    } else if let Err(err) = meshnode_transport::pki::check_name("service", &name) {
+        e.push("name", err.to_string());
+    }
+    let present = |k: &str| match k {
+        "rule" => raw.rule.is_some(),
+        "route" => raw.route.is_some(),
+        "timeout" => raw.timeout.is_some(),
+        "retries" => raw.retries.is_some(),
+        "circuit_breaker" => raw.circuit_breaker.is_some(),
+        "rate_limit" => raw.rate_limit.is_some(),
+        "fault" => raw.fault.is_some(),
+        "default_intention" => raw.default_intention.is_some(),
+        _ => false,
+    };
+    let allowed: &[&str] = match kind.as_str() {
+        "intentions" => &["rule"],
+        "routes" => &["route"],
+        "resilience" => &[
+            "timeout",
+            "retries",
+            "circuit_breaker",
+            "rate_limit",
+            "fault",
+        ],
+        "defaults" => &["default_intention"],
+        "" => &[],
+        other => {
+            e.push(
+                "kind",
+                format!("unknown kind {other:?}: one of intentions, routes, resilience, defaults"),
+            );
+            &[]
+        }
+    };
+    if !allowed.is_empty() {
+        for k in [
+            "rule",
+            "route",
+            "timeout",
+            "retries",
+            "circuit_breaker",
+            "rate_limit",
+            "fault",
+            "default_intention",
+        ] {
+            if present(k) && !allowed.contains(&k) {
+                e.push(k, format!("not a key of a {kind} document"));
+            }
+        }
+    }
+    let body = match kind.as_str() {
+        "intentions" => {
+            let rules = raw.rule.unwrap_or_default();
+            if rules.is_empty() {
+                e.push("rule", "missing: at least one [[rule]]");
+            }
+            let rule = rules
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, r)| match parse_source(&r.source) {
+                    Ok(source) => Some(Rule {
+                        source,
+                        action: r.action,
+                    }),
+                    Err(m) => {
+                        e.push(format!("rule[{i}].source"), m);
+                        None
+                    }
+                })
+                .collect();
+            Some(Body::Intentions { rule })
+        }
+        "routes" => {
+            let routes = raw.route.unwrap_or_default();
+            if routes.is_empty() {
+                e.push("route", "missing: at least one [[route]]");
+            }
+            let route = routes
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    check_match(&mut e, &format!("route[{i}].match"), &r.matches);
+                    check_split(&mut e, &format!("route[{i}].split"), &r.split);
+                    Route {
+                        matches: r.matches,
+                        split: r.split,
+                    }
+                })
+                .collect();
+            Some(Body::Routes { route })
+        }
+        "resilience" => Some(Body::Resilience(resilience(&mut e, &raw))),
+        "defaults" => match raw.default_intention {
+            Some(a) => Some(Body::Defaults {
+                default_intention: a,
+            }),
+            None => {
+                e.push("default_intention", "missing: \"allow\" or \"deny\"");
+                None
+            }
+        },
+        _ => None,
+    };
+    match body {
+        Some(body) if e.0.is_empty() => Ok(Document { kind, name, body }),
+        _ => Err(e.0),
+    }
+}
+
+fn parse_source(s: &str) -> Result<Source, String> {
+    let check = |what: &'static str, v: &str| {
+        meshnode_transport::pki::check_name(what, v)
+            .map(|()| v.to_string())
+            .map_err(|e| e.to_string())
+    };
+    if s == "*" {
+        return Ok(Source::Any);
+    }
+    if let Some(n) = s.strip_prefix("service:") {
+        return check("service", n).map(Source::Service);
+    }
+    if let Some(c) = s.strip_prefix("cluster:") {
+        return check("cluster", c).map(Source::Cluster);
+    }
+    if let Some(rest) = s.strip_prefix("spiffe://") {
+        let parts: Vec<&str> = rest.split('/').collect();
+        if let [_mesh, "cluster", cluster, "node", node] = parts.as_slice() {
+            let cluster = check("cluster", cluster)?;
+            let node = if *node == "*" {
+                None
+            } else {
+                Some(check("node", node)?)
+            };
+            return Ok(Source::Spiffe { cluster, node });
+        }
+    }
+    Err(format!(
+        "{s:?} is not a source: use \"*\", \"service:<name>\", \"cluster:<name>\" or \"spiffe://<mesh>/cluster/<cluster>/node/<node or *>\""
+    ))
+}
+
+fn check_path(e: &mut Errors, key: String, p: &str) {
+    if !p.starts_with('/') || p.len() > 1024 || p.chars().any(|c| c.is_control() || c == ' ') {
+        e.push(
+            key,
+            format!("{p:?} is not a path: it starts with '/' and has no spaces"),
+        );
+    }
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn check_match(e: &mut Errors, key: &str, m: &Match) {
+    if m.path_prefix.is_some() && m.path_exact.is_some() {
+        e.push(
+            key.to_string(),
+            "path_prefix and path_exact exclude each other",
+        );
+    }
+    if let Some(p) = &m.path_prefix {
+        check_path(e, format!("{key}.path_prefix"), p);
+    }
+    if let Some(p) = &m.path_exact {
+        check_path(e, format!("{key}.path_exact"), p);
+    }
+    if let Some(method) = &m.method {
+        if !is_token(method) || method.bytes().any(|b| b.is_ascii_lowercase()) {
+            e.push(
+                format!("{key}.method"),
+                format!("{method:?} is not an HTTP method (upper case, e.g. GET)"),
+            );
+        }
+    }
+    for (h, v) in &m.headers {
+        if !is_token(h) || h.bytes().any(|b| b.is_ascii_uppercase()) {
+            e.push(
+                format!("{key}.headers.{h}"),
+                "header names are lower-case HTTP tokens",
+            );
+        }
+        if v.len() > 1024 || v.chars().any(|c| c.is_control()) {
+            e.push(
+                format!("{key}.headers.{h}"),
+                "a header value is printable and at most 1024 bytes",
+            );
+        }
+    }
+}
+
+fn check_split(e: &mut Errors, key: &str, split: &[Split]) {
+    if split.is_empty() {
+        e.push(key.to_string(), "missing: at least one { subset, weight }");
+        return;
+    }
+    let mut total = 0u64;
+    for (i, s) in split.iter().enumerate() {
+        let ok = s.subset == "*"
+            || match s.subset.split_once('=') {
+                Some((k, v)) => is_token(k) && !v.is_empty() && v.len() <= 128,
+                None => is_token(&s.subset),
+            };
+        if !ok {
+            e.push(
+                format!("{key}[{i}].subset"),
+                format!(
+                    "{:?} is not a subset: \"key=value\" or a tag of the instances, or \"*\"",
+                    s.subset
+                ),
+            );
+        }
+        if s.weight > 100 {
+            e.push(format!("{key}[{i}].weight"), "a weight is 0-100");
+        }
+        total += u64::from(s.weight);
+    }
+    if total != 100 {
+        e.push(
+            key.to_string(),
+            format!("the weights add up to {total}, not 100"),
+        );
+    }
+}
+
+fn duration(e: &mut Errors, key: &str, v: &str) -> Option<Duration> {
+    match humantime::parse_duration(v) {
+        Ok(d) if !d.is_zero() && d <= Duration::from_secs(3600) => Some(d),
+        Ok(_) => {
+            e.push(key, "a duration between 1ms and 1h");
+            None
+        }
+        Err(err) => {
+            e.push(
+                key,
+                format!("{v:?} is not a duration ({err}); e.g. \"2s\" or \"500ms\""),
+            );
+            None
+        }
+    }
+}
+
+fn percent(e: &mut Errors, key: &str, p: f64) {
+    if !(0.0..=100.0).contains(&p) {
+        e.push(key, "a percentage is 0-100");
+    }
+}
+
+fn resilience(e: &mut Errors, raw: &Raw) -> Resilience {
+    let mut r = Resilience {
+        timeout: raw
+            .timeout
+            .as_deref()
+            .and_then(|t| duration(e, "timeout", t)),
+        circuit_breaker: raw.circuit_breaker.clone(),
+        ..Resilience::default()
+    };
+    if let Some(rt) = &raw.retries {
+        if !(1..=10).contains(&rt.attempts) {
+            e.push("retries.attempts", "1-10 attempts (the first try counts)");
+        }
+        for (i, on) in rt.on.iter().enumerate() {
+            if !RETRY_ON.contains(&on.as_str()) {
+                e.push(
+                    format!("retries.on[{i}]"),
+                    format!(
+                        "{on:?} is not a retry condition: one of {}",
+                        RETRY_ON.join(", ")
+                    ),
+                );
+            }
+        }
+        let budget = rt.budget.unwrap_or(0.2);
+        if !(0.0..=1.0).contains(&budget) {
+            e.push("retries.budget", "a fraction 0.0-1.0 of the requests");
+        }
+        r.retries = Some(Retries {
+            attempts: rt.attempts,
+            per_try_timeout: rt
+                .per_try_timeout
+                .as_deref()
+                .and_then(|t| duration(e, "retries.per_try_timeout", t)),
+            on: if rt.on.is_empty() {
+                vec!["connect-failure".into()]
+            } else {
+                rt.on.clone()
+            },
+            budget,
+        });
+    }
+    if let Some(cb) = &raw.circuit_breaker {
+        for (k, v) in [
+            ("max_pending", cb.max_pending),
+            ("max_requests", cb.max_requests),
+            ("max_connections", cb.max_connections),
+        ] {
+            if v == Some(0) {
+                e.push(format!("circuit_breaker.{k}"), "at least 1");
+            }
+        }
+    }
+    if let Some(rl) = &raw.rate_limit {
+        if !(rl.rps > 0.0 && rl.rps <= 1e7) {
+            e.push("rate_limit.rps", "requests per second above 0");
+        }
+        let burst = rl
+            .burst
+            .unwrap_or_else(|| rl.rps.ceil().clamp(1.0, 1e7) as u32);
+        if burst == 0 {
+            e.push("rate_limit.burst", "at least 1");
+        }
+        r.rate_limit = Some(RateLimit { rps: rl.rps, burst });
+    }
+    if let Some(f) = &raw.fault {
+        let mut fault = Fault::default();
+        if let Some(a) = &f.abort {
+            if !(100..=599).contains(&a.status) {
+                e.push("fault.abort.status", "an HTTP status 100-599");
+            }
+            percent(e, "fault.abort.percent", a.percent);
+            fault.abort = Some(a.clone());
+        }
+        if let Some(d) = &f.delay {
+            percent(e, "fault.delay.percent", d.percent);
+            if let Some(duration) = duration(e, "fault.delay.duration", &d.duration) {
+                fault.delay = Some(Delay {
+                    duration,
+                    percent: d.percent,
+                });
+            }
+        }
+        r.fault = Some(fault);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        parse(text)
+            .unwrap_err()
+            .into_iter()
+            .map(|e| format!("{}: {}", e.key, e.message))
+            .collect()
+    }
+
+    #[test]
+    fn the_design_examples_parse() {
+        let i = parse(
+            r#"
+kind = "intentions"
+name = "api"
+[[rule]]
+source = "service:web"
+action = "allow"
+[[rule]]
+source = "spiffe://acme/cluster/east/node/*"
+action = "allow"
+[[rule]]
+source = "*"
+action = "deny"
+"#,
+        )
+        .unwrap();
+        assert_eq!(i.name, "api");
+        let Body::Intentions { rule } = &i.body else {
+            panic!("{i:?}")
+        };
+        assert_eq!(rule[0].source, Source::Service("web".into()));
+        assert_eq!(
+            rule[1].source,
+            Source::Spiffe {
+                cluster: "east".into(),
+                node: None
+            }
+        );
+        assert_eq!(rule[2].action, Action::Deny);
+        let r = parse(
+            r#"
+kind = "routes"
+name = "api"
+[[route]]
+match = { path_prefix = "/v2", headers = { "x-canary" = "1" } }
+split = [{ subset = "version=v2", weight = 100 }]
+[[route]]
+match = { path_prefix = "/" }
+split = [{ subset = "version=v1", weight = 90 }, { subset = "version=v2", weight = 10 }]
+"#,
+        )
+        .unwrap();
+        assert!(matches!(r.body, Body::Routes { ref route } if route.len() == 2));
+        let s = parse(
+            r#"
+kind = "resilience"
+name = "api"
+timeout = "2s"
+retries = { attempts = 3, per_try_timeout = "500ms", on = ["connect-failure", "5xx"], budget = 0.2 }
+circuit_breaker = { max_pending = 100, max_requests = 1000 }
+rate_limit = { rps = 500, burst = 100 }
+fault = { abort = { status = 503, percent = 1.0 } }
+"#,
+        )
+        .unwrap();
+        let Body::Resilience(res) = &s.body else {
+            panic!()
+        };
+        assert_eq!(res.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(res.retries.as_ref().unwrap().attempts, 3);
+        let d =
+            parse("kind = \"defaults\"\nname = \"mesh\"\ndefault_intention = \"deny\"").unwrap();
+        assert_eq!(
+            d.body,
+            Body::Defaults {
+                default_intention: Action::Deny
+            }
+        );
+        // JSON for `policy get --json`.
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["timeout"], "2s");
+        assert_eq!(json["kind"], "resilience");
+    }
+
+    #[test]
+    fn unknown_and_misplaced_keys_are_named() {
+        let e = errors("kind = \"intentions\"\nname = \"api\"\n[[rule]]\nsource = \"*\"\naction = \"deny\"\nactoin = \"x\"");
+        assert_eq!(
+            e,
+            ["rule[0].actoin: unknown key (check its spelling and section)"]
+        );
+        let e = errors("kind = \"intentions\"\nname = \"api\"\ntimeout = \"1s\"\n[[rule]]\nsource = \"*\"\naction = \"deny\"");
+        assert_eq!(e, ["timeout: not a key of a intentions document"]);
+        let e = errors("kind = \"firewall\"\nname = \"api\"");
+        assert!(e[0].starts_with("kind: unknown kind \"firewall\""), "{e:?}");
+        let e = errors("name = \"api\"");
+        assert!(e[0].starts_with("kind: missing"), "{e:?}");
+        let e = errors("kind = \"defaults\"\nname = \"api\"\ndefault_intention = \"allow\"");
+        assert!(e[0].starts_with("name: a defaults document"), "{e:?}");
+        let e = errors(
+            "kind = \"intentions\"\nname = \"api\"\n[[rule]]\nsource = \"*\"\naction = \"maybe\"",
+        );
+        assert!(e[0].starts_with("rule[0].action"), "{e:?}");
+        let e = errors("kind = [\nbroken");
+        assert_eq!(e.len(), 1);
+    }
+
+    #[test]
+    fn values_are_checked() {
+        let e = errors(
+            r#"
+kind = "routes"
+name = "api"
+[[route]]
+match = { path_prefix = "v2", path_exact = "/x", method = "get", headers = { "X-Up" = "1" } }
+split = [{ subset = "version=v2", weight = 60 }, { subset = "bad subset", weight = 30 }]
+"#,
+        );
+        let keys: Vec<&str> = e.iter().map(|s| s.split(':').next().unwrap()).collect();
+        assert_eq!(
+            keys,
+            [
+                "route[0].match",
+                "route[0].match.path_prefix",
+                "route[0].match.method",
+                "route[0].match.headers.X-Up",
+                "route[0].split[1].subset",
+                "route[0].split"
+            ],
+            "{e:?}"
+        );
+        let e = errors(
+            r#"
+kind = "resilience"
+name = "api"
+timeout = "forever"
+retries = { attempts = 0, on = ["sometimes"], budget = 2.0 }
+rate_limit = { rps = 0 }
+fault = { abort = { status = 42, percent = 101.0 } }
+circuit_breaker = { max_pending = 0 }
+"#,
+        );
+        let keys: Vec<&str> = e.iter().map(|s| s.split(':').next().unwrap()).collect();
+        assert_eq!(
+            keys,
+            [
+                "timeout",
+                "retries.attempts",
+                "retries.on[0]",
+                "retries.budget",
+                "circuit_breaker.max_pending",
+                "rate_limit.rps",
+                "fault.abort.status",
+                "fault.abort.percent"
+            ],
+            "{e:?}"
+        );
+        let e = errors("kind = \"intentions\"\nname = \"api\"\n[[rule]]\nsource = \"node:x\"\naction = \"deny\"");
+        assert!(
+            e[0].starts_with("rule[0].source: \"node:x\" is not a source"),
+            "{e:?}"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn garbage_never_panics(s in "\\PC{0,300}") {
+            let _ = parse(&s);
+        }
+    }
+}

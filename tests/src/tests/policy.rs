@@ -1,0 +1,390 @@
+//! Policy documents through the real binary: `meshnode cert issue
+//! --operator`, `meshnode policy apply | get | list | delete`, adoption by
+//! every node, survival of the applying node's death, a late joiner, the
+//! data dir, and every kind of bad document refused and counted.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshnode_transport::pki::operator::OperatorCert;
+use meshnode_transport::pki::policy::{DocHeader, SignedDocument, SigningKey};
+use meshnode_transport::pki::sign::NodeSigner;
+use meshnode_transport::pki::{first_cert_der, unix_now, Ca};
+
+use super::start_pool;
+use crate::{http_post_json, meshnode, subnet, wait_until, NodeProc, NodeSpec, Pki, MESH};
+
+pub(crate) const INTENTIONS: &str = r#"kind = "intentions"
+name = "api"
+[[rule]]
+source = "service:web"
+action = "allow"
+[[rule]]
+source = "*"
+action = "deny"
+"#;
+
+/// Writes the CA to disk (once) and issues operator `name` with the CLI.
+pub(crate) fn operator(pki: &Pki, name: &str) -> PathBuf {
+    let ca_dir = pki.dir.path().join("ca");
+    if !ca_dir.exists() {
+        pki.ca.save(&ca_dir).expect("save CA");
+    }
+    let out = pki.dir.path().join(format!("operator-{name}"));
+    let o = meshnode(&[
+        "cert",
+        "issue",
+        "--ca",
+        ca_dir.to_str().expect("path"),
+        "--operator",
+        name,
+        "--out",
+        out.to_str().expect("path"),
+    ]);
+    assert!(
+        o.status.success(),
+        "cert issue --operator: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+/// `meshnode policy ARGS --operator-cert .. --operator-key .. --admin ADDR`.
+pub(crate) fn policy(
+    op: &Path,
+    admin: std::net::SocketAddr,
+    args: &[&str],
+) -> std::process::Output {
+    let cert = op.join("operator.pem");
+    let key = op.join("operator.key");
+    let admin = admin.to_string();
+    let mut all: Vec<&str> = vec!["policy"];
+    all.extend_from_slice(args);
+    if matches!(args.first(), Some(&"apply" | &"delete")) {
+        all.extend([
+            "--operator-cert",
+            cert.to_str().expect("path"),
+            "--operator-key",
+            key.to_str().expect("path"),
+        ]);
+    }
+    all.extend(["--admin", &admin]);
+    meshnode(&all)
+}
+
+/// The version of `kind/name` a node holds, and whether it is a tombstone.
+pub(crate) async fn held(node: &NodeProc, kind: &str, name: &str) -> Option<(u64, bool, String)> {
+    let v = node.get(&format!("/v1/policy/{kind}/{name}")).await?;
+    let s = v.get("summary")?;
+    Some((
+        s.get("version")?.as_u64()?,
+        s.get("deleted")?.as_bool()?,
+        s.get("digest")?.as_str()?.to_string(),
+    ))
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write document");
+    p
+}
+
+fn ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+async fn wait_all(nodes: &[&NodeProc], kind: &str, name: &str, version: u64) -> Duration {
+    let mut last = Duration::ZERO;
+    for n in nodes {
+        let t = wait_until(Duration::from_secs(20), || async {
+            held(n, kind, name)
+                .await
+                .is_some_and(|(v, _, _)| v == version)
+        })
+        .await;
+        match t {
+            Some(t) => last = t,
+            None => panic!(
+                "{} never held {kind}/{name} version {version}: {:?}",
+                n.spec.name,
+                held(n, kind, name).await
+            ),
+        }
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_document_reaches_every_node_outlives_its_applier_and_reaches_a_late_joiner() {
+    let pki = Pki::new();
+    let net = subnet();
+    let mut nodes = start_pool(&pki, net, vec![String::new(); 3]).await;
+    let op = operator(&pki, "alice");
+    let doc = write(pki.dir.path(), "api.toml", INTENTIONS);
+
+    // Every node reports policy as loaded once it has exchanged state.
+    for n in &nodes {
+        let loaded = wait_until(Duration::from_secs(10), || async {
+            n.get("/v1/status")
+                .await
+                .is_some_and(|s| s["policy"]["loaded"] == true)
+        })
+        .await;
+        assert!(loaded.is_some(), "{} never loaded policy", n.spec.name);
+    }
+
+    let out = ok(&policy(
+        &op,
+        nodes[0].spec.admin,
+        &["apply", doc.to_str().expect("path")],
+    ));
+    assert!(out.contains("applied intentions/api version 1"), "{out}");
+    assert!(out.contains("spiffe://acme/operator/alice"), "{out}");
+    let refs: Vec<&NodeProc> = nodes.iter().collect();
+    let spread = wait_all(&refs, "intentions", "api", 1).await;
+    eprintln!(
+        "measure: intentions/api on 3 nodes {:.2?} after apply",
+        spread
+    );
+
+    // get and list show it.
+    let got = ok(&policy(
+        &op,
+        nodes[2].spec.admin,
+        &["get", "intentions", "api"],
+    ));
+    assert!(
+        got.contains("version 1 signed by spiffe://acme/operator/alice"),
+        "{got}"
+    );
+    assert!(got.contains("source = \"service:web\""), "{got}");
+    let list = ok(&policy(&op, nodes[1].spec.admin, &["list"]));
+    assert!(
+        list.contains("intentions") && list.contains("in force"),
+        "{list}"
+    );
+
+    // The applying node dies; a node that joins later still receives it.
+    nodes[0].kill9();
+    let mut spec = NodeSpec::new(net, 4, "node-4");
+    spec.seeds = vec![nodes[1].spec.quic];
+    let dir = pki.issue(&spec.cluster, "node-4");
+    let late = NodeProc::start(spec, &dir);
+    wait_all(&[&late], "intentions", "api", 1).await;
+    let status = late.get("/v1/status").await.expect("status");
+    assert_eq!(status["policy"]["loaded"], true, "{status}");
+
+    // A new version from another node, then a delete (a tombstone).
+    let v2 = INTENTIONS.replace("service:web", "service:frontend");
+    let doc2 = write(pki.dir.path(), "api2.toml", &v2);
+    let out = ok(&policy(
+        &op,
+        nodes[1].spec.admin,
+        &["apply", doc2.to_str().expect("path")],
+    ));
+    assert!(out.contains("version 2"), "{out}");
+    wait_all(&[&nodes[1], &nodes[2], &late], "intentions", "api", 2).await;
+    let out = ok(&policy(
+        &op,
+        late.spec.admin,
+        &["delete", "intentions", "api"],
+    ));
+    assert!(out.contains("tombstone version 3"), "{out}");
+    wait_all(&[&nodes[1], &nodes[2], &late], "intentions", "api", 3).await;
+    assert!(held(&nodes[2], "intentions", "api").await.expect("held").1);
+    let list = ok(&policy(&op, nodes[2].spec.admin, &["list"]));
+    assert!(list.contains("deleted"), "{list}");
+
+    // The data dir keeps them: a restarted node has them before any gossip.
+    let spec = nodes[2].spec.clone();
+    let dir = nodes[2].data_dir();
+    nodes[2].kill9();
+    let restarted = NodeProc::start(spec, &dir);
+    wait_all(&[&restarted], "intentions", "api", 3).await;
+    let log = restarted.log_text();
+    assert!(log.contains("policy documents loaded"), "{log}");
+}
+
+/// Signs `source` in-process (what the CLI does) with chosen header fields.
+fn sign(key: &SigningKey<'_>, version: u64, signed_at: i64, source: &str) -> String {
+    SignedDocument::sign(
+        key,
+        DocHeader {
+            mesh: MESH.into(),
+            kind: "intentions".into(),
+            name: "api".into(),
+            version,
+            signed_at,
+            deleted: false,
+        },
+        source.into(),
+    )
+    .expect("sign")
+    .text()
+    .to_string()
+}
+
+fn operator_key(ca: &Ca, name: &str, validity: Duration) -> (SigningKey<'static>, OperatorCert) {
+    let op = ca.issue_operator(name, validity).expect("operator");
+    let cert_der = first_cert_der(&op.cert_pem).expect("der");
+    let cert = OperatorCert::from_der(&cert_der).expect("operator cert");
+    (
+        SigningKey::Operator {
+            cert_der,
+            key: NodeSigner::from_pem(&op.key_pem).expect("key"),
+        },
+        cert,
+    )
+}
+
+async fn post(node: &NodeProc, text: &str) -> (String, String) {
+    let body = serde_json::json!({ "document": text }).to_string();
+    http_post_json(node.spec.admin, "/v1/policy", &body)
+        .await
+        .expect("admin API answers")
+}
+
+fn counted(metrics: &str, reason: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("meshnode_policy_refused_total")
+                && l.contains(&format!("reason=\"{reason}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_unsigned_tampered_replayed_expired_and_non_operator_documents_are_refused_and_counted(
+) {
+    let pki = Pki::new();
+    let nodes = start_pool(&pki, subnet(), vec![String::new(); 2]).await;
+    let node = &nodes[0];
+    let now = unix_now();
+    let (alice, _) = operator_key(&pki.ca, "alice", Duration::from_secs(3600));
+
+    // Good: versions 1 and 2.
+    let v1 = sign(&alice, 1, now, INTENTIONS);
+    let v2 = sign(&alice, 2, now, INTENTIONS);
+    assert!(post(node, &v1).await.0.contains("200"));
+    assert!(post(node, &v2).await.0.contains("200"));
+    // Replayed old: refused, the newer one stays.
+    let (status, body) = post(node, &v1).await;
+    assert!(status.contains("409"), "{status} {body}");
+    assert_eq!(held(node, "intentions", "api").await.expect("held").0, 2);
+
+    let mut cases: Vec<(&str, String)> = Vec::new();
+    // Forged: an operator of another CA with the same mesh name.
+    let rogue = Ca::generate(MESH, Duration::from_secs(3600)).expect("rogue CA");
+    let (mallory, _) = operator_key(&rogue, "alice", Duration::from_secs(3600));
+    cases.push(("unknown_ca", sign(&mallory, 9, now, INTENTIONS)));
+    // Signed by the rogue CA key itself.
+    cases.push((
+        "bad_signature",
+        sign(&SigningKey::Ca(&rogue), 9, now, INTENTIONS),
+    ));
+    // Tampered: the text of a good document with one character changed.
+    let good = sign(&alice, 9, now, INTENTIONS);
+    let mut bytes = base64_decode(&good);
+    let at = bytes
+        .windows(3)
+        .position(|w| w == b"web")
+        .expect("source in the encoding");
+    bytes[at] = b'W';
+    cases.push(("bad_signature", base64_encode(&bytes)));
+    // Unsigned: not even the envelope.
+    cases.push(("malformed", base64_encode(INTENTIONS.as_bytes())));
+    // Signed after the signer's certificate expired.
+    let (short, short_cert) = operator_key(&pki.ca, "temp", Duration::from_secs(60));
+    cases.push((
+        "expired_signer",
+        sign(&short, 9, short_cert.not_after + 30, INTENTIONS),
+    ));
+    // Signed by a node certificate, not an operator's.
+    let node_dir = pki.issue("east", "intruder");
+    let node_cert =
+        first_cert_der(&std::fs::read_to_string(node_dir.join("node.pem")).expect("node cert"))
+            .expect("der");
+    let node_key = NodeSigner::from_pem(
+        &std::fs::read_to_string(node_dir.join("node.key")).expect("node key"),
+    )
+    .expect("key");
+    cases.push((
+        "not_operator",
+        SignedDocument::sign_unchecked(
+            &node_cert,
+            &node_key,
+            DocHeader {
+                mesh: MESH.into(),
+                kind: "intentions".into(),
+                name: "api".into(),
+                version: 9,
+                signed_at: now,
+                deleted: false,
+            },
+            INTENTIONS.into(),
+        )
+        .expect("sign"),
+    ));
+    // A valid signature over a document that breaks the schema.
+    cases.push((
+        "invalid",
+        sign(
+            &alice,
+            9,
+            now,
+            &INTENTIONS.replace("action = \"deny\"", "action = \"maybe\""),
+        ),
+    ));
+
+    for (reason, text) in &cases {
+        let (status, body) = post(node, text).await;
+        assert!(status.contains("400"), "{reason}: {status} {body}");
+        assert!(body.contains(reason), "{reason}: {body}");
+    }
+    assert_eq!(
+        held(node, "intentions", "api").await.expect("held").0,
+        2,
+        "no refused document replaced version 2"
+    );
+    let metrics = node.get_text("/metrics").await.expect("metrics");
+    for (reason, _) in &cases {
+        assert!(
+            counted(&metrics, reason) >= 1,
+            "{reason} not counted:\n{metrics}"
+        );
+    }
+    assert!(counted(&metrics, "stale") >= 1, "stale not counted");
+    // The other node adopted version 2 only.
+    wait_all(&[&nodes[1]], "intentions", "api", 2).await;
+
+    // A document signed within its signer's validity outlives the certificate.
+    let (brief, brief_cert) = operator_key(&pki.ca, "brief", Duration::from_secs(4));
+    let doc = sign(&brief, 3, unix_now(), INTENTIONS);
+    let wait = (brief_cert.not_after - unix_now() + 1).max(0) as u64;
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let (status, body) = post(node, &doc).await;
+    assert!(status.contains("200"), "{status} {body}");
+    wait_all(&[&nodes[1]], "intentions", "api", 3).await;
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .expect("base64")
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
