@@ -387,21 +387,6 @@ impl GossipHandle {
         )
     }
 
-    /// Every value under `prefix` that any node publishes (live or not), by
-    /// key; read under the lock without copying the rest of the state.
-    pub async fn prefixed_values(&self, prefix: &str) -> BTreeMap<String, String> {
-        let cc = self.inner.chitchat.lock().await;
-        let mut out = BTreeMap::new();
-        for state in cc.node_states().values() {
-            for (k, v) in state.key_values() {
-                if let (true, Some(p)) = (k.starts_with(prefix), signed::payload(v)) {
-                    out.entry(k.to_string()).or_insert_with(|| p.to_string());
-                }
-            }
-        }
-        out
-    }
-
     /// What [`crate::replica::plan`] needs for objects under `prefix`: this
     /// node's id, the live members' ids (this node among them; leaving
     /// members are not live), and every non-empty value under `prefix` with

@@ -237,12 +237,14 @@ async fn policy_apply(req: Request<Incoming>, s: &AdminState) -> Response<Full<B
         Offer::Adopted => "adopted",
         Offer::Unchanged => "unchanged",
         Offer::Ignored => "ignored",
-        Offer::Stale { held } => return error(
-            StatusCode::CONFLICT,
-            &format!(
+        Offer::Stale { held } => {
+            return error(
+                StatusCode::CONFLICT,
+                &format!(
                 "this node holds version {held}, newer than the one sent: fetch it and apply again"
             ),
-        ),
+            )
+        }
         Offer::Refused { reason, message } => {
             return json(
                 StatusCode::BAD_REQUEST,

@@ -1,22 +1,27 @@
 //! Revocations on every node: loaded from `<data_dir>/revocations` at start,
 //! taken from any node's `rev:` keys in the LAN (and, on gateways, the WAN)
 //! pool once their CA signature checks out, enforced by the TLS verifiers and
-//! the endpoint (which closes live connections of a revoked peer), persisted,
-//! and re-published by this node so they outlive the CA node that made them.
+//! the endpoint (which closes live connections of a revoked peer), and
+//! persisted. Like policy documents, each entry is published in a pool only
+//! by the few nodes [`meshnode_gossip::replica`] picks for it (and by a node
+//! that holds it while none of those does), so gossip state holds a few
+//! copies of it rather than one per node, and it outlives the CA node that
+//! made it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use meshnode_gossip::keys::REVOCATION_PREFIX;
+use meshnode_gossip::replica::{self, REPLICAS};
 use meshnode_gossip::GossipHandle;
 use meshnode_transport::pki::revocation::SignedRevocation;
 use meshnode_transport::pki::{unix_now, write_atomic};
 use meshnode_transport::tls::TlsMaterial;
 use tracing::{info, warn};
 
-use crate::metrics::REVOCATIONS;
+use crate::metrics::{POLICY_PUBLISHED, REVOCATIONS};
 
 pub const FILE: &str = "revocations";
 
@@ -87,46 +92,76 @@ impl Revocations {
         write_atomic(&self.path, text.as_bytes(), 0o600).map_err(|e| e.to_string())
     }
 
+    /// Publishes this node's share of the entries in each pool.
     async fn publish(&self) {
-        let map: BTreeMap<String, String> = self
+        let entries: BTreeMap<String, String> = self
             .tls
             .revocations()
             .entries()
             .into_iter()
             .map(|e| (format!("{REVOCATION_PREFIX}{}", e.id()), e.to_text()))
             .collect();
-        metrics::gauge!(REVOCATIONS).set(map.len() as f64);
-        self.lan
-            .publish_prefixed(REVOCATION_PREFIX, map.clone())
-            .await;
-        if let Some(wan) = &self.wan {
-            wan.publish_prefixed(REVOCATION_PREFIX, map).await;
+        metrics::gauge!(REVOCATIONS).set(entries.len() as f64);
+        let held: BTreeMap<String, ()> = entries.keys().map(|k| (k.clone(), ())).collect();
+        let mut pools = vec![("lan", &self.lan)];
+        pools.extend(self.wan.as_ref().map(|w| ("wan", w)));
+        for (name, pool) in pools {
+            let view = pool.replica_view(REVOCATION_PREFIX).await;
+            // Only a live member's exact copy counts as publishing an entry.
+            let mut published: HashMap<String, Vec<(String, ())>> = HashMap::new();
+            for v in view.values.iter().filter(|v| v.live) {
+                if entries.get(&v.key).is_some_and(|t| *t == v.payload) {
+                    published
+                        .entry(v.key.clone())
+                        .or_default()
+                        .push((v.node.clone(), ()));
+                }
+            }
+            let mine = replica::plan(&view.me, &view.live, &held, &published, REPLICAS);
+            metrics::gauge!(POLICY_PUBLISHED, "pool" => name, "kind" => "revocation")
+                .set(mine.len() as f64);
+            let map = mine
+                .into_iter()
+                .filter_map(|k| entries.get(&k).map(|t| (k, t.clone())))
+                .collect();
+            pool.publish_prefixed(REVOCATION_PREFIX, map).await;
         }
     }
 
     /// Takes new entries from the pools whenever gossip changes (and at least
     /// every second), prunes expired ones, and re-publishes.
     pub async fn run(self: Arc<Self>) {
-        self.publish().await;
         let mut lan = self.lan.watch_catalog();
         let mut wan = self.wan.as_ref().map(|w| w.watch_catalog());
+        // Texts that did not verify, so each is checked (and logged) once.
+        let mut bad: std::collections::HashSet<[u8; 32]> = Default::default();
         loop {
             let mut fresh = 0;
             let mut pools = vec![&self.lan];
             pools.extend(self.wan.as_ref());
             for pool in pools {
-                for (key, text) in pool.prefixed_values(REVOCATION_PREFIX).await {
-                    let id = key.trim_start_matches(REVOCATION_PREFIX);
+                // Every copy, not one per key: a member could put garbage
+                // under an entry's key to hide the real one.
+                for v in pool.replica_view(REVOCATION_PREFIX).await.values {
+                    let id = v.key.trim_start_matches(REVOCATION_PREFIX);
                     if self.tls.revocations().contains(id) {
                         continue;
                     }
-                    match self.verify(&text) {
+                    let hash = meshnode_transport::pki::sha256(v.payload.as_bytes());
+                    if bad.contains(&hash) {
+                        continue;
+                    }
+                    match self.verify(&v.payload) {
                         Ok(e) => {
                             info!(id = %e.id(), identity = ?e.revocation.identity.as_ref().map(|i| i.to_string()), keys = e.revocation.keys.len(), "revocation adopted");
                             fresh += usize::from(self.tls.revocations().insert(e, unix_now()));
                         }
                         Err(e) => {
-                            warn!(key = %key, error = %e, "ignoring a revocation that does not verify")
+                            if bad.len() >= 4_096 {
+                                bad.clear();
+                            }
+                            bad.insert(hash);
+                            warn!(key = %v.key, from = %v.node, error = %e, "ignoring a revocation that does not verify")
                         }
                     }
                 }
@@ -136,8 +171,9 @@ impl Revocations {
                 if let Err(e) = self.save() {
                     warn!(error = %e, "cannot persist revocations");
                 }
-                self.publish().await;
             }
+            // Every round: who should publish changes with the live set.
+            self.publish().await;
             let wan_changed = async {
                 match wan.as_mut() {
                     Some(w) => {
