@@ -673,6 +673,24 @@ impl Guard {
         self.filter_bytes(&msg.serialize_to_vec(), from)
     }
 
+    /// Whether `msg`, which came from `from`, carries a digest entry of the
+    /// node at that address with a newer generation than the one verified:
+    /// the sender restarted. (A member can only say this of itself: the
+    /// entry's address is the connection's.)
+    pub fn announces_restart(&self, msg: &Message, from: std::net::SocketAddr) -> bool {
+        let digest = match msg {
+            Message::Syn { digest, .. } | Message::SynAck { digest, .. } => digest,
+            _ => return false,
+        };
+        let gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        digest.iter().any(|(id, _)| {
+            id.addr == from
+                && gate
+                    .max_seen(&id.node_id)
+                    .is_some_and(|(generation, _)| generation < id.generation)
+        })
+    }
+
     /// See [`Gate::synced`].
     pub fn synced(&self) -> bool {
         self.gate.lock().unwrap_or_else(|e| e.into_inner()).synced()
@@ -862,6 +880,36 @@ mod tests {
                 max_version,
             },
         )
+    }
+
+    #[test]
+    fn a_digest_entry_of_the_sender_with_a_newer_generation_announces_a_restart() {
+        let p = pki();
+        let me = p.node("east", "me", Role::Node);
+        let a = p.node("east", "a", Role::Node);
+        let guard = Guard::new(p.gate(&me));
+        assert!(guard
+            .check(
+                Message::Ack {
+                    delta: vec![full(&a, &[])]
+                },
+                addr()
+            )
+            .is_some());
+        let syn = |generation| Message::Syn {
+            cluster_id: POOL.into(),
+            digest: vec![entry(&a, generation, 1)],
+        };
+        assert!(
+            !guard.announces_restart(&syn(GEN), addr()),
+            "same generation"
+        );
+        assert!(guard.announces_restart(&syn(GEN + 1), addr()));
+        let elsewhere: SocketAddr = "127.0.0.2:9470".parse().unwrap();
+        assert!(
+            !guard.announces_restart(&syn(GEN + 1), elsewhere),
+            "only the sender speaks for its own address"
+        );
     }
 
     #[test]

@@ -163,6 +163,8 @@ impl Transport for QuicTransport {
             checks: Arc::new(tokio::sync::Semaphore::new(CHECKS_AT_ONCE)),
             dict: parts.dict,
             plane: parts.plane.clone(),
+            endpoint: parts.endpoint.clone(),
+            alpn: parts.kind.alpn(),
         };
         tokio::spawn(accept_loop(
             parts.incoming,
@@ -212,7 +214,7 @@ async fn accept_loop(
         }
         // Send to this peer on its connection too, unless we have our own.
         endpoint.adopt(&conn, &peer, kind.alpn());
-        readers.serve(conn);
+        readers.serve_accepted(conn);
     }
 }
 
@@ -228,12 +230,26 @@ struct Readers {
     checks: Arc<tokio::sync::Semaphore>,
     dict: Arc<Dictionary>,
     plane: Arc<Plane>,
+    endpoint: Endpoint,
+    alpn: Alpn,
 }
 
 impl Readers {
+    /// Reads a connection we dialled (see [`Readers::read`]).
+    fn serve(&self, conn: quinn::Connection) {
+        self.read(conn, None);
+    }
+
+    /// Reads a connection the peer dialled, accepted now: if a message on
+    /// it says the peer restarted, a pooled connection to its address made
+    /// before this one went to the old process and is dropped.
+    fn serve_accepted(&self, conn: quinn::Connection) {
+        self.read(conn, Some(std::time::Instant::now()));
+    }
+
     /// Reads uni streams from `conn` until it closes (a no-op if already read).
     /// `conn`'s peer must have been admitted to the pool.
-    fn serve(&self, conn: quinn::Connection) {
+    fn read(&self, conn: quinn::Connection, accepted: Option<std::time::Instant>) {
         let id = conn.stable_id();
         if !self
             .serving
@@ -268,10 +284,8 @@ impl Readers {
                     stream,
                     from,
                     codec.clone(),
-                    this.inbox.clone(),
-                    this.guard.clone(),
-                    this.checks.clone(),
-                    this.plane.clone(),
+                    this.clone(),
+                    accepted,
                 ));
             }
             this.serving
@@ -286,11 +300,16 @@ async fn read_frame(
     mut stream: quinn::RecvStream,
     from: SocketAddr,
     codec: Codec,
-    inbox: mpsc::Sender<Inbound>,
-    guard: Guard,
-    checks: Arc<tokio::sync::Semaphore>,
-    plane: Arc<Plane>,
+    readers: Readers,
+    accepted: Option<std::time::Instant>,
 ) {
+    let Readers {
+        inbox,
+        guard,
+        checks,
+        plane,
+        ..
+    } = readers.clone();
     let bytes = match stream.read_to_end(MAX_WIRE).await {
         Ok(b) => b,
         Err(quinn::ReadToEndError::TooLong) => {
@@ -328,6 +347,14 @@ async fn read_frame(
         return;
     };
     drop(message);
+    // A peer that restarted on the same address dials us afresh; our pooled
+    // connection to its address may still be the old process's, where every
+    // answer would vanish until the idle timeout (minutes for gossip).
+    if let Some(since) = accepted {
+        if guard.announces_restart(&decoded, from) {
+            readers.endpoint.forget_older(from, readers.alpn, since);
+        }
+    }
     let checked = if Guard::work(&decoded) <= INLINE_CHECKS {
         guard.check_fresh(decoded, from)
     } else {

@@ -279,7 +279,11 @@ impl NodeProc {
         };
         let child = cmd
             .args(&args)
-            .env("MESHNODE_LOG", "info,meshnode_transport=debug")
+            .env(
+                "MESHNODE_LOG",
+                std::env::var("TEST_NODE_LOG")
+                    .unwrap_or_else(|_| "info,meshnode_transport=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log"))
             .stderr(out)

@@ -196,6 +196,13 @@ impl Endpoint {
         self.pool.forget(addr, alpn);
     }
 
+    /// Forgets the pooled connection to `addr` if it was made before `than`:
+    /// the peer at `addr` restarted then (its gossip says so), so ours went
+    /// to the old process.
+    pub fn forget_older(&self, addr: SocketAddr, alpn: Alpn, than: std::time::Instant) {
+        self.pool.forget_older(addr, alpn, than);
+    }
+
     /// The smoothed round-trip time of the pooled connection to `addr`, if one is open.
     pub fn rtt(&self, addr: SocketAddr, alpn: Alpn) -> Option<Duration> {
         self.pool.rtt(addr, alpn)

@@ -147,6 +147,28 @@ impl Pool {
             .remove(&(addr, alpn));
     }
 
+    /// Forgets (and, for gossip, closes) the pooled `alpn` connection to
+    /// `addr` if it was made before `than`: the peer restarted then.
+    pub(crate) fn forget_older(&self, addr: SocketAddr, alpn: Alpn, than: Instant) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let older = slots.get(&(addr, alpn)).is_some_and(|slot| {
+            slot.try_lock()
+                .is_ok_and(|g| g.as_ref().is_some_and(|p| p.made < than))
+        });
+        if !older {
+            return;
+        }
+        if let Some(slot) = slots.remove(&(addr, alpn)) {
+            if matches!(alpn, Alpn::Gossip | Alpn::WanGossip) {
+                if let Ok(g) = slot.try_lock() {
+                    if let Some(p) = g.as_ref() {
+                        p.conn.close(quinn::VarInt::from_u32(0), b"superseded");
+                    }
+                }
+            }
+        }
+    }
+
     /// Forgets the pooled `alpn` connection to `addr` if it is older than
     /// `min_age`. Called when `addr` dials us afresh with that protocol: a peer
     /// that restarted on the same address dials anew while our old connection

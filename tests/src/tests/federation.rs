@@ -17,15 +17,15 @@ const UPSTREAM_PORT: u16 = 15001;
 /// a1's second upstream for `echo`, pinned to cluster b.
 const PINNED_PORT: u16 = 15002;
 
-struct Mesh {
-    nodes: BTreeMap<String, NodeProc>,
-    _apps: Vec<tokio::task::JoinHandle<()>>,
+pub(crate) struct Mesh {
+    pub(crate) nodes: BTreeMap<String, NodeProc>,
+    pub(crate) _apps: Vec<tokio::task::JoinHandle<()>>,
     // Dropped last: processes first, then namespaces.
-    topo: Topology,
-    pki: Pki,
+    pub(crate) topo: Topology,
+    pub(crate) pki: Pki,
 }
 
-fn topology(b_gateways: &[&str]) -> Topology {
+pub(crate) fn topology(b_gateways: &[&str]) -> Topology {
     Topology::build(&[
         ClusterSpec {
             name: "a",
@@ -43,7 +43,7 @@ fn topology(b_gateways: &[&str]) -> Topology {
 impl Mesh {
     /// Starts a node on every host. `echo` lists the hosts that run a named
     /// echo app registered as service `echo`; `a1` gets an upstream for it.
-    async fn start(topo: Topology, echo: &[&str]) -> Mesh {
+    pub(crate) async fn start(topo: Topology, echo: &[&str]) -> Mesh {
         let pki = Pki::new();
         let mut apps = Vec::new();
         let mut nodes = BTreeMap::new();
@@ -109,7 +109,7 @@ impl Mesh {
         mesh
     }
 
-    fn node(&self, name: &str) -> &NodeProc {
+    pub(crate) fn node(&self, name: &str) -> &NodeProc {
         &self.nodes[name]
     }
 
@@ -190,7 +190,7 @@ impl Mesh {
     }
 
     /// Waits until a1 sees `echo` in cluster b with `healthy` passing instances.
-    async fn wait_remote_healthy(&self, healthy: u64) {
+    pub(crate) async fn wait_remote_healthy(&self, healthy: u64) {
         wait_until(Duration::from_secs(20), || async {
             self.remote_echo("b")
                 .await
@@ -202,7 +202,16 @@ impl Mesh {
 
     /// `/v1/services` entries of `echo` seen by a1 for cluster `cluster` from gateways.
     async fn remote_echo(&self, cluster: &str) -> Option<serde_json::Value> {
-        let v = self.node("a1").get("/v1/services").await?;
+        self.remote_echo_on("a1", cluster).await
+    }
+
+    /// `/v1/services` entries of `echo` seen by `node` for cluster `cluster` from gateways.
+    pub(crate) async fn remote_echo_on(
+        &self,
+        node: &str,
+        cluster: &str,
+    ) -> Option<serde_json::Value> {
+        let v = self.node(node).get("/v1/services").await?;
         v.get("echo")?
             .as_array()?
             .iter()

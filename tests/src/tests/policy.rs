@@ -4,14 +4,16 @@
 //! data dir, and every kind of bad document refused and counted.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use meshnode_transport::pki::operator::OperatorCert;
 use meshnode_transport::pki::policy::{DocHeader, SignedDocument, SigningKey};
 use meshnode_transport::pki::sign::NodeSigner;
 use meshnode_transport::pki::{first_cert_der, unix_now, Ca};
 
+use super::federation::{self, Mesh};
 use super::start_pool;
+use crate::netns;
 use crate::{http_post_json, meshnode, subnet, wait_until, NodeProc, NodeSpec, Pki, MESH};
 
 pub(crate) const INTENTIONS: &str = r#"kind = "intentions"
@@ -387,4 +389,239 @@ fn base64_decode(s: &str) -> Vec<u8> {
 fn base64_encode(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// `meshnode policy ...` run inside `host`'s namespace (its admin API is
+/// on that namespace's loopback).
+fn policy_in(mesh: &Mesh, host: &str, op: &Path, args: &[&str]) -> std::process::Output {
+    let cert = op.join("operator.pem");
+    let key = op.join("operator.key");
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &mesh.topo.host(host).ns])
+        .arg(crate::meshnode_bin())
+        .arg("policy")
+        .args(args);
+    if matches!(args.first(), Some(&"apply" | &"delete")) {
+        cmd.arg("--operator-cert")
+            .arg(&cert)
+            .arg("--operator-key")
+            .arg(&key);
+    }
+    cmd.args(["--admin", &netns::ADMIN.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run meshnode policy in a namespace")
+}
+
+async fn digest_of(mesh: &Mesh, name: &str) -> String {
+    held(mesh.node(name), "intentions", "api")
+        .await
+        .map(|(_, _, d)| d)
+        .unwrap_or_default()
+}
+
+/// Waits until every named node holds `kind/name` at `version` (and, if
+/// given, that digest); returns when the last one did.
+async fn wait_mesh(
+    mesh: &Mesh,
+    names: &[&str],
+    version: u64,
+    digest: Option<&str>,
+    limit: Duration,
+) -> Duration {
+    let start = Instant::now();
+    for name in names {
+        let node = mesh.node(name);
+        let ok = wait_until(limit.saturating_sub(start.elapsed()), || async {
+            held(node, "intentions", "api")
+                .await
+                .is_some_and(|(v, _, d)| v == version && digest.is_none_or(|want| d == want))
+        })
+        .await;
+        assert!(
+            ok.is_some(),
+            "{name} never held intentions/api version {version} {digest:?}: {:?}",
+            held(node, "intentions", "api").await
+        );
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_document_applied_in_one_cluster_reaches_both_within_twice_a_service_change() {
+    if !netns::available("a_document_applied_in_one_cluster_reaches_both") {
+        return;
+    }
+    let mut mesh = Mesh::start(federation::topology(&["bgw"]), &["b1", "b2"]).await;
+    mesh.wait_remote_healthy(2).await;
+    let op = operator(&mesh.pki, "alice");
+    let doc = write(mesh.pki.dir.path(), "api.toml", INTENTIONS);
+    let rest = ["a1", "a2", "agw", "b1", "bgw"];
+
+    // The baseline: a service change (b2 leaves: its instance is withdrawn)
+    // until every other node of both clusters sees it.
+    let t = Instant::now();
+    let b2_dir = mesh.node("b2").data_dir();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &mesh.topo.host("b2").ns])
+        .arg(crate::meshnode_bin())
+        .args(["leave", "--admin", &netns::ADMIN.to_string(), "--data-dir"])
+        .arg(&b2_dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("meshnode leave");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in rest {
+        let ok = wait_until(Duration::from_secs(20), || async {
+            if name.starts_with('a') {
+                mesh.remote_echo_on(name, "b")
+                    .await
+                    .is_some_and(|e| e["healthy"] == 1)
+            } else {
+                !mesh
+                    .node(name)
+                    .instances("echo")
+                    .await
+                    .iter()
+                    .any(|(n, h)| n == "b2" && h == "passing")
+            }
+        })
+        .await;
+        assert!(ok.is_some(), "{name} never saw b2's instance go");
+    }
+    let service = t.elapsed();
+    mesh.nodes.get_mut("b2").expect("b2").kill9();
+
+    // The document, applied in cluster b, until every node of both holds it.
+    let t = Instant::now();
+    let out = policy_in(&mesh, "b1", &op, &["apply", doc.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_mesh(&mesh, &rest, 1, None, Duration::from_secs(20)).await;
+    let document = t.elapsed();
+    eprintln!(
+        "measure: service change on 5 nodes of 2 clusters {:.0} ms; policy document {:.0} ms ({:.2}x)",
+        service.as_secs_f64() * 1e3,
+        document.as_secs_f64() * 1e3,
+        document.as_secs_f64() / service.as_secs_f64()
+    );
+    assert!(
+        document <= service * 2,
+        "the document took {document:?}, over twice a service change ({service:?})"
+    );
+
+    // The applying node dies; a node that joins later still receives it.
+    mesh.nodes.get_mut("b1").expect("b1").kill9();
+    let host = mesh.topo.host("b2").clone();
+    let spec = NodeSpec::in_topology(&host, vec![mesh.topo.host("bgw").quic()]);
+    let dir = mesh.pki.dir.path().join("late-b2");
+    std::fs::create_dir_all(&dir).expect("dir");
+    for f in ["node.pem", "node.key", "ca.pem"] {
+        std::fs::copy(mesh.pki.dir.path().join("b-b2").join(f), dir.join(f)).expect("copy");
+    }
+    mesh.nodes.insert("b2".into(), NodeProc::start(spec, &dir));
+    // It restarts on its address within a second or two of its last start:
+    // bgw's pooled connection to the old process must not swallow the answers.
+    let t = Instant::now();
+    wait_mesh(&mesh, &["b2"], 1, None, Duration::from_secs(20)).await;
+    eprintln!(
+        "measure: a late joiner on a restarted address held it after {:.2?}",
+        t.elapsed()
+    );
+    let got = policy_in(&mesh, "b2", &op, &["get", "intentions", "api"]);
+    assert!(
+        String::from_utf8_lossy(&got.stdout).contains("service:web"),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conflicting_applies_on_both_sides_of_a_partition_converge_after_the_heal() {
+    if !netns::available("conflicting_applies_on_both_sides_of_a_partition") {
+        return;
+    }
+    let mesh = Mesh::start(federation::topology(&["bgw"]), &[]).await;
+    let op = operator(&mesh.pki, "alice");
+    let all = ["a1", "a2", "agw", "b1", "b2", "bgw"];
+    let v1 = write(mesh.pki.dir.path(), "v1.toml", INTENTIONS);
+    let out = policy_in(&mesh, "a1", &op, &["apply", v1.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_mesh(&mesh, &all, 1, None, Duration::from_secs(20)).await;
+
+    // Each side applies its own version 2 while the WAN is cut.
+    mesh.topo.partition_wan();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = write(
+        mesh.pki.dir.path(),
+        "left.toml",
+        &INTENTIONS.replace("service:web", "service:left"),
+    );
+    let right = write(
+        mesh.pki.dir.path(),
+        "right.toml",
+        &INTENTIONS.replace("service:web", "service:right"),
+    );
+    for (host, file) in [("a1", &left), ("b1", &right)] {
+        let out = policy_in(&mesh, host, &op, &["apply", file.to_str().expect("path")]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("version 2"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let da = {
+        wait_mesh(&mesh, &["a1"], 2, None, Duration::from_secs(10)).await;
+        digest_of(&mesh, "a1").await
+    };
+    let db = {
+        wait_mesh(&mesh, &["b1"], 2, None, Duration::from_secs(10)).await;
+        digest_of(&mesh, "b1").await
+    };
+    assert_ne!(da, db, "the two sides applied different documents");
+    wait_mesh(&mesh, &["a2", "agw"], 2, Some(&da), Duration::from_secs(10)).await;
+    wait_mesh(&mesh, &["b2", "bgw"], 2, Some(&db), Duration::from_secs(10)).await;
+
+    // After the heal every node of both clusters holds the same one.
+    mesh.topo.heal_all();
+    let healed = Instant::now();
+    let ok = wait_until(Duration::from_secs(60), || async {
+        let mut ds = Vec::new();
+        for n in all {
+            ds.push(digest_of(&mesh, n).await);
+        }
+        ds.iter().all(|d| *d == ds[0])
+    })
+    .await;
+    let mut ds = Vec::new();
+    for n in all {
+        ds.push((n, digest_of(&mesh, n).await));
+    }
+    assert!(ok.is_some(), "no convergence 60 s after the heal: {ds:?}");
+    assert!(ds[0].1 == da || ds[0].1 == db, "{ds:?}");
+    eprintln!(
+        "measure: converged on {} {:.2} s after the heal",
+        if ds[0].1 == da {
+            "cluster a's"
+        } else {
+            "cluster b's"
+        },
+        healed.elapsed().as_secs_f64()
+    );
 }
