@@ -146,7 +146,7 @@ pub enum CertCommand {
     /// Revoke a node's certificates (on a CA node): every node refuses it within seconds.
     Revoke {
         /// The node to revoke: all its certificates and its name (certificates issued before now).
-        #[arg(long, required_unless_present = "serial")]
+        #[arg(long, required_unless_present_any = ["serial", "cert"])]
         node: Option<String>,
         /// The node's cluster (default: the CA node's).
         #[arg(long, requires = "node")]
@@ -154,6 +154,11 @@ pub enum CertCommand {
         /// Revoke one certificate by serial number (hex, as `openssl x509 -serial` shows it).
         #[arg(long, conflicts_with = "node")]
         serial: Option<String>,
+        /// Revoke the key of this certificate file (PEM): an operator's
+        /// (documents it signed before now stay in force, later ones are
+        /// refused), or a node's issued offline.
+        #[arg(long, conflicts_with_all = ["node", "serial"])]
+        cert: Option<PathBuf>,
         #[arg(long)]
         reason: Option<String>,
         /// The CA node's data_dir (holds the admin secret).
@@ -233,10 +238,24 @@ impl Cli {
                 node,
                 cluster,
                 serial,
+                cert,
                 reason,
                 data_dir,
                 admin,
-            }) => ca::revoke(&admin, &data_dir, node, cluster, serial, reason).await,
+            }) => {
+                ca::revoke(
+                    &admin,
+                    &data_dir,
+                    ca::RevokeTarget {
+                        node,
+                        cluster,
+                        serial,
+                        cert,
+                    },
+                    reason,
+                )
+                .await
+            }
             Command::Token(TokenCommand::Create {
                 ttl,
                 uses,

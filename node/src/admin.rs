@@ -311,6 +311,8 @@ struct RevokeRequest {
     node: Option<String>,
     cluster: Option<String>,
     serial: Option<String>,
+    /// A whole certificate (PEM): an operator's, or one issued offline.
+    cert: Option<String>,
     reason: Option<String>,
 }
 
@@ -357,6 +359,24 @@ async fn ca_route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes
         Ok(r) => r,
         Err(e) => return bad(e),
     };
+    let reason = r
+        .reason
+        .clone()
+        .unwrap_or_else(|| "revoked by operator".into());
+    if let Some(pem) = &r.cert {
+        if r.node.is_some() || r.serial.is_some() {
+            return error(StatusCode::BAD_REQUEST, "give a cert, a node or a serial");
+        }
+        let entry = match ca.revoke_certificate(pem, &reason) {
+            Ok(e) => e,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        let view = revocation_view(&entry);
+        return match s.revocations.adopt(entry).await {
+            Ok(()) => json(StatusCode::OK, &view),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        };
+    }
     let me = s.tls.me();
     let identity = match &r.node {
         Some(node) => {
@@ -374,7 +394,6 @@ async fn ca_route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes
     if identity.as_ref() == Some(&me.identity) {
         return error(StatusCode::BAD_REQUEST, "a CA node cannot revoke itself");
     }
-    let reason = r.reason.unwrap_or_else(|| "revoked by operator".into());
     let entry = match ca.revoke(identity.as_ref(), r.serial.as_deref(), &reason) {
         Ok(e) => e,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),

@@ -269,6 +269,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         path: cfg.data_dir.join(crate::revocations::FILE),
         lan: gossip.clone(),
         wan: wan.clone(),
+        origins: Default::default(),
     });
     // Persisted revocations are in force before the first peer is admitted.
     revocations.load();
@@ -280,6 +281,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         lan: gossip.clone(),
         wan: wan.clone(),
         bootstrap: cfg.seeds.iter().all(|s| *s == advertise),
+        origins: Default::default(),
     });
     // After the revocations: a document its signer signed after being revoked is refused.
     policy.load();

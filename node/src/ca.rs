@@ -525,11 +525,50 @@ impl CaNode {
         Ok(signed)
     }
 
+    /// A signed revocation of one certificate given whole (PEM): any
+    /// certificate this CA signed, including operators' and node
+    /// certificates issued offline, which no issuance log holds. An
+    /// operator's entry outlives its certificate by 400 days: documents its
+    /// key signed after the revocation stay refused that long.
+    pub fn revoke_certificate(
+        &self,
+        cert_pem: &str,
+        reason: &str,
+    ) -> Result<SignedRevocation, CaError> {
+        let der = meshnode_transport::pki::first_cert_der(cert_pem)
+            .map_err(|e| CaError::Invalid(e.to_string()))?;
+        let k = self
+            .ca
+            .issued_key(&der)
+            .map_err(|e| CaError::Invalid(e.to_string()))?;
+        let now = unix_now();
+        let expires = if k.operator {
+            k.not_after + OPERATOR_REVOCATION_MARGIN_SECS
+        } else {
+            k.not_after
+        };
+        let revocation = Revocation {
+            mesh: self.ca.mesh().to_string(),
+            identity: None,
+            keys: vec![k.key_id],
+            serials: vec![k.serial],
+            revoked_at: now,
+            expires: expires.max(now + 1),
+            reason: reason.to_string(),
+        };
+        let signed = SignedRevocation::sign(&self.ca, revocation)?;
+        info!(id = %signed.id(), operator = k.operator, "revocation of a certificate signed");
+        Ok(signed)
+    }
+
     /// Token records, for the admin API (no secrets in them).
     pub fn tokens(&self) -> BTreeMap<String, TokenRecord> {
         self.lock().tokens.clone()
     }
 }
+
+/// How long an operator key's revocation outlives its certificate.
+pub const OPERATOR_REVOCATION_MARGIN_SECS: i64 = 400 * 86_400;
 
 fn strip_zeros(s: &str) -> &str {
     s.trim_start_matches('0')

@@ -19,6 +19,7 @@ pub mod outlier;
 pub mod policy;
 mod registry;
 mod renew;
+mod replicate;
 mod revocations;
 mod upstream;
 

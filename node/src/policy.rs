@@ -14,9 +14,7 @@ pub mod schema;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
-use meshnode_gossip::replica::{self, REPLICAS};
 use meshnode_gossip::GossipHandle;
 use meshnode_transport::pki::policy::{PolicyTrust, SignedDocument};
 use meshnode_transport::pki::{sha256, unix_now, write_atomic};
@@ -202,13 +200,13 @@ impl PolicyStore {
     /// [`PolicyStore::offer`] for gossip, where the same text arrives again
     /// and again: a text seen before is not verified or counted again.
     /// Returns the text's `(kind, name)` and order if it verified (whether
-    /// or not it won).
+    /// or not it won), and whether it was adopted now.
     pub fn offer_seen(
         &self,
         text: &str,
         trust: &dyn PolicyTrust,
         now: i64,
-    ) -> Option<(DocKey, Order)> {
+    ) -> (Option<(DocKey, Order)>, bool) {
         let hash = sha256(text.trim().as_bytes());
         let seen = self
             .seen
@@ -218,24 +216,27 @@ impl PolicyStore {
             .cloned();
         match seen {
             Some(verdict) => {
+                let mut adopted = false;
                 if let Some((key, order)) = &verdict {
                     // Valid and newer than what is held (a pruned tombstone's
                     // key, say): offer it again.
                     let held = self.get(&key.0, &key.1).map(|h| h.doc.order());
                     if held.is_none_or(|h| h < *order) {
-                        self.offer(text, trust, now, "gossip");
+                        adopted = self.offer(text, trust, now, "gossip") == Offer::Adopted;
                     }
                 }
-                verdict
+                (verdict, adopted)
             }
             None => {
-                self.offer(text, trust, now, "gossip");
-                self.seen
+                let adopted = self.offer(text, trust, now, "gossip") == Offer::Adopted;
+                let verdict = self
+                    .seen
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get(&hash)
                     .cloned()
-                    .flatten()
+                    .flatten();
+                (verdict, adopted)
             }
         }
     }
@@ -305,6 +306,8 @@ pub struct PolicyAgent {
     pub wan: Option<GossipHandle>,
     /// No seeds: the first node of a mesh has nobody to load policy from.
     pub bootstrap: bool,
+    /// Per pool: the documents this node originated there.
+    pub origins: crate::replicate::PoolOrigins,
 }
 
 impl PolicyAgent {
@@ -322,7 +325,13 @@ impl PolicyAgent {
         let mut n = 0;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             match self.store.offer(line, &*self.tls, now, "disk") {
-                Offer::Adopted => n += 1,
+                Offer::Adopted => {
+                    n += 1;
+                    // The pools may not have it: repair once synced, if so.
+                    if let Ok(d) = SignedDocument::verify(line, &*self.tls, now) {
+                        self.mark_origin(&d, None, true);
+                    }
+                }
                 Offer::Refused { reason, message } => {
                     warn!(path = %self.path.display(), reason, error = %message, "skipping a stored policy document")
                 }
@@ -344,12 +353,28 @@ impl PolicyAgent {
 
     /// Offers a document from the admin API; publishes at once if adopted.
     pub async fn apply(&self, text: &str) -> Offer {
-        let offer = self.store.offer(text, &*self.tls, unix_now(), "local");
+        let now = unix_now();
+        let offer = self.store.offer(text, &*self.tls, now, "local");
         if offer == Offer::Adopted {
+            if let Ok(d) = SignedDocument::verify(text, &*self.tls, now) {
+                self.mark_origin(&d, None, false);
+            }
             self.save();
             self.round().await;
         }
         offer
+    }
+
+    /// This node originates `doc` in every pool but `except` (the pool it
+    /// came from).
+    fn mark_origin(&self, doc: &SignedDocument, except: Option<&str>, after_sync: bool) {
+        let pools: &[&'static str] = if self.wan.is_some() {
+            &["lan", "wan"]
+        } else {
+            &["lan"]
+        };
+        let key = gossip_key(&doc.header.kind, &doc.header.name);
+        self.origins.mark(&key, pools, except, after_sync);
     }
 
     fn save(&self) {
@@ -375,9 +400,16 @@ impl PolicyAgent {
             let view = pool.replica_view(PREFIX).await;
             let mut published: HashMap<String, Vec<(String, Order)>> = HashMap::new();
             for v in &view.values {
-                let Some((key, order)) = self.store.offer_seen(&v.payload, &*self.tls, now) else {
+                let (verdict, adopted) = self.store.offer_seen(&v.payload, &*self.tls, now);
+                let Some((key, order)) = verdict else {
                     continue;
                 };
+                if adopted && self.wan.is_some() {
+                    // A gateway brings it into its other pool.
+                    if let Some(h) = self.store.get(&key.0, &key.1) {
+                        self.mark_origin(&h.doc, Some(name), false);
+                    }
+                }
                 // Only a copy under its own key counts as publishing it.
                 if v.live && v.key == gossip_key(&key.0, &key.1) {
                     published
@@ -403,10 +435,15 @@ impl PolicyAgent {
                 )
             })
             .collect();
-        let orders: BTreeMap<String, Order> =
-            held.iter().map(|(k, (o, _))| (k.clone(), *o)).collect();
         for (name, pool, view, published) in views {
-            let mine = replica::plan(&view.me, &view.live, &orders, &published, REPLICAS);
+            let synced = pool.synced() || self.bootstrap;
+            let mine = self.origins.plan(
+                name,
+                &view,
+                held.iter().map(|(k, (o, _))| (k.clone(), *o)),
+                &published,
+                synced,
+            );
             metrics::gauge!(POLICY_PUBLISHED, "pool" => name, "kind" => "policy")
                 .set(mine.len() as f64);
             let map: BTreeMap<String, String> = mine
@@ -424,19 +461,7 @@ impl PolicyAgent {
         let mut wan = self.wan.as_ref().map(|w| w.watch_catalog());
         loop {
             self.round().await;
-            let wan_changed = async {
-                match wan.as_mut() {
-                    Some(w) => {
-                        let _ = w.changed().await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = lan.changed() => {}
-                () = wan_changed => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
+            crate::replicate::next_change(&mut lan, wan.as_mut()).await;
         }
     }
 }

@@ -11,10 +11,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use meshnode_gossip::keys::REVOCATION_PREFIX;
-use meshnode_gossip::replica::{self, REPLICAS};
 use meshnode_gossip::GossipHandle;
 use meshnode_transport::pki::revocation::SignedRevocation;
 use meshnode_transport::pki::{unix_now, write_atomic};
@@ -30,6 +28,8 @@ pub struct Revocations {
     pub path: PathBuf,
     pub lan: GossipHandle,
     pub wan: Option<GossipHandle>,
+    /// Per pool: the entries this node originated there (see `replica`).
+    pub origins: crate::replicate::PoolOrigins,
 }
 
 impl Revocations {
@@ -55,7 +55,10 @@ impl Revocations {
         let mut n = 0;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             match self.verify(line) {
-                Ok(e) => n += usize::from(self.tls.revocations().insert(e, now)),
+                Ok(e) => {
+                    self.mark_origin(&e.id(), None, true);
+                    n += usize::from(self.tls.revocations().insert(e, now))
+                }
                 Err(e) => {
                     warn!(path = %self.path.display(), error = %e, "skipping a stored revocation")
                 }
@@ -75,8 +78,20 @@ impl Revocations {
         Err(last)
     }
 
+    /// This node originates entry `id` in every pool but `except`.
+    fn mark_origin(&self, id: &str, except: Option<&str>, after_sync: bool) {
+        let pools: &[&'static str] = if self.wan.is_some() {
+            &["lan", "wan"]
+        } else {
+            &["lan"]
+        };
+        let key = format!("{REVOCATION_PREFIX}{id}");
+        self.origins.mark(&key, pools, except, after_sync);
+    }
+
     /// Adopts an entry made on this node (a CA node's `revoke`).
     pub async fn adopt(&self, entry: SignedRevocation) -> Result<(), String> {
+        self.mark_origin(&entry.id(), None, false);
         self.tls.revocations().insert(entry, unix_now());
         self.save()?;
         self.publish().await;
@@ -102,7 +117,6 @@ impl Revocations {
             .map(|e| (format!("{REVOCATION_PREFIX}{}", e.id()), e.to_text()))
             .collect();
         metrics::gauge!(REVOCATIONS).set(entries.len() as f64);
-        let held: BTreeMap<String, ()> = entries.keys().map(|k| (k.clone(), ())).collect();
         let mut pools = vec![("lan", &self.lan)];
         pools.extend(self.wan.as_ref().map(|w| ("wan", w)));
         for (name, pool) in pools {
@@ -117,7 +131,13 @@ impl Revocations {
                         .push((v.node.clone(), ()));
                 }
             }
-            let mine = replica::plan(&view.me, &view.live, &held, &published, REPLICAS);
+            let mine = self.origins.plan(
+                name,
+                &view,
+                entries.keys().map(|k| (k.clone(), ())),
+                &published,
+                pool.synced(),
+            );
             metrics::gauge!(POLICY_PUBLISHED, "pool" => name, "kind" => "revocation")
                 .set(mine.len() as f64);
             let map = mine
@@ -137,9 +157,9 @@ impl Revocations {
         let mut bad: std::collections::HashSet<[u8; 32]> = Default::default();
         loop {
             let mut fresh = 0;
-            let mut pools = vec![&self.lan];
-            pools.extend(self.wan.as_ref());
-            for pool in pools {
+            let mut pools = vec![("lan", &self.lan)];
+            pools.extend(self.wan.as_ref().map(|w| ("wan", w)));
+            for (name, pool) in pools {
                 // Every copy, not one per key: a member could put garbage
                 // under an entry's key to hide the real one.
                 for v in pool.replica_view(REVOCATION_PREFIX).await.values {
@@ -154,6 +174,8 @@ impl Revocations {
                     match self.verify(&v.payload) {
                         Ok(e) => {
                             info!(id = %e.id(), identity = ?e.revocation.identity.as_ref().map(|i| i.to_string()), keys = e.revocation.keys.len(), "revocation adopted");
+                            // A gateway brings it into its other pool.
+                            self.mark_origin(&e.id(), Some(name), false);
                             fresh += usize::from(self.tls.revocations().insert(e, unix_now()));
                         }
                         Err(e) => {
@@ -174,19 +196,7 @@ impl Revocations {
             }
             // Every round: who should publish changes with the live set.
             self.publish().await;
-            let wan_changed = async {
-                match wan.as_mut() {
-                    Some(w) => {
-                        let _ = w.changed().await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = lan.changed() => {}
-                () = wan_changed => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
+            crate::replicate::next_change(&mut lan, wan.as_mut()).await;
         }
     }
 }

@@ -10,6 +10,7 @@
 //! distributions, not exact traces.
 
 pub mod plot;
+pub mod replicas;
 pub mod scenarios;
 
 use std::collections::{HashMap, HashSet};

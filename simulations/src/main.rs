@@ -77,6 +77,17 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "0")]
         loss: Vec<u32>,
     },
+    /// Who publishes policy documents and revocations: copies per object
+    /// at N nodes through applies, mass failures and joins (meshnode's
+    /// replica plan on every node's own lagging view).
+    Replicas {
+        #[arg(long, default_value_t = 1000)]
+        n: usize,
+        #[arg(long, default_value_t = 60)]
+        documents: usize,
+        #[arg(long, default_value_t = 20)]
+        revocations: usize,
+    },
     /// Every scenario with its defaults.
     All,
     /// Writes real gossip messages, raw and as zstd frames, as seeds for the
@@ -206,9 +217,93 @@ fn run(cli: &Cli, seed: u64) -> anyhow::Result<()> {
         // BENCHMARKS.md), over the whole set's budget.
         report.push_str(&federated(&rt, 20, 50, &[0, 10, 30], seed, &cli.out)?);
     }
+    if let Cmd::Replicas {
+        n,
+        documents,
+        revocations,
+    } = &cli.cmd
+    {
+        report.push_str(&replicas(*n, *documents, *revocations, seed, &cli.out)?);
+    } else if all {
+        report.push_str(&replicas(1000, 60, 20, seed, &cli.out)?);
+    }
     std::fs::write(cli.out.join("report.md"), &report)?;
     println!("\n{report}wrote {}", cli.out.join("report.md").display());
     Ok(())
+}
+
+fn replicas(
+    n: usize,
+    documents: usize,
+    revocations: usize,
+    seed: u64,
+    out: &Path,
+) -> anyhow::Result<String> {
+    use meshnode_simulations::replicas::{run, ReplicaConfig};
+    let started = Instant::now();
+    let cfg = ReplicaConfig {
+        n,
+        documents,
+        revocations,
+        seed,
+        ..ReplicaConfig::default()
+    };
+    let r = run(cfg.clone());
+    let mut csv = String::from("t_s,max_copies,mean_copies,min_copies,over_k,stale_holders\n");
+    for s in &r.samples {
+        csv.push_str(&format!(
+            "{},{},{:.3},{},{},{}\n",
+            s.t_s, s.max_copies, s.mean_copies, s.min_copies, s.over_k, s.stale_holders
+        ));
+    }
+    std::fs::write(out.join("replicas.csv"), csv)?;
+    let series = |name: &str, f: &dyn Fn(&meshnode_simulations::replicas::Sample) -> f64| Series {
+        name: name.into(),
+        points: r.samples.iter().map(|s| (s.t_s, f(s))).collect(),
+        dashed: false,
+    };
+    let svg = line_chart(
+        &format!(
+            "Copies per object in gossip state, N = {n} ({documents} documents, {revocations} revocations, k = {})",
+            cfg.k
+        ),
+        "time (s): steady, 10 applies, 10 % killed, k holders killed, 50 join",
+        "live copies of one object",
+        false,
+        &[
+            series("most copies of any object", &|s| s.max_copies as f64),
+            series("mean copies", &|s| s.mean_copies),
+            series("fewest copies of any object", &|s| s.min_copies as f64),
+        ],
+    );
+    std::fs::write(out.join("replicas.svg"), svg)?;
+    let mut md = format!(
+        "## Replicas: who publishes policy documents and revocations\n\nN = {n}, {documents} documents and {revocations} revocations, k = {}; each node runs `replica::plan` on its own view, a publication reaches another node after {}-{} ms, a death is seen after {}-{} s. Every node held one copy of every revocation before: {} copies per object at the end of this run.\n\n| phase | at (s) | settled after (s) | most copies while settling |\n|---|---|---|---|\n",
+        cfg.k,
+        cfg.spread.0 * 100,
+        cfg.spread.1 * 100,
+        cfg.detect.0 as f64 / 10.0,
+        cfg.detect.1 as f64 / 10.0,
+        r.every_node_copies,
+    );
+    for p in &r.phases {
+        md.push_str(&format!(
+            "| {} | {:.0} | {} | {} |\n",
+            p.name,
+            p.at_s,
+            p.settled_after_s
+                .map_or("not within the phase".to_string(), |s| format!("{s:.1}")),
+            p.peak_copies
+        ));
+    }
+    md.push_str(&format!(
+        "\nOnce settled: at most {} and at least {} live copies of any object. {} plan decisions, {:.1} s of CPU. ![replicas](replicas.svg)\n\n",
+        r.settled_max,
+        r.settled_min,
+        r.plan_calls,
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(md)
 }
 
 fn corpus(rt: &tokio::runtime::Runtime, seed: u64, dir: &Path) -> anyhow::Result<()> {

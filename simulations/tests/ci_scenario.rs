@@ -79,3 +79,40 @@ fn corpus_samples_are_real_messages_of_every_kind() {
     }
     assert!(syn > 0 && syn_ack > 0 && ack > 0, "{syn} {syn_ack} {ack}");
 }
+
+/// Policy documents and revocations at N = 1,000: every node runs the
+/// replica plan on its own lagging view through applies, a tenth of the
+/// pool dying, all k holders of one object dying, joins, a split and its
+/// heal. Once settled, every object has between 1 and k live copies (the
+/// scheme before: one per node) and every node holds every newest version.
+#[test]
+fn at_a_thousand_nodes_each_object_settles_on_k_copies_after_every_phase() {
+    use meshnode_simulations::replicas::{run, ReplicaConfig};
+    let r = run(ReplicaConfig {
+        n: 1_000,
+        documents: 8,
+        revocations: 4,
+        seed: 7,
+        ..ReplicaConfig::default()
+    });
+    for p in &r.phases {
+        eprintln!("{p:?}");
+    }
+    for p in r.phases.iter().filter(|p| !p.name.starts_with("split")) {
+        let t = p.settled_after_s.unwrap_or(f64::INFINITY);
+        assert!(t <= 10.0, "{p:?}");
+        // An applied version: its origin and the k holders, briefly; a
+        // heal: both halves' holders until they see each other.
+        let bound = if p.name.contains("heals") {
+            2 * r.config.k
+        } else {
+            r.config.k + 1
+        };
+        assert!(p.peak_copies <= bound, "{p:?}");
+    }
+    assert_eq!(
+        (r.settled_min, r.settled_max),
+        (r.config.k, r.config.k),
+        "{r:?}"
+    );
+}

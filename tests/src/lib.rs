@@ -544,30 +544,34 @@ pub fn upstream(service: &str, listen: SocketAddr) -> String {
 
 /// A raw `POST` of a JSON body with our `Host`; returns the status line and the body.
 pub async fn http_post_json(addr: SocketAddr, path: &str, body: &str) -> Option<(String, String)> {
-    let mut s = TcpStream::connect(addr).await.ok()?;
-    s.write_all(
-        format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
+    http_post_body(
+        addr,
+        path,
+        &format!("Host: {addr}\r\nContent-Type: application/json\r\n"),
+        body,
     )
     .await
-    .ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_string(), body.to_string()))
 }
 
 /// A raw `POST` with extra header lines (each ending in `\r\n`); returns the
 /// status line and the body.
 pub async fn http_post(addr: SocketAddr, path: &str, headers: &str) -> Option<(String, String)> {
+    http_post_body(addr, path, headers, "").await
+}
+
+async fn http_post_body(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> Option<(String, String)> {
     let mut s = TcpStream::connect(addr).await.ok()?;
     s.write_all(
-        format!("POST {path} HTTP/1.1\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "POST {path} HTTP/1.1\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
     )
     .await
     .ok()?;

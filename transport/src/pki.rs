@@ -14,7 +14,7 @@ pub mod token;
 pub mod verify;
 
 pub use ca::{
-    csr_key_id, mesh_of_ca_der, mesh_of_ca_pem, Ca, IssuedCert, DEFAULT_CA_VALIDITY,
+    csr_key_id, mesh_of_ca_der, mesh_of_ca_pem, Ca, IssuedCert, IssuedKey, DEFAULT_CA_VALIDITY,
     DEFAULT_NODE_VALIDITY,
 };
 pub use cert::{not_after, PeerCert, Role};

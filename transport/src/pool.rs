@@ -150,23 +150,7 @@ impl Pool {
     /// Forgets (and, for gossip, closes) the pooled `alpn` connection to
     /// `addr` if it was made before `than`: the peer restarted then.
     pub(crate) fn forget_older(&self, addr: SocketAddr, alpn: Alpn, than: Instant) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let older = slots.get(&(addr, alpn)).is_some_and(|slot| {
-            slot.try_lock()
-                .is_ok_and(|g| g.as_ref().is_some_and(|p| p.made < than))
-        });
-        if !older {
-            return;
-        }
-        if let Some(slot) = slots.remove(&(addr, alpn)) {
-            if matches!(alpn, Alpn::Gossip | Alpn::WanGossip) {
-                if let Ok(g) = slot.try_lock() {
-                    if let Some(p) = g.as_ref() {
-                        p.conn.close(quinn::VarInt::from_u32(0), b"superseded");
-                    }
-                }
-            }
-        }
+        self.forget_if(addr, alpn, |p| p.made < than);
     }
 
     /// Forgets the pooled `alpn` connection to `addr` if it is older than
@@ -177,12 +161,17 @@ impl Pool {
     /// re-dial forever. Gossip connections carry only short streams and are
     /// closed; tunnel connections may carry long streams and are left to end.
     pub(crate) fn forget_stale(&self, addr: SocketAddr, alpn: Alpn, min_age: Duration) {
+        self.forget_if(addr, alpn, |p| p.made.elapsed() >= min_age);
+    }
+
+    /// Forgets the pooled connection if `pred` holds for it; a gossip one
+    /// is also closed (it carries only short streams).
+    fn forget_if(&self, addr: SocketAddr, alpn: Alpn, pred: impl Fn(&Pooled) -> bool) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let stale = slots.get(&(addr, alpn)).is_some_and(|slot| {
-            slot.try_lock()
-                .is_ok_and(|g| g.as_ref().is_some_and(|p| p.made.elapsed() >= min_age))
-        });
-        if !stale {
+        let matches = slots
+            .get(&(addr, alpn))
+            .is_some_and(|slot| slot.try_lock().is_ok_and(|g| g.as_ref().is_some_and(&pred)));
+        if !matches {
             return;
         }
         if let Some(slot) = slots.remove(&(addr, alpn)) {

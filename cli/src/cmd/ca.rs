@@ -26,6 +26,17 @@ pub fn init(mesh: &str, out: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
+fn load_ca(ca_dir: &Path) -> Result<Ca, Failure> {
+    Ca::load(ca_dir)
+        .with_context(|| {
+            format!(
+                "loading the CA from {} (expects ca.pem and ca.key)",
+                ca_dir.display()
+            )
+        })
+        .map_err(Failure::usage)
+}
+
 pub fn issue(
     ca_dir: &Path,
     cluster: &str,
@@ -34,14 +45,7 @@ pub fn issue(
     validity: Duration,
     out: &Path,
 ) -> Result<(), Failure> {
-    let ca = Ca::load(ca_dir)
-        .with_context(|| {
-            format!(
-                "loading the CA from {} (expects ca.pem and ca.key)",
-                ca_dir.display()
-            )
-        })
-        .map_err(Failure::usage)?;
+    let ca = load_ca(ca_dir)?;
     let role = if gateway { Role::Gateway } else { Role::Node };
     let cert = ca
         .issue(cluster, node, role, validity)
@@ -66,14 +70,7 @@ pub fn issue_operator(
     validity: Duration,
     out: &Path,
 ) -> Result<(), Failure> {
-    let ca = Ca::load(ca_dir)
-        .with_context(|| {
-            format!(
-                "loading the CA from {} (expects ca.pem and ca.key)",
-                ca_dir.display()
-            )
-        })
-        .map_err(Failure::usage)?;
+    let ca = load_ca(ca_dir)?;
     let op = ca.issue_operator(name, validity).map_err(Failure::usage)?;
     op.save(out, ca.cert_pem())
         .with_context(|| format!("writing the certificate into {}", out.display()))
@@ -178,16 +175,29 @@ pub async fn token_create(
     Ok(())
 }
 
+pub struct RevokeTarget {
+    pub node: Option<String>,
+    pub cluster: Option<String>,
+    pub serial: Option<String>,
+    pub cert: Option<std::path::PathBuf>,
+}
+
 pub async fn revoke(
     admin: &crate::cmd::AdminArgs,
     data_dir: &Path,
-    node: Option<String>,
-    cluster: Option<String>,
-    serial: Option<String>,
+    t: RevokeTarget,
     reason: Option<String>,
 ) -> Result<(), Failure> {
+    let cert = match &t.cert {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))
+                .map_err(Failure::usage)?,
+        ),
+        None => None,
+    };
     let body = serde_json::json!({
-        "node": node, "cluster": cluster, "serial": serial, "reason": reason,
+        "node": t.node, "cluster": t.cluster, "serial": t.serial, "cert": cert, "reason": reason,
     });
     let Some(v) = ca_post(admin, data_dir, "/v1/ca/revoke", &body).await? else {
         return Ok(());
@@ -196,7 +206,11 @@ pub async fn revoke(
         "revoked {} ({} key(s)); entry {} is spreading to every node by gossip",
         v.get("identity")
             .and_then(|i| i.as_str())
-            .unwrap_or("by serial"),
+            .unwrap_or(if t.cert.is_some() {
+                "the certificate's key"
+            } else {
+                "by serial"
+            }),
         v.get("keys").and_then(|k| k.as_array()).map_or(0, Vec::len),
         v.get("id").and_then(|i| i.as_str()).unwrap_or("?"),
     );

@@ -38,14 +38,7 @@ pub async fn post_json(
     body: &serde_json::Value,
     secret: &str,
 ) -> Result<String, ClientError> {
-    send(
-        addr,
-        hyper::Method::POST,
-        path,
-        Some(body.to_string()),
-        Some(secret),
-    )
-    .await
+    post_json_with(addr, path, body, Some(secret)).await
 }
 
 /// A `POST` of JSON whose secret is optional (`/v1/policy`: the signed

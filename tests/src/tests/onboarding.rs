@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// A CA node: holds the CA key (`[ca]`), hosts echo service `svc`.
-async fn ca_node(pki: &Pki, net: [u8; 2], ttl: &str, svc: &str) -> (NodeProc, PathBuf) {
+pub(crate) async fn ca_node(pki: &Pki, net: [u8; 2], ttl: &str, svc: &str) -> (NodeProc, PathBuf) {
     let ca_dir = pki.dir.path().join("ca");
     if !ca_dir.exists() {
         pki.ca.save(&ca_dir).expect("save CA");

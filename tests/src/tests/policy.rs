@@ -625,3 +625,65 @@ async fn conflicting_applies_on_both_sides_of_a_partition_converge_after_the_hea
         healed.elapsed().as_secs_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_operators_later_documents_are_refused_and_its_earlier_ones_stand() {
+    let pki = Pki::new();
+    let net = subnet();
+    let (ca, ca_dir) = super::onboarding::ca_node(&pki, net, "72h", "api").await;
+    let op = operator(&pki, "alice");
+    let doc = write(pki.dir.path(), "api.toml", INTENTIONS);
+    ok(&policy(
+        &op,
+        ca.spec.admin,
+        &["apply", doc.to_str().expect("path")],
+    ));
+    // Signed now, handed in after the revocation: must still count.
+    let cert_der =
+        first_cert_der(&std::fs::read_to_string(op.join("operator.pem")).expect("operator cert"))
+            .expect("der");
+    let key = SigningKey::Operator {
+        cert_der,
+        key: NodeSigner::from_pem(
+            &std::fs::read_to_string(op.join("operator.key")).expect("operator key"),
+        )
+        .expect("key"),
+    };
+    let before = sign(&key, 2, unix_now() - 5, INTENTIONS);
+    // Make sure the revocation time is a later second than `before`'s.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let out = meshnode(&[
+        "cert",
+        "revoke",
+        "--cert",
+        op.join("operator.pem").to_str().expect("path"),
+        "--admin",
+        &ca.spec.admin.to_string(),
+        "--data-dir",
+        ca_dir.to_str().expect("path"),
+    ]);
+    let text = ok(&out);
+    assert!(text.contains("the certificate's key"), "{text}");
+
+    // After the revocation, what the key signs is refused...
+    let doc2 = write(
+        pki.dir.path(),
+        "api2.toml",
+        &INTENTIONS.replace("service:web", "service:late"),
+    );
+    let out = policy(&op, ca.spec.admin, &["apply", doc2.to_str().expect("path")]);
+    assert!(
+        !out.status.success(),
+        "a revoked operator applied a document"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("revoked"), "{err}");
+    assert_eq!(held(&ca, "intentions", "api").await.expect("held").0, 1);
+    // ...and what it signed before stands, even handed in now.
+    let (status, body) = post(&ca, &before).await;
+    assert!(status.contains("200"), "{status} {body}");
+    assert_eq!(held(&ca, "intentions", "api").await.expect("held").0, 2);
+    let metrics = ca.get_text("/metrics").await.expect("metrics");
+    assert!(counted(&metrics, "revoked_signer") >= 1, "{metrics}");
+}

@@ -34,6 +34,16 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
 }
 
+/// See [`Ca::issued_key`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuedKey {
+    pub key_id: String,
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: i64,
+    pub operator: bool,
+}
+
 /// A freshly issued node certificate with its private key (PEM).
 pub struct IssuedCert {
     pub identity: Identity,
@@ -172,6 +182,31 @@ impl Ca {
 
     pub(super) fn issuer(&self) -> &Issuer<'static, KeyPair> {
         &self.issuer
+    }
+
+    /// What revoking a certificate needs, once it is proven to be this CA's:
+    /// its key id, serial, `notAfter`, and whether it is an operator's.
+    pub fn issued_key(&self, cert_der: &[u8]) -> Result<IssuedKey, PkiError> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let bad = |reason: String| PkiError::BadCertificate {
+            what: "certificate to revoke".into(),
+            reason,
+        };
+        let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| bad(e.to_string()))?;
+        let ca_der = self.fingerprint_der()?;
+        let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| bad(e.to_string()))?;
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|_| bad("it was not issued by this mesh's CA".into()))?;
+        Ok(IssuedKey {
+            key_id: super::hex(&super::sha256(cert.public_key().raw)),
+            serial: super::hex(cert.raw_serial()),
+            not_after: cert.validity().not_after.timestamp(),
+            operator: super::operator::OperatorCert::from_der(cert_der).is_ok(),
+        })
+    }
+
+    fn fingerprint_der(&self) -> Result<Vec<u8>, PkiError> {
+        super::first_cert_der(&self.cert_pem)
     }
 
     /// Signs `msg` with the CA key (revocation entries).
@@ -324,6 +359,26 @@ mod tests {
             .unwrap();
         let der = crate::pki::files::parse_certs("t", &node.cert_pem).unwrap();
         assert_eq!(PeerCert::from_der(&der[0]).unwrap().role, Role::Node);
+    }
+
+    #[test]
+    fn only_this_cas_certificates_can_be_revoked_by_file() {
+        let ca = Ca::generate("acme", DEFAULT_CA_VALIDITY).unwrap();
+        let op = ca.issue_operator("alice", Duration::from_secs(60)).unwrap();
+        let der = crate::pki::first_cert_der(&op.cert_pem).unwrap();
+        let k = ca.issued_key(&der).unwrap();
+        assert!(k.operator);
+        assert_eq!(k.key_id.len(), 64);
+        let other = Ca::generate("acme", DEFAULT_CA_VALIDITY).unwrap();
+        assert!(other.issued_key(&der).is_err());
+        let node = ca
+            .issue("east", "a", Role::Node, Duration::from_secs(60))
+            .unwrap();
+        let nk = ca
+            .issued_key(&crate::pki::first_cert_der(&node.cert_pem).unwrap())
+            .unwrap();
+        assert!(!nk.operator);
+        assert!(ca.issued_key(b"not a certificate").is_err());
     }
 
     #[test]

@@ -68,6 +68,30 @@ pub fn not_after(der: &[u8]) -> Result<i64, PkiError> {
     Ok(cert.validity().not_after.timestamp())
 }
 
+/// The one URI SAN of a certificate (meshnode's certificates carry exactly one).
+pub(crate) fn single_uri<'a>(cert: &'a X509Certificate<'_>) -> Result<&'a str, String> {
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "no subjectAltName extension".to_string())?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [uri] => Ok(uri),
+        _ => Err(format!(
+            "expected exactly one URI SAN, found {}",
+            uris.len()
+        )),
+    }
+}
+
 impl PeerCert {
     /// Parses a node certificate (DER). Requires exactly one URI SAN holding a node SPIFFE ID.
     /// Does not verify the chain: callers run this after rustls has.
@@ -77,25 +101,7 @@ impl PeerCert {
             reason,
         };
         let (_, cert) = X509Certificate::from_der(der).map_err(|e| bad(e.to_string()))?;
-        let san = cert
-            .subject_alternative_name()
-            .map_err(|e| bad(e.to_string()))?
-            .ok_or_else(|| bad("no subjectAltName extension".to_string()))?;
-        let uris: Vec<&str> = san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| match n {
-                GeneralName::URI(u) => Some(*u),
-                _ => None,
-            })
-            .collect();
-        let [uri] = uris.as_slice() else {
-            return Err(bad(format!(
-                "expected exactly one URI SAN, found {}",
-                uris.len()
-            )));
-        };
+        let uri = single_uri(&cert).map_err(bad)?;
         let identity: Identity = uri.parse()?;
         let gateway = cert
             .subject()

@@ -9,7 +9,6 @@ use std::time::Duration;
 use rcgen::{
     DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
-use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::files::{write_file, write_private_file};
@@ -56,25 +55,7 @@ impl OperatorCert {
             reason,
         };
         let (_, cert) = X509Certificate::from_der(der).map_err(|e| bad(e.to_string()))?;
-        let san = cert
-            .subject_alternative_name()
-            .map_err(|e| bad(e.to_string()))?
-            .ok_or_else(|| bad("no subjectAltName extension".to_string()))?;
-        let uris: Vec<&str> = san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| match n {
-                GeneralName::URI(u) => Some(*u),
-                _ => None,
-            })
-            .collect();
-        let [uri] = uris.as_slice() else {
-            return Err(bad(format!(
-                "expected exactly one URI SAN, found {}",
-                uris.len()
-            )));
-        };
+        let uri = super::cert::single_uri(&cert).map_err(bad)?;
         let (mesh, name) = parse_operator_uri(uri).ok_or_else(|| {
             bad(format!(
                 "{uri:?} is not an operator identity (spiffe://<mesh>/operator/<name>)"
