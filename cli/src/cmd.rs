@@ -159,6 +159,10 @@ pub enum CertCommand {
         /// refused), or a node's issued offline.
         #[arg(long, conflicts_with_all = ["node", "serial"])]
         cert: Option<PathBuf>,
+        /// Revoke a node name this CA node knows nothing of (a certificate
+        /// issued offline that never joined its pool).
+        #[arg(long, requires = "node")]
+        force: bool,
         #[arg(long)]
         reason: Option<String>,
         /// The CA node's data_dir (holds the admin secret).
@@ -239,6 +243,7 @@ impl Cli {
                 cluster,
                 serial,
                 cert,
+                force,
                 reason,
                 data_dir,
                 admin,
@@ -251,6 +256,7 @@ impl Cli {
                         cluster,
                         serial,
                         cert,
+                        force,
                     },
                     reason,
                 )

@@ -313,6 +313,10 @@ struct RevokeRequest {
     serial: Option<String>,
     /// A whole certificate (PEM): an operator's, or one issued offline.
     cert: Option<String>,
+    /// Revoke a name nobody here knows (a certificate issued offline that
+    /// never joined this pool).
+    #[serde(default)]
+    force: bool,
     reason: Option<String>,
 }
 
@@ -393,6 +397,23 @@ async fn ca_route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes
     }
     if identity.as_ref() == Some(&me.identity) {
         return error(StatusCode::BAD_REQUEST, "a CA node cannot revoke itself");
+    }
+    if let (Some(id), false) = (&identity, r.force) {
+        // A typo would otherwise revoke nothing and say it did.
+        let in_pool = id.cluster() == me.identity.cluster()
+            && s.gossip
+                .snapshot()
+                .await
+                .iter()
+                .any(|n| n.node == id.node());
+        if !in_pool && !ca.has_issued(id) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "no certificate of {id} is known here (not in this CA node's issuance log, not a member of its pool): check the name and --cluster, or add --force to revoke the name anyway (a certificate issued offline)"
+                ),
+            );
+        }
     }
     let entry = match ca.revoke(identity.as_ref(), r.serial.as_deref(), &reason) {
         Ok(e) => e,
@@ -527,7 +548,14 @@ async fn status(s: &AdminState) -> Status {
     if let Some(left) = ca_expires_in.filter(|l| *l < EXPIRY_WARNING_SECS) {
         warnings.push(format!("mesh CA certificate expires in {}s", left.max(0)));
     }
-    if !joined(s, &members) {
+    // A revoked node hears from nobody: say so instead of blaming the seeds.
+    let refused = s.tls.refused_as_revoked().get();
+    if let Some((n, last)) = refused.filter(|(_, last)| now - last < 300) {
+        warnings.push(format!(
+            "peers refuse this node's certificate as revoked ({n} refusals, the last {}s ago): an operator revoked it; this machine needs a new identity (meshnode join with a new token)",
+            (now - last).max(0)
+        ));
+    } else if !joined(s, &members) {
         warnings.push(
             "no other live member yet: check seeds and that they are reachable over UDP".into(),
         );
@@ -546,6 +574,7 @@ async fn status(s: &AdminState) -> Status {
         gateway: me.is_gateway(),
         ca: s.ca.is_some(),
         revocations: s.tls.revocations().len(),
+        refused_as_revoked_at: refused.map(|(_, last)| last),
         policy: types::PolicyState {
             loaded: policy_loaded,
             documents: s.policy.store.len(),

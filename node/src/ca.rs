@@ -561,6 +561,12 @@ impl CaNode {
         Ok(signed)
     }
 
+    /// Whether this CA node's issuance log holds a certificate of `identity`.
+    pub fn has_issued(&self, identity: &Identity) -> bool {
+        let id = identity.to_string();
+        self.lock().issued.iter().any(|r| r.identity == id)
+    }
+
     /// Token records, for the admin API (no secrets in them).
     pub fn tokens(&self) -> BTreeMap<String, TokenRecord> {
         self.lock().tokens.clone()

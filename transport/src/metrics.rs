@@ -8,6 +8,7 @@ pub const TUNNEL_HEADER_ERRORS: &str = "meshnode_tunnel_header_errors_total";
 pub const CLOSED_BY_PKI: &str = "meshnode_connections_closed_total";
 pub const HANDSHAKES_REFUSED: &str = "meshnode_handshakes_refused_total";
 pub const HANDSHAKE_ADMISSION: &str = "meshnode_quic_admission_total";
+pub const SELF_REVOKED: &str = "meshnode_own_certificate_refused_as_revoked_total";
 
 /// Registers descriptions with whatever recorder is installed.
 pub fn describe() {
@@ -26,6 +27,10 @@ pub fn describe() {
     metrics::describe_counter!(
         HANDSHAKE_ADMISSION,
         "Incoming QUIC Initials not given a handshake, by decision (retry: address validation; busy: too many in flight; rate: the source is over its rate)"
+    );
+    metrics::describe_counter!(
+        SELF_REVOKED,
+        "Peers that refused this node's own certificate as revoked"
     );
     metrics::describe_counter!(
         CLOSED_BY_PKI,

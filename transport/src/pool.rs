@@ -222,15 +222,45 @@ impl Pool {
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| ConnectError::Timeout { addr })?
-            .map_err(|e| ConnectError::Handshake {
-                addr,
-                reason: e.to_string(),
+            .map_err(|e| {
+                self.watch_refusal(&e, addr);
+                ConnectError::Handshake {
+                    addr,
+                    reason: e.to_string(),
+                }
             })?;
+        // With TLS 1.3 the server checks our certificate after our side
+        // has finished: its refusal arrives as the connection's close.
+        let tls = self.tls.clone();
+        let watched = conn.clone();
+        tokio::spawn(async move {
+            let e = watched.closed().await;
+            if crate::tls::refused_as_revoked(&e) {
+                note_revoked(&tls, addr);
+            }
+        });
         let peer = peer_cert(&conn).ok_or_else(|| ConnectError::Handshake {
             addr,
             reason: "server presented no usable certificate".into(),
         })?;
         Ok((conn, peer))
+    }
+}
+
+fn note_revoked(tls: &TlsMaterial, addr: SocketAddr) {
+    static LOG: crate::LogLimit = crate::LogLimit::new(Duration::from_secs(10));
+    tls.refused_as_revoked().note(crate::pki::unix_now());
+    metrics::counter!(crate::metrics::SELF_REVOKED).increment(1);
+    if LOG.allow() {
+        tracing::error!(peer = %addr, "a peer refused this node's certificate as revoked: an operator revoked this node; it needs a new identity (meshnode join with a new token) (logged once per 10 s)");
+    }
+}
+
+impl Pool {
+    fn watch_refusal(&self, e: &quinn::ConnectionError, addr: SocketAddr) {
+        if crate::tls::refused_as_revoked(e) {
+            note_revoked(&self.tls, addr);
+        }
     }
 }
 

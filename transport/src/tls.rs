@@ -28,6 +28,48 @@ pub struct TlsMaterial {
     mesh: String,
     current: RwLock<Arc<Current>>,
     revoked: Arc<RevocationSet>,
+    /// Peers that refused this node's own certificate as revoked.
+    refused_as_revoked: SelfRevoked,
+}
+
+/// How often, and when last, a peer refused this node's certificate as
+/// revoked (a `certificate_revoked` alert at the handshake, or a live
+/// connection closed with "certificate revoked"): a revoked node cannot
+/// learn its revocation by gossip, since nobody gossips with it.
+#[derive(Default)]
+pub struct SelfRevoked {
+    count: std::sync::atomic::AtomicU64,
+    last: std::sync::atomic::AtomicI64,
+}
+
+impl SelfRevoked {
+    pub fn note(&self, unix_now: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.count.fetch_add(1, Relaxed);
+        self.last.store(unix_now, Relaxed);
+    }
+
+    /// `(refusals, last one in Unix seconds)`, if any.
+    pub fn get(&self) -> Option<(u64, i64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.count.load(Relaxed);
+        (n > 0).then(|| (n, self.last.load(Relaxed)))
+    }
+}
+
+/// Whether a connection error says the peer refused our certificate as revoked.
+pub fn refused_as_revoked(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            // A TLS alert is the crypto error 0x100 + alert: certificate_revoked is 44.
+            c.error_code == quinn::TransportErrorCode::crypto(0x2c)
+        }
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            c.error_code == quinn::VarInt::from_u32(crate::endpoint::CLOSE_REVOKED)
+                && c.reason.as_ref() == b"certificate revoked"
+        }
+        _ => false,
+    }
 }
 
 struct Current {
@@ -133,6 +175,7 @@ impl TlsMaterial {
             roots: Arc::new(roots),
             current: RwLock::new(Arc::new(current)),
             revoked: Arc::new(RevocationSet::default()),
+            refused_as_revoked: SelfRevoked::default(),
         };
         // Fail at startup, not at the first handshake, when cert and CA do not match.
         material
@@ -237,6 +280,11 @@ impl TlsMaterial {
     /// What this node's current certificate says.
     pub fn me(&self) -> PeerCert {
         self.current().me.clone()
+    }
+
+    /// Peers refusing this node's certificate as revoked.
+    pub fn refused_as_revoked(&self) -> &SelfRevoked {
+        &self.refused_as_revoked
     }
 
     /// The revocations the verifiers enforce.

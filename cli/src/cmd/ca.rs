@@ -180,6 +180,7 @@ pub struct RevokeTarget {
     pub cluster: Option<String>,
     pub serial: Option<String>,
     pub cert: Option<std::path::PathBuf>,
+    pub force: bool,
 }
 
 pub async fn revoke(
@@ -197,7 +198,7 @@ pub async fn revoke(
         None => None,
     };
     let body = serde_json::json!({
-        "node": t.node, "cluster": t.cluster, "serial": t.serial, "cert": cert, "reason": reason,
+        "node": t.node, "cluster": t.cluster, "serial": t.serial, "cert": cert, "force": t.force, "reason": reason,
     });
     let Some(v) = ca_post(admin, data_dir, "/v1/ca/revoke", &body).await? else {
         return Ok(());

@@ -14,6 +14,10 @@ pub struct Status {
     pub ca: bool,
     /// Revocation entries in force here.
     pub revocations: usize,
+    /// Unix seconds of the last time a peer refused this node's own
+    /// certificate as revoked; absent if none did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_as_revoked_at: Option<i64>,
     /// Policy documents held, and whether they are known to be complete.
     pub policy: PolicyState,
     pub cert_not_after: i64,

@@ -538,6 +538,22 @@ async fn revocation_cuts_live_tunnels_spreads_and_survives_restarts() {
         assert!(dead.is_some(), "{} still sees vm-1 alive", n.spec.name);
     }
     let dead_after = started.elapsed();
+    // vm-1 hears from nobody now; its status says why instead of blaming its seeds.
+    let told = wait_until(Duration::from_secs(15), || async {
+        vm.get("/v1/status").await.is_some_and(|st| {
+            st.get("refused_as_revoked_at").is_some()
+                && st["warnings"]
+                    .to_string()
+                    .contains("certificate as revoked")
+                && !st["warnings"].to_string().contains("check seeds")
+        })
+    })
+    .await;
+    assert!(
+        told.is_some(),
+        "vm-1's status does not say it was revoked: {:?}",
+        vm.get("/v1/status").await
+    );
     // Reconnects are refused.
     let refused = named_echo_once(None, up, b"after", Duration::from_secs(8)).await;
     assert!(
@@ -576,6 +592,57 @@ async fn revocation_cuts_live_tunnels_spreads_and_survives_restarts() {
         "vm-1 rejoined node-2 after its restart"
     );
     drop(vm);
+}
+
+/// Revoking a name nobody knows is refused (a typo would revoke nothing and
+/// say it did), unless forced for a certificate issued offline.
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_an_unknown_name_is_refused_unless_forced() {
+    let pki = Pki::new();
+    let net = crate::subnet();
+    let (ca, ca_dir) = ca_node(&pki, net, "72h", "api").await;
+    let admin = ca.spec.admin.to_string();
+    let data = ca_dir.display().to_string();
+    let revoke = |extra: &[&str]| {
+        let mut args = vec![
+            "cert",
+            "revoke",
+            "--node",
+            "nosuchnode",
+            "--admin",
+            &admin,
+            "--data-dir",
+            &data,
+        ];
+        args.extend_from_slice(extra);
+        meshnode(&args)
+    };
+    let out = revoke(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("no certificate of spiffe://acme/cluster/east/node/nosuchnode is known here"),
+        "{err}"
+    );
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(
+        ca.get("/v1/revocations")
+            .await
+            .and_then(|v| v.as_array().map(Vec::len)),
+        Some(0)
+    );
+    let out = revoke(&["--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        ca.get("/v1/revocations")
+            .await
+            .and_then(|v| v.as_array().map(Vec::len)),
+        Some(1)
+    );
 }
 
 /// A relay (or anyone on the path) that captures a join request holds no
