@@ -51,6 +51,10 @@ pub struct Instance {
     pub protocol: Protocol,
     pub tags: Vec<String>,
     pub health: Health,
+    /// The check output that made `health`, and since when (absent: no
+    /// check, or a node that does not publish it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<keys::CheckRecord>,
 }
 
 /// A way to another cluster's service: through one gateway of this cluster.
@@ -168,6 +172,11 @@ impl Catalog {
                     cat.bad_records += 1;
                     continue;
                 };
+                let check = n
+                    .kvs
+                    .get(&keys::check_key(&rec.name, rec.port))
+                    .filter(|v| !v.is_empty())
+                    .and_then(|v| keys::decode_check(v).ok());
                 cat.services
                     .entry(rec.name.clone())
                     .or_default()
@@ -181,6 +190,7 @@ impl Catalog {
                         protocol: rec.protocol,
                         tags: rec.tags,
                         health: rec.health,
+                        check,
                     });
             }
             if !info.gateway {

@@ -316,6 +316,7 @@ mod tests {
             protocol: Protocol::Tcp,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             health,
+            check: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `node` | [`NodeInfo`] |
 //! | `svc:<name>:<port>` | [`ServiceRecord`] |
+//! | `chk:<name>:<port>` | [`CheckRecord`]: the check output that made the instance's health, and since when |
 //! | `leaving` | `"1"` once the node leaves gracefully |
 //! | `role:ca` | `"1"` on nodes that hold the CA key (they sign joins and renewals) |
 //! | `rev:<id>` | a CA-signed revocation (base64), re-published by every node that verified it |
@@ -30,6 +31,11 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub const NODE_KEY: &str = "node";
 pub const LEAVING_KEY: &str = "leaving";
 pub const SERVICE_PREFIX: &str = "svc:";
+/// `chk:<name>:<port>`: a [`CheckRecord`] (a key of its own, so nodes
+/// without it still read the service records).
+pub const CHECK_PREFIX: &str = "chk:";
+/// Longest check output kept and gossiped.
+pub const MAX_CHECK_OUTPUT: usize = 256;
 /// Roles a node announces besides [`NodeInfo`]: `role:ca` on nodes holding the CA key.
 pub const ROLE_PREFIX: &str = "role:";
 pub const CA_ROLE_KEY: &str = "role:ca";
@@ -79,6 +85,46 @@ pub struct ServiceRecord {
     pub protocol: Protocol,
     pub tags: Vec<String>,
     pub health: Health,
+}
+
+/// Why an instance has its health: the check's output when it entered
+/// that health (published on each change, not on every probe).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckRecord {
+    /// `ok`, or why the check failed (at most [`MAX_CHECK_OUTPUT`] bytes).
+    pub output: String,
+    /// Unix seconds: when the instance entered its current health.
+    pub since: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+enum WireCheck {
+    V1(CheckRecord),
+}
+
+pub fn check_key(name: &str, port: u16) -> String {
+    format!("{CHECK_PREFIX}{name}:{port}")
+}
+
+pub fn encode_check(rec: &CheckRecord) -> Result<String, KeyError> {
+    encode(&WireCheck::V1(rec.clone()))
+}
+
+pub fn decode_check(s: &str) -> Result<CheckRecord, KeyError> {
+    let WireCheck::V1(rec) = decode(s)?;
+    Ok(rec)
+}
+
+/// `s` cut to at most [`MAX_CHECK_OUTPUT`] bytes on a character boundary.
+pub fn clip_output(s: &str) -> String {
+    if s.len() <= MAX_CHECK_OUTPUT {
+        return s.to_string();
+    }
+    let mut end = MAX_CHECK_OUTPUT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 #[derive(Serialize, Deserialize)]

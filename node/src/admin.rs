@@ -67,6 +67,8 @@ pub struct AdminState {
     pub access: Access,
     pub has_seeds: bool,
     pub local_services: usize,
+    /// This node's instances and their checks.
+    pub(crate) registry: Arc<crate::registry::Registry>,
     pub upstreams: usize,
     pub drain: Drain,
     pub metrics: Option<PrometheusHandle>,
@@ -559,6 +561,13 @@ async fn status(s: &AdminState) -> Status {
         warnings.push(
             "no other live member yet: check seeds and that they are reachable over UDP".into(),
         );
+    }
+    for (service, port, health, output, since) in s.registry.unhealthy() {
+        warnings.push(format!(
+            "service {service} (port {port}) is {} for {}s: {output}",
+            health.as_str(),
+            (now - since).max(0)
+        ));
     }
     let policy_loaded = s.policy.loaded();
     if !policy_loaded {

@@ -256,6 +256,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         };
     let registry = Arc::new(Registry::new(&services_cfg, gossip.clone()));
     gossip.publish_services(&registry.records()).await?;
+    registry.publish_checks().await;
     if let Some(ca) = &ca {
         // The CA role is proven by the CA key's signature over this node's id,
         // so no other member can claim it (the gate checks it).
@@ -371,6 +372,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         refusal_log: crate::metrics::LogLimit::new(Duration::from_secs(10)),
         has_seeds: !cfg.seeds.iter().all(|s| *s == advertise),
         local_services: registry.len(),
+        registry: registry.clone(),
         upstreams: cfg.upstreams.len(),
         drain: drain.clone(),
         metrics,

@@ -192,6 +192,7 @@ mod tests {
             protocol: Protocol::Tcp,
             tags: vec![],
             health,
+            check: None,
         }
     }
 

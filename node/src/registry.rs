@@ -5,13 +5,19 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
+use meshnode_gossip::keys::{check_key, clip_output, encode_check, CheckRecord, CHECK_PREFIX};
 use meshnode_gossip::{GossipHandle, Health, ServiceRecord};
+use meshnode_transport::pki::unix_now;
 use tracing::warn;
 
 use crate::config::ServiceConfig;
 
 pub struct Registry {
     records: Mutex<Vec<ServiceRecord>>,
+    /// Per checked instance (by index): why it has its health, published.
+    checks: Mutex<HashMap<usize, CheckRecord>>,
+    /// Per checked instance: the latest probe's output and when (local only).
+    last: Mutex<HashMap<usize, (String, i64)>>,
     targets: HashMap<(String, u16), SocketAddr>,
     gossip: GossipHandle,
 }
@@ -41,11 +47,67 @@ impl Registry {
                 Some(((s.name.clone(), s.port), SocketAddr::new(ip, s.port)))
             })
             .collect();
+        let now = unix_now();
+        let checks = services
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.check.is_some())
+            .map(|(i, _)| {
+                (
+                    i,
+                    CheckRecord {
+                        output: "not checked yet".into(),
+                        since: now,
+                    },
+                )
+            })
+            .collect();
         Self {
             records: Mutex::new(records),
+            checks: Mutex::new(checks),
+            last: Mutex::new(HashMap::new()),
             targets,
             gossip,
         }
+    }
+
+    /// Records a probe's output (`ok` or why it failed), for status.
+    pub fn note_probe(&self, index: usize, output: &str) {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(index, (clip_output(output), unix_now()));
+    }
+
+    /// Checked instances that are not passing: (service, port, health, the
+    /// latest output, since when in that health).
+    pub fn unhealthy(&self) -> Vec<(String, u16, Health, String, i64)> {
+        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.health != Health::Passing)
+            .filter_map(|(i, r)| {
+                let c = checks.get(&i)?;
+                let output = last.get(&i).map_or(c.output.clone(), |(o, _)| o.clone());
+                Some((r.name.clone(), r.port, r.health, output, c.since))
+            })
+            .collect()
+    }
+
+    /// The check records as gossip carries them.
+    pub fn check_values(&self) -> std::collections::BTreeMap<String, String> {
+        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        checks
+            .iter()
+            .filter_map(|(i, c)| {
+                let r = records.get(*i)?;
+                Some((check_key(&r.name, r.port), encode_check(c).ok()?))
+            })
+            .collect()
     }
 
     /// The records as first published.
@@ -88,8 +150,9 @@ impl Registry {
             .find_map(|r| self.target(service, r.port))
     }
 
-    /// Updates one instance's health and publishes the change. Returns false when gossip is gone.
-    pub async fn set_health(&self, index: usize, health: Health) -> bool {
+    /// Updates one instance's health, with the check output that made it,
+    /// and publishes both. Returns false when gossip is gone.
+    pub async fn set_health(&self, index: usize, health: Health, output: &str) -> bool {
         let records = {
             let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
             match records.get_mut(index) {
@@ -98,9 +161,27 @@ impl Registry {
             }
             records.clone()
         };
+        self.checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                index,
+                CheckRecord {
+                    output: clip_output(output),
+                    since: unix_now(),
+                },
+            );
         if let Err(e) = self.gossip.publish_services(&records).await {
             warn!(error = %e, "cannot publish service health");
         }
+        self.publish_checks().await;
         true
+    }
+
+    /// Publishes the check records (also once at start).
+    pub async fn publish_checks(&self) {
+        self.gossip
+            .publish_prefixed(CHECK_PREFIX, self.check_values())
+            .await;
     }
 }

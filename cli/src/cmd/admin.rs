@@ -164,6 +164,23 @@ pub async fn endpoints(a: &AdminArgs, service: &str) -> Result<(), Failure> {
                         format!("{}:{}", field(i, "addr"), field(i, "port")),
                         field(i, "tags"),
                         field(i, "health"),
+                        i.pointer("/check/output")
+                            .and_then(Value::as_str)
+                            .map(|o| {
+                                let o: String = o.chars().take(60).collect();
+                                o
+                            })
+                            .unwrap_or_default(),
+                        i.pointer("/check/since")
+                            .and_then(Value::as_i64)
+                            .map(|t| {
+                                let ago = (meshnode_transport::pki::unix_now() - t).max(0) as u64;
+                                format!(
+                                    "{} ago",
+                                    crate::output::duration(std::time::Duration::from_secs(ago))
+                                )
+                            })
+                            .unwrap_or_default(),
                     ]
                 })
                 .collect()
@@ -178,7 +195,9 @@ pub async fn endpoints(a: &AdminArgs, service: &str) -> Result<(), Failure> {
                 "NODE ADDRESS",
                 "INSTANCE",
                 "TAGS",
-                "HEALTH"
+                "HEALTH",
+                "CHECK",
+                "SINCE"
             ],
             &rows
         )

@@ -74,28 +74,39 @@ pub fn spawn_checks(checks: Vec<(usize, CheckConfig)>, registry: Arc<Registry>) 
             let mut state = HealthState::new(check.rise, check.fall);
             let mut tick = tokio::time::interval(check.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut first = true;
             loop {
                 tick.tick().await;
                 let result = probe(&check.target, check.timeout).await;
                 metrics::counter!(HEALTH_CHECKS, "service" => name.clone(),
                     "result" => if result.is_ok() { "pass" } else { "fail" })
                 .increment(1);
+                let output = match &result {
+                    Ok(()) => "ok".to_string(),
+                    Err(reason) => reason.clone(),
+                };
+                registry.note_probe(index, &output);
                 let before = state.health();
                 let after = state.handle_probe(result.is_ok());
                 if let Err(reason) = &result {
                     debug!(service = %name, %reason, "health check failed");
                 }
-                if before != after {
+                if before != after || first {
                     match &result {
                         Ok(()) => info!(service = %name, health = %after, "health changed"),
+                        // A check that never passed says why once, at its first result.
+                        Err(reason) if before == after => {
+                            warn!(service = %name, health = %after, %reason, "health check has not passed yet")
+                        }
                         Err(reason) => {
                             warn!(service = %name, health = %after, %reason, "health changed")
                         }
                     }
-                    if !registry.set_health(index, after).await {
+                    if !registry.set_health(index, after, &output).await {
                         return;
                     }
                 }
+                first = false;
             }
         });
     }

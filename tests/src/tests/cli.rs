@@ -414,3 +414,54 @@ async fn the_workers_key_sets_the_agent_runtime_threads() {
         assert_eq!(runtime_workers(pid), workers, "{}", node.log_text());
     }
 }
+
+/// A check that never passed says why: once in the log, in the node's
+/// status warnings, and on every node's `endpoints` (the reason and since
+/// when travel in gossip, `chk:` keys).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_check_says_why_in_the_log_the_status_and_endpoints_everywhere() {
+    use std::time::Duration;
+    let pki = crate::Pki::new();
+    let net = crate::subnet();
+    // Nothing listens there.
+    let dead = crate::free_tcp(std::net::Ipv4Addr::new(127, net[0], net[1], 1));
+    let svc = format!(
+        "\n[[service]]\nname = \"api\"\naddress = \"{}\"\nport = {}\ncheck = {{ tcp = \"{dead}\", interval = \"200ms\", timeout = \"150ms\" }}\n",
+        dead.ip(),
+        dead.port()
+    );
+    let nodes = super::start_pool(&pki, net, vec![svc, String::new()]).await;
+    let warned = crate::wait_until(Duration::from_secs(10), || async {
+        nodes[0]
+            .get("/v1/status")
+            .await
+            .is_some_and(|s| s["warnings"].to_string().contains("service api (port"))
+    })
+    .await;
+    let status = nodes[0].get("/v1/status").await.expect("status");
+    assert!(warned.is_some(), "{status}");
+    let warnings = status["warnings"].to_string().to_lowercase();
+    assert!(warnings.contains("is critical") && warnings.contains("refused"), "{warnings}");
+    // The other node shows the reason and since when.
+    let shown = crate::wait_until(Duration::from_secs(10), || async {
+        nodes[1].get("/v1/services").await.is_some_and(|v| {
+            v["api"][0]["check"]["output"]
+                .as_str()
+                .is_some_and(|o| o.to_lowercase().contains("refused"))
+        })
+    })
+    .await;
+    assert!(shown.is_some(), "{:?}", nodes[1].get("/v1/services").await);
+    let admin = nodes[1].spec.admin.to_string();
+    let out = meshnode(&["endpoints", "api", "--admin", &admin]);
+    let table = text(&out);
+    assert!(out.status.success(), "{table}");
+    assert!(table.contains("CHECK") && table.contains("SINCE"), "{table}");
+    assert!(table.to_lowercase().contains("refused") && table.contains(" ago"), "{table}");
+    let log = nodes[0].log_text();
+    assert_eq!(
+        log.matches("health check has not passed yet").count(),
+        1,
+        "{log}"
+    );
+}
