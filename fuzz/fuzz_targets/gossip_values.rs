@@ -4,7 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use meshnode_gossip::federation::{decode_remote, decode_summary, encode_remote, encode_summary};
-use meshnode_gossip::keys::{decode_node, decode_service, encode_node, encode_service};
+use meshnode_gossip::keys::{
+    decode_check, decode_node, decode_service, encode_check, encode_node, encode_service,
+};
 
 fuzz_target!(|data: &[u8]| {
     let s = String::from_utf8_lossy(data);
@@ -13,6 +15,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(v) = decode_service(&s) {
         assert_eq!(decode_service(&encode_service(&v).expect("encode")).expect("decode"), v);
+    }
+    if let Ok(v) = decode_check(&s) {
+        assert_eq!(decode_check(&encode_check(&v).expect("encode")).expect("decode"), v);
     }
     if let Ok(v) = decode_summary(&s) {
         assert_eq!(decode_summary(&encode_summary(&v).expect("encode")).expect("decode"), v);
