@@ -2,6 +2,7 @@
 
 mod admin;
 mod ca;
+mod check;
 mod demo;
 mod join;
 mod policy;
@@ -62,6 +63,8 @@ enum Command {
     /// Node certificate operations.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Report the state of a service's ttl check (for the application).
+    Check(check::CheckArgs),
     /// Mesh-wide policy documents: signed by an operator, spread by gossip.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -283,6 +286,7 @@ impl Cli {
                 .await
             }
             Command::Policy(cmd) => policy::run(cmd).await,
+            Command::Check(args) => check::run(args).await,
             Command::Join(args) => join::join(args).await,
             Command::Members { admin, wan } => admin::members(&admin, wan).await,
             Command::Services { admin } => admin::services(&admin).await,

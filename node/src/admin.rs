@@ -195,6 +195,9 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
             }),
         ),
         (&Method::POST, "/v1/policy") => policy_apply(req, s).await,
+        (&Method::POST, path) if path.starts_with(access::CHECK_REPORTS) => {
+            check_report(req, s).await
+        }
         (&Method::GET, path) if path.starts_with("/v1/policy/") => policy_get(s, path),
         (&Method::POST, "/v1/ca/tokens" | "/v1/ca/revoke") => ca_route(req, s).await,
         (&Method::POST, "/v1/leave") => {
@@ -210,6 +213,68 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
             | "/v1/revocations" | "/v1/ca/tokens" | "/v1/ca/revoke" | "/v1/policy",
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckReport {
+    /// `pass`, `warn` or `fail`.
+    status: String,
+    note: Option<String>,
+    port: Option<u16>,
+}
+
+/// `POST /v1/check/<service>`: a ttl check's application reports in, with
+/// its service's token (`<data_dir>/checks/<service>.token`).
+async fn check_report(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> {
+    use crate::health::Outcome;
+    use http_body_util::BodyExt;
+    let service = req
+        .uri()
+        .path()
+        .trim_start_matches(access::CHECK_REPORTS)
+        .to_string();
+    let token = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_string();
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+    };
+    let r: CheckReport = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+    };
+    let note = meshnode_gossip::keys::clip_output(r.note.as_deref().unwrap_or(&r.status));
+    let outcome = match r.status.as_str() {
+        "pass" => Outcome::Pass(note),
+        "warn" => Outcome::Warn(note),
+        "fail" => Outcome::Fail(note),
+        other => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("status {other:?}: use pass, warn or fail"),
+            )
+        }
+    };
+    use crate::registry::ReportError;
+    match s.registry.report(&service, r.port, &token, outcome) {
+        Ok(()) => json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({ "service": service, "status": r.status }),
+        ),
+        Err(e @ ReportError::Token) => error(StatusCode::UNAUTHORIZED, &e.to_string()),
+        Err(e @ ReportError::NoTtlCheck) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ ReportError::WhichPort) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ ReportError::Busy) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
 }
 

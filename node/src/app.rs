@@ -64,7 +64,15 @@ pub enum AppError {
     Ca(#[from] CaError),
     #[error("data_dir: {0}")]
     Lock(#[from] crate::lock::LockError),
+    #[error("cannot write {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
 }
+
+/// Where the ttl checks' tokens go, in the data dir.
+pub const CHECK_TOKENS_DIR: &str = "checks";
 
 impl AppError {
     /// Errors the operator fixes in the config or its files (CLI exit code 64).
@@ -257,6 +265,12 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     let registry = Arc::new(Registry::new(&services_cfg, gossip.clone()));
     gossip.publish_services(&registry.records()).await?;
     registry.publish_checks().await;
+    registry
+        .write_check_tokens(&services_cfg, &cfg.data_dir.join(CHECK_TOKENS_DIR))
+        .map_err(|source| AppError::Io {
+            what: "check tokens".into(),
+            source,
+        })?;
     if let Some(ca) = &ca {
         // The CA role is proven by the CA key's signature over this node's id,
         // so no other member can claim it (the gate checks it).

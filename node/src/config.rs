@@ -77,6 +77,13 @@ pub struct ServiceConfig {
 pub enum CheckTarget {
     Tcp(String),
     Http(String),
+    /// A program and its arguments (no shell): exit 0 passes, 1 warns,
+    /// anything else (or the timeout) fails.
+    Exec(Vec<String>),
+    /// The application reports in (`meshnode check pass|warn|fail`); no
+    /// report for this long makes it critical.
+    #[serde(with = "humantime_serde_compat")]
+    Ttl(Duration),
 }
 
 #[derive(Clone, Debug, Serialize)]

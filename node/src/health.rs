@@ -3,5 +3,5 @@
 mod check;
 mod state;
 
-pub use check::{probe, spawn_checks};
+pub use check::{probe, spawn_checks, Outcome, Report};
 pub use state::HealthState;

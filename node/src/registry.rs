@@ -12,12 +12,28 @@ use tracing::warn;
 
 use crate::config::ServiceConfig;
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReportError {
+    #[error("this node has no ttl check for that service (and port)")]
+    NoTtlCheck,
+    #[error("wrong token: read it from <data_dir>/checks/<service>.token")]
+    Token,
+    #[error("the service has several ttl-checked instances: give the port")]
+    WhichPort,
+    #[error("too many reports at once; try again")]
+    Busy,
+}
+
 pub struct Registry {
     records: Mutex<Vec<ServiceRecord>>,
     /// Per checked instance (by index): why it has its health, published.
     checks: Mutex<HashMap<usize, CheckRecord>>,
     /// Per checked instance: the latest probe's output and when (local only).
     last: Mutex<HashMap<usize, (String, i64)>>,
+    /// ttl checks: where reports for (service, port) go.
+    ttl: Mutex<HashMap<(String, u16), tokio::sync::mpsc::Sender<crate::health::Report>>>,
+    /// ttl checks: the token an application presents for its service.
+    tokens: Mutex<HashMap<String, String>>,
     targets: HashMap<(String, u16), SocketAddr>,
     gossip: GossipHandle,
 }
@@ -66,9 +82,98 @@ impl Registry {
             records: Mutex::new(records),
             checks: Mutex::new(checks),
             last: Mutex::new(HashMap::new()),
+            ttl: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
             targets,
             gossip,
         }
+    }
+
+    /// The receiving end of instance `index`'s ttl reports.
+    pub fn ttl_inbox(&self, index: usize) -> tokio::sync::mpsc::Receiver<crate::health::Report> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let key = {
+            let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            records.get(index).map(|r| (r.name.clone(), r.port))
+        };
+        if let Some(key) = key {
+            self.ttl
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, tx);
+        }
+        rx
+    }
+
+    /// Writes `<dir>/<service>.token` (0640: readable by the node's group,
+    /// where the application's user belongs) for every service with a ttl
+    /// check; a new token at each start.
+    pub fn write_check_tokens(
+        &self,
+        services: &[ServiceConfig],
+        dir: &std::path::Path,
+    ) -> std::io::Result<()> {
+        use rand::RngExt;
+        let names: std::collections::BTreeSet<&str> = services
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.check.as_ref().map(|c| &c.target),
+                    Some(crate::config::CheckTarget::Ttl(_))
+                )
+            })
+            .map(|s| s.name.as_str())
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir)?;
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        for name in names {
+            let bytes: [u8; 24] = rand::rng().random();
+            let token = meshnode_transport::pki::hex(&bytes);
+            meshnode_transport::pki::write_atomic(
+                &dir.join(format!("{name}.token")),
+                format!("{token}\n").as_bytes(),
+                0o640,
+            )
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            tokens.insert(name.to_string(), token);
+        }
+        Ok(())
+    }
+
+    /// A ttl report from the application of `service` (on `port`, or its
+    /// only ttl-checked instance), authorized by its token.
+    pub fn report(
+        &self,
+        service: &str,
+        port: Option<u16>,
+        token: &str,
+        outcome: crate::health::Outcome,
+    ) -> Result<(), ReportError> {
+        let expected = self
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(service)
+            .cloned()
+            .ok_or(ReportError::NoTtlCheck)?;
+        if !meshnode_transport::pki::secret_eq(token.as_bytes(), expected.as_bytes()) {
+            return Err(ReportError::Token);
+        }
+        let ttl = self.ttl.lock().unwrap_or_else(|e| e.into_inner());
+        let mut matching: Vec<_> = ttl
+            .iter()
+            .filter(|((s, p), _)| s == service && port.is_none_or(|want| want == *p))
+            .collect();
+        let tx = match (matching.len(), port) {
+            (1, _) => matching.remove(0).1,
+            (0, _) => return Err(ReportError::NoTtlCheck),
+            (_, _) => return Err(ReportError::WhichPort),
+        };
+        tx.try_send(crate::health::Report { outcome })
+            .map_err(|_| ReportError::Busy)
     }
 
     /// Records a probe's output (`ok` or why it failed), for status.

@@ -26,6 +26,8 @@ const ALWAYS_OPEN: [&str; 2] = ["/v1/health", "/metrics"];
 /// operator. On a loopback admin address they need no secret (the Host and
 /// Origin checks still apply); the agent verifies the signature.
 const SELF_AUTHENTICATING: [&str; 1] = ["/v1/policy"];
+/// `POST /v1/check/<service>`: authorized by the service's check token.
+pub const CHECK_REPORTS: &str = "/v1/check/";
 
 pub struct Access {
     /// The admin API's own address (the bound one).
@@ -78,6 +80,11 @@ impl Access {
             }
         }
         if !read && !self.remote && SELF_AUTHENTICATING.contains(&path) {
+            return Ok(());
+        }
+        // A ttl check's report carries its service's own token, which the
+        // handler checks: the application never holds the admin secret.
+        if method == Method::POST && !self.remote && path.starts_with(CHECK_REPORTS) {
             return Ok(());
         }
         let presented = headers
@@ -184,6 +191,18 @@ mod tests {
         );
         assert_eq!(
             reason(access(false).check(&Method::POST, "/v1/policy/x", &host)),
+            Some("secret")
+        );
+        assert_eq!(
+            access(false).check(&Method::POST, "/v1/check/api", &host),
+            Ok(())
+        );
+        assert_eq!(
+            reason(access(false).check(&Method::POST, "/v1/check/api", &page)),
+            Some("origin")
+        );
+        assert_eq!(
+            reason(access(true).check(&Method::POST, "/v1/check/api", &host)),
             Some("secret")
         );
     }

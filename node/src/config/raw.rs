@@ -93,6 +93,8 @@ struct RawService {
 struct RawCheck {
     http: Option<String>,
     tcp: Option<String>,
+    exec: Option<Vec<String>>,
+    ttl: Option<String>,
     interval: Option<String>,
     timeout: Option<String>,
     rise: Option<i64>,
@@ -424,33 +426,55 @@ fn validate_services(e: &mut Errors, raw: Vec<RawService>) -> Vec<ServiceConfig>
             }
         };
         let check = s.check.and_then(|c| {
-            let target = match (c.http, c.tcp) {
-                (Some(url), None) => {
-                    if !url.starts_with("http://") {
-                        e.push(k("check.http"), format!("{url:?} must be an http:// URL"));
-                    }
-                    CheckTarget::Http(url)
+            let kinds = [c.http.is_some(), c.tcp.is_some(), c.exec.is_some(), c.ttl.is_some()]
+                .iter()
+                .filter(|x| **x)
+                .count();
+            if kinds > 1 {
+                e.push(k("check"), "set one of http, tcp, exec or ttl, not several");
+                return None;
+            }
+            let target = if let Some(url) = c.http {
+                if !url.starts_with("http://") {
+                    e.push(k("check.http"), format!("{url:?} must be an http:// URL"));
                 }
-                (None, Some(addr)) => {
-                    if addr.parse::<SocketAddr>().is_err() {
-                        e.push(
-                            k("check.tcp"),
-                            format!("{addr:?} is not an ip:port address"),
-                        );
-                    }
-                    CheckTarget::Tcp(addr)
+                CheckTarget::Http(url)
+            } else if let Some(addr) = c.tcp {
+                if addr.parse::<SocketAddr>().is_err() {
+                    e.push(
+                        k("check.tcp"),
+                        format!("{addr:?} is not an ip:port address"),
+                    );
                 }
-                (Some(_), Some(_)) => {
-                    e.push(k("check"), "set either http or tcp, not both");
-                    return None;
+                CheckTarget::Tcp(addr)
+            } else if let Some(argv) = c.exec {
+                match argv.first() {
+                    Some(p) if p.starts_with('/') => {}
+                    Some(p) => e.push(
+                        k("check.exec"),
+                        format!("{p:?} must be an absolute path (no shell, no PATH lookup)"),
+                    ),
+                    None => e.push(
+                        k("check.exec"),
+                        "the program and its arguments, e.g. [\"/usr/local/bin/check-api\", \"--quick\"]",
+                    ),
                 }
-                (None, None) => {
+                CheckTarget::Exec(argv)
+            } else if let Some(ttl) = c.ttl {
+                let d = e.duration(&k("check.ttl"), Some(&ttl), DEFAULT_CHECK_INTERVAL);
+                if c.interval.is_some() || c.timeout.is_some() {
                     e.push(
                         k("check"),
-                        "set http = \"http://...\" or tcp = \"host:port\"",
+                        "a ttl check has no interval or timeout: the application reports in",
                     );
-                    return None;
                 }
+                CheckTarget::Ttl(d)
+            } else {
+                e.push(
+                    k("check"),
+                    "set http = \"http://...\", tcp = \"host:port\", exec = [\"/path\", ...] or ttl = \"30s\"",
+                );
+                return None;
             };
             let interval = e.duration(
                 &k("check.interval"),

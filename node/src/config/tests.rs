@@ -199,3 +199,32 @@ fn workers_default_to_one_and_are_bounded() {
     let errs = errors(&format!("workers = \"two\"\n{base}"));
     assert!(errs.iter().any(|e| e.contains("workers")), "{errs:?}");
 }
+
+#[test]
+fn exec_and_ttl_checks_are_validated() {
+    let svc = |check: &str| {
+        format!(
+            "node = \"a\"\ncluster = \"east\"\nmesh = \"acme\"\n[[service]]\nname = \"api\"\naddress = \"127.0.0.1\"\nport = 8080\ncheck = {check}\n"
+        )
+    };
+    let ok = Config::from_toml_str(&svc("{ exec = [\"/usr/bin/true\"] }")).expect("exec");
+    assert!(matches!(
+        ok.services[0].check.as_ref().map(|c| &c.target),
+        Some(CheckTarget::Exec(a)) if a == &["/usr/bin/true".to_string()]
+    ));
+    let ok = Config::from_toml_str(&svc("{ ttl = \"30s\" }")).expect("ttl");
+    assert!(matches!(
+        ok.services[0].check.as_ref().map(|c| &c.target),
+        Some(CheckTarget::Ttl(d)) if *d == Duration::from_secs(30)
+    ));
+    let e = errors(&svc("{ exec = [\"true\"] }"));
+    assert!(e[0].contains("service[0].check.exec") && e[0].contains("absolute path"), "{e:?}");
+    let e = errors(&svc("{ exec = [] }"));
+    assert!(e[0].contains("service[0].check.exec"), "{e:?}");
+    let e = errors(&svc("{ ttl = \"30s\", tcp = \"127.0.0.1:1\" }"));
+    assert!(e[0].contains("not several"), "{e:?}");
+    let e = errors(&svc("{ ttl = \"30s\", interval = \"1s\" }"));
+    assert!(e[0].contains("a ttl check has no interval"), "{e:?}");
+    let e = errors(&svc("{ ttl = \"soon\" }"));
+    assert!(e[0].contains("service[0].check.ttl"), "{e:?}");
+}

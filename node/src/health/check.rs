@@ -15,24 +15,83 @@ use crate::config::{CheckConfig, CheckTarget};
 use crate::metrics::HEALTH_CHECKS;
 use crate::registry::Registry;
 
-/// Runs one probe. `Ok` means healthy: TCP connected, or HTTP answered 2xx/3xx.
-pub async fn probe(target: &CheckTarget, timeout: Duration) -> Result<(), String> {
+/// What one probe found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Pass(String),
+    /// An exec check's exit code 1.
+    Warn(String),
+    Fail(String),
+}
+
+impl Outcome {
+    pub fn output(&self) -> &str {
+        match self {
+            Outcome::Pass(o) | Outcome::Warn(o) | Outcome::Fail(o) => o,
+        }
+    }
+}
+
+/// Runs one probe: TCP connected, HTTP answered 2xx/3xx, or the program
+/// exited 0 pass; an exit code of 1 warns; anything else fails.
+pub async fn probe(target: &CheckTarget, timeout: Duration) -> Outcome {
     match tokio::time::timeout(timeout, run_probe(target)).await {
         Ok(r) => r,
-        Err(_) => Err(format!(
+        Err(_) => Outcome::Fail(format!(
             "no answer within {}",
             humantime::format_duration(timeout)
         )),
     }
 }
 
-async fn run_probe(target: &CheckTarget) -> Result<(), String> {
+async fn run_probe(target: &CheckTarget) -> Outcome {
+    let simple = |r: Result<(), String>| match r {
+        Ok(()) => Outcome::Pass("ok".into()),
+        Err(e) => Outcome::Fail(e),
+    };
     match target {
-        CheckTarget::Tcp(addr) => TcpStream::connect(addr.as_str())
-            .await
-            .map(drop)
-            .map_err(|e| format!("connect {addr}: {e}")),
-        CheckTarget::Http(url) => http_get(url).await,
+        CheckTarget::Tcp(addr) => simple(
+            TcpStream::connect(addr.as_str())
+                .await
+                .map(drop)
+                .map_err(|e| format!("connect {addr}: {e}")),
+        ),
+        CheckTarget::Http(url) => simple(http_get(url).await),
+        CheckTarget::Exec(argv) => exec(argv).await,
+        // Never probed: the application reports in.
+        CheckTarget::Ttl(_) => Outcome::Fail("a ttl check is not probed".into()),
+    }
+}
+
+/// Runs the program (no shell), killed if the probe's timeout drops this
+/// future; its output is the first non-empty line of stdout, else stderr.
+async fn exec(argv: &[String]) -> Outcome {
+    let Some((program, args)) = argv.split_first() else {
+        return Outcome::Fail("no program".into());
+    };
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => return Outcome::Fail(format!("cannot run {program}: {e}")),
+    };
+    let first_line = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(String::from)
+    };
+    let text = first_line(&out.stdout).or_else(|| first_line(&out.stderr));
+    match out.status.code() {
+        Some(0) => Outcome::Pass(text.unwrap_or_else(|| "exit 0".into())),
+        Some(1) => Outcome::Warn(text.unwrap_or_else(|| "exit 1".into())),
+        Some(c) => Outcome::Fail(text.map_or(format!("exit {c}"), |t| format!("exit {c}: {t}"))),
+        None => Outcome::Fail("killed by a signal".into()),
     }
 }
 
@@ -65,6 +124,12 @@ async fn http_get(url: &str) -> Result<(), String> {
     }
 }
 
+/// A report of a ttl check's application (`meshnode check ...`).
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub outcome: Outcome,
+}
+
 /// Starts one loop per checked service; each publishes health changes through the registry.
 pub fn spawn_checks(checks: Vec<(usize, CheckConfig)>, registry: Arc<Registry>) {
     for (index, check) in checks {
@@ -72,37 +137,65 @@ pub fn spawn_checks(checks: Vec<(usize, CheckConfig)>, registry: Arc<Registry>) 
         tokio::spawn(async move {
             let name = registry.name(index);
             let mut state = HealthState::new(check.rise, check.fall);
+            let mut first = true;
+            let mut reports = match check.target {
+                CheckTarget::Ttl(_) => Some(registry.ttl_inbox(index)),
+                _ => None,
+            };
             let mut tick = tokio::time::interval(check.interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut first = true;
             loop {
-                tick.tick().await;
-                let result = probe(&check.target, check.timeout).await;
-                metrics::counter!(HEALTH_CHECKS, "service" => name.clone(),
-                    "result" => if result.is_ok() { "pass" } else { "fail" })
-                .increment(1);
-                let output = match &result {
-                    Ok(()) => "ok".to_string(),
-                    Err(reason) => reason.clone(),
-                };
-                registry.note_probe(index, &output);
-                let before = state.health();
-                let after = state.handle_probe(result.is_ok());
-                if let Err(reason) = &result {
-                    debug!(service = %name, %reason, "health check failed");
-                }
-                if before != after || first {
-                    match &result {
-                        Ok(()) => info!(service = %name, health = %after, "health changed"),
-                        // A check that never passed says why once, at its first result.
-                        Err(reason) if before == after => {
-                            warn!(service = %name, health = %after, %reason, "health check has not passed yet")
-                        }
-                        Err(reason) => {
-                            warn!(service = %name, health = %after, %reason, "health changed")
+                let outcome = match (&check.target, reports.as_mut()) {
+                    (CheckTarget::Ttl(ttl), Some(rx)) => {
+                        match tokio::time::timeout(*ttl, rx.recv()).await {
+                            Ok(Some(r)) => r.outcome,
+                            Ok(None) => return,
+                            Err(_) => Outcome::Fail(format!(
+                                "no report within the ttl of {}",
+                                humantime::format_duration(*ttl)
+                            )),
                         }
                     }
-                    if !registry.set_health(index, after, &output).await {
+                    _ => {
+                        tick.tick().await;
+                        probe(&check.target, check.timeout).await
+                    }
+                };
+                let pass = matches!(outcome, Outcome::Pass(_));
+                metrics::counter!(HEALTH_CHECKS, "service" => name.clone(),
+                    "result" => match outcome { Outcome::Pass(_) => "pass", Outcome::Warn(_) => "warn", Outcome::Fail(_) => "fail" })
+                .increment(1);
+                registry.note_probe(index, outcome.output());
+                let before = state.health();
+                let after = match (&check.target, &outcome) {
+                    // An application's report is its verdict.
+                    (CheckTarget::Ttl(_), Outcome::Pass(_)) => {
+                        state.handle_probe(true);
+                        state.set(meshnode_gossip::Health::Passing)
+                    }
+                    (CheckTarget::Ttl(_), Outcome::Fail(_)) => {
+                        state.set(meshnode_gossip::Health::Critical)
+                    }
+                    (_, Outcome::Warn(_)) => state.handle_warning(),
+                    _ => state.handle_probe(pass),
+                };
+                if !pass {
+                    debug!(service = %name, reason = outcome.output(), "health check failed");
+                }
+                if before != after || first {
+                    match &outcome {
+                        Outcome::Pass(_) => {
+                            info!(service = %name, health = %after, "health changed")
+                        }
+                        // A check that never passed says why once, at its first result.
+                        o if before == after => {
+                            warn!(service = %name, health = %after, reason = o.output(), "health check has not passed yet")
+                        }
+                        o => {
+                            warn!(service = %name, health = %after, reason = o.output(), "health changed")
+                        }
+                    }
+                    if !registry.set_health(index, after, outcome.output()).await {
                         return;
                     }
                 }

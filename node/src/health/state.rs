@@ -32,6 +32,26 @@ impl HealthState {
         self.health
     }
 
+    /// Sets the verdict as given (a ttl check's report).
+    pub fn set(&mut self, health: Health) -> Health {
+        self.successes = 0;
+        self.failures = 0;
+        if health == Health::Passing {
+            self.ever_passed = true;
+        }
+        self.health = health;
+        self.health
+    }
+
+    /// A probe that warns (an exec check's exit 1): warning at once, and
+    /// the streaks start over.
+    pub fn handle_warning(&mut self) -> Health {
+        self.successes = 0;
+        self.failures = 0;
+        self.health = Health::Warning;
+        self.health
+    }
+
     /// Records one probe result and returns the new verdict.
     pub fn handle_probe(&mut self, ok: bool) -> Health {
         if ok {
@@ -53,6 +73,28 @@ impl HealthState {
             }
         }
         self.health
+    }
+}
+
+#[cfg(test)]
+mod warning_tests {
+    use super::*;
+
+    #[test]
+    fn a_warning_is_immediate_and_a_pass_ends_it() {
+        let mut s = HealthState::new(2, 3);
+        assert_eq!(s.handle_probe(true), Health::Passing);
+        assert_eq!(s.handle_warning(), Health::Warning);
+        assert_eq!(
+            s.handle_probe(true),
+            Health::Passing,
+            "a warning is not critical: no rise"
+        );
+        assert_eq!(s.handle_warning(), Health::Warning);
+        for _ in 0..3 {
+            s.handle_probe(false);
+        }
+        assert_eq!(s.health(), Health::Critical);
     }
 }
 

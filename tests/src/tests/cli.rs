@@ -441,7 +441,10 @@ async fn a_failing_check_says_why_in_the_log_the_status_and_endpoints_everywhere
     let status = nodes[0].get("/v1/status").await.expect("status");
     assert!(warned.is_some(), "{status}");
     let warnings = status["warnings"].to_string().to_lowercase();
-    assert!(warnings.contains("is critical") && warnings.contains("refused"), "{warnings}");
+    assert!(
+        warnings.contains("is critical") && warnings.contains("refused"),
+        "{warnings}"
+    );
     // The other node shows the reason and since when.
     let shown = crate::wait_until(Duration::from_secs(10), || async {
         nodes[1].get("/v1/services").await.is_some_and(|v| {
@@ -456,12 +459,143 @@ async fn a_failing_check_says_why_in_the_log_the_status_and_endpoints_everywhere
     let out = meshnode(&["endpoints", "api", "--admin", &admin]);
     let table = text(&out);
     assert!(out.status.success(), "{table}");
-    assert!(table.contains("CHECK") && table.contains("SINCE"), "{table}");
-    assert!(table.to_lowercase().contains("refused") && table.contains(" ago"), "{table}");
+    assert!(
+        table.contains("CHECK") && table.contains("SINCE"),
+        "{table}"
+    );
+    assert!(
+        table.to_lowercase().contains("refused") && table.contains(" ago"),
+        "{table}"
+    );
     let log = nodes[0].log_text();
     assert_eq!(
         log.matches("health check has not passed yet").count(),
         1,
         "{log}"
     );
+}
+
+/// `exec` checks: exit 0 passes, 1 warns, anything else fails (no shell
+/// between: the program is run as given). `ttl` checks: the application
+/// reports with `meshnode check`, authorized by its service's token; no
+/// report within the ttl makes it critical.
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_and_ttl_checks_follow_the_program_and_the_applications_reports() {
+    use std::time::Duration;
+    let pki = crate::Pki::new();
+    let net = crate::subnet();
+    let work = tempfile::tempdir().expect("tempdir");
+    let code = work.path().join("code");
+    std::fs::write(&code, "1").expect("code");
+    let ip = std::net::Ipv4Addr::new(127, net[0], net[1], 1);
+    let svc = format!(
+        "\n[[service]]\nname = \"batch\"\naddress = \"{ip}\"\nport = 7001\ncheck = {{ exec = [\"/bin/sh\", \"-c\", \"echo disk at 91%; exit $(cat {})\"], interval = \"300ms\", timeout = \"250ms\" }}\n\n[[service]]\nname = \"worker\"\naddress = \"{ip}\"\nport = 7002\ncheck = {{ ttl = \"2s\" }}\n",
+        code.display()
+    );
+    let nodes = super::start_pool(&pki, net, vec![svc]).await;
+    let node = &nodes[0];
+    let health = |svc: &'static str| async move {
+        node.instances(svc)
+            .await
+            .first()
+            .map(|(_, h)| h.clone())
+            .unwrap_or_default()
+    };
+    let output = |svc: &'static str| async move {
+        node.get("/v1/services")
+            .await
+            .and_then(|v| v[svc][0]["check"]["output"].as_str().map(String::from))
+    };
+    // exec: exit 1 is a warning, with the program's output.
+    let ok = crate::wait_until(Duration::from_secs(10), || async {
+        health("batch").await == "warning"
+    })
+    .await;
+    assert!(ok.is_some(), "{:?}", node.get("/v1/services").await);
+    assert_eq!(output("batch").await.as_deref(), Some("disk at 91%"));
+    std::fs::write(&code, "0").expect("code");
+    let ok = crate::wait_until(Duration::from_secs(10), || async {
+        health("batch").await == "passing"
+    })
+    .await;
+    assert!(ok.is_some(), "exit 0 did not pass");
+    std::fs::write(&code, "2").expect("code");
+    let ok = crate::wait_until(Duration::from_secs(10), || async {
+        health("batch").await == "critical"
+    })
+    .await;
+    assert!(ok.is_some(), "exit 2 did not fail");
+    assert!(output("batch")
+        .await
+        .is_some_and(|o| o.starts_with("exit 2")));
+
+    // ttl: critical until the application reports.
+    assert_eq!(health("worker").await, "critical");
+    let admin = node.spec.admin.to_string();
+    let data = node.data_dir();
+    let data = data.to_str().expect("path");
+    let report = |status: &str, extra: &[&str]| {
+        let mut args = vec![
+            "check",
+            status,
+            "worker",
+            "--admin",
+            &admin,
+            "--data-dir",
+            data,
+        ];
+        args.extend_from_slice(extra);
+        meshnode(&args)
+    };
+    let out = report("pass", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ok = crate::wait_until(Duration::from_secs(5), || async {
+        health("worker").await == "passing"
+    })
+    .await;
+    assert!(ok.is_some(), "a pass report did not pass");
+    let out = report("warn", &["--note", "queue at 80%"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ok = crate::wait_until(Duration::from_secs(5), || async {
+        health("worker").await == "warning"
+            && output("worker").await.as_deref() == Some("queue at 80%")
+    })
+    .await;
+    assert!(ok.is_some(), "{:?}", node.get("/v1/services").await);
+    // No report within the ttl: critical, and the status says why.
+    let ok = crate::wait_until(Duration::from_secs(6), || async {
+        health("worker").await == "critical"
+    })
+    .await;
+    assert!(ok.is_some(), "the ttl did not expire");
+    let st = node.get("/v1/status").await.expect("status");
+    assert!(
+        st["warnings"]
+            .to_string()
+            .contains("no report within the ttl"),
+        "{st}"
+    );
+    // A wrong token is refused; the token file is 0640.
+    let bad = work.path().join("bad.token");
+    std::fs::write(&bad, "nope").expect("token");
+    let out = report("pass", &["--token-file", bad.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("wrong token"), "{}", text(&out));
+    let mode = std::fs::metadata(node.data_dir().join("checks/worker.token"))
+        .expect("token file")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o640);
+    // A service without a ttl check takes no reports.
+    let out = meshnode(&[
+        "check",
+        "pass",
+        "batch",
+        "--admin",
+        &admin,
+        "--token-file",
+        bad.to_str().expect("path"),
+    ]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
 }
