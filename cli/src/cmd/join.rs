@@ -177,15 +177,23 @@ pub async fn join(a: JoinArgs) -> Result<(), Failure> {
             .map_err(Failure::runtime)?;
         true
     };
-    // `join` often runs as root for a daemon that runs as its own user.
+    // `join` often runs as root for a daemon that runs as its own user:
+    // the credentials go to that user (it renews them in place), the config
+    // stays the invoking user's, so the daemon cannot rewrite its own
+    // config (keep it outside the data dir, e.g. /etc/meshnode).
     if let Some((uid, gid)) = owner {
-        for path in files
-            .iter()
-            .map(|f| f.0.clone())
-            .chain(wrote_config.then(|| config_path.clone()))
-        {
+        for path in files.iter().map(|f| f.0.clone()) {
             let _ = std::os::unix::fs::chown(&path, Some(uid), Some(gid));
         }
+    }
+    if wrote_config
+        && config_path.starts_with(&a.data_dir)
+        && owner.is_some_and(|(uid, _)| uid != nix_uid())
+    {
+        eprintln!(
+            "      note: {} is inside the data dir, which the node's user can write: it could replace its own config; prefer --config /etc/meshnode/meshnode.toml",
+            config_path.display()
+        );
     }
     println!("joined as {identity}");
     println!(
@@ -303,4 +311,11 @@ fn config_text(a: &JoinArgs, me: &PeerCert, seeds: &[SocketAddr], contacted: Soc
         t.push_str("gateway = true\n");
     }
     t
+}
+
+/// The uid of this process.
+fn nix_uid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
 }

@@ -218,7 +218,10 @@ fn exec_and_ttl_checks_are_validated() {
         Some(CheckTarget::Ttl(d)) if *d == Duration::from_secs(30)
     ));
     let e = errors(&svc("{ exec = [\"true\"] }"));
-    assert!(e[0].contains("service[0].check.exec") && e[0].contains("absolute path"), "{e:?}");
+    assert!(
+        e[0].contains("service[0].check.exec") && e[0].contains("absolute path"),
+        "{e:?}"
+    );
     let e = errors(&svc("{ exec = [] }"));
     assert!(e[0].contains("service[0].check.exec"), "{e:?}");
     let e = errors(&svc("{ ttl = \"30s\", tcp = \"127.0.0.1:1\" }"));

@@ -1049,3 +1049,51 @@ async fn a_real_join_completes_while_500_anonymous_connections_are_held() {
     }
     drop(held);
 }
+
+/// `join` run as root for a daemon of its own user: the credentials go to
+/// that user (it renews them), the config stays root's, so the daemon cannot
+/// rewrite its own config.
+#[tokio::test(flavor = "multi_thread")]
+async fn join_gives_the_credentials_to_the_data_dirs_owner_but_not_the_config() {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1);
+    if me != 0 {
+        assert!(std::env::var("CI").is_err(), "CI runs the tests as root");
+        eprintln!("SKIPPED: needs root to give the data dir to another user");
+        return;
+    }
+    let pki = Pki::new();
+    let net = crate::subnet();
+    let (ca, ca_dir) = ca_node(&pki, net, "72h", "api").await;
+    let t = token(&ca, &ca_dir, &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let data = work.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).expect("chown");
+    let etc = work.path().join("etc");
+    std::fs::create_dir(&etc).expect("etc");
+    let config = etc.join("meshnode.toml");
+    let spec = NodeSpec::new(net, 3, "vm-1");
+    let mut args = join_args(&t, ca.spec.quic, &data, &spec, true);
+    args.push("--config".into());
+    args.push(config.clone().into_os_string());
+    let out = std::process::Command::new(crate::meshnode_bin())
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in ["node.key", "node.pem", "ca.pem"] {
+        let m = std::fs::metadata(data.join(f)).expect(f);
+        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{f}");
+    }
+    let m = std::fs::metadata(&config).expect("config");
+    assert_eq!(m.uid(), 0, "the config must stay root's");
+    assert_eq!(m.mode() & 0o777, 0o644);
+}
