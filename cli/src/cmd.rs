@@ -136,7 +136,7 @@ pub enum CertCommand {
         /// Mark the certificate as a gateway's.
         #[arg(long, conflicts_with = "operator")]
         gateway: bool,
-        /// Issue an operator certificate (spiffe://<mesh>/operator/NAME) that
+        /// Issue an operator certificate (`spiffe://<mesh>/operator/NAME`) that
         /// signs policy documents; it cannot serve as a node.
         #[arg(long, conflicts_with_all = ["cluster", "node"])]
         operator: Option<String>,

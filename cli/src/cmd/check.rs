@@ -31,7 +31,7 @@ pub struct CheckArgs {
     /// The instance's port, when the service has several on this node.
     #[arg(long)]
     port: Option<u16>,
-    /// The node's data_dir: the token is in checks/<SERVICE>.token there.
+    /// The node's data_dir: the token is in `checks/<SERVICE>.token` there.
     #[arg(long, default_value = "/var/lib/meshnode")]
     data_dir: PathBuf,
     /// Read the token from this file instead (or set MESHNODE_CHECK_TOKEN).
