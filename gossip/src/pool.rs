@@ -451,11 +451,23 @@ impl GossipHandle {
 
     /// Replaces this node's published service instances.
     pub async fn publish_services(&self, records: &[ServiceRecord]) -> Result<(), GossipError> {
+        self.publish_services_with(records, None).await
+    }
+
+    /// [`GossipHandle::publish_services`] and, in the same change, the keys
+    /// under another prefix (the check records).
+    pub async fn publish_services_with(
+        &self,
+        records: &[ServiceRecord],
+        extra: Option<(&str, BTreeMap<String, String>)>,
+    ) -> Result<(), GossipError> {
         let encoded = records
             .iter()
             .map(|r| Ok((r.key(), encode_record(r)?)))
             .collect::<Result<BTreeMap<_, _>, GossipError>>()?;
-        self.publish_prefixed(SERVICE_PREFIX, encoded).await;
+        let mut sets = vec![(SERVICE_PREFIX, encoded)];
+        sets.extend(extra);
+        self.publish_sets(sets).await;
         Ok(())
     }
 
@@ -463,22 +475,32 @@ impl GossipHandle {
     /// `entries` (whose keys must start with `prefix`). Unchanged values are
     /// not re-versioned, so an identical call gossips nothing.
     pub async fn publish_prefixed(&self, prefix: &str, encoded: BTreeMap<String, String>) {
+        self.publish_sets(vec![(prefix, encoded)]).await;
+    }
+
+    /// [`GossipHandle::publish_prefixed`] for several prefixes in one change,
+    /// so one push carries them: two changes pushed back to back can arrive
+    /// out of order, and a receiver refuses a delta that starts above what
+    /// it holds, leaving the later change to anti-entropy (seconds).
+    pub async fn publish_sets(&self, sets: Vec<(&str, BTreeMap<String, String>)>) {
         self.change(|state, signing| {
-            let stale: Vec<String> = state
-                .key_values()
-                .filter(|(k, v)| {
-                    k.starts_with(prefix)
-                        && !encoded.contains_key(*k)
-                        && signed::payload(v).is_some()
-                })
-                .map(|(k, _)| k.to_string())
-                .collect();
-            for k in stale {
-                // A signed tombstone: chitchat's delete would leave an unsigned empty value.
-                signing.put(state, &k, "");
-            }
-            for (k, v) in &encoded {
-                signing.put(state, k, v);
+            for (prefix, encoded) in &sets {
+                let stale: Vec<String> = state
+                    .key_values()
+                    .filter(|(k, v)| {
+                        k.starts_with(prefix)
+                            && !encoded.contains_key(*k)
+                            && signed::payload(v).is_some()
+                    })
+                    .map(|(k, _)| k.to_string())
+                    .collect();
+                for k in stale {
+                    // A signed tombstone: chitchat's delete would leave an unsigned empty value.
+                    signing.put(state, &k, "");
+                }
+                for (k, v) in encoded {
+                    signing.put(state, k, v);
+                }
             }
         })
         .await;

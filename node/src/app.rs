@@ -263,8 +263,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
             (None, None)
         };
     let registry = Arc::new(Registry::new(&services_cfg, gossip.clone()));
-    gossip.publish_services(&registry.records()).await?;
-    registry.publish_checks().await;
+    registry.publish().await?;
     registry
         .write_check_tokens(&services_cfg, &cfg.data_dir.join(CHECK_TOKENS_DIR))
         .map_err(|source| AppError::Io {

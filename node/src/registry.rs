@@ -276,17 +276,22 @@ impl Registry {
                     since: unix_now(),
                 },
             );
-        if let Err(e) = self.gossip.publish_services(&records).await {
+        // One change, one push: the health and why.
+        if let Err(e) = self
+            .gossip
+            .publish_services_with(&records, Some((CHECK_PREFIX, self.check_values())))
+            .await
+        {
             warn!(error = %e, "cannot publish service health");
         }
-        self.publish_checks().await;
         true
     }
 
-    /// Publishes the check records (also once at start).
-    pub async fn publish_checks(&self) {
+    /// Publishes the records and their checks, in one change (at start).
+    pub async fn publish(&self) -> Result<(), meshnode_gossip::GossipError> {
+        let records = self.records();
         self.gossip
-            .publish_prefixed(CHECK_PREFIX, self.check_values())
-            .await;
+            .publish_services_with(&records, Some((CHECK_PREFIX, self.check_values())))
+            .await
     }
 }
