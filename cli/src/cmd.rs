@@ -218,6 +218,25 @@ impl Cli {
         }
     }
 
+    /// The agent's log format: `MESHNODE_LOG_FORMAT`, else the config's
+    /// `log_format` for `run`, else text. A bad environment value is an
+    /// error (the config's own is reported by `run`'s validation).
+    pub fn log_format(&self) -> Result<meshnode_node::config::LogFormat, String> {
+        use meshnode_node::config::LogFormat;
+        if let Some(v) = std::env::var_os("MESHNODE_LOG_FORMAT") {
+            let v = v.to_string_lossy();
+            return LogFormat::parse(&v).ok_or_else(|| {
+                format!("MESHNODE_LOG_FORMAT={v:?} is not a log format: use \"text\" or \"json\"")
+            });
+        }
+        Ok(match &self.command {
+            Command::Run { config } => meshnode_node::Config::load(config)
+                .map(|c| c.log_format)
+                .unwrap_or_default(),
+            _ => LogFormat::Text,
+        })
+    }
+
     pub async fn run(self) -> Result<(), Failure> {
         match self.command {
             Command::Run { config } => run::run(&config).await,

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::cmd::Cli;
+use meshnode_node::config::LogFormat;
 
 /// sysexits EX_USAGE: bad arguments or a bad config.
 pub const EXIT_USAGE: u8 = 64;
@@ -52,13 +53,23 @@ fn main() -> ExitCode {
     let default_level = if cli.is_agent() { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHNODE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let format = match cli.log_format() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     // Colour only for a person at a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(ansi).init(),
+        // One object per line: level, target, fields and the span context.
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.workers())
         .enable_all()

@@ -36,6 +36,9 @@ pub struct Config {
     pub gateway: bool,
     /// Threads of the node's async runtime (data plane, gossip, admin API).
     pub workers: usize,
+    /// How the agent writes its log lines to stderr (`MESHNODE_LOG_FORMAT`
+    /// overrides it).
+    pub log_format: LogFormat,
     pub wan_advertise: Option<SocketAddr>,
     pub wan_seeds: Vec<SocketAddr>,
     pub tls: TlsPaths,
@@ -44,6 +47,28 @@ pub struct Config {
     pub gossip: GossipSettings,
     /// Set on CA nodes: the node holds the CA key and signs joins and renewals.
     pub ca: Option<CaSettings>,
+}
+
+/// The agent's log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (journald's default view).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl LogFormat {
+    /// `"text"` or `"json"`; anything else is `None`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "text" => Some(Self::Text),
+            "json" => Some(Self::Json),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]

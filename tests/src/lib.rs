@@ -157,6 +157,8 @@ pub struct NodeSpec {
     pub seeds: Vec<SocketAddr>,
     /// Extra TOML appended to the config (services, upstreams).
     pub extra: String,
+    /// Extra top-level keys (`log_format = "json"`), before any table.
+    pub top: String,
     /// Runs inside this network namespace (bound to 0.0.0.0, advertising `quic`).
     pub netns: Option<String>,
     /// A gateway: its WAN address and WAN seeds.
@@ -174,6 +176,7 @@ impl NodeSpec {
             admin: free_tcp(ip),
             seeds: Vec::new(),
             extra: String::new(),
+            top: String::new(),
             netns: None,
             wan: None,
         }
@@ -189,6 +192,7 @@ impl NodeSpec {
             admin: netns::ADMIN,
             seeds,
             extra: String::new(),
+            top: String::new(),
             netns: Some(host.ns.clone()),
             wan: None,
         }
@@ -224,6 +228,7 @@ impl NodeSpec {
                 list(seeds)
             ));
         }
+        top.push_str(&self.top);
         format!("{top}[gossip]\ninterval = \"250ms\"\n{}", self.extra)
     }
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::{
     CaSettings, CheckConfig, CheckTarget, Config, ConfigError, GossipSettings, LoadError,
-    ServiceConfig, TlsPaths, UpstreamConfig,
+    LogFormat, ServiceConfig, TlsPaths, UpstreamConfig,
 };
 
 // Defaults, each with its reason.
@@ -53,6 +53,7 @@ pub struct RawConfig {
     seeds: Vec<String>,
     gateway: bool,
     workers: Option<i64>,
+    log_format: Option<String>,
     wan_advertise: Option<String>,
     wan_seeds: Vec<String>,
     tls: Option<RawTls>,
@@ -339,6 +340,16 @@ impl RawConfig {
                 DEFAULT_WORKERS
             }
         };
+        let log_format = match self.log_format.as_deref() {
+            None => LogFormat::Text,
+            Some(v) => LogFormat::parse(v).unwrap_or_else(|| {
+                e.push(
+                    "log_format",
+                    format!("{v:?} is not a log format: use \"text\" or \"json\""),
+                );
+                LogFormat::Text
+            }),
+        };
         let ca = self.ca.map(|ca| {
             let cert_ttl = e.duration("ca.cert_ttl", ca.cert_ttl.as_deref(), DEFAULT_CERT_TTL);
             if !(MIN_CERT_TTL..=MAX_CERT_TTL).contains(&cert_ttl) {
@@ -371,6 +382,7 @@ impl RawConfig {
                 seeds,
                 gateway: self.gateway,
                 workers,
+                log_format,
                 wan_advertise,
                 wan_seeds,
                 tls,

@@ -40,6 +40,42 @@ fn a_bad_config_exits_64_and_names_every_key() {
 }
 
 #[test]
+fn a_bad_log_format_is_a_usage_error_from_the_config_or_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "mesh = \"acme\"\ncluster = \"east\"\nnode = \"n1\"\nlog_format = \"xml\"\n",
+    )
+    .unwrap();
+    let out = meshnode(&["validate", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("log_format: \"xml\" is not a log format"),
+        "{}",
+        text(&out)
+    );
+    std::fs::write(
+        &cfg,
+        "mesh = \"acme\"\ncluster = \"east\"\nnode = \"n1\"\nlog_format = \"json\"\n",
+    )
+    .unwrap();
+    let out = meshnode(&["validate", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = std::process::Command::new(crate::meshnode_bin())
+        .args(["validate", "--config", cfg.to_str().unwrap()])
+        .env("MESHNODE_LOG_FORMAT", "yaml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("MESHNODE_LOG_FORMAT=\"yaml\" is not a log format"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
 fn validate_json_says_valid_or_lists_every_error_and_exits_64() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");

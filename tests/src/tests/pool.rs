@@ -46,6 +46,38 @@ async fn three_nodes_form_a_pool_and_report_health() {
     assert!(!log.contains('\x1b'), "ANSI codes in a log file: {log:?}");
 }
 
+/// `log_format = "json"`: every line the agent writes is one JSON object
+/// with a level, a target and the event's fields, for log shippers.
+#[tokio::test(flavor = "multi_thread")]
+async fn log_format_json_writes_one_object_per_line() {
+    let pki = Pki::new();
+    let net = subnet();
+    let mut spec = NodeSpec::new(net, 1, "node-1");
+    spec.top = "log_format = \"json\"\n".to_string();
+    let dir = pki.issue("east", "node-1");
+    let node = NodeProc::start(spec, &dir);
+    let up = wait_until(Duration::from_secs(15), || async {
+        node.members().await.len() == 1
+    })
+    .await;
+    assert!(up.is_some(), "node never came up: {}", node.log_text());
+    let log = node.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "no log lines");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line:?}"));
+        assert!(v["level"].is_string(), "{line}");
+        assert!(v["target"].is_string(), "{line}");
+        assert!(v["fields"].is_object(), "{line}");
+        assert!(v["timestamp"].is_string(), "{line}");
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("\"level\":\"INFO\"")),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_service_reaches_every_node_and_a_kill_removes_it() {
     let pki = Pki::new();
