@@ -1097,3 +1097,58 @@ async fn join_gives_the_credentials_to_the_data_dirs_owner_but_not_the_config() 
     assert_eq!(m.uid(), 0, "the config must stay root's");
     assert_eq!(m.mode() & 0o777, 0o644);
 }
+
+/// Every read command, and each admin action that answers, prints one JSON
+/// value on stdout with `--json` (and nothing on stderr), for scripts.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_read_command_and_admin_action_prints_json() {
+    let pki = Pki::new();
+    let net = crate::subnet();
+    let (ca, ca_dir) = ca_node(&pki, net, "1h", "web").await;
+    let up = wait_until(Duration::from_secs(10), || async {
+        ca.instances("web").await.len() == 1
+    })
+    .await;
+    assert!(up.is_some(), "web never registered: {}", ca.log_text());
+    let admin = ca.spec.admin.to_string();
+    let data = ca_dir.display().to_string();
+    let with_admin = |cmd: &[&str]| -> serde_json::Value {
+        let mut args: Vec<&str> = cmd.to_vec();
+        args.extend_from_slice(&["--admin", &admin, "--json"]);
+        let out = meshnode(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{cmd:?}: {stderr}");
+        assert!(
+            stderr.trim().is_empty(),
+            "{cmd:?} wrote to stderr: {stderr}"
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{cmd:?} --json is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    };
+    let members = with_admin(&["members"]);
+    assert!(members.to_string().contains("ca-1"), "{members}");
+    let services = with_admin(&["services"]);
+    assert!(services.to_string().contains("web"), "{services}");
+    let endpoints = with_admin(&["endpoints", "web"]);
+    assert!(endpoints.to_string().contains("ca-1"), "{endpoints}");
+    let status = with_admin(&["status"]);
+    assert_eq!(status["node"], "ca-1", "{status}");
+    let policies = with_admin(&["policy", "list"]);
+    assert!(policies.is_array() || policies.is_object(), "{policies}");
+    let token = with_admin(&["token", "create", "--data-dir", &data]);
+    assert!(token["token"].is_string(), "{token}");
+    let revoked = with_admin(&[
+        "cert",
+        "revoke",
+        "--node",
+        "never-was",
+        "--force",
+        "--data-dir",
+        &data,
+    ]);
+    assert!(revoked["id"].is_string(), "{revoked}");
+}
