@@ -207,34 +207,26 @@ impl Cli {
             || matches!(&self.command, Command::Join(a) if !a.no_start)
     }
 
-    /// Runtime threads: the agent's `workers` key; the default when the
-    /// config cannot be read (`run` then reports why) and for other commands.
-    pub fn workers(&self) -> usize {
-        match &self.command {
-            Command::Run { config } => meshnode_node::Config::load(config)
-                .map(|c| c.workers)
-                .unwrap_or(meshnode_node::config::DEFAULT_WORKERS),
-            _ => meshnode_node::config::DEFAULT_WORKERS,
-        }
-    }
-
-    /// The agent's log format: `MESHNODE_LOG_FORMAT`, else the config's
-    /// `log_format` for `run`, else text. A bad environment value is an
-    /// error (the config's own is reported by `run`'s validation).
-    pub fn log_format(&self) -> Result<meshnode_node::config::LogFormat, String> {
-        use meshnode_node::config::LogFormat;
-        if let Some(v) = std::env::var_os("MESHNODE_LOG_FORMAT") {
-            let v = v.to_string_lossy();
-            return LogFormat::parse(&v).ok_or_else(|| {
-                format!("MESHNODE_LOG_FORMAT={v:?} is not a log format: use \"text\" or \"json\"")
-            });
-        }
-        Ok(match &self.command {
-            Command::Run { config } => meshnode_node::Config::load(config)
-                .map(|c| c.log_format)
-                .unwrap_or_default(),
-            _ => LogFormat::Text,
-        })
+    /// What `main` sets before the runtime and the log subscriber exist:
+    /// runtime threads (`workers`) and the log format (`log_format`, which
+    /// `MESHNODE_LOG_FORMAT` overrides), from one read of `run`'s config.
+    /// Defaults when the config cannot be read (`run` then reports why) and
+    /// for other commands; a bad environment value is an error.
+    pub fn startup(&self) -> Result<(usize, meshnode_node::config::LogFormat), String> {
+        use meshnode_node::config::{LogFormat, DEFAULT_WORKERS};
+        let loaded = match &self.command {
+            Command::Run { config } => meshnode_node::Config::load(config).ok(),
+            _ => None,
+        };
+        let workers = loaded.as_ref().map_or(DEFAULT_WORKERS, |c| c.workers);
+        let format = match std::env::var_os("MESHNODE_LOG_FORMAT") {
+            Some(v) => v
+                .to_string_lossy()
+                .parse::<LogFormat>()
+                .map_err(|e| format!("MESHNODE_LOG_FORMAT={e}"))?,
+            None => loaded.map(|c| c.log_format).unwrap_or_default(),
+        };
+        Ok((workers, format))
     }
 
     pub async fn run(self) -> Result<(), Failure> {

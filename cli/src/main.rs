@@ -53,8 +53,8 @@ fn main() -> ExitCode {
     let default_level = if cli.is_agent() { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHNODE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let format = match cli.log_format() {
-        Ok(f) => f,
+    let (workers, format) = match cli.startup() {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_USAGE);
@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().with_current_span(false).init(),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cli.workers())
+        .worker_threads(workers)
         .enable_all()
         .build()
     {

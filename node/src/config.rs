@@ -60,13 +60,19 @@ pub enum LogFormat {
     Json,
 }
 
-impl LogFormat {
-    /// `"text"` or `"json"`; anything else is `None`.
-    pub fn parse(s: &str) -> Option<Self> {
+/// A value that is not a [`LogFormat`]; says which values are.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a log format: use \"text\" or \"json\"")]
+pub struct BadLogFormat(pub String);
+
+impl std::str::FromStr for LogFormat {
+    type Err = BadLogFormat;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "text" => Some(Self::Text),
-            "json" => Some(Self::Json),
-            _ => None,
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(BadLogFormat(s.to_string())),
         }
     }
 }

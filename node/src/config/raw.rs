@@ -342,11 +342,8 @@ impl RawConfig {
         };
         let log_format = match self.log_format.as_deref() {
             None => LogFormat::Text,
-            Some(v) => LogFormat::parse(v).unwrap_or_else(|| {
-                e.push(
-                    "log_format",
-                    format!("{v:?} is not a log format: use \"text\" or \"json\""),
-                );
+            Some(v) => v.parse().unwrap_or_else(|bad: super::BadLogFormat| {
+                e.push("log_format", bad.to_string());
                 LogFormat::Text
             }),
         };
