@@ -136,6 +136,10 @@ pub enum CertCommand {
         /// Mark the certificate as a gateway's.
         #[arg(long, conflicts_with = "operator")]
         gateway: bool,
+        /// A service the node may act as when it calls others (repeat, or
+        /// separate with commas); authorization rules name callers by it.
+        #[arg(long = "service", value_delimiter = ',', conflicts_with = "operator")]
+        services: Vec<String>,
         /// Issue an operator certificate (`spiffe://<mesh>/operator/NAME`) that
         /// signs policy documents; it cannot serve as a node.
         #[arg(long, conflicts_with_all = ["cluster", "node"])]
@@ -192,6 +196,10 @@ pub enum TokenCommand {
         /// Issue gateway certificates.
         #[arg(long)]
         gateway: bool,
+        /// Services the joined nodes may act as (comma-separated); their
+        /// certificates name them, and renewals keep them.
+        #[arg(long, value_delimiter = ',')]
+        services: Vec<String>,
         /// The CA node's data_dir (holds the admin secret).
         #[arg(long, default_value = "/var/lib/meshnode")]
         data_dir: PathBuf,
@@ -240,14 +248,23 @@ impl Cli {
                 cluster,
                 node,
                 gateway,
+                services,
                 operator,
                 validity,
                 out,
             }) => match (operator, cluster, node) {
                 (Some(op), _, _) => ca::issue_operator(&ca, &op, validity, &out),
-                (None, Some(cluster), Some(node)) => {
-                    ca::issue(&ca, &cluster, &node, gateway, validity, &out)
-                }
+                (None, Some(cluster), Some(node)) => ca::issue(
+                    &ca,
+                    ca::IssueOptions {
+                        cluster: &cluster,
+                        node: &node,
+                        gateway,
+                        services: &services,
+                        validity,
+                    },
+                    &out,
+                ),
                 _ => Err(Failure::usage(anyhow::anyhow!(
                     "give --cluster and --node, or --operator"
                 ))),
@@ -281,6 +298,7 @@ impl Cli {
                 uses,
                 cluster,
                 gateway,
+                services,
                 data_dir,
                 admin,
             }) => {
@@ -292,6 +310,7 @@ impl Cli {
                         uses,
                         cluster,
                         gateway,
+                        services,
                     },
                 )
                 .await

@@ -370,6 +370,8 @@ struct TokenRequest {
     cluster: Option<String>,
     #[serde(default)]
     gateway: bool,
+    #[serde(default)]
+    services: Vec<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -418,7 +420,7 @@ async fn ca_route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes
                 return error(StatusCode::BAD_REQUEST, &format!("ttl: {e} (e.g. \"1h\")"))
             }
         };
-        return match ca.create_token(ttl, r.uses.unwrap_or(1), r.cluster, r.gateway) {
+        return match ca.create_token(ttl, r.uses.unwrap_or(1), r.cluster, r.gateway, &r.services) {
             Ok(t) => json(
                 StatusCode::OK,
                 &serde_json::json!({ "token": t.encode(), "id": t.id_hex(), "expires": t.expires }),

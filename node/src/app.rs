@@ -48,6 +48,13 @@ pub enum AppError {
     },
     #[error("gateway: the config says gateway = true but {identity} has no gateway certificate; issue one with `meshnode cert issue --gateway`")]
     NotAGateway { identity: String },
+    #[error("upstream[{index}].as: {identity} may not act as service {service:?}: its certificate names {names}; issue one that does with `meshnode cert issue --service {service}` (or join with a token from `meshnode token create --services {service}`)")]
+    ActAs {
+        index: usize,
+        service: String,
+        identity: String,
+        names: String,
+    },
     #[error("advertise: cannot detect an address other nodes can reach (bind is {bind}); set advertise = \"IP:PORT\"")]
     Advertise { bind: SocketAddr },
     #[error(transparent)]
@@ -83,6 +90,7 @@ impl AppError {
                 | AppError::IdentityMismatch { .. }
                 | AppError::Advertise { .. }
                 | AppError::NotAGateway { .. }
+                | AppError::ActAs { .. }
                 | AppError::Ca(_)
                 | AppError::Lock(_)
         )
@@ -132,7 +140,31 @@ pub fn check_credentials(cfg: &Config) -> Result<Arc<TlsMaterial>, AppError> {
             identity: me.identity.to_string(),
         });
     }
+    for (index, up) in cfg.upstreams.iter().enumerate() {
+        if let Some(service) = up.as_service.as_deref().filter(|s| !me.may_act_as(s)) {
+            return Err(AppError::ActAs {
+                index,
+                service: service.to_string(),
+                identity: me.identity.to_string(),
+                names: if me.services.is_empty() {
+                    "no service".to_string()
+                } else {
+                    me.services.join(", ")
+                },
+            });
+        }
+    }
     Ok(tls)
+}
+
+/// The service an upstream's callers act as: its `as`, else the
+/// certificate's only service, else none (the node alone).
+pub fn acting_as(up: &crate::config::UpstreamConfig, me: &PeerCert) -> Option<String> {
+    match (&up.as_service, me.services.as_slice()) {
+        (Some(s), _) => Some(s.clone()),
+        (None, [only]) => Some(only.clone()),
+        (None, _) => None,
+    }
 }
 
 pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bound, AppError> {
@@ -335,6 +367,11 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
             endpoint: endpoint.clone(),
             lan: gossip.clone(),
             wan: wan_view,
+            authz: crate::authz::Authorizer::follow(policy.store.clone()),
+            policy_loaded: {
+                let policy = policy.clone();
+                Arc::new(move || policy.loaded())
+            },
         }),
     )));
 
@@ -353,9 +390,14 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
                 source,
             })?;
         upstream_addrs.push(listener.local_addr().unwrap_or(up.listen));
+        let mut up = up.clone();
+        up.as_service = acting_as(&up, &me);
+        if let Some(s) = &up.as_service {
+            info!(service = %up.service, acting_as = %s, "upstream callers act as a service");
+        }
         tasks.push(tokio::spawn(upstream::serve(
             listener,
-            up.clone(),
+            up,
             dialer.clone(),
             drain.clone(),
         )));

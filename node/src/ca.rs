@@ -53,6 +53,9 @@ pub struct TokenRecord {
     pub cluster: Option<String>,
     pub gateway: bool,
     pub created: i64,
+    /// Services the joined node may act as (its certificate names them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -170,6 +173,7 @@ impl CaNode {
         uses: u32,
         cluster: Option<String>,
         gateway: bool,
+        services: &[String],
     ) -> Result<Token, CaError> {
         if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
             return Err(CaError::Invalid(format!(
@@ -185,6 +189,8 @@ impl CaNode {
         if let Some(c) = &cluster {
             check_name("cluster", c).map_err(|e| CaError::Invalid(e.to_string()))?;
         }
+        let services = meshnode_transport::pki::check_services(services)
+            .map_err(|e| CaError::Invalid(e.to_string()))?;
         let now = unix_now();
         let token = Token::generate(self.fingerprint, (now as u64).saturating_add(ttl.as_secs()));
         let public_key = token
@@ -202,10 +208,11 @@ impl CaNode {
                 cluster: cluster.clone(),
                 gateway,
                 created: now,
+                services: services.clone(),
             },
         );
         self.persist(&state)?;
-        info!(token = %token.id_hex(), ttl = %humantime::format_duration(ttl), uses, ?cluster, gateway, "join token created");
+        info!(token = %token.id_hex(), ttl = %humantime::format_duration(ttl), uses, ?cluster, gateway, ?services, "join token created");
         Ok(token)
     }
 
@@ -321,7 +328,15 @@ impl CaNode {
             );
         }
         let floor = tls.revocations().identity_revoked_at(&identity);
-        let issued = match self.sign(csr, &identity, role, floor, "join", &mut state) {
+        let issued = match self.sign(
+            csr,
+            &identity,
+            role,
+            &record.services,
+            floor,
+            "join",
+            &mut state,
+        ) {
             Ok(i) => i,
             Err(r) => return r,
         };
@@ -369,6 +384,7 @@ impl CaNode {
                 not_before: r.not_before,
                 key_id: r.key_id.clone(),
                 serial: r.serial.clone(),
+                services: Vec::new(),
             });
         let mut found = logged.filter(|p| !tls.revocations().is_revoked(p));
         if let Some(p) = found.next() {
@@ -416,6 +432,7 @@ impl CaNode {
             csr,
             &current.identity,
             current.role,
+            &current.services,
             None,
             "renew",
             &mut state,
@@ -440,6 +457,7 @@ impl CaNode {
         csr: &[u8],
         identity: &Identity,
         role: Role,
+        services: &[String],
         floor: Option<i64>,
         how: &str,
         state: &mut State,
@@ -456,7 +474,7 @@ impl CaNode {
         }
         let pem = self
             .ca
-            .sign_csr(csr, identity, role, self.cert_ttl, floor)
+            .sign_csr(csr, identity, role, services, self.cert_ttl, floor)
             .map_err(|e| Response::refused(Refusal::Malformed, e.to_string()))?;
         let peer = PeerCert::from_pem(&pem)
             .map_err(|e| Response::refused(Refusal::Internal, e.to_string()))?;
@@ -680,7 +698,7 @@ mod tests {
         let f = fixture();
         let t = f
             .ca_node
-            .create_token(Duration::from_secs(60), 1, None, false)
+            .create_token(Duration::from_secs(60), 1, None, false, &[])
             .unwrap();
         // Only the public key is on disk.
         let stored = std::fs::read_to_string(f.dir.path().join("ca/tokens.json")).unwrap();
@@ -725,7 +743,7 @@ mod tests {
         );
         // Expired (the store is authoritative, whatever the token claims).
         let t2 = reopened
-            .create_token(Duration::from_secs(60), 5, None, false)
+            .create_token(Duration::from_secs(60), 5, None, false, &[])
             .unwrap();
         reopened
             .lock()
@@ -739,13 +757,19 @@ mod tests {
         );
         // Bounds.
         assert!(reopened
-            .create_token(Duration::ZERO, 1, None, false)
+            .create_token(Duration::ZERO, 1, None, false, &[])
             .is_err());
         assert!(reopened
-            .create_token(Duration::from_secs(60), 0, None, false)
+            .create_token(Duration::from_secs(60), 0, None, false, &[])
             .is_err());
         assert!(reopened
-            .create_token(Duration::from_secs(60), 1, Some("bad name".into()), false)
+            .create_token(
+                Duration::from_secs(60),
+                1,
+                Some("bad name".into()),
+                false,
+                &[]
+            )
             .is_err());
     }
 
@@ -754,7 +778,7 @@ mod tests {
         let f = fixture();
         let t = f
             .ca_node
-            .create_token(Duration::from_secs(60), 3, Some("west".into()), true)
+            .create_token(Duration::from_secs(60), 3, Some("west".into()), true, &[])
             .unwrap();
         let key = NodeKey::generate().unwrap();
         let req = join_req_with(&t, "gw-1", Some("east"), &key);
@@ -777,11 +801,43 @@ mod tests {
     }
 
     #[test]
+    fn a_tokens_services_are_in_the_joined_certificate_and_kept_at_renewal() {
+        let f = fixture();
+        let svc = vec!["web".to_string()];
+        let t = f
+            .ca_node
+            .create_token(Duration::from_secs(60), 1, None, false, &svc)
+            .unwrap();
+        let key = NodeKey::generate().unwrap();
+        let Response::Issued { cert_pem, .. } =
+            f.ca_node
+                .handle(&join_req_with(&t, "vm-1", None, &key), &pool(), &f.tls)
+        else {
+            panic!("join failed")
+        };
+        assert_eq!(PeerCert::from_pem(&cert_pem).unwrap().services, svc);
+        let cert = meshnode_transport::pki::first_cert_der(&cert_pem).unwrap();
+        let renew = Request::Renew {
+            cert,
+            csr: key.csr("vm-1").unwrap(),
+        };
+        let Response::Issued { cert_pem, .. } = f.ca_node.handle(&renew, &pool(), &f.tls) else {
+            panic!("renewal failed")
+        };
+        assert_eq!(PeerCert::from_pem(&cert_pem).unwrap().services, svc);
+        // Bad names are refused when the token is made, not at join.
+        assert!(f
+            .ca_node
+            .create_token(Duration::from_secs(60), 1, None, false, &["a b".into()])
+            .is_err());
+    }
+
+    #[test]
     fn renewal_needs_a_valid_certificate_and_the_same_key() {
         let f = fixture();
         let t = f
             .ca_node
-            .create_token(Duration::from_secs(60), 1, None, false)
+            .create_token(Duration::from_secs(60), 1, None, false, &[])
             .unwrap();
         let key = NodeKey::generate().unwrap();
         let req = join_req_with(&t, "vm-1", None, &key);
@@ -834,7 +890,7 @@ mod tests {
         let f = fixture();
         let t = f
             .ca_node
-            .create_token(Duration::from_secs(60), 10, None, false)
+            .create_token(Duration::from_secs(60), 10, None, false, &[])
             .unwrap();
         let first = NodeKey::generate().unwrap();
         assert!(matches!(

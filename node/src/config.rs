@@ -139,6 +139,10 @@ pub struct UpstreamConfig {
     pub failover: Vec<String>,
     /// Reach only this cluster's instances (through its gateways if it is not ours).
     pub cluster: Option<String>,
+    /// The service this upstream's callers act as (`as`); it must be one the
+    /// node's certificate names. Default: the certificate's only service, if
+    /// it names exactly one; else the node alone.
+    pub as_service: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]

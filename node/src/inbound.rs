@@ -5,7 +5,12 @@
 //!
 //! Who the caller is: the peer's certificate, unless the peer holds a gateway
 //! certificate and carries the original caller in the header. A carried
-//! identity from any other peer is refused.
+//! identity from any other peer is refused. The service the caller acts as
+//! must be named by the caller's certificate (checked by the first node that
+//! sees the caller's certificate: the destination, or the caller's gateway).
+//!
+//! Streams for an instance on this node are authorized ([`crate::authz`])
+//! before this node connects to the application.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,12 +24,18 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info_span, warn, Instrument};
 
+use crate::authz::{Authorizer, Caller};
 use crate::balance;
 use crate::drain::Drain;
-use crate::metrics::{LogLimit, LABELS, TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_STREAMS};
+use crate::metrics::{
+    LogLimit, AUTHZ_DECISIONS, LABELS, TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_STREAMS,
+};
+use crate::policy::schema::Action;
 
 /// Refused streams are logged at most this often (they are all counted).
 static REFUSED_LOG: LogLimit = LogLimit::new(std::time::Duration::from_secs(10));
+/// Denials by policy are logged at most once a second (all are counted).
+static DENIED_LOG: LogLimit = LogLimit::new(std::time::Duration::from_secs(1));
 use crate::registry::Registry;
 use crate::upstream::{open_to, STATUS_TIMEOUT};
 
@@ -46,6 +57,36 @@ pub struct Inbound {
     pub lan: GossipHandle,
     /// Gateways only: the WAN pool's view of the other clusters.
     pub wan: Option<watch::Receiver<Arc<WanView>>>,
+    pub authz: Authorizer,
+    /// Whether this node has loaded the mesh's policy since it started.
+    pub policy_loaded: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// Who is calling, as far as this node can tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CallerId {
+    pub identity: Identity,
+    /// The service the caller acts as (checked against its certificate, or
+    /// carried by a gateway that checked it).
+    pub service: Option<String>,
+}
+
+impl CallerId {
+    fn as_caller(&self) -> Caller<'_> {
+        Caller {
+            identity: &self.identity,
+            service: self.service.as_deref(),
+        }
+    }
+}
+
+impl std::fmt::Display for CallerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.service {
+            Some(s) => write!(f, "{} as {s}", self.identity),
+            None => write!(f, "{}", self.identity),
+        }
+    }
 }
 
 pub async fn serve(mut incoming: mpsc::Receiver<Accepted>, ctx: Arc<Inbound>) {
@@ -81,25 +122,42 @@ pub(crate) fn route(
     peer: &PeerCert,
     me: &PeerCert,
     gateway: bool,
-) -> (Route, Identity) {
+) -> (Route, CallerId) {
+    let refuse = |status, why| {
+        (
+            Route::Refuse(status, why),
+            CallerId {
+                identity: peer.identity.clone(),
+                service: None,
+            },
+        )
+    };
     let caller = match &header.caller {
         Some(_) if !peer.is_gateway() => {
-            return (
-                Route::Refuse(
-                    Status::Forbidden,
-                    "carried identity from a non-gateway peer",
-                ),
-                peer.identity.clone(),
+            return refuse(
+                Status::Forbidden,
+                "carried identity from a non-gateway peer",
             )
         }
         Some(c) if c.mesh() != me.identity.mesh() => {
-            return (
-                Route::Refuse(Status::Forbidden, "carried identity of another mesh"),
-                peer.identity.clone(),
-            )
+            return refuse(Status::Forbidden, "carried identity of another mesh")
         }
-        Some(c) => c.clone(),
-        None => peer.identity.clone(),
+        Some(c) => CallerId {
+            identity: c.clone(),
+            service: header.source_service.clone(),
+        },
+        None => match &header.source_service {
+            Some(s) if !peer.may_act_as(s) => {
+                return refuse(
+                    Status::Denied,
+                    "the caller's certificate does not name the service it acts as",
+                )
+            }
+            service => CallerId {
+                identity: peer.identity.clone(),
+                service: service.clone(),
+            },
+        },
     };
     let mine = me.identity.cluster();
     let from_other_cluster = peer.identity.cluster() != mine;
@@ -158,7 +216,7 @@ async fn handle_stream(
         cat.services.contains_key(&service) || cat.remote.contains_key(&service)
     };
     let service_label = LABELS.value("service", &service, known);
-    let caller_label = LABELS.value("caller", &caller.to_string(), true);
+    let caller_label = LABELS.value("caller", &caller.identity.to_string(), true);
     let count = |direction: &'static str, result: &'static str| {
         metrics::counter!(TUNNEL_STREAMS, "service" => service_label.clone(), "direction" => direction,
             "result" => result, "caller" => caller_label.clone())
@@ -170,13 +228,23 @@ async fn handle_stream(
     }
     match route {
         Route::Refuse(status, why) => {
+            if status == Status::Denied {
+                // An impersonation attempt is an authorization decision too.
+                metrics::counter!(AUTHZ_DECISIONS, "service" => service_label.clone(),
+                    "decision" => "deny", "reason" => "identity")
+                .increment(1);
+            }
             if REFUSED_LOG.allow() {
                 warn!(peer = %peer.identity, %caller, service = %service.escape_debug(), reason = why, "tunnel stream refused (logged at most once per 10 s; see meshnode_tunnel_streams_total)");
             }
-            count("in", "forbidden");
+            count("in", status.as_str());
             tunnel::refuse(&mut send, status).await
         }
         Route::Local => {
+            if let Err(status) = authorize(&ctx, &service, &service_label, &caller, &peer) {
+                count("in", status.as_str());
+                return tunnel::refuse(&mut send, status).await;
+            }
             let Some(target) = local_target(&ctx.registry, &header) else {
                 count("in", "no_such_service");
                 return tunnel::refuse(&mut send, Status::NoSuchService).await;
@@ -190,6 +258,10 @@ async fn handle_stream(
             // This gateway is the destination cluster's: pick an instance here.
             if header.port == ANY_PORT {
                 if let Some(target) = local_target(&ctx.registry, &header) {
+                    if let Err(status) = authorize(&ctx, &service, &service_label, &caller, &peer) {
+                        count("in", status.as_str());
+                        return tunnel::refuse(&mut send, status).await;
+                    }
                     return connect_local(
                         send, recv, target, &peer, &caller, &service, &ctx.drain, &count,
                     )
@@ -204,6 +276,51 @@ async fn handle_stream(
             forward(send, recv, hops, &caller, &service, &ctx, &count).await;
         }
     }
+}
+
+/// The authorization decision for a stream to an instance here: counted,
+/// logged when it denies, and the status to refuse with.
+fn authorize(
+    ctx: &Inbound,
+    service: &str,
+    service_label: &str,
+    caller: &CallerId,
+    peer: &PeerCert,
+) -> Result<(), Status> {
+    let loaded = (ctx.policy_loaded)();
+    let decision = ctx
+        .authz
+        .snapshot()
+        .decide(service, caller.as_caller(), loaded);
+    let (reason, status) = match &decision.reason {
+        crate::authz::Reason::Rule { .. } => ("rule", Status::Denied),
+        crate::authz::Reason::Default { .. } => ("default", Status::Denied),
+        crate::authz::Reason::PolicyPending => ("policy_pending", Status::PolicyPending),
+    };
+    let verdict = match decision.action {
+        Action::Allow => "allow",
+        Action::Deny => "deny",
+    };
+    metrics::counter!(AUTHZ_DECISIONS, "service" => service_label.to_string(),
+        "decision" => verdict, "reason" => reason)
+    .increment(1);
+    if decision.action == Action::Allow {
+        return Ok(());
+    }
+    if DENIED_LOG.allow() {
+        match &decision.reason {
+            crate::authz::Reason::Rule { index, source } => {
+                warn!(%caller, via = %peer.identity, service = %service.escape_debug(), rule = index, %source, "stream denied by intention (logged at most once a second; see meshnode_authz_decisions_total)")
+            }
+            crate::authz::Reason::Default { .. } => {
+                warn!(%caller, via = %peer.identity, service = %service.escape_debug(), "stream denied by the mesh default (no intention allows it; logged at most once a second)")
+            }
+            crate::authz::Reason::PolicyPending => {
+                warn!(%caller, via = %peer.identity, service = %service.escape_debug(), "stream refused: this node has not loaded the mesh's policy since it started (logged at most once a second)")
+            }
+        }
+    }
+    Err(status)
 }
 
 /// The instance on this node a header asks for: the named port, or any
@@ -222,7 +339,7 @@ async fn connect_local(
     recv: quinn::RecvStream,
     target: std::net::SocketAddr,
     peer: &PeerCert,
-    caller: &Identity,
+    caller: &CallerId,
     service: &str,
     drain: &Drain,
     count: &impl Fn(&'static str, &'static str),
@@ -287,6 +404,7 @@ fn wan_hops(ctx: &Inbound, header: &Header, cluster: &str) -> Vec<Hop> {
                 cluster: Some(cluster.to_string()),
                 // Set by `forward`, like on every hop.
                 caller: None,
+                source_service: None,
             },
             wait: WAN_STATUS_TIMEOUT,
         })
@@ -325,6 +443,7 @@ fn lan_hops(ctx: &Inbound, header: &Header) -> Vec<Hop> {
             port: i.port,
             cluster: None,
             caller: None,
+            source_service: None,
         },
         wait: STATUS_TIMEOUT,
     })
@@ -336,7 +455,7 @@ async fn forward(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     hops: Vec<Hop>,
-    caller: &Identity,
+    caller: &CallerId,
     service: &str,
     ctx: &Inbound,
     count: &impl Fn(&'static str, &'static str),
@@ -349,7 +468,8 @@ async fn forward(
     for hop in hops {
         let mut header = hop.header;
         // The original caller travels with every forwarded stream.
-        header.caller = Some(caller.clone());
+        header.caller = Some(caller.identity.clone());
+        header.source_service = caller.service.clone();
         match open_to(
             &ctx.endpoint,
             hop.addr,
@@ -383,6 +503,10 @@ async fn forward(
                 debug!(%caller, %service, to = %hop.node, cluster = %hop.cluster, error = %e, "forward attempt failed");
                 if let TunnelError::Refused(s) = e {
                     status = s;
+                    if s == Status::Denied {
+                        // Policy is mesh-wide: no other hop would allow it.
+                        break;
+                    }
                 }
             }
         }
@@ -405,6 +529,7 @@ mod tests {
             not_before: 0,
             key_id: String::new(),
             serial: String::new(),
+            services: vec!["web".into()],
         }
     }
 
@@ -414,6 +539,7 @@ mod tests {
             port: 1,
             cluster: cluster.map(String::from),
             caller,
+            source_service: None,
         }
     }
 
@@ -426,7 +552,7 @@ mod tests {
         let a = Identity::new("acme", "east", "a").unwrap();
         // Plain local stream: the caller is the peer.
         let (r, c) = route(&header(None, None), &node, &node, false);
-        assert_eq!((r, c), (Route::Local, node.identity.clone()));
+        assert_eq!((r, c.identity), (Route::Local, node.identity.clone()));
         // To another cluster: only through a gateway.
         let (r, _) = route(&header(Some("west"), None), &node, &gw, true);
         assert_eq!(r, Route::Wan("west".into()));
@@ -435,7 +561,7 @@ mod tests {
         // Arriving from another cluster's gateway at our gateway: forward in the cluster,
         // with the carried caller.
         let (r, c) = route(&header(Some("east"), Some(a.clone())), &west_gw, &gw, true);
-        assert_eq!((r, c), (Route::Lan, a.clone()));
+        assert_eq!((r, c.identity), (Route::Lan, a.clone()));
         // A non-gateway of another cluster cannot reach in, nor can a gateway relay transit.
         let (r, _) = route(&header(None, None), &west_node, &gw, true);
         assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
@@ -443,7 +569,7 @@ mod tests {
         assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
         // The destination accepts a carried caller only from a gateway.
         let (r, c) = route(&header(None, Some(a.clone())), &gw, &node, false);
-        assert_eq!((r, c), (Route::Local, a.clone()));
+        assert_eq!((r, c.identity), (Route::Local, a.clone()));
         let (r, c) = route(
             &header(None, Some(a.clone())),
             &cert("east", "n2", false),
@@ -451,9 +577,42 @@ mod tests {
             false,
         );
         assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
-        assert_eq!(c.node(), "n2");
+        assert_eq!(c.identity.node(), "n2");
         let other_mesh = Identity::new("evil", "east", "a").unwrap();
         let (r, _) = route(&header(None, Some(other_mesh)), &gw, &node, false);
         assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
+    }
+
+    #[test]
+    fn a_caller_acts_only_as_a_service_its_certificate_names() {
+        let node = cert("east", "n1", false);
+        let gw = cert("east", "gw", true);
+        let west_gw = cert("west", "gw", true);
+        let mut h = header(None, None);
+        h.source_service = Some("web".into());
+        let (r, c) = route(&h, &node, &node, false);
+        assert_eq!(r, Route::Local);
+        assert_eq!(c.service.as_deref(), Some("web"));
+        h.source_service = Some("admin".into());
+        let (r, _) = route(&h, &node, &node, false);
+        assert!(matches!(r, Route::Refuse(Status::Denied, _)));
+        // A gateway checks it on the first hop, then carries it: the remote
+        // gateway and the destination take it with the carried caller.
+        let mut h = header(Some("west"), None);
+        h.source_service = Some("admin".into());
+        let (r, _) = route(&h, &node, &gw, true);
+        assert!(matches!(r, Route::Refuse(Status::Denied, _)));
+        let a = Identity::new("acme", "west", "a").unwrap();
+        let mut h = header(Some("east"), Some(a.clone()));
+        h.source_service = Some("admin".into());
+        let (r, c) = route(&h, &west_gw, &gw, true);
+        assert_eq!(r, Route::Lan);
+        assert_eq!(
+            c,
+            CallerId {
+                identity: a,
+                service: Some("admin".into())
+            }
+        );
     }
 }

@@ -26,6 +26,7 @@ pub const POLICY_ADOPTED: &str = "meshnode_policy_adopted_total";
 pub const POLICY_REFUSED: &str = "meshnode_policy_refused_total";
 pub const ADMIN_REFUSED: &str = "meshnode_admin_refused_total";
 pub const JOIN_CONNECTIONS_REFUSED: &str = "meshnode_join_connections_refused_total";
+pub const AUTHZ_DECISIONS: &str = "meshnode_authz_decisions_total";
 
 /// Histogram buckets for connect latency, loopback to WAN.
 const CONNECT_BUCKETS: [f64; 12] = [
@@ -72,6 +73,10 @@ pub fn describe() {
     describe_counter!(
         JOIN_CONNECTIONS_REFUSED,
         "Anonymous join connections refused or evicted, by reason (per_source, full, evicted)"
+    );
+    describe_counter!(
+        AUTHZ_DECISIONS,
+        "Authorization decisions at the destination, by service, decision (allow, deny) and reason (rule, default, policy_pending, identity)"
     );
     describe_counter!(
         ADMIN_REFUSED,

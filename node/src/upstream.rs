@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use meshnode_gossip::{GossipHandle, Instance, RemoteRoute};
 use meshnode_transport::alpn::Alpn;
-use meshnode_transport::tunnel::{self, Header, TunnelError, ANY_PORT};
+use meshnode_transport::tunnel::{self, Header, Status, TunnelError, ANY_PORT};
 use meshnode_transport::Endpoint;
 use rand::RngExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -17,8 +17,8 @@ use crate::balance::{self, Pick, Scope};
 use crate::config::UpstreamConfig;
 use crate::drain::Drain;
 use crate::metrics::{
-    OUTLIER_EJECTIONS, TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_CONNECT_SECONDS, TUNNEL_STREAMS,
-    UPSTREAM_RETRIES,
+    LogLimit, OUTLIER_EJECTIONS, TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_CONNECT_SECONDS,
+    TUNNEL_STREAMS, UPSTREAM_RETRIES,
 };
 use crate::outlier::{Key, Outliers};
 
@@ -28,6 +28,28 @@ pub(crate) const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from
 /// Through gateways the status comes after up to two more hops, each of which
 /// may retry (see `forward`): the caller waits for all of that.
 pub(crate) const REMOTE_STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Denials are logged at most once a second (all are counted).
+static DENIED_LOG: LogLimit = LogLimit::new(std::time::Duration::from_secs(1));
+
+/// Why a connection could not be tunnelled.
+#[derive(Debug)]
+enum Refusal {
+    /// The destination's policy denied it (named: the instance that said so).
+    Denied(String),
+    NoInstance(String),
+    Failed(String),
+}
+
+impl Refusal {
+    fn label(&self) -> &'static str {
+        match self {
+            Refusal::Denied(_) => "denied",
+            Refusal::NoInstance(_) => "no_instance",
+            Refusal::Failed(_) => "failed",
+        }
+    }
+}
 
 /// Shared by every upstream of a node: where to send, and what we learned from failures.
 pub struct Dialer {
@@ -115,7 +137,7 @@ impl Dialer {
             Target,
             ActiveGuard<'_>,
         ),
-        String,
+        Refusal,
     > {
         let catalog = self.gossip.catalog();
         let candidates: Vec<Target> = {
@@ -143,21 +165,24 @@ impl Dialer {
             .collect()
         };
         if candidates.is_empty() {
-            return Err(format!(
+            return Err(Refusal::NoInstance(format!(
                 "no healthy instance of {:?} in the catalog{}",
                 up.service,
                 up.cluster
                     .as_deref()
                     .map(|c| format!(" for cluster {c}"))
                     .unwrap_or_default()
-            ));
+            )));
         }
         let mut last = String::new();
         for (attempt, target) in candidates.into_iter().enumerate() {
             if attempt > 0 {
                 metrics::counter!(UPSTREAM_RETRIES, "service" => up.service.clone()).increment(1);
             }
-            match self.try_target(&up.service, &target).await {
+            match self
+                .try_target(&up.service, up.as_service.as_deref(), &target)
+                .await
+            {
                 Ok((send, recv)) => {
                     let k = target.key();
                     let mut load = self.lock();
@@ -174,6 +199,16 @@ impl Dialer {
                         },
                     ));
                 }
+                Err(TunnelError::Refused(Status::Denied)) => {
+                    // Policy is mesh-wide: another instance would deny too, and
+                    // a denial says nothing bad about this one.
+                    return Err(Refusal::Denied(target.name()));
+                }
+                Err(TunnelError::Refused(s @ (Status::PolicyPending | Status::Draining))) => {
+                    // Not the instance's fault either: try the next, no ejection.
+                    debug!(service = %up.service, target = %target.name(), status = %s, "instance cannot take the stream now");
+                    last = format!("{}: {s}", target.name());
+                }
                 Err(e) => {
                     debug!(service = %up.service, target = %target.name(), error = %e, "tunnel attempt failed");
                     if let Some(period) = self
@@ -189,15 +224,18 @@ impl Dialer {
                 }
             }
         }
-        Err(format!("every attempt failed (last: {last})"))
+        Err(Refusal::Failed(format!(
+            "every attempt failed (last: {last})"
+        )))
     }
 
     async fn try_target(
         &self,
         service: &str,
+        acting_as: Option<&str>,
         target: &Target,
     ) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
-        let (addr, node, gateway, header, wait) = match target {
+        let (addr, node, gateway, mut header, wait) = match target {
             Target::Local(i) => (
                 i.node_addr,
                 &i.node,
@@ -214,10 +252,12 @@ impl Dialer {
                     port: ANY_PORT,
                     cluster: Some(r.cluster.clone()),
                     caller: None,
+                    source_service: None,
                 },
                 REMOTE_STATUS_TIMEOUT,
             ),
         };
+        header.source_service = acting_as.map(str::to_string);
         open_to(
             &self.endpoint,
             addr,
@@ -318,9 +358,19 @@ async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
     let started = Instant::now();
     let (send, recv, target, _active) = match dialer.open(up).await {
         Ok(x) => x,
-        Err(e) => {
-            warn!(service = %up.service, error = %e, "cannot reach service; closing the local connection");
-            metrics::counter!(TUNNEL_STREAMS, "service" => up.service.clone(), "direction" => "out", "result" => "no_instance").increment(1);
+        Err(refusal) => {
+            match &refusal {
+                Refusal::Denied(by) => {
+                    if DENIED_LOG.allow() {
+                        warn!(service = %up.service, acting_as = up.as_service.as_deref().unwrap_or("-"), destination = %by, "denied by the service's authorization policy; resetting the local connection (logged at most once a second)");
+                    }
+                }
+                Refusal::NoInstance(e) | Refusal::Failed(e) => {
+                    warn!(service = %up.service, error = %e, "cannot reach service; closing the local connection");
+                }
+            }
+            metrics::counter!(TUNNEL_STREAMS, "service" => up.service.clone(), "direction" => "out", "result" => refusal.label()).increment(1);
+            // A reset, not a clean close: the application sees the refusal.
             let _ = tcp.set_zero_linger();
             return;
         }

@@ -17,7 +17,7 @@ pub use ca::{
     csr_key_id, mesh_of_ca_der, mesh_of_ca_pem, Ca, IssuedCert, IssuedKey, DEFAULT_CA_VALIDITY,
     DEFAULT_NODE_VALIDITY,
 };
-pub use cert::{not_after, PeerCert, Role};
+pub use cert::{check_services, not_after, PeerCert, Role, MAX_CERT_SERVICES, SERVICES_OID};
 pub use files::{read_private_key, write_atomic, write_private_file};
 pub use identity::{check_name, Identity, IdentityError};
 

@@ -37,26 +37,32 @@ fn load_ca(ca_dir: &Path) -> Result<Ca, Failure> {
         .map_err(Failure::usage)
 }
 
-pub fn issue(
-    ca_dir: &Path,
-    cluster: &str,
-    node: &str,
-    gateway: bool,
-    validity: Duration,
-    out: &Path,
-) -> Result<(), Failure> {
+pub struct IssueOptions<'a> {
+    pub cluster: &'a str,
+    pub node: &'a str,
+    pub gateway: bool,
+    pub services: &'a [String],
+    pub validity: Duration,
+}
+
+pub fn issue(ca_dir: &Path, o: IssueOptions<'_>, out: &Path) -> Result<(), Failure> {
     let ca = load_ca(ca_dir)?;
-    let role = if gateway { Role::Gateway } else { Role::Node };
+    let role = if o.gateway { Role::Gateway } else { Role::Node };
     let cert = ca
-        .issue(cluster, node, role, validity)
+        .issue_as(o.cluster, o.node, role, o.services, o.validity)
         .map_err(Failure::usage)?;
     cert.save(out, ca.cert_pem())
         .with_context(|| format!("writing the certificate into {}", out.display()))
         .map_err(Failure::runtime)?;
     println!(
-        "issued {} ({role}) valid for {}",
+        "issued {} ({role}{}) valid for {}",
         cert.identity,
-        crate::output::duration(validity)
+        if o.services.is_empty() {
+            String::new()
+        } else {
+            format!(", acts as {}", o.services.join(", "))
+        },
+        crate::output::duration(o.validity)
     );
     for f in ["node.pem", "node.key", "ca.pem"] {
         println!("  {}", out.join(f).display());
@@ -144,6 +150,7 @@ pub struct TokenOptions {
     pub uses: u32,
     pub cluster: Option<String>,
     pub gateway: bool,
+    pub services: Vec<String>,
 }
 
 pub async fn token_create(
@@ -156,6 +163,7 @@ pub async fn token_create(
         "uses": o.uses,
         "cluster": o.cluster,
         "gateway": o.gateway,
+        "services": o.services,
     });
     let Some(v) = ca_post(admin, data_dir, "/v1/ca/tokens", &body).await? else {
         return Ok(());
@@ -163,14 +171,19 @@ pub async fn token_create(
     let token = v.get("token").and_then(|t| t.as_str()).unwrap_or_default();
     println!("{token}");
     eprintln!(
-        "join token: valid {}, {} use(s){}{}; on the new machine run:\n  meshnode join --token <TOKEN> <ADDRESS OF ANY NODE>:9470",
+        "join token: valid {}, {} use(s){}{}{}; on the new machine run:\n  meshnode join --token <TOKEN> <ADDRESS OF ANY NODE>:9470",
         crate::output::duration(o.ttl),
         o.uses,
         o.cluster
             .as_deref()
             .map(|c| format!(", cluster {c}"))
             .unwrap_or_default(),
-        if o.gateway { ", gateway certificate" } else { "" }
+        if o.gateway { ", gateway certificate" } else { "" },
+        if o.services.is_empty() {
+            String::new()
+        } else {
+            format!(", acts as {}", o.services.join(", "))
+        }
     );
     Ok(())
 }

@@ -109,6 +109,8 @@ struct RawUpstream {
     listen: Option<String>,
     failover: Vec<String>,
     cluster: Option<String>,
+    #[serde(rename = "as")]
+    as_service: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -588,11 +590,15 @@ fn validate_upstreams(
                 );
             }
         }
+        if let Some(s) = &u.as_service {
+            e.name(&k("as"), s);
+        }
         out.push(UpstreamConfig {
             service,
             listen,
             failover: u.failover,
             cluster: u.cluster,
+            as_service: u.as_service,
         });
     }
     out

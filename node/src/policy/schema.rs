@@ -52,11 +52,56 @@ pub enum Source {
     Any,
     Service(String),
     Cluster(String),
-    /// A node SPIFFE ID; the node segment may be `*`.
+    /// A node SPIFFE ID pattern: the cluster and node segments are names,
+    /// `*`, or a prefix followed by `*` (`vm-*`).
     Spiffe {
-        cluster: String,
-        node: Option<String>,
+        mesh: String,
+        cluster: Pattern,
+        node: Pattern,
     },
+}
+
+/// One segment of a SPIFFE ID pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pattern {
+    /// The name, or the part before the `*`.
+    pub prefix: String,
+    /// Ends in `*`: any name starting with `prefix`.
+    pub wildcard: bool,
+}
+
+impl Pattern {
+    pub fn any() -> Self {
+        Pattern {
+            prefix: String::new(),
+            wildcard: true,
+        }
+    }
+
+    pub fn exact(name: &str) -> Self {
+        Pattern {
+            prefix: name.to_string(),
+            wildcard: false,
+        }
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        if self.wildcard {
+            name.starts_with(&self.prefix)
+        } else {
+            name == self.prefix
+        }
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.prefix)?;
+        if self.wildcard {
+            f.write_str("*")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -173,10 +218,11 @@ impl From<Source> for String {
             Source::Any => "*".into(),
             Source::Service(n) => format!("service:{n}"),
             Source::Cluster(c) => format!("cluster:{c}"),
-            Source::Spiffe { cluster, node } => format!(
-                "spiffe://<mesh>/cluster/{cluster}/node/{}",
-                node.as_deref().unwrap_or("*")
-            ),
+            Source::Spiffe {
+                mesh,
+                cluster,
+                node,
+            } => format!("spiffe://{mesh}/cluster/{cluster}/node/{node}"),
         }
     }
 }
@@ -411,18 +457,24 @@ fn parse_source(s: &str) -> Result<Source, String> {
     }
     if let Some(rest) = s.strip_prefix("spiffe://") {
         let parts: Vec<&str> = rest.split('/').collect();
-        if let [_mesh, "cluster", cluster, "node", node] = parts.as_slice() {
-            let cluster = check("cluster", cluster)?;
-            let node = if *node == "*" {
-                None
-            } else {
-                Some(check("node", node)?)
+        if let [mesh, "cluster", cluster, "node", node] = parts.as_slice() {
+            let pattern = |what: &'static str, seg: &str| match seg.strip_suffix('*') {
+                Some("") => Ok(Pattern::any()),
+                Some(prefix) => check(what, prefix).map(|prefix| Pattern {
+                    prefix,
+                    wildcard: true,
+                }),
+                None => check(what, seg).map(|n| Pattern::exact(&n)),
             };
-            return Ok(Source::Spiffe { cluster, node });
+            return Ok(Source::Spiffe {
+                mesh: check("mesh", mesh)?,
+                cluster: pattern("cluster", cluster)?,
+                node: pattern("node", node)?,
+            });
         }
     }
     Err(format!(
-        "{s:?} is not a source: use \"*\", \"service:<name>\", \"cluster:<name>\" or \"spiffe://<mesh>/cluster/<cluster>/node/<node or *>\""
+        "{s:?} is not a source: use \"*\", \"service:<name>\", \"cluster:<name>\" or \"spiffe://<mesh>/cluster/<cluster>/node/<node>\" (cluster and node may be *, or end in *)"
     ))
 }
 
@@ -662,8 +714,9 @@ action = "deny"
         assert_eq!(
             rule[1].source,
             Source::Spiffe {
-                cluster: "east".into(),
-                node: None
+                mesh: "acme".into(),
+                cluster: Pattern::exact("east"),
+                node: Pattern::any(),
             }
         );
         assert_eq!(rule[2].action, Action::Deny);

@@ -129,9 +129,21 @@ impl Ca {
         role: Role,
         validity: Duration,
     ) -> Result<IssuedCert, PkiError> {
+        self.issue_as(cluster, node, role, &[], validity)
+    }
+
+    /// [`Ca::issue`] for a node that may act as `services`.
+    pub fn issue_as(
+        &self,
+        cluster: &str,
+        node: &str,
+        role: Role,
+        services: &[String],
+        validity: Duration,
+    ) -> Result<IssuedCert, PkiError> {
         let identity = Identity::new(&self.mesh, cluster, node)?;
         let key = KeyPair::generate()?;
-        let p = node_params(&identity, role, validity, None)?;
+        let p = node_params(&identity, role, services, validity, None)?;
         let cert = p.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert {
             identity,
@@ -150,6 +162,7 @@ impl Ca {
         csr_der: &[u8],
         identity: &Identity,
         role: Role,
+        services: &[String],
         validity: Duration,
         not_before_floor: Option<i64>,
     ) -> Result<String, PkiError> {
@@ -160,7 +173,7 @@ impl Ca {
             )));
         }
         let csr = csr_public_key(csr_der)?;
-        let mut p = node_params(identity, role, validity, not_before_floor)?;
+        let mut p = node_params(identity, role, services, validity, not_before_floor)?;
         p.use_authority_key_identifier_extension = true;
         let signed = rcgen::CertificateSigningRequestParams {
             params: p,
@@ -238,6 +251,7 @@ pub fn csr_key_id(csr_der: &[u8]) -> Result<String, PkiError> {
 fn node_params(
     identity: &Identity,
     role: Role,
+    services: &[String],
     validity: Duration,
     not_before_floor: Option<i64>,
 ) -> Result<CertificateParams, PkiError> {
@@ -260,6 +274,13 @@ fn node_params(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     p.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
+    let services = super::cert::check_services(services)?;
+    if !services.is_empty() {
+        p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+            super::cert::SERVICES_OID,
+            super::cert::encode_services(&services),
+        )];
+    }
     p.use_authority_key_identifier_extension = true;
     set_validity(&mut p, validity);
     if let Some(floor) = not_before_floor {
@@ -340,6 +361,7 @@ pub fn mesh_of_ca_der(der: &[u8]) -> Result<String, PkiError> {
 mod tests {
     use super::*;
     use crate::pki::PeerCert;
+    use x509_parser::prelude::FromDer;
 
     #[test]
     fn issued_cert_carries_identity_and_role() {
@@ -359,6 +381,40 @@ mod tests {
             .unwrap();
         let der = crate::pki::files::parse_certs("t", &node.cert_pem).unwrap();
         assert_eq!(PeerCert::from_der(&der[0]).unwrap().role, Role::Node);
+    }
+
+    #[test]
+    fn service_identities_ride_in_their_own_extension_beside_one_uri_san() {
+        let ca = Ca::generate("acme", DEFAULT_CA_VALIDITY).unwrap();
+        let svc = vec!["web".to_string(), "api".to_string()];
+        let c = ca
+            .issue_as("east", "vm-1", Role::Node, &svc, Duration::from_secs(60))
+            .unwrap();
+        let der = crate::pki::first_cert_der(&c.cert_pem).unwrap();
+        let peer = PeerCert::from_der(&der).unwrap();
+        assert_eq!(peer.services, ["api", "web"]);
+        assert!(peer.may_act_as("web") && !peer.may_act_as("db"));
+        // Still exactly one URI SAN: the node's SPIFFE ID.
+        let (_, x) = x509_parser::prelude::X509Certificate::from_der(&der).unwrap();
+        assert_eq!(
+            crate::pki::cert::single_uri(&x).unwrap(),
+            "spiffe://acme/cluster/east/node/vm-1"
+        );
+        // rustls still verifies it: the extension is not critical.
+        let plain = ca
+            .issue("east", "vm-2", Role::Node, Duration::from_secs(60))
+            .unwrap();
+        let der = crate::pki::first_cert_der(&plain.cert_pem).unwrap();
+        assert!(PeerCert::from_der(&der).unwrap().services.is_empty());
+        for bad in [
+            vec!["web".to_string(), "web".to_string()],
+            vec!["no spaces".to_string()],
+            (0..33).map(|i| format!("s{i}")).collect(),
+        ] {
+            assert!(ca
+                .issue_as("east", "vm-3", Role::Node, &bad, Duration::from_secs(60))
+                .is_err());
+        }
     }
 
     #[test]

@@ -13,6 +13,17 @@ use super::{Identity, PkiError};
 pub(crate) const GATEWAY_OU: &str = "gateway";
 pub(crate) const NODE_OU: &str = "node";
 
+/// OID of meshnode's service-identity extension: the services a node's
+/// certificate lets it act as, a DER `SEQUENCE OF UTF8String`. Non-critical,
+/// so TLS stacks that do not know it (webpki among them) ignore it; only
+/// meshnode reads it, and only from certificates whose chain it verified.
+/// It sits in the IANA private-enterprise arc (1.3.6.1.4.1); meshnode has no
+/// registered enterprise number, so the number is ours by convention only
+/// (see ARCHITECTURE.md, "Service identity").
+pub const SERVICES_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 59470, 1, 1];
+/// Most services one certificate may name.
+pub const MAX_CERT_SERVICES: usize = 32;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -37,6 +48,10 @@ pub struct PeerCert {
     /// Hex serial number.
     #[serde(default)]
     pub serial: String,
+    /// The services this node may act as ([`SERVICES_OID`]); empty when the
+    /// certificate names none (the node acts as itself only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
 // === impl Role ===
@@ -92,7 +107,65 @@ pub(crate) fn single_uri<'a>(cert: &'a X509Certificate<'_>) -> Result<&'a str, S
     }
 }
 
+/// Checks a list of service identities for a certificate: valid names, no
+/// duplicates, at most [`MAX_CERT_SERVICES`]. Returns them sorted.
+pub fn check_services(services: &[String]) -> Result<Vec<String>, PkiError> {
+    let bad = |reason: String| PkiError::BadCertificate {
+        what: "service identities".to_string(),
+        reason,
+    };
+    if services.len() > MAX_CERT_SERVICES {
+        return Err(bad(format!(
+            "{} services, at most {MAX_CERT_SERVICES} per certificate",
+            services.len()
+        )));
+    }
+    let mut out = services.to_vec();
+    for s in &out {
+        super::check_name("service", s).map_err(|e| bad(e.to_string()))?;
+    }
+    out.sort();
+    let n = out.len();
+    out.dedup();
+    if out.len() != n {
+        return Err(bad("a service is named twice".to_string()));
+    }
+    Ok(out)
+}
+
+/// The extension's DER content for `services` (already checked).
+pub(crate) fn encode_services(services: &[String]) -> Vec<u8> {
+    yasna::construct_der(|w| {
+        w.write_sequence_of(|w| {
+            for s in services {
+                w.next().write_utf8_string(s);
+            }
+        })
+    })
+}
+
+/// The services a certificate names: none without the extension; an error
+/// for a malformed one (a certificate that says something we cannot read is
+/// refused rather than read as naming nothing).
+fn decode_services(cert: &X509Certificate<'_>) -> Result<Vec<String>, String> {
+    let oid = x509_parser::der_parser::oid::Oid::from(SERVICES_OID)
+        .map_err(|_| "bad services OID".to_string())?;
+    let Some(ext) = cert.extensions().iter().find(|e| e.oid == oid) else {
+        return Ok(Vec::new());
+    };
+    let names: Vec<String> = yasna::parse_der(ext.value, |r| {
+        r.collect_sequence_of(|r| r.read_utf8string())
+    })
+    .map_err(|e| format!("service identity extension: {e}"))?;
+    check_services(&names).map_err(|e| e.to_string())
+}
+
 impl PeerCert {
+    /// May this node act as `service`?
+    pub fn may_act_as(&self, service: &str) -> bool {
+        self.services.iter().any(|s| s == service)
+    }
+
     /// Parses a node certificate (DER). Requires exactly one URI SAN holding a node SPIFFE ID.
     /// Does not verify the chain: callers run this after rustls has.
     pub fn from_der(der: &[u8]) -> Result<Self, PkiError> {
@@ -114,6 +187,7 @@ impl PeerCert {
             not_before: cert.validity().not_before.timestamp(),
             key_id: super::hex(&super::sha256(cert.public_key().raw)),
             serial: super::hex(cert.raw_serial()),
+            services: decode_services(&cert).map_err(bad)?,
         })
     }
 

@@ -56,7 +56,7 @@ mod tests {
         let csr = key.csr("vm-1").unwrap();
         let id = Identity::new("acme", "east", "vm-1").unwrap();
         let pem = ca
-            .sign_csr(&csr, &id, Role::Gateway, Duration::from_secs(60), None)
+            .sign_csr(&csr, &id, Role::Gateway, &[], Duration::from_secs(60), None)
             .unwrap();
         let der = crate::pki::files::parse_certs("t", &pem).unwrap();
         let peer = PeerCert::from_der(&der[0]).unwrap();
@@ -77,7 +77,7 @@ mod tests {
         csr[n - 5] ^= 0xff;
         for bad in [csr.as_slice(), b"", b"\x30\x03\x02\x01\x01"] {
             let err = ca
-                .sign_csr(bad, &id, Role::Node, Duration::from_secs(60), None)
+                .sign_csr(bad, &id, Role::Node, &[], Duration::from_secs(60), None)
                 .unwrap_err();
             assert!(matches!(err, PkiError::Csr(_)), "{err}");
         }
@@ -94,6 +94,7 @@ mod tests {
                 &csr,
                 &id,
                 Role::Node,
+                &[],
                 Duration::from_secs(3600),
                 Some(floor),
             )

@@ -133,6 +133,7 @@ mod tests {
                 &key.csr("a").unwrap(),
                 &id,
                 crate::pki::Role::Node,
+                &[],
                 Duration::from_secs(600),
                 None,
             )

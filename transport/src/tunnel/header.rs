@@ -28,6 +28,10 @@ pub struct Header {
     /// The original caller, carried by a gateway. Receivers accept it only from
     /// a peer holding a gateway certificate; otherwise the caller is the peer.
     pub caller: Option<Identity>,
+    /// The service the caller acts as. From a caller directly, the receiver
+    /// checks it against the caller's certificate; a gateway carries it with
+    /// `caller`, after it checked it on the first hop.
+    pub source_service: Option<String>,
 }
 
 impl Header {
@@ -38,6 +42,7 @@ impl Header {
             port,
             cluster: None,
             caller: None,
+            source_service: None,
         }
     }
 }
@@ -52,11 +57,23 @@ struct HeaderV1 {
     port: u16,
 }
 
-/// The versioned envelope. New versions are new variants; old ones stay decodable.
+/// Version 2: cluster and carried caller, no source service.
+#[derive(Serialize, Deserialize)]
+struct HeaderV2 {
+    service: String,
+    port: u16,
+    cluster: Option<String>,
+    caller: Option<Identity>,
+}
+
+/// The versioned envelope. New versions are new variants; old ones stay
+/// decodable. A header without a source service is still sent as V2, so
+/// nodes of the release before service identity understand it.
 #[derive(Serialize, Deserialize)]
 enum WireHeader {
     V1(HeaderV1),
-    V2(Header),
+    V2(HeaderV2),
+    V3(Header),
 }
 
 /// The receiver's one-byte answer.
@@ -72,6 +89,13 @@ pub enum Status {
     Forbidden = 3,
     /// The receiver is shutting down.
     Draining = 4,
+    /// The destination's authorization policy (an intention, or the mesh's
+    /// default) denies this caller the service. Not a fault of the instance:
+    /// callers do not eject it, and do not try another (policy is mesh-wide).
+    Denied = 5,
+    /// The destination cannot decide yet: under default deny it has not
+    /// loaded the mesh's policy since it started. Callers try another instance.
+    PolicyPending = 6,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -86,6 +110,8 @@ pub enum HeaderError {
     BadService(String),
     #[error("tunnel header names an invalid cluster {0:?}")]
     BadCluster(String),
+    #[error("tunnel header names an invalid source service {0:?}")]
+    BadSourceService(String),
 }
 
 // === impl HeaderError ===
@@ -99,6 +125,7 @@ impl HeaderError {
             HeaderError::Malformed(_) => "malformed",
             HeaderError::BadService(_) => "bad_service",
             HeaderError::BadCluster(_) => "bad_cluster",
+            HeaderError::BadSourceService(_) => "bad_source_service",
         }
     }
 }
@@ -113,6 +140,8 @@ impl Status {
             2 => Status::ConnectFailed,
             3 => Status::Forbidden,
             4 => Status::Draining,
+            5 => Status::Denied,
+            6 => Status::PolicyPending,
             _ => return None,
         })
     }
@@ -124,6 +153,8 @@ impl Status {
             Status::ConnectFailed => "connect_failed",
             Status::Forbidden => "forbidden",
             Status::Draining => "draining",
+            Status::Denied => "denied",
+            Status::PolicyPending => "policy_pending",
         }
     }
 }
@@ -151,14 +182,27 @@ fn check(h: &Header) -> Result<(), HeaderError> {
         check_name("cluster", c)
             .map_err(|_| HeaderError::BadCluster(c.chars().take(64).collect()))?;
     }
+    if let Some(s) = &h.source_service {
+        // Certificates name services by the node-name rule; so must callers.
+        check_name("service", s)
+            .map_err(|_| HeaderError::BadSourceService(s.chars().take(64).collect()))?;
+    }
     Ok(())
 }
 
 /// Encodes a header with its length prefix.
 pub fn encode_header(h: &Header) -> Result<Vec<u8>, HeaderError> {
     check(h)?;
-    let body = codec::encode(&WireHeader::V2(h.clone()))
-        .map_err(|e| HeaderError::Malformed(e.to_string()))?;
+    let wire = match &h.source_service {
+        None => WireHeader::V2(HeaderV2 {
+            service: h.service.clone(),
+            port: h.port,
+            cluster: h.cluster.clone(),
+            caller: h.caller.clone(),
+        }),
+        Some(_) => WireHeader::V3(h.clone()),
+    };
+    let body = codec::encode(&wire).map_err(|e| HeaderError::Malformed(e.to_string()))?;
     if body.len() > MAX_HEADER_LEN {
         return Err(HeaderError::TooLarge(body.len()));
     }
@@ -184,8 +228,21 @@ pub fn decode_header(body: &[u8]) -> Result<Header, HeaderError> {
             port,
             cluster: None,
             caller: None,
+            source_service: None,
         },
-        WireHeader::V2(h) => h,
+        WireHeader::V2(HeaderV2 {
+            service,
+            port,
+            cluster,
+            caller,
+        }) => Header {
+            service,
+            port,
+            cluster,
+            caller,
+            source_service: None,
+        },
+        WireHeader::V3(h) => h,
     };
     check(&h)?;
     Ok(h)
@@ -227,9 +284,10 @@ mod tests {
             port: u16,
             cluster in proptest::option::of("[a-z][a-z0-9-]{0,30}"),
             caller in proptest::option::of("[a-z]{1,20}"),
+            source_service in proptest::option::of("[a-z][a-z0-9_-]{0,40}"),
         ) {
             let caller = caller.map(|n| Identity::new("acme", "west", &n).unwrap());
-            let h = Header { service, port, cluster, caller };
+            let h = Header { service, port, cluster, caller, source_service };
             let frame = encode_header(&h).unwrap();
             prop_assert_eq!(decode_frame(&frame).unwrap(), h);
         }
@@ -282,6 +340,25 @@ mod tests {
     }
 
     #[test]
+    fn headers_without_a_source_service_stay_version_2() {
+        let h = header("api", 8080);
+        let frame = encode_header(&h).unwrap();
+        let wire: WireHeader = codec::decode(&frame[2..]).unwrap();
+        assert!(matches!(wire, WireHeader::V2(_)));
+        let mut h = h;
+        h.source_service = Some("web".into());
+        let frame = encode_header(&h).unwrap();
+        let wire: WireHeader = codec::decode(&frame[2..]).unwrap();
+        assert!(matches!(wire, WireHeader::V3(_)));
+        assert_eq!(decode_frame(&frame).unwrap(), h);
+        h.source_service = Some("not a name".into());
+        assert!(matches!(
+            encode_header(&h),
+            Err(HeaderError::BadSourceService(_))
+        ));
+    }
+
+    #[test]
     fn a_carried_caller_must_be_a_valid_identity() {
         // Hand-build a V2 body whose caller is not a SPIFFE ID.
         #[derive(Serialize)]
@@ -311,9 +388,9 @@ mod tests {
 
     #[test]
     fn status_bytes_round_trip() {
-        for b in 0..=4u8 {
+        for b in 0..=6u8 {
             assert_eq!(Status::from_u8(b).map(|s| s as u8), Some(b));
         }
-        assert_eq!(Status::from_u8(5), None);
+        assert_eq!(Status::from_u8(7), None);
     }
 }
