@@ -86,6 +86,20 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Why a new connection to SERVICE would be allowed or denied, and where
+    /// it would go: the intention that decides, the clusters in the order
+    /// they are tried (with the reason for each), and the instance picked.
+    Explain {
+        service: String,
+        /// The caller: `service:NAME` (this node acting as it), `node:NAME`
+        /// (a node of this cluster), a SPIFFE ID, or a bare name (a node if
+        /// one has it, else a service). Default: this node, as its upstream
+        /// for SERVICE acts.
+        #[arg(long)]
+        from: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Instances of one service.
     Endpoints {
         service: String,
@@ -321,6 +335,11 @@ impl Cli {
             Command::Members { admin, wan } => admin::members(&admin, wan).await,
             Command::Services { admin } => admin::services(&admin).await,
             Command::Endpoints { service, admin } => admin::endpoints(&admin, &service).await,
+            Command::Explain {
+                service,
+                from,
+                admin,
+            } => admin::explain(&admin, &service, from.as_deref()).await,
             Command::Status { admin, check } => admin::status(&admin, check).await,
             Command::Leave { admin, data_dir } => admin::leave(&admin, &data_dir).await,
         }

@@ -9,6 +9,7 @@
 
 mod access;
 pub mod client;
+mod explain;
 mod types;
 
 use std::collections::BTreeMap;
@@ -70,6 +71,9 @@ pub struct AdminState {
     /// This node's instances and their checks.
     pub(crate) registry: Arc<crate::registry::Registry>,
     pub upstreams: usize,
+    /// The upstreams, with the service each acts as resolved.
+    pub(crate) upstream_configs: Vec<crate::config::UpstreamConfig>,
+    pub(crate) dialer: Arc<crate::upstream::Dialer>,
     pub drain: Drain,
     pub metrics: Option<PrometheusHandle>,
     pub leave: Arc<Notify>,
@@ -187,6 +191,10 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
             ),
         },
         (&Method::GET, "/v1/revocations") => json(StatusCode::OK, &revocation_list(s)),
+        (&Method::GET, "/v1/explain") => match explain::explain(s, query).await {
+            Ok(e) => json(StatusCode::OK, &e),
+            Err(m) => error(StatusCode::BAD_REQUEST, &m),
+        },
         (&Method::GET, "/v1/policy") => json(
             StatusCode::OK,
             &serde_json::json!({
@@ -210,7 +218,7 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
         (
             _,
             "/v1/health" | "/v1/members" | "/v1/services" | "/v1/status" | "/metrics" | "/v1/leave"
-            | "/v1/revocations" | "/v1/ca/tokens" | "/v1/ca/revoke" | "/v1/policy",
+            | "/v1/revocations" | "/v1/ca/tokens" | "/v1/ca/revoke" | "/v1/policy" | "/v1/explain",
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     }

@@ -381,6 +381,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         me.identity.cluster(),
     ));
     let mut upstream_addrs = Vec::new();
+    let mut upstream_configs = Vec::new();
     for up in &cfg.upstreams {
         let listener = TcpListener::bind(up.listen)
             .await
@@ -395,6 +396,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         if let Some(s) = &up.as_service {
             info!(service = %up.service, acting_as = %s, "upstream callers act as a service");
         }
+        upstream_configs.push(up.clone());
         tasks.push(tokio::spawn(upstream::serve(
             listener,
             up,
@@ -429,6 +431,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         local_services: registry.len(),
         registry: registry.clone(),
         upstreams: cfg.upstreams.len(),
+        upstream_configs,
+        dialer: dialer.clone(),
         drain: drain.clone(),
         metrics,
         leave: leave.clone(),

@@ -74,6 +74,13 @@ pub struct IssuedRecord {
     pub how: String,
 }
 
+/// Whom a certificate is for: the name, the role and the services it may act as.
+struct Subject<'a> {
+    identity: &'a Identity,
+    role: Role,
+    services: &'a [String],
+}
+
 /// The fields of a join request.
 struct JoinAsk<'a> {
     token_id: &'a [u8; 16],
@@ -328,15 +335,12 @@ impl CaNode {
             );
         }
         let floor = tls.revocations().identity_revoked_at(&identity);
-        let issued = match self.sign(
-            csr,
-            &identity,
+        let subject = Subject {
+            identity: &identity,
             role,
-            &record.services,
-            floor,
-            "join",
-            &mut state,
-        ) {
+            services: &record.services,
+        };
+        let issued = match self.sign(csr, &subject, floor, "join", &mut state) {
             Ok(i) => i,
             Err(r) => return r,
         };
@@ -428,15 +432,12 @@ impl CaNode {
             Err(e) => return Response::refused(Refusal::Malformed, e.to_string()),
         }
         let mut state = self.lock();
-        let issued = match self.sign(
-            csr,
-            &current.identity,
-            current.role,
-            &current.services,
-            None,
-            "renew",
-            &mut state,
-        ) {
+        let subject = Subject {
+            identity: &current.identity,
+            role: current.role,
+            services: &current.services,
+        };
+        let issued = match self.sign(csr, &subject, None, "renew", &mut state) {
             Ok(i) => i,
             Err(r) => return r,
         };
@@ -455,9 +456,7 @@ impl CaNode {
     fn sign(
         &self,
         csr: &[u8],
-        identity: &Identity,
-        role: Role,
-        services: &[String],
+        subject: &Subject<'_>,
         floor: Option<i64>,
         how: &str,
         state: &mut State,
@@ -474,12 +473,19 @@ impl CaNode {
         }
         let pem = self
             .ca
-            .sign_csr(csr, identity, role, services, self.cert_ttl, floor)
+            .sign_csr(
+                csr,
+                subject.identity,
+                subject.role,
+                subject.services,
+                self.cert_ttl,
+                floor,
+            )
             .map_err(|e| Response::refused(Refusal::Malformed, e.to_string()))?;
         let peer = PeerCert::from_pem(&pem)
             .map_err(|e| Response::refused(Refusal::Internal, e.to_string()))?;
         state.issued.push(IssuedRecord {
-            identity: identity.to_string(),
+            identity: subject.identity.to_string(),
             serial: peer.serial,
             key_id: peer.key_id,
             not_after: peer.not_after,

@@ -84,7 +84,7 @@ fn pick_key(p: &Pick<'_>) -> Key {
 
 /// Where one attempt went, owned.
 #[derive(Clone, Debug)]
-pub enum Target {
+pub(crate) enum Target {
     Local(Instance),
     Remote(RemoteRoute),
 }
@@ -110,6 +110,14 @@ impl Target {
     }
 }
 
+fn scope<'a>(own_cluster: &'a str, up: &'a UpstreamConfig) -> Scope<'a> {
+    Scope {
+        own_cluster,
+        failover: &up.failover,
+        pinned: up.cluster.as_deref(),
+    }
+}
+
 // === impl Dialer ===
 
 impl Dialer {
@@ -126,6 +134,41 @@ impl Dialer {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The attempts a new connection for `up` would make, in order.
+    pub(crate) fn plan(&self, up: &UpstreamConfig) -> Vec<Target> {
+        let catalog = self.gossip.catalog();
+        let load = self.lock();
+        let now = Instant::now();
+        let mut rng = rand::rng();
+        balance::plan(
+            catalog.instances(&up.service),
+            catalog.remote_routes(&up.service),
+            &scope(&self.cluster, up),
+            |p| load.outliers.is_ejected(&pick_key(p), now),
+            |i| load.active.get(&key(i)).copied().unwrap_or(0),
+            |n| rng.random_range(0..n),
+        )
+        .into_iter()
+        .map(|p| match p {
+            Pick::Local(i) => Target::Local(i.clone()),
+            Pick::Remote(r) => Target::Remote(r.clone()),
+        })
+        .collect()
+    }
+
+    /// Every cluster the catalog has for `up.service`, as [`Dialer::plan`] sees it.
+    pub(crate) fn explain(&self, up: &UpstreamConfig) -> Vec<crate::explain::ClusterRow> {
+        let catalog = self.gossip.catalog();
+        let load = self.lock();
+        let now = Instant::now();
+        crate::explain::clusters(
+            catalog.instances(&up.service),
+            catalog.remote_routes(&up.service),
+            &scope(&self.cluster, up),
+            |p| load.outliers.is_ejected(&pick_key(p), now),
+        )
+    }
+
     /// Opens a tunnel to some healthy instance of `up.service`, retrying others on failure.
     async fn open(
         &self,
@@ -139,31 +182,7 @@ impl Dialer {
         ),
         Refusal,
     > {
-        let catalog = self.gossip.catalog();
-        let candidates: Vec<Target> = {
-            let load = self.lock();
-            let now = Instant::now();
-            let mut rng = rand::rng();
-            let scope = Scope {
-                own_cluster: &self.cluster,
-                failover: &up.failover,
-                pinned: up.cluster.as_deref(),
-            };
-            balance::plan(
-                catalog.instances(&up.service),
-                catalog.remote_routes(&up.service),
-                &scope,
-                |p| load.outliers.is_ejected(&pick_key(p), now),
-                |i| load.active.get(&key(i)).copied().unwrap_or(0),
-                |n| rng.random_range(0..n),
-            )
-            .into_iter()
-            .map(|p| match p {
-                Pick::Local(i) => Target::Local(i.clone()),
-                Pick::Remote(r) => Target::Remote(r.clone()),
-            })
-            .collect()
-        };
+        let candidates = self.plan(up);
         if candidates.is_empty() {
             return Err(Refusal::NoInstance(format!(
                 "no healthy instance of {:?} in the catalog{}",

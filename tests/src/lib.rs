@@ -130,9 +130,21 @@ impl Pki {
     }
 
     pub fn issue_as(&self, cluster: &str, name: &str, role: Role) -> PathBuf {
+        self.issue_acting(cluster, name, role, &[])
+    }
+
+    /// [`Pki::issue_as`] for a node that may act as `services`.
+    pub fn issue_acting(
+        &self,
+        cluster: &str,
+        name: &str,
+        role: Role,
+        services: &[&str],
+    ) -> PathBuf {
         let d = self.dir.path().join(format!("{cluster}-{name}"));
+        let services: Vec<String> = services.iter().map(|s| s.to_string()).collect();
         self.ca
-            .issue(cluster, name, role, self.validity)
+            .issue_as(cluster, name, role, &services, self.validity)
             .expect("issue")
             .save(&d, self.ca.cert_pem())
             .expect("save cert");

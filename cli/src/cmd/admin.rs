@@ -126,6 +126,140 @@ pub async fn services(a: &AdminArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+pub async fn explain(a: &AdminArgs, service: &str, from: Option<&str>) -> Result<(), Failure> {
+    meshnode_transport::pki::check_name("service", service)
+        .map_err(|e| Failure::usage(anyhow::anyhow!("{e}")))?;
+    if let Some(f) = from {
+        if !f.bytes().all(|b| b.is_ascii_graphic()) || f.contains(['&', '#', '?', '%']) {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "--from {f:?}: give service:NAME, node:NAME, a SPIFFE ID or a name"
+            )));
+        }
+    }
+    let enc = |v: &str| v.replace(':', "%3A").replace('/', "%2F");
+    let mut path = format!("/v1/explain?service={}", enc(service));
+    if let Some(f) = from {
+        path.push_str(&format!("&from={}", enc(f)));
+    }
+    let secret = secret_from_env();
+    let body = client::get_with(a.admin, &path, secret.as_deref())
+        .await
+        .map_err(super::ca::admin_failure)?;
+    let v: Value = serde_json::from_str(&body)
+        .context("the admin API answered /v1/explain with invalid JSON")
+        .map_err(Failure::runtime)?;
+    if a.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let auth = v.get("authorization").cloned().unwrap_or(Value::Null);
+    let action = field(&auth, "action");
+    let why = match auth.get("by").and_then(Value::as_str) {
+        Some("rule") => format!(
+            "intention {service}, rule {} (source {})",
+            auth.get("index")
+                .and_then(Value::as_u64)
+                .map_or("?".into(), |i| (i + 1).to_string()),
+            field(&auth, "source")
+        ),
+        Some("default") if auth.get("explicit").and_then(Value::as_bool) == Some(true) => {
+            "no rule matches: the mesh default (defaults/mesh)".to_string()
+        }
+        Some("default") => {
+            "no rule matches and no defaults document: allowed (the built-in default)".to_string()
+        }
+        Some("policy_pending") => {
+            "policy not loaded yet on this node, and the mesh default is not an explicit allow"
+                .to_string()
+        }
+        _ => "?".to_string(),
+    };
+    let from = v.get("from").cloned().unwrap_or(Value::Null);
+    println!("{service}: {action} ({why})");
+    println!(
+        "  from {}{} ({})",
+        field(&from, "identity"),
+        from.get("service")
+            .and_then(Value::as_str)
+            .map(|s| format!(" as {s}"))
+            .unwrap_or_default(),
+        field(&from, "how"),
+    );
+    if from.get("certificate_allows").and_then(Value::as_bool) == Some(false) {
+        println!("  warning: the caller's certificate does not name that service: the destination refuses it");
+    }
+    if v.get("policy_loaded").and_then(Value::as_bool) != Some(true) {
+        println!("  warning: this node has not loaded the mesh's policy yet");
+    }
+    let rows: Vec<Vec<String>> = v
+        .get("clusters")
+        .and_then(Value::as_array)
+        .map(|l| {
+            l.iter()
+                .map(|c| {
+                    let mut inst = format!("{} healthy", field(c, "healthy"));
+                    for k in ["critical", "ejected"] {
+                        if c.get(k).and_then(Value::as_u64).unwrap_or(0) > 0 {
+                            inst.push_str(&format!(", {} {k}", field(c, k)));
+                        }
+                    }
+                    vec![
+                        c.get("order")
+                            .and_then(Value::as_u64)
+                            .map_or("-".into(), |o| o.to_string()),
+                        field(c, "cluster"),
+                        inst,
+                        field(c, "via"),
+                        field(c, "why"),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if rows.is_empty() {
+        println!("no cluster has {service:?} in this node's catalog");
+    } else {
+        println!("clusters, in the order a new connection tries them:");
+        println!(
+            "{}",
+            table(&["ORDER", "CLUSTER", "INSTANCES", "VIA", "WHY"], &rows)
+        );
+    }
+    let attempts: Vec<String> = v
+        .get("attempts")
+        .and_then(Value::as_array)
+        .map(|l| {
+            l.iter()
+                .map(|t| match t.get("kind").and_then(Value::as_str) {
+                    Some("gateway") => format!(
+                        "cluster {} via gateway {} ({})",
+                        field(t, "cluster"),
+                        field(t, "node"),
+                        field(t, "addr")
+                    ),
+                    _ => format!(
+                        "{} of cluster {} ({}, port {})",
+                        field(t, "node"),
+                        field(t, "cluster"),
+                        field(t, "addr"),
+                        field(t, "port")
+                    ),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    match attempts.split_first() {
+        None => println!("a new connection now: no instance to try"),
+        Some((first, rest)) => {
+            println!("a new connection now: {first}");
+            for r in rest {
+                println!("  then, if that fails: {r}");
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn endpoints(a: &AdminArgs, service: &str) -> Result<(), Failure> {
     let v = get(a, "/v1/services").await?;
     let Some(list) = v.get(service) else {

@@ -110,7 +110,7 @@ pub(super) fn admin_secret(data_dir: &Path) -> Result<String, Failure> {
         .map_err(Failure::usage)
 }
 
-fn admin_failure(e: meshnode_node::admin::client::ClientError) -> Failure {
+pub(super) fn admin_failure(e: meshnode_node::admin::client::ClientError) -> Failure {
     use meshnode_node::admin::client::ClientError;
     match &e {
         ClientError::Status { status, body, .. } if *status == 400 || *status == 404 => {

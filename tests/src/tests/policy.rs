@@ -85,13 +85,13 @@ pub(crate) async fn held(node: &NodeProc, kind: &str, name: &str) -> Option<(u64
     ))
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write document");
     p
 }
 
-fn ok(o: &std::process::Output) -> String {
+pub(crate) fn ok(o: &std::process::Output) -> String {
     assert!(
         o.status.success(),
         "exit {:?}: {}{}",
@@ -393,7 +393,7 @@ fn base64_encode(b: &[u8]) -> String {
 
 /// `meshnode policy ...` run inside `host`'s namespace (its admin API is
 /// on that namespace's loopback).
-fn policy_in(mesh: &Mesh, host: &str, op: &Path, args: &[&str]) -> std::process::Output {
+pub(crate) fn policy_in(mesh: &Mesh, host: &str, op: &Path, args: &[&str]) -> std::process::Output {
     let cert = op.join("operator.pem");
     let key = op.join("operator.key");
     let mut cmd = std::process::Command::new("ip");

@@ -1,0 +1,232 @@
+//! `GET /v1/explain?service=S[&from=X]`: for a new connection from this node
+//! (or from the named source) to `S`: the authorization decision and the
+//! rule that made it, the clusters in the order they are tried and why, and
+//! the instance a new connection would pick.
+
+use meshnode_gossip::signed::{decode_cert, CERT_KEY};
+use meshnode_transport::pki::check_name;
+use meshnode_transport::{Identity, PeerCert};
+use serde::Serialize;
+
+use super::AdminState;
+use crate::authz::{Caller, Decision, Snapshot};
+use crate::config::UpstreamConfig;
+use crate::upstream::Target;
+
+/// The caller an explanation is for.
+#[derive(Debug, Serialize)]
+pub struct Source {
+    pub identity: Identity,
+    /// The service it acts as (none: the node alone).
+    pub service: Option<String>,
+    /// How the source was found.
+    pub how: String,
+    /// Whether the caller's certificate names `service` (unknown: `None`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate_allows: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Attempt {
+    /// `instance`, or `gateway` for another cluster through a local gateway.
+    pub kind: &'static str,
+    pub node: String,
+    pub cluster: String,
+    pub addr: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub service: String,
+    pub from: Source,
+    /// This node's copy of the mesh policy decides the same as the
+    /// destination's once both have loaded it.
+    pub policy_loaded: bool,
+    pub authorization: Decision,
+    /// The upstream of this node for the service, if it has one (its
+    /// failover order or cluster pin apply).
+    pub upstream: Option<String>,
+    pub clusters: Vec<crate::explain::ClusterRow>,
+    /// What a new connection would try, in order (the first is the pick).
+    pub attempts: Vec<Attempt>,
+}
+
+/// Parses `key=value&...`; values are names, SPIFFE IDs or `kind:name`,
+/// with no escapes but `%3A` and `%2F` (what clients may encode).
+fn param<'a>(query: &'a str, key: &str) -> Option<std::borrow::Cow<'a, str>> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| {
+            if v.contains('%') {
+                std::borrow::Cow::Owned(
+                    v.replace("%3A", ":")
+                        .replace("%3a", ":")
+                        .replace("%2F", "/")
+                        .replace("%2f", "/"),
+                )
+            } else {
+                std::borrow::Cow::Borrowed(v)
+            }
+        })
+    })
+}
+
+pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, String> {
+    let service = param(query, "service").ok_or("give ?service=NAME")?;
+    check_name("service", &service).map_err(|e| e.to_string())?;
+    let me = s.tls.me();
+    let upstream = s.upstream_configs.iter().find(|u| u.service == *service);
+    let up = match upstream {
+        Some(u) => u.clone(),
+        None => UpstreamConfig {
+            service: service.to_string(),
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            failover: Vec::new(),
+            cluster: None,
+            as_service: None,
+        },
+    };
+    let from = match param(query, "from") {
+        None => {
+            let service = up
+                .as_service
+                .clone()
+                .or_else(|| match me.services.as_slice() {
+                    [only] => Some(only.clone()),
+                    _ => None,
+                });
+            Source {
+                certificate_allows: service.as_deref().map(|s| me.may_act_as(s)),
+                identity: me.identity.clone(),
+                how: match upstream {
+                    Some(_) => "this node, as its upstream acts".to_string(),
+                    None => "this node (it has no upstream for the service)".to_string(),
+                },
+                service,
+            }
+        }
+        Some(from) => resolve(s, &me, &from).await?,
+    };
+    let loaded = s.policy.loaded();
+    let snapshot = Snapshot::from_store(&s.policy.store);
+    let authorization = snapshot.decide(
+        &service,
+        Caller {
+            identity: &from.identity,
+            service: from.service.as_deref(),
+        },
+        loaded,
+    );
+    let attempts = s
+        .dialer
+        .plan(&up)
+        .into_iter()
+        .map(|t| match t {
+            Target::Local(i) => Attempt {
+                kind: "instance",
+                node: i.node,
+                cluster: i.cluster,
+                addr: i.node_addr.to_string(),
+                port: Some(i.port),
+            },
+            Target::Remote(r) => Attempt {
+                kind: "gateway",
+                node: r.via,
+                cluster: r.cluster,
+                addr: r.via_addr.to_string(),
+                port: None,
+            },
+        })
+        .collect();
+    Ok(Explanation {
+        service: service.to_string(),
+        from,
+        policy_loaded: loaded,
+        authorization,
+        upstream: upstream.map(|u| u.listen.to_string()),
+        clusters: s.dialer.explain(&up),
+        attempts,
+    })
+}
+
+/// `--from`: `service:NAME`, `node:NAME`, a SPIFFE ID, or a bare name (a
+/// node of this cluster's pool if one has it, else a service).
+async fn resolve(s: &AdminState, me: &PeerCert, from: &str) -> Result<Source, String> {
+    if from.starts_with("spiffe://") {
+        let identity: Identity = from.parse().map_err(|e| format!("from: {e}"))?;
+        return Ok(Source {
+            identity,
+            service: None,
+            how: "the SPIFFE ID given, acting as no service".to_string(),
+            certificate_allows: None,
+        });
+    }
+    let (kind, name) = match from.split_once(':') {
+        Some((k @ ("service" | "node"), n)) => (Some(k), n),
+        Some(_) => {
+            return Err(format!(
+                "from: {from:?} is not service:NAME, node:NAME, a SPIFFE ID or a name"
+            ))
+        }
+        None => (None, from),
+    };
+    check_name("from", name).map_err(|e| e.to_string())?;
+    if kind != Some("service") {
+        let member = s
+            .gossip
+            .snapshot()
+            .await
+            .into_iter()
+            .filter_map(|n| n.kvs.get(CERT_KEY).and_then(|c| decode_cert(c)))
+            .filter_map(|der| PeerCert::from_der(&der).ok())
+            .find(|p| p.identity.node() == name);
+        match member {
+            Some(p) => {
+                let service = match p.services.as_slice() {
+                    [only] => Some(only.clone()),
+                    _ => None,
+                };
+                return Ok(Source {
+                    identity: p.identity.clone(),
+                    how: format!(
+                        "node {name} of this cluster's pool, acting as {} (its upstreams may say otherwise)",
+                        match &service {
+                            Some(s) => format!("its certificate's only service {s}"),
+                            None => "no service (its certificate names none or several)".into(),
+                        }
+                    ),
+                    certificate_allows: service.as_ref().map(|_| true),
+                    service,
+                });
+            }
+            None if kind == Some("node") => {
+                return Err(format!("from: no node {name:?} in this cluster's pool"))
+            }
+            None => {}
+        }
+    }
+    Ok(Source {
+        identity: me.identity.clone(),
+        service: Some(name.to_string()),
+        how: format!("this node acting as service {name}"),
+        certificate_allows: Some(me.may_act_as(name)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_may_escape_colons_and_slashes() {
+        let q = "service=api&from=spiffe%3A%2F%2Facme%2Fcluster%2Feast%2Fnode%2Fa";
+        assert_eq!(param(q, "service").as_deref(), Some("api"));
+        assert_eq!(
+            param(q, "from").as_deref(),
+            Some("spiffe://acme/cluster/east/node/a")
+        );
+        assert_eq!(param("service=api", "from"), None);
+    }
+}
