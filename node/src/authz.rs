@@ -22,9 +22,10 @@ use meshnode_transport::Identity;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::metrics::AUTHZ_DECISIONS;
 #[cfg(test)]
 use crate::policy::schema::Pattern;
-use crate::policy::schema::{Action, Body, Rule, Source};
+use crate::policy::schema::{Action, Body, Document, Rule, Source};
 use crate::policy::PolicyStore;
 
 /// Who is calling.
@@ -39,8 +40,8 @@ pub struct Caller<'a> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "by", rename_all = "snake_case")]
 pub enum Reason {
-    /// Rule `index` (from 0) of the service's intentions.
-    Rule { index: usize, source: String },
+    /// Rule `index` (from 0) of the service's intentions (its source: [`Snapshot::rule_source`]).
+    Rule { index: usize },
     /// No rule matched (or the service has no intentions): the mesh default.
     /// `explicit`: a `defaults` document says so (else the built-in allow).
     Default { explicit: bool },
@@ -63,23 +64,79 @@ pub struct Snapshot {
     default: Option<Action>,
 }
 
+// === impl Decision ===
+
+impl Decision {
+    /// `(decision, reason)` label values of [`AUTHZ_DECISIONS`].
+    pub fn labels(&self) -> (&'static str, &'static str) {
+        let verdict = match self.action {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        };
+        let reason = match self.reason {
+            Reason::Rule { .. } => "rule",
+            Reason::Default { .. } => "default",
+            Reason::PolicyPending => "policy_pending",
+        };
+        (verdict, reason)
+    }
+}
+
+/// The counters of one service label, by `(decision, reason)`: looked up
+/// once, so a decision costs a read lock and a hash of the label, not a
+/// registry lookup with three fresh labels.
+type Counters = HashMap<(&'static str, &'static str), metrics::Counter>;
+static COUNTERS: std::sync::LazyLock<std::sync::RwLock<HashMap<String, Counters>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Counts a decision for `service_label` (a bounded label value: the cache
+/// is as bounded as the label).
+pub fn count(service_label: &str, decision: &Decision) {
+    let labels = decision.labels();
+    if let Ok(cache) = COUNTERS.read() {
+        if let Some(c) = cache.get(service_label).and_then(|m| m.get(&labels)) {
+            c.increment(1);
+            return;
+        }
+    }
+    let (verdict, reason) = labels;
+    let counter = metrics::counter!(AUTHZ_DECISIONS, "service" => service_label.to_string(),
+        "decision" => verdict, "reason" => reason);
+    counter.increment(1);
+    if let Ok(mut cache) = COUNTERS.write() {
+        cache
+            .entry(service_label.to_string())
+            .or_default()
+            .insert(labels, counter);
+    }
+}
+
 // === impl Snapshot ===
 
 impl Snapshot {
-    pub fn from_store(store: &PolicyStore) -> Self {
+    /// A snapshot of these (validated) documents; other kinds are ignored.
+    pub fn from_documents(docs: impl IntoIterator<Item = Document>) -> Self {
         let mut s = Snapshot::default();
-        for held in store.all() {
-            match held.parsed.map(|d| (d.name, d.body)) {
-                Some((name, Body::Intentions { rule })) => {
-                    s.intentions.insert(name, rule);
+        for d in docs {
+            match d.body {
+                Body::Intentions { rule } => {
+                    s.intentions.insert(d.name, rule);
                 }
-                Some((_, Body::Defaults { default_intention })) => {
-                    s.default = Some(default_intention);
-                }
+                Body::Defaults { default_intention } => s.default = Some(default_intention),
                 _ => {}
             }
         }
         s
+    }
+
+    pub fn from_store(store: &PolicyStore) -> Self {
+        Self::from_documents(store.all().into_iter().filter_map(|h| h.parsed))
+    }
+
+    /// The source of rule `index` of `service`'s intentions, as written.
+    pub fn rule_source(&self, service: &str, index: usize) -> Option<String> {
+        let rule = self.intentions.get(service)?.get(index)?;
+        Some(String::from(rule.source.clone()))
     }
 
     /// The held mesh default, if any.
@@ -109,10 +166,7 @@ impl Snapshot {
             {
                 return Decision {
                     action: rule.action,
-                    reason: Reason::Rule {
-                        index,
-                        source: String::from(rule.source.clone()),
-                    },
+                    reason: Reason::Rule { index },
                 };
             }
         }
@@ -165,6 +219,12 @@ impl Authorizer {
         Self { current: rx }
     }
 
+    /// An authorizer that always reads `snapshot` (benchmarks, tests).
+    pub fn fixed(snapshot: Snapshot) -> Self {
+        let (_tx, rx) = watch::channel(Arc::new(snapshot));
+        Self { current: rx }
+    }
+
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.borrow().clone()
     }
@@ -180,18 +240,7 @@ mod tests {
     }
 
     fn snap(docs: &[&str]) -> Snapshot {
-        let mut s = Snapshot::default();
-        for text in docs {
-            let d = schema::parse(text).unwrap();
-            match d.body {
-                Body::Intentions { rule } => {
-                    s.intentions.insert(d.name, rule);
-                }
-                Body::Defaults { default_intention } => s.default = Some(default_intention),
-                _ => {}
-            }
-        }
-        s
+        Snapshot::from_documents(docs.iter().map(|t| schema::parse(t).unwrap()))
     }
 
     const API: &str = r#"
@@ -224,13 +273,8 @@ action = "deny"
         };
         let d = s.decide("api", web, true);
         assert_eq!(d.action, Action::Allow);
-        assert_eq!(
-            d.reason,
-            Reason::Rule {
-                index: 1,
-                source: "service:web".into()
-            }
-        );
+        assert_eq!(d.reason, Reason::Rule { index: 1 });
+        assert_eq!(s.rule_source("api", 1).as_deref(), Some("service:web"));
         // Order matters: batch is denied before any later rule is looked at.
         let west = id("west", "vm-9");
         let batch = Caller {

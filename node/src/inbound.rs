@@ -288,28 +288,20 @@ fn authorize(
     peer: &PeerCert,
 ) -> Result<(), Status> {
     let loaded = (ctx.policy_loaded)();
-    let decision = ctx
-        .authz
-        .snapshot()
-        .decide(service, caller.as_caller(), loaded);
-    let (reason, status) = match &decision.reason {
-        crate::authz::Reason::Rule { .. } => ("rule", Status::Denied),
-        crate::authz::Reason::Default { .. } => ("default", Status::Denied),
-        crate::authz::Reason::PolicyPending => ("policy_pending", Status::PolicyPending),
+    let snapshot = ctx.authz.snapshot();
+    let decision = snapshot.decide(service, caller.as_caller(), loaded);
+    crate::authz::count(service_label, &decision);
+    let status = match decision.reason {
+        crate::authz::Reason::PolicyPending => Status::PolicyPending,
+        _ => Status::Denied,
     };
-    let verdict = match decision.action {
-        Action::Allow => "allow",
-        Action::Deny => "deny",
-    };
-    metrics::counter!(AUTHZ_DECISIONS, "service" => service_label.to_string(),
-        "decision" => verdict, "reason" => reason)
-    .increment(1);
     if decision.action == Action::Allow {
         return Ok(());
     }
     if DENIED_LOG.allow() {
         match &decision.reason {
-            crate::authz::Reason::Rule { index, source } => {
+            crate::authz::Reason::Rule { index } => {
+                let source = snapshot.rule_source(service, *index).unwrap_or_default();
                 warn!(%caller, via = %peer.identity, service = %service.escape_debug(), rule = index, %source, "stream denied by intention (logged at most once a second; see meshnode_authz_decisions_total)")
             }
             crate::authz::Reason::Default { .. } => {

@@ -38,13 +38,22 @@ pub struct Attempt {
 }
 
 #[derive(Debug, Serialize)]
+pub struct Authorization {
+    #[serde(flatten)]
+    pub decision: Decision,
+    /// The deciding rule's source, as written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
 pub struct Explanation {
     pub service: String,
     pub from: Source,
     /// This node's copy of the mesh policy decides the same as the
     /// destination's once both have loaded it.
     pub policy_loaded: bool,
-    pub authorization: Decision,
+    pub authorization: Authorization,
     /// The upstream of this node for the service, if it has one (its
     /// failover order or cluster pin apply).
     pub upstream: Option<String>,
@@ -111,7 +120,7 @@ pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, 
     };
     let loaded = s.policy.loaded();
     let snapshot = Snapshot::from_store(&s.policy.store);
-    let authorization = snapshot.decide(
+    let decision = snapshot.decide(
         &service,
         Caller {
             identity: &from.identity,
@@ -119,6 +128,11 @@ pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, 
         },
         loaded,
     );
+    let source = match decision.reason {
+        crate::authz::Reason::Rule { index } => snapshot.rule_source(&service, index),
+        _ => None,
+    };
+    let authorization = Authorization { decision, source };
     let attempts = s
         .dialer
         .plan(&up)
