@@ -205,3 +205,52 @@ impl PeerCert {
         self.role == Role::Gateway
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use rcgen::{CertificateParams, CustomExtension, KeyPair, SanType};
+
+    use super::*;
+
+    /// A self-signed node certificate whose services extension holds `content`.
+    fn with_extension(content: Vec<u8>) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(
+            "spiffe://acme/cluster/east/node/a".try_into().unwrap(),
+        )];
+        p.custom_extensions = vec![CustomExtension::from_oid_content(SERVICES_OID, content)];
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Whatever the extension holds, parsing gives valid names or an error.
+        #[test]
+        fn any_services_extension_parses_to_valid_names_or_an_error(
+            content in proptest::collection::vec(any::<u8>(), 0..96),
+        ) {
+            if let Ok(p) = PeerCert::from_der(&with_extension(content)) {
+                prop_assert!(check_services(&p.services).is_ok());
+            }
+        }
+
+        #[test]
+        fn encoded_services_round_trip(names in proptest::collection::btree_set("[a-z][a-z0-9-]{0,20}", 0..8)) {
+            let names: Vec<String> = names.into_iter().collect();
+            let p = PeerCert::from_der(&with_extension(encode_services(&names))).unwrap();
+            prop_assert_eq!(p.services, names);
+        }
+    }
+
+    #[test]
+    fn a_malformed_or_invalid_services_extension_makes_the_certificate_unreadable() {
+        let bad_name = yasna::construct_der(|w| {
+            w.write_sequence_of(|w| w.next().write_utf8_string("no spaces allowed"))
+        });
+        for content in [vec![0x30, 0x05, 0x0c], bad_name, vec![0x04, 0x00]] {
+            assert!(PeerCert::from_der(&with_extension(content)).is_err());
+        }
+    }
+}
