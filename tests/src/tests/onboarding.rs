@@ -380,7 +380,8 @@ async fn renewal_with_second_long_certificates_keeps_traffic_flowing() {
     let pki = Pki::new();
     let net = crate::subnet();
     let (ca, ca_dir) = ca_node(&pki, net, "6s", "api").await;
-    let t = token(&ca, &ca_dir, &[]);
+    // The token's service identity is in the joined certificate and in every renewal.
+    let t = token(&ca, &ca_dir, &["--services", "web"]);
     let work = tempfile::tempdir().expect("tempdir");
     let dir = work.path().join("vm-1");
     let (vm, up) = joined_node(&t, &ca, &dir, NodeSpec::new(net, 3, "vm-1"));
@@ -428,6 +429,7 @@ async fn renewal_with_second_long_certificates_keeps_traffic_flowing() {
     )
     .expect("parse");
     assert!(Some(on_disk.not_after) >= start_not_after);
+    assert_eq!(on_disk.services, ["web"], "renewal dropped the service identity");
     assert!(alive_on(&ca, "vm-1").await, "vm-1 dropped out of the pool");
 }
 
