@@ -3,6 +3,8 @@
 //! - `meshnode-bench rr-server ADDR`: answers every SIZE-byte request with SIZE bytes.
 //! - `meshnode-bench rr ADDR [COUNT] [SIZE] [WARMUP]`: COUNT sequential round trips on
 //!   one connection (after WARMUP), prints `p50_us p99_us p999_us` of the round-trip time.
+//! - `meshnode-bench conn ADDR [COUNT] [SIZE]`: COUNT sequential new connections, one
+//!   round trip each, prints `conn_per_s p50_us p99_us` of connect + first round trip.
 //!
 //! Blocking std sockets with TCP_NODELAY: the tool adds the same small cost to every path.
 
@@ -29,6 +31,14 @@ fn main() -> anyhow::Result<()> {
             let warmup = parse_or(args.get(4), 500)?;
             let (p50, p99, p999) = rr(addr, count, size, warmup)?;
             println!("{p50:.1} {p99:.1} {p999:.1}");
+            Ok(())
+        }
+        Some("conn") => {
+            let addr = parse_addr(args.get(1))?;
+            let count = parse_or(args.get(2), 1_000)?;
+            let size = parse_or(args.get(3), DEFAULT_SIZE)?;
+            let (rate, p50, p99) = conn(addr, count, size)?;
+            println!("{rate:.0} {p50:.1} {p99:.1}");
             Ok(())
         }
         Some("hold") => {
@@ -84,6 +94,29 @@ fn rr_server(addr: SocketAddr, size: usize) -> anyhow::Result<()> {
 /// 1-byte messages), checks each with one round trip, holds them all for
 /// `secs`, checks each again. Prints `opened ok_after_hold errors` and, on
 /// stderr, progress; the caller reads the nodes' RSS while they are held.
+/// New connections one after the other, each with one round trip: the
+/// setup cost of the path (for a mesh: picking an instance, the tunnel
+/// stream, and any session inside it).
+fn conn(addr: SocketAddr, count: usize, size: usize) -> anyhow::Result<(f64, f64, f64)> {
+    let req = vec![7u8; size];
+    let mut resp = vec![0u8; size];
+    let mut times = Vec::with_capacity(count);
+    let all = Instant::now();
+    for i in 0..count {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+        s.set_nodelay(true)?;
+        s.write_all(&req)?;
+        s.read_exact(&mut resp)
+            .with_context(|| format!("connection {i}: no answer"))?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let rate = count as f64 / all.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+    Ok((rate, at(0.5), at(0.99)))
+}
+
 fn hold(addr: SocketAddr, count: usize, secs: usize) -> anyhow::Result<()> {
     let (mut conns, errors, first_error) = open_checked(addr, count, true);
     println!("HELD {} {errors}", conns.len());

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::ca::{CaError, CaNode};
-use crate::config::Config;
+use crate::config::{Config, CrossClusterIdentity};
 use crate::drain::Drain;
 use crate::federation;
 use crate::health;
@@ -351,6 +351,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     let admin_secret = write_admin_secret(&cfg.data_dir)?;
 
     let drain = Drain::default();
+    let e2e = meshnode_transport::tunnel::e2e::E2e::new(&tls)?;
     let checks = services_cfg
         .iter()
         .enumerate()
@@ -368,6 +369,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
             lan: gossip.clone(),
             wan: wan_view,
             authz: crate::authz::Authorizer::follow(policy.store.clone()),
+            e2e: e2e.clone(),
+            trust_carried: cfg.cross_cluster_identity == CrossClusterIdentity::Gateway,
             policy_loaded: {
                 let policy = policy.clone();
                 Arc::new(move || policy.loaded())
@@ -377,6 +380,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
 
     let dialer = Arc::new(Dialer::new(
         endpoint.clone(),
+        (cfg.cross_cluster_identity == CrossClusterIdentity::EndToEnd).then(|| e2e.clone()),
         gossip.clone(),
         me.identity.cluster(),
     ));

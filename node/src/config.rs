@@ -41,12 +41,26 @@ pub struct Config {
     pub log_format: LogFormat,
     pub wan_advertise: Option<SocketAddr>,
     pub wan_seeds: Vec<SocketAddr>,
+    /// Cross-cluster callers: `end_to_end` (default) runs a TLS session with
+    /// the destination node inside every cross-cluster stream and refuses
+    /// streams without one; `gateway` trusts the caller the gateways carry
+    /// (meshes with nodes from before end-to-end sessions, while they upgrade).
+    pub cross_cluster_identity: CrossClusterIdentity,
     pub tls: TlsPaths,
     pub services: Vec<ServiceConfig>,
     pub upstreams: Vec<UpstreamConfig>,
     pub gossip: GossipSettings,
     /// Set on CA nodes: the node holds the CA key and signs joins and renewals.
     pub ca: Option<CaSettings>,
+}
+
+/// See [`Config::cross_cluster_identity`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CrossClusterIdentity {
+    #[default]
+    EndToEnd,
+    Gateway,
 }
 
 /// The agent's log line format.

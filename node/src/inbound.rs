@@ -60,6 +60,11 @@ pub struct Inbound {
     pub authz: Authorizer,
     /// Whether this node has loaded the mesh's policy since it started.
     pub policy_loaded: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// End-to-end sessions with callers of other clusters.
+    pub e2e: tunnel::e2e::E2e,
+    /// Accept a caller carried by gateways without an end-to-end session
+    /// (`cross_cluster_identity = "gateway"`).
+    pub trust_carried: bool,
 }
 
 /// Who is calling, as far as this node can tell.
@@ -122,6 +127,7 @@ pub(crate) fn route(
     peer: &PeerCert,
     me: &PeerCert,
     gateway: bool,
+    trust_carried: bool,
 ) -> (Route, CallerId) {
     let refuse = |status, why| {
         (
@@ -190,6 +196,19 @@ pub(crate) fn route(
     } else {
         Route::Local
     };
+    // Where the stream ends here or in this cluster, a caller that crossed
+    // clusters proves itself end to end: what a gateway says is not enough.
+    let crossed = from_other_cluster || header.caller.is_some();
+    if matches!(route, Route::Local | Route::Lan) && crossed && !header.end_to_end && !trust_carried
+    {
+        return (
+            Route::Refuse(
+                Status::Forbidden,
+                "a stream from another cluster must carry an end-to-end session",
+            ),
+            caller,
+        );
+    }
     (route, caller)
 }
 
@@ -207,7 +226,7 @@ async fn handle_stream(
             return;
         }
     };
-    let (route, caller) = route(&header, &peer, &ctx.me, ctx.gateway);
+    let (route, caller) = route(&header, &peer, &ctx.me, ctx.gateway, ctx.trust_carried);
     let service = header.service.clone();
     // Labels from the header are bounded: a name neither hosted here nor in
     // the catalog is `other`, and each label keeps at most 256 values.
@@ -240,6 +259,23 @@ async fn handle_stream(
             count("in", status.as_str());
             tunnel::refuse(&mut send, status).await
         }
+        Route::Local if header.end_to_end => {
+            let Some(target) = local_target(&ctx.registry, &header) else {
+                count("in", "no_such_service");
+                return tunnel::refuse(&mut send, Status::NoSuchService).await;
+            };
+            serve_end_to_end(
+                send,
+                recv,
+                target,
+                &header,
+                &peer,
+                &ctx,
+                &service_label,
+                &count,
+            )
+            .await;
+        }
         Route::Local => {
             if let Err(status) = authorize(&ctx, &service, &service_label, &caller, &peer) {
                 count("in", status.as_str());
@@ -258,6 +294,19 @@ async fn handle_stream(
             // This gateway is the destination cluster's: pick an instance here.
             if header.port == ANY_PORT {
                 if let Some(target) = local_target(&ctx.registry, &header) {
+                    if header.end_to_end {
+                        return serve_end_to_end(
+                            send,
+                            recv,
+                            target,
+                            &header,
+                            &peer,
+                            &ctx,
+                            &service_label,
+                            &count,
+                        )
+                        .await;
+                    }
                     if let Err(status) = authorize(&ctx, &service, &service_label, &caller, &peer) {
                         count("in", status.as_str());
                         return tunnel::refuse(&mut send, status).await;
@@ -313,6 +362,105 @@ fn authorize(
         }
     }
     Err(status)
+}
+
+/// A stream that carries an end-to-end session: the outer status says an
+/// instance is here; the caller then proves who it is inside the session,
+/// and authorization, the local connect and the bytes all run inside it.
+#[allow(clippy::too_many_arguments)]
+async fn serve_end_to_end(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    target: std::net::SocketAddr,
+    outer: &Header,
+    via: &PeerCert,
+    ctx: &Inbound,
+    service_label: &str,
+    count: &impl Fn(&'static str, &'static str),
+) {
+    if tunnel::respond(&mut send, Status::Ok).await.is_err() {
+        count("in", "peer_gone");
+        return;
+    }
+    let (mut session, peer, inner) = match ctx.e2e.accept(send, recv).await {
+        Ok(x) => x,
+        Err(e) => {
+            if REFUSED_LOG.allow() {
+                warn!(via = %via.identity, service = %outer.service.escape_debug(), error = %e, "end-to-end session failed (logged at most once per 10 s)");
+            }
+            count("in", "session_failed");
+            return;
+        }
+    };
+    // From here on the caller label is the identity proven in the session,
+    // not the one the gateways carried.
+    let caller_label = LABELS.value("caller", &peer.identity.to_string(), true);
+    let count = |direction: &'static str, result: &'static str| {
+        metrics::counter!(TUNNEL_STREAMS, "service" => service_label.to_string(), "direction" => direction,
+            "result" => result, "caller" => caller_label.clone())
+        .increment(1);
+    };
+    // The inner header is the caller's own word; the outer one passed
+    // through gateways. They must agree on what is asked for.
+    let port_ok = inner.port == ANY_PORT || inner.port == outer.port || outer.port == ANY_PORT;
+    let mine = ctx.me.identity.cluster();
+    if inner.service != outer.service
+        || !port_ok
+        || inner.cluster.as_deref().is_some_and(|c| c != mine)
+    {
+        if REFUSED_LOG.allow() {
+            warn!(caller = %peer.identity, via = %via.identity, outer = %outer.service.escape_debug(), inner = %inner.service.escape_debug(), "end-to-end stream refused: the gateways' header does not match the caller's (logged at most once per 10 s)");
+        }
+        count("in", "forbidden");
+        let _ = tunnel::e2e::respond(&mut session, Status::Forbidden).await;
+        return;
+    }
+    let caller = CallerId {
+        identity: peer.identity.clone(),
+        service: inner.source_service.clone(),
+    };
+    if let Some(s) = caller.service.as_deref().filter(|s| !peer.may_act_as(s)) {
+        metrics::counter!(AUTHZ_DECISIONS, "service" => service_label.to_string(),
+            "decision" => "deny", "reason" => "identity")
+        .increment(1);
+        if DENIED_LOG.allow() {
+            warn!(caller = %peer.identity, acting_as = %s.escape_debug(), "end-to-end stream denied: the caller's certificate does not name the service it acts as");
+        }
+        count("in", "denied");
+        let _ = tunnel::e2e::respond(&mut session, Status::Denied).await;
+        return;
+    }
+    if let Err(status) = authorize(ctx, &outer.service, service_label, &caller, via) {
+        count("in", status.as_str());
+        let _ = tunnel::e2e::respond(&mut session, status).await;
+        return;
+    }
+    let tcp = match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(tcp)) => tcp,
+        _ => {
+            count("in", "connect_failed");
+            let _ = tunnel::e2e::respond(&mut session, Status::ConnectFailed).await;
+            return;
+        }
+    };
+    if tunnel::e2e::respond(&mut session, Status::Ok)
+        .await
+        .is_err()
+    {
+        count("in", "peer_gone");
+        return;
+    }
+    let _guard = ctx.drain.enter();
+    let active = metrics::gauge!(TUNNEL_ACTIVE, "direction" => "in");
+    active.increment(1.0);
+    let stats = tunnel::e2e::splice_session(tcp, session).await;
+    active.decrement(1.0);
+    metrics::counter!(TUNNEL_BYTES, "service" => service_label.to_string(), "direction" => "in")
+        .increment(stats.from_peer);
+    metrics::counter!(TUNNEL_BYTES, "service" => service_label.to_string(), "direction" => "out")
+        .increment(stats.to_peer);
+    count("in", stats.ending.as_str());
+    debug!(%caller, via = %via.identity, service = %outer.service, sent = stats.to_peer, received = stats.from_peer, "end-to-end stream closed");
 }
 
 /// The instance on this node a header asks for: the named port, or any
@@ -397,6 +545,7 @@ fn wan_hops(ctx: &Inbound, header: &Header, cluster: &str) -> Vec<Hop> {
                 // Set by `forward`, like on every hop.
                 caller: None,
                 source_service: None,
+                end_to_end: header.end_to_end,
             },
             wait: WAN_STATUS_TIMEOUT,
         })
@@ -436,6 +585,7 @@ fn lan_hops(ctx: &Inbound, header: &Header) -> Vec<Hop> {
             cluster: None,
             caller: None,
             source_service: None,
+            end_to_end: header.end_to_end,
         },
         wait: STATUS_TIMEOUT,
     })
@@ -532,6 +682,7 @@ mod tests {
             cluster: cluster.map(String::from),
             caller,
             source_service: None,
+            end_to_end: true,
         }
     }
 
@@ -543,35 +694,42 @@ mod tests {
         let west_node = cert("west", "n1", false);
         let a = Identity::new("acme", "east", "a").unwrap();
         // Plain local stream: the caller is the peer.
-        let (r, c) = route(&header(None, None), &node, &node, false);
+        let (r, c) = route(&header(None, None), &node, &node, false, false);
         assert_eq!((r, c.identity), (Route::Local, node.identity.clone()));
         // To another cluster: only through a gateway.
-        let (r, _) = route(&header(Some("west"), None), &node, &gw, true);
+        let (r, _) = route(&header(Some("west"), None), &node, &gw, true, false);
         assert_eq!(r, Route::Wan("west".into()));
-        let (r, _) = route(&header(Some("west"), None), &node, &node, false);
+        let (r, _) = route(&header(Some("west"), None), &node, &node, false, false);
         assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
         // Arriving from another cluster's gateway at our gateway: forward in the cluster,
         // with the carried caller.
-        let (r, c) = route(&header(Some("east"), Some(a.clone())), &west_gw, &gw, true);
+        let (r, c) = route(
+            &header(Some("east"), Some(a.clone())),
+            &west_gw,
+            &gw,
+            true,
+            false,
+        );
         assert_eq!((r, c.identity), (Route::Lan, a.clone()));
         // A non-gateway of another cluster cannot reach in, nor can a gateway relay transit.
-        let (r, _) = route(&header(None, None), &west_node, &gw, true);
+        let (r, _) = route(&header(None, None), &west_node, &gw, true, false);
         assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
-        let (r, _) = route(&header(Some("south"), None), &west_gw, &gw, true);
+        let (r, _) = route(&header(Some("south"), None), &west_gw, &gw, true, false);
         assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
         // The destination accepts a carried caller only from a gateway.
-        let (r, c) = route(&header(None, Some(a.clone())), &gw, &node, false);
+        let (r, c) = route(&header(None, Some(a.clone())), &gw, &node, false, false);
         assert_eq!((r, c.identity), (Route::Local, a.clone()));
         let (r, c) = route(
             &header(None, Some(a.clone())),
             &cert("east", "n2", false),
             &node,
             false,
+            false,
         );
         assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
         assert_eq!(c.identity.node(), "n2");
         let other_mesh = Identity::new("evil", "east", "a").unwrap();
-        let (r, _) = route(&header(None, Some(other_mesh)), &gw, &node, false);
+        let (r, _) = route(&header(None, Some(other_mesh)), &gw, &node, false, false);
         assert!(matches!(r, Route::Refuse(Status::Forbidden, _)));
     }
 
@@ -582,22 +740,22 @@ mod tests {
         let west_gw = cert("west", "gw", true);
         let mut h = header(None, None);
         h.source_service = Some("web".into());
-        let (r, c) = route(&h, &node, &node, false);
+        let (r, c) = route(&h, &node, &node, false, false);
         assert_eq!(r, Route::Local);
         assert_eq!(c.service.as_deref(), Some("web"));
         h.source_service = Some("admin".into());
-        let (r, _) = route(&h, &node, &node, false);
+        let (r, _) = route(&h, &node, &node, false, false);
         assert!(matches!(r, Route::Refuse(Status::Denied, _)));
         // A gateway checks it on the first hop, then carries it: the remote
         // gateway and the destination take it with the carried caller.
         let mut h = header(Some("west"), None);
         h.source_service = Some("admin".into());
-        let (r, _) = route(&h, &node, &gw, true);
+        let (r, _) = route(&h, &node, &gw, true, false);
         assert!(matches!(r, Route::Refuse(Status::Denied, _)));
         let a = Identity::new("acme", "west", "a").unwrap();
         let mut h = header(Some("east"), Some(a.clone()));
         h.source_service = Some("admin".into());
-        let (r, c) = route(&h, &west_gw, &gw, true);
+        let (r, c) = route(&h, &west_gw, &gw, true, false);
         assert_eq!(r, Route::Lan);
         assert_eq!(
             c,
@@ -606,5 +764,31 @@ mod tests {
                 service: Some("admin".into())
             }
         );
+    }
+
+    #[test]
+    fn a_caller_from_another_cluster_must_prove_itself_end_to_end() {
+        let node = cert("east", "n1", false);
+        let gw = cert("east", "gw", true);
+        let west_gw = cert("west", "gw", true);
+        let a = Identity::new("acme", "west", "a").unwrap();
+        let mut carried = header(None, Some(a.clone()));
+        carried.end_to_end = false;
+        // A gateway's word alone is not enough, at the node or at the gateway.
+        let (r, _) = route(&carried, &gw, &node, false, false);
+        assert!(matches!(r, Route::Refuse(Status::Forbidden, _)), "{r:?}");
+        let mut lan = header(Some("east"), Some(a));
+        lan.end_to_end = false;
+        let (r, _) = route(&lan, &west_gw, &gw, true, false);
+        assert!(matches!(r, Route::Refuse(Status::Forbidden, _)), "{r:?}");
+        // Unless the mesh still trusts gateways (upgrading from older nodes).
+        let (r, _) = route(&carried, &gw, &node, false, true);
+        assert_eq!(r, Route::Local);
+        // With a session, it routes; a stream within the cluster needs none.
+        lan.end_to_end = true;
+        assert_eq!(route(&lan, &west_gw, &gw, true, false).0, Route::Lan);
+        let mut plain = header(None, None);
+        plain.end_to_end = false;
+        assert_eq!(route(&plain, &node, &node, false, false).0, Route::Local);
     }
 }

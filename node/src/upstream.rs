@@ -32,6 +32,13 @@ pub(crate) const REMOTE_STATUS_TIMEOUT: std::time::Duration = std::time::Duratio
 /// Denials are logged at most once a second (all are counted).
 static DENIED_LOG: LogLimit = LogLimit::new(std::time::Duration::from_secs(1));
 
+/// An open tunnel: a plain stream (the QUIC connection is end to end), or
+/// an end-to-end session through gateways.
+pub(crate) enum Tunnel {
+    Plain(quinn::SendStream, quinn::RecvStream),
+    Sealed(Box<tunnel::e2e::ClientSession>),
+}
+
 /// Why a connection could not be tunnelled.
 #[derive(Debug)]
 enum Refusal {
@@ -54,6 +61,9 @@ impl Refusal {
 /// Shared by every upstream of a node: where to send, and what we learned from failures.
 pub struct Dialer {
     endpoint: Endpoint,
+    /// Cross-cluster streams carry an end-to-end session (`None`: the mesh
+    /// still trusts the caller gateways carry, see `cross_cluster_identity`).
+    e2e: Option<tunnel::e2e::E2e>,
     gossip: GossipHandle,
     cluster: String,
     state: Mutex<Load>,
@@ -121,9 +131,15 @@ fn scope<'a>(own_cluster: &'a str, up: &'a UpstreamConfig) -> Scope<'a> {
 // === impl Dialer ===
 
 impl Dialer {
-    pub fn new(endpoint: Endpoint, gossip: GossipHandle, cluster: &str) -> Self {
+    pub fn new(
+        endpoint: Endpoint,
+        e2e: Option<tunnel::e2e::E2e>,
+        gossip: GossipHandle,
+        cluster: &str,
+    ) -> Self {
         Self {
             endpoint,
+            e2e,
             gossip,
             cluster: cluster.to_string(),
             state: Mutex::new(Load::default()),
@@ -173,15 +189,7 @@ impl Dialer {
     async fn open(
         &self,
         up: &UpstreamConfig,
-    ) -> Result<
-        (
-            quinn::SendStream,
-            quinn::RecvStream,
-            Target,
-            ActiveGuard<'_>,
-        ),
-        Refusal,
-    > {
+    ) -> Result<(Tunnel, Target, ActiveGuard<'_>), Refusal> {
         let candidates = self.plan(up);
         if candidates.is_empty() {
             return Err(Refusal::NoInstance(format!(
@@ -202,15 +210,14 @@ impl Dialer {
                 .try_target(&up.service, up.as_service.as_deref(), &target)
                 .await
             {
-                Ok((send, recv)) => {
+                Ok(tunnel) => {
                     let k = target.key();
                     let mut load = self.lock();
                     load.outliers.handle_success(&k);
                     *load.active.entry(k.clone()).or_default() += 1;
                     drop(load);
                     return Ok((
-                        send,
-                        recv,
+                        tunnel,
                         target,
                         ActiveGuard {
                             dialer: self,
@@ -253,7 +260,7 @@ impl Dialer {
         service: &str,
         acting_as: Option<&str>,
         target: &Target,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
+    ) -> Result<Tunnel, TunnelError> {
         let (addr, node, gateway, mut header, wait) = match target {
             Target::Local(i) => (
                 i.node_addr,
@@ -272,12 +279,13 @@ impl Dialer {
                     cluster: Some(r.cluster.clone()),
                     caller: None,
                     source_service: None,
+                    end_to_end: self.e2e.is_some(),
                 },
                 REMOTE_STATUS_TIMEOUT,
             ),
         };
         header.source_service = acting_as.map(str::to_string);
-        open_to(
+        let (send, recv) = open_to(
             &self.endpoint,
             addr,
             node,
@@ -286,7 +294,25 @@ impl Dialer {
             &header,
             wait,
         )
-        .await
+        .await?;
+        match (target, &self.e2e) {
+            (Target::Remote(r), Some(e2e)) => {
+                // The caller's own word, inside the session: the outer
+                // header only routes.
+                let inner = Header {
+                    service: service.to_string(),
+                    port: ANY_PORT,
+                    cluster: Some(r.cluster.clone()),
+                    caller: None,
+                    source_service: acting_as.map(str::to_string),
+                    end_to_end: true,
+                };
+                let (session, dest) = e2e.connect(send, recv, &r.cluster, &inner).await?;
+                debug!(%service, destination = %dest.identity, via = %r.via, "end-to-end session up");
+                Ok(Tunnel::Sealed(Box::new(session)))
+            }
+            _ => Ok(Tunnel::Plain(send, recv)),
+        }
     }
 }
 
@@ -375,7 +401,7 @@ pub async fn serve(listener: TcpListener, up: UpstreamConfig, dialer: Arc<Dialer
 
 async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
     let started = Instant::now();
-    let (send, recv, target, _active) = match dialer.open(up).await {
+    let (tunnel, target, _active) = match dialer.open(up).await {
         Ok(x) => x,
         Err(refusal) => {
             match &refusal {
@@ -397,7 +423,10 @@ async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
     metrics::histogram!(TUNNEL_CONNECT_SECONDS).record(started.elapsed().as_secs_f64());
     let active = metrics::gauge!(TUNNEL_ACTIVE, "direction" => "out");
     active.increment(1.0);
-    let stats = tunnel::splice(tcp, send, recv).await;
+    let stats = match tunnel {
+        Tunnel::Plain(send, recv) => tunnel::splice(tcp, send, recv).await,
+        Tunnel::Sealed(session) => tunnel::e2e::splice_session(tcp, *session).await,
+    };
     active.decrement(1.0);
     metrics::counter!(TUNNEL_BYTES, "service" => up.service.clone(), "direction" => "out")
         .increment(stats.to_peer);

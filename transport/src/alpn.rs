@@ -18,6 +18,10 @@ pub const WAN_GOSSIP_V3: &[u8] = b"meshnode-wan/3";
 pub const TUNNEL: &[u8] = b"meshnode-tunnel/1";
 /// The join handshake of a new machine.
 pub const JOIN: &[u8] = b"meshnode-join/1";
+/// The end-to-end TLS session a caller runs with the destination node
+/// inside a cross-cluster tunnel stream (not a QUIC protocol: never offered
+/// on the endpoint).
+pub const E2E: &[u8] = b"meshnode-e2e/1";
 
 /// The protocols a node serves, in its order of preference (rustls picks the
 /// first of these that the client offers).

@@ -346,6 +346,49 @@ impl TlsMaterial {
     }
 }
 
+// === end-to-end sessions (see `tunnel::e2e`) ===
+
+impl TlsMaterial {
+    /// rustls server config of an end-to-end session: TLS 1.3, the node's
+    /// current certificate, the mesh's client verifier (chain, mesh,
+    /// revocations), no resumption. A client certificate is requested; the
+    /// session is refused after the handshake if none was sent.
+    pub fn e2e_server_config(self: &Arc<Self>) -> Result<rustls::ServerConfig, TlsError> {
+        let verifier = MeshClientVerifier::new(
+            self.roots.clone(),
+            provider(),
+            &self.mesh,
+            self.revoked.clone(),
+        )?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_cert_resolver(Arc::new(Resolver(self.clone())));
+        tls.alpn_protocols = vec![alpn::E2E.to_vec()];
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
+        Ok(tls)
+    }
+
+    /// The client side of [`TlsMaterial::e2e_server_config`].
+    pub fn e2e_client_config(self: &Arc<Self>) -> Result<rustls::ClientConfig, TlsError> {
+        let verifier = MeshServerVerifier::new(
+            self.roots.clone(),
+            provider(),
+            &self.mesh,
+            self.revoked.clone(),
+        );
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
+        tls.alpn_protocols = vec![alpn::E2E.to_vec()];
+        tls.resumption = rustls::client::Resumption::disabled();
+        Ok(tls)
+    }
+}
+
 /// The client config of a machine that joins: no certificate of its own, and
 /// the server must present a chain to the CA whose SHA-256 fingerprint the
 /// token carries, or the handshake fails before the token is sent.

@@ -4,6 +4,7 @@
 //! with one [`Status`] byte, then bytes flow both ways. TCP FIN maps to stream
 //! finish, a TCP reset to a stream reset, and back.
 
+pub mod e2e;
 mod header;
 mod splice;
 

@@ -56,6 +56,7 @@ pub struct RawConfig {
     log_format: Option<String>,
     wan_advertise: Option<String>,
     wan_seeds: Vec<String>,
+    cross_cluster_identity: Option<String>,
     tls: Option<RawTls>,
     service: Vec<RawService>,
     upstream: Vec<RawUpstream>,
@@ -349,6 +350,17 @@ impl RawConfig {
                 LogFormat::Text
             }),
         };
+        let cross_cluster_identity = match self.cross_cluster_identity.as_deref() {
+            None | Some("end_to_end") => super::CrossClusterIdentity::EndToEnd,
+            Some("gateway") => super::CrossClusterIdentity::Gateway,
+            Some(other) => {
+                e.push(
+                    "cross_cluster_identity",
+                    format!("{other:?} is not one of \"end_to_end\", \"gateway\""),
+                );
+                super::CrossClusterIdentity::EndToEnd
+            }
+        };
         let ca = self.ca.map(|ca| {
             let cert_ttl = e.duration("ca.cert_ttl", ca.cert_ttl.as_deref(), DEFAULT_CERT_TTL);
             if !(MIN_CERT_TTL..=MAX_CERT_TTL).contains(&cert_ttl) {
@@ -384,6 +396,7 @@ impl RawConfig {
                 log_format,
                 wan_advertise,
                 wan_seeds,
+                cross_cluster_identity,
                 tls,
                 services,
                 upstreams,

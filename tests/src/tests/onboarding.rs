@@ -429,7 +429,11 @@ async fn renewal_with_second_long_certificates_keeps_traffic_flowing() {
     )
     .expect("parse");
     assert!(Some(on_disk.not_after) >= start_not_after);
-    assert_eq!(on_disk.services, ["web"], "renewal dropped the service identity");
+    assert_eq!(
+        on_disk.services,
+        ["web"],
+        "renewal dropped the service identity"
+    );
     assert!(alive_on(&ca, "vm-1").await, "vm-1 dropped out of the pool");
 }
 

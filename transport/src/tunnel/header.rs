@@ -32,6 +32,11 @@ pub struct Header {
     /// checks it against the caller's certificate; a gateway carries it with
     /// `caller`, after it checked it on the first hop.
     pub source_service: Option<String>,
+    /// After the status, the stream carries an end-to-end TLS session
+    /// between the caller and the destination node (see `tunnel::e2e`):
+    /// the destination authorizes the identity proven there, and ignores
+    /// `caller` and `source_service` here.
+    pub end_to_end: bool,
 }
 
 impl Header {
@@ -43,6 +48,7 @@ impl Header {
             cluster: None,
             caller: None,
             source_service: None,
+            end_to_end: false,
         }
     }
 }
@@ -194,13 +200,13 @@ fn check(h: &Header) -> Result<(), HeaderError> {
 pub fn encode_header(h: &Header) -> Result<Vec<u8>, HeaderError> {
     check(h)?;
     let wire = match &h.source_service {
-        None => WireHeader::V2(HeaderV2 {
+        None if !h.end_to_end => WireHeader::V2(HeaderV2 {
             service: h.service.clone(),
             port: h.port,
             cluster: h.cluster.clone(),
             caller: h.caller.clone(),
         }),
-        Some(_) => WireHeader::V3(h.clone()),
+        _ => WireHeader::V3(h.clone()),
     };
     let body = codec::encode(&wire).map_err(|e| HeaderError::Malformed(e.to_string()))?;
     if body.len() > MAX_HEADER_LEN {
@@ -229,6 +235,7 @@ pub fn decode_header(body: &[u8]) -> Result<Header, HeaderError> {
             cluster: None,
             caller: None,
             source_service: None,
+            end_to_end: false,
         },
         WireHeader::V2(HeaderV2 {
             service,
@@ -241,6 +248,7 @@ pub fn decode_header(body: &[u8]) -> Result<Header, HeaderError> {
             cluster,
             caller,
             source_service: None,
+            end_to_end: false,
         },
         WireHeader::V3(h) => h,
     };
@@ -285,9 +293,10 @@ mod tests {
             cluster in proptest::option::of("[a-z][a-z0-9-]{0,30}"),
             caller in proptest::option::of("[a-z]{1,20}"),
             source_service in proptest::option::of("[a-z][a-z0-9_-]{0,40}"),
+            end_to_end: bool,
         ) {
             let caller = caller.map(|n| Identity::new("acme", "west", &n).unwrap());
-            let h = Header { service, port, cluster, caller, source_service };
+            let h = Header { service, port, cluster, caller, source_service, end_to_end };
             let frame = encode_header(&h).unwrap();
             prop_assert_eq!(decode_frame(&frame).unwrap(), h);
         }

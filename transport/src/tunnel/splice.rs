@@ -142,11 +142,39 @@ fn take_read(buf: &mut BytesMut) -> Bytes {
 
 /// Copies one tunnel stream into another until it finishes (then finishes the
 /// other). `Err(true)` when reading failed, `Err(false)` when writing did.
+/// Diagnostic: with `MESHNODE_RELAY_CAPTURE=FILE` in a gateway's
+/// environment, every byte its relays carry is appended to FILE, to check
+/// what a gateway sees of cross-cluster streams (ciphertext only, under end
+/// to end sessions). Off unless set; read once.
+static CAPTURE: std::sync::LazyLock<Option<std::sync::Mutex<std::fs::File>>> =
+    std::sync::LazyLock::new(|| {
+        let path = std::env::var_os("MESHNODE_RELAY_CAPTURE")?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .ok()?;
+        tracing::warn!(path = %std::path::Path::new(&path).display(), "MESHNODE_RELAY_CAPTURE is set: every relayed byte is written to this file");
+        Some(std::sync::Mutex::new(file))
+    });
+
+fn capture(chunks: &[Bytes]) {
+    if let Some(f) = CAPTURE.as_ref() {
+        use std::io::Write;
+        if let Ok(mut f) = f.lock() {
+            for c in chunks {
+                let _ = f.write_all(c);
+            }
+        }
+    }
+}
+
 async fn pump(from: &mut RecvStream, to: &mut SendStream, count: &mut u64) -> Result<(), bool> {
     let mut chunks: [Bytes; MAX_CHUNKS] = std::array::from_fn(|_| Bytes::new());
     loop {
         match from.read_chunks(&mut chunks).await {
             Ok(Some(n)) => {
+                capture(&chunks[..n]);
                 *count += chunks[..n].iter().map(|c| c.len() as u64).sum::<u64>();
                 to.write_all_chunks(&mut chunks[..n])
                     .await
