@@ -92,7 +92,7 @@ for r in $(seq 1 "$ROUNDS"); do
     start "$mode" $base
     "$TOOL" conn 127.0.0.1:$base 200 64 >/dev/null   # warm the connections
     read -r rate p50 p99 < <("$TOOL" conn 127.0.0.1:$base "$CONNS" 64)
-    gbps=$(iperf3 -c 127.0.0.1 -p $((base + 1)) -t 5 -J | awk -F': ' '/"bits_per_second"/ {v=$2} END {gsub(/,/, "", v); printf "%.2f", v / 1e9}')
+    gbps=$(iperf3 -c 127.0.0.1 -p $((base + 1)) -t 5 -J | awk -F'[:,]' '/"bits_per_second"/ {v=$2} END {printf "%.2f", v / 1e9}')
     printf '%-10s %5s %12s %10s %10s %10s\n' "$mode" "$r" "$rate" "$p50" "$p99" "$gbps"
     RATE[$mode]="${RATE[$mode]:-} $rate"; P50[$mode]="${P50[$mode]:-} $p50"; GBPS[$mode]="${GBPS[$mode]:-} $gbps"
     stop

@@ -284,21 +284,10 @@ impl Dialer {
                 REMOTE_STATUS_TIMEOUT,
             ),
         };
-        header.source_service = acting_as.map(str::to_string);
-        let (send, recv) = open_to(
-            &self.endpoint,
-            addr,
-            node,
-            &self.cluster,
-            gateway,
-            &header,
-            wait,
-        )
-        .await?;
         match (target, &self.e2e) {
             (Target::Remote(r), Some(e2e)) => {
-                // The caller's own word, inside the session: the outer
-                // header only routes.
+                // The caller's own word goes inside the session; the outer
+                // header only routes, and names no service acted as.
                 let inner = Header {
                     service: service.to_string(),
                     port: ANY_PORT,
@@ -307,11 +296,43 @@ impl Dialer {
                     source_service: acting_as.map(str::to_string),
                     end_to_end: true,
                 };
-                let (session, dest) = e2e.connect(send, recv, &r.cluster, &inner).await?;
+                let header = &header;
+                let (session, dest) = open_with(
+                    &self.endpoint,
+                    addr,
+                    node,
+                    &self.cluster,
+                    gateway,
+                    |send, recv| async move {
+                        e2e.open(
+                            send,
+                            recv,
+                            header,
+                            &inner,
+                            &r.cluster,
+                            wait + tunnel::e2e::SESSION_TIMEOUT,
+                        )
+                        .await
+                    },
+                )
+                .await?;
                 debug!(%service, destination = %dest.identity, via = %r.via, "end-to-end session up");
                 Ok(Tunnel::Sealed(Box::new(session)))
             }
-            _ => Ok(Tunnel::Plain(send, recv)),
+            _ => {
+                header.source_service = acting_as.map(str::to_string);
+                let (send, recv) = open_to(
+                    &self.endpoint,
+                    addr,
+                    node,
+                    &self.cluster,
+                    gateway,
+                    &header,
+                    wait,
+                )
+                .await?;
+                Ok(Tunnel::Plain(send, recv))
+            }
         }
     }
 }
@@ -327,6 +348,33 @@ pub(crate) async fn open_to(
     header: &Header,
     wait: std::time::Duration,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
+    open_with(
+        endpoint,
+        addr,
+        node,
+        cluster,
+        gateway,
+        |mut send, mut recv| async move {
+            tunnel::open(&mut send, &mut recv, header, wait).await?;
+            Ok((send, recv))
+        },
+    )
+    .await
+}
+
+/// [`open_to`] with what to do on the fresh stream (`then`) left to the caller.
+pub(crate) async fn open_with<T, F, Fut>(
+    endpoint: &Endpoint,
+    addr: std::net::SocketAddr,
+    node: &str,
+    cluster: &str,
+    gateway: bool,
+    then: F,
+) -> Result<T, TunnelError>
+where
+    F: FnOnce(quinn::SendStream, quinn::RecvStream) -> Fut,
+    Fut: std::future::Future<Output = Result<T, TunnelError>>,
+{
     let (conn, peer) = endpoint
         .connect(addr, Alpn::Tunnel)
         .await
@@ -343,12 +391,11 @@ pub(crate) async fn open_to(
         )));
     }
     let opened = async {
-        let (mut send, mut recv) = conn
+        let (send, recv) = conn
             .open_bi()
             .await
             .map_err(|e| TunnelError::Stream(e.to_string()))?;
-        tunnel::open(&mut send, &mut recv, header, wait).await?;
-        Ok((send, recv))
+        then(send, recv).await
     };
     let result = opened.await;
     if let Err(TunnelError::Timeout(_) | TunnelError::Stream(_) | TunnelError::Closed(_)) = &result

@@ -175,6 +175,8 @@ pub struct NodeSpec {
     pub netns: Option<String>,
     /// A gateway: its WAN address and WAN seeds.
     pub wan: Option<(SocketAddr, Vec<SocketAddr>)>,
+    /// Extra environment of the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeSpec {
@@ -191,6 +193,7 @@ impl NodeSpec {
             top: String::new(),
             netns: None,
             wan: None,
+            env: Vec::new(),
         }
     }
 
@@ -207,6 +210,7 @@ impl NodeSpec {
             top: String::new(),
             netns: Some(host.ns.clone()),
             wan: None,
+            env: Vec::new(),
         }
     }
 
@@ -296,6 +300,7 @@ impl NodeProc {
         };
         let child = cmd
             .args(&args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "MESHNODE_LOG",
                 std::env::var("TEST_NODE_LOG")

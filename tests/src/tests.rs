@@ -2,6 +2,7 @@ mod authz;
 mod cli;
 mod federation;
 mod flow;
+mod gateways;
 mod handshakes;
 mod integrity;
 mod listeners;

@@ -44,6 +44,15 @@ impl Mesh {
     /// Starts a node on every host. `echo` lists the hosts that run a named
     /// echo app registered as service `echo`; `a1` gets an upstream for it.
     pub(crate) async fn start(topo: Topology, echo: &[&str]) -> Mesh {
+        Self::start_with(topo, echo, |_| {}).await
+    }
+
+    /// [`Mesh::start`], with a last word on each node's spec.
+    pub(crate) async fn start_with(
+        topo: Topology,
+        echo: &[&str],
+        customize: impl Fn(&mut NodeSpec),
+    ) -> Mesh {
         let pki = Pki::new();
         let mut apps = Vec::new();
         let mut nodes = BTreeMap::new();
@@ -95,6 +104,7 @@ impl Mesh {
                 Role::Node
             };
             let dir = pki.issue_as(&h.cluster, &h.name, role);
+            customize(&mut spec);
             nodes.insert(h.name.clone(), NodeProc::start(spec, &dir));
         }
         let mesh = Mesh {
@@ -384,6 +394,10 @@ async fn when_local_instances_die_traffic_fails_over_to_cluster_b_and_comes_home
         after_detection.len()
     );
     assert_eq!(failures, 0, "connections failed during failover");
+    assert!(
+        first_remote <= Duration::from_millis(2_500),
+        "failover took {first_remote:?}"
+    );
     assert!(
         after_detection.iter().all(|w| w == "b1"),
         "{after_detection:?}"

@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! caller -> dest : outer header (end_to_end) ........ relayed by the gateways
+//! caller -> dest : the ClientHello, at once (not waiting for the status)
 //! dest -> caller : outer status (routing: found an instance?)
-//! both           : TLS 1.3 handshake, both node certificates (ALPN meshnode-e2e/1)
+//! both           : the rest of the TLS 1.3 handshake, both node certificates (ALPN meshnode-e2e/1)
 //! caller -> dest : inner header, inside TLS (the service, the service acted as)
 //! dest -> caller : inner status, inside TLS (authorization, local connect)
 //! both           : the application's bytes, inside TLS
@@ -32,8 +33,75 @@ use crate::PeerCert;
 
 /// A tunnel stream as one duplex byte stream.
 pub type Io = Join<RecvStream, SendStream>;
-pub type ClientSession = tokio_rustls::client::TlsStream<Io>;
+/// The caller's side reads the outer status before the TLS bytes.
+pub type ClientIo = Join<StatusFirst<RecvStream>, SendStream>;
+pub type ClientSession = tokio_rustls::client::TlsStream<ClientIo>;
 pub type ServerSession = tokio_rustls::server::TlsStream<Io>;
+
+/// A refusal status met where TLS bytes were expected.
+#[derive(Debug)]
+struct Refused(u8);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tunnel status {}", self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Reads the outer status byte first, then passes the stream through: the
+/// caller sends its ClientHello with the header and reads the status with
+/// the server's first flight, one round trip through the gateways saved.
+pub struct StatusFirst<R> {
+    inner: R,
+    pending: bool,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StatusFirst<R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.pending {
+            let mut byte = [0u8; 1];
+            let mut one = tokio::io::ReadBuf::new(&mut byte);
+            match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut one) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            if one.filled().is_empty() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "stream closed before the tunnel status",
+                )));
+            }
+            this.pending = false;
+            if byte[0] != Status::Ok as u8 {
+                return Poll::Ready(Err(std::io::Error::other(Refused(byte[0]))));
+            }
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+/// A refusal status inside an I/O error, as a tunnel error.
+fn io_error(e: std::io::Error, what: &str) -> TunnelError {
+    if let Some(Refused(b)) = e.get_ref().and_then(|i| i.downcast_ref::<Refused>()) {
+        return match Status::from_u8(*b) {
+            Some(s) => TunnelError::Refused(s),
+            None => TunnelError::Stream(format!("unknown status byte {b}")),
+        };
+    }
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        return TunnelError::Closed("the tunnel status");
+    }
+    TunnelError::Stream(format!("{what}: {e}"))
+}
 
 /// Bounds the handshake and the inner header and status.
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,25 +122,39 @@ impl E2e {
         })
     }
 
-    /// Caller side, after the outer status: the handshake, then `inner` (the
-    /// header the destination acts on) and its answer. `cluster`: the
-    /// destination node must hold a certificate of this cluster.
-    pub async fn connect(
+    /// Caller side, on a fresh tunnel stream: writes `outer`, runs the
+    /// handshake (its first flight goes out with the header), then sends
+    /// `inner` (the header the destination acts on) and reads its answer.
+    /// `cluster`: the destination node must hold a certificate of this
+    /// cluster. `wait` bounds it all.
+    pub async fn open(
         &self,
-        send: SendStream,
+        mut send: SendStream,
         recv: RecvStream,
-        cluster: &str,
+        outer: &Header,
         inner: &Header,
+        cluster: &str,
+        wait: Duration,
     ) -> Result<(ClientSession, PeerCert), TunnelError> {
         let work = async {
+            send.write_all(&encode_header(outer)?)
+                .await
+                .map_err(|e| TunnelError::Stream(e.to_string()))?;
             // The verifier checks identity by SPIFFE ID, not by this name.
             let name =
                 ServerName::try_from("meshnode").map_err(|e| TunnelError::Stream(e.to_string()))?;
+            let io = tokio::io::join(
+                StatusFirst {
+                    inner: recv,
+                    pending: true,
+                },
+                send,
+            );
             let mut s = self
                 .connector
-                .connect(name, tokio::io::join(recv, send))
+                .connect(name, io)
                 .await
-                .map_err(|e| TunnelError::Stream(format!("end-to-end handshake: {e}")))?;
+                .map_err(|e| io_error(e, "end-to-end handshake"))?;
             let peer = peer_of(s.get_ref().1.peer_certificates())?;
             if peer.identity.cluster() != cluster {
                 return Err(TunnelError::Stream(format!(
@@ -96,7 +178,7 @@ impl E2e {
                 None => Err(TunnelError::Stream(format!("unknown status byte {status}"))),
             }
         };
-        timeout(SESSION_TIMEOUT, work)
+        timeout(wait, work)
             .await
             .map_err(|_| TunnelError::Timeout("the end-to-end session"))?
     }

@@ -1,0 +1,195 @@
+//! End-to-end sessions through gateways, in namespaces with two clusters: a
+//! caller of cluster a authorized at b1 by the identity it proves itself,
+//! gateways that relay only ciphertext, and a gateway certificate that
+//! claims another caller refused.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshnode_transport::alpn;
+use meshnode_transport::tls::{transport_config, Link, TlsMaterial};
+use meshnode_transport::tunnel::e2e::E2e;
+use meshnode_transport::tunnel::{self, Header, Status, TunnelError, ANY_PORT};
+use meshnode_transport::{Identity, Role};
+
+use super::federation::{self, Mesh};
+use super::policy::{ok, operator, policy_in, write};
+use crate::netns;
+use crate::{named_echo_once, wait_until, MESH};
+
+const MARKER: &[u8] = b"E2E-PLAINTEXT-MARKER-0123456789;";
+
+const DENY_ALL: &str = "kind = \"defaults\"\nname = \"mesh\"\ndefault_intention = \"deny\"\n";
+const ONLY_A1: &str = "kind = \"intentions\"\nname = \"echo\"\n[[rule]]\nsource = \"spiffe://acme/cluster/a/node/a1\"\naction = \"allow\"\n";
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A QUIC client in namespace `ns` holding the certificate in `dir`.
+fn client_in(ns: &str, tls: &Arc<TlsMaterial>) -> (quinn::Endpoint, quinn::ClientConfig) {
+    let socket = netns::in_netns(ns, || std::net::UdpSocket::bind("0.0.0.0:0")).expect("udp");
+    let ep = quinn::Endpoint::new(
+        meshnode_transport::tls::endpoint_config(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .expect("endpoint");
+    let cfg = tls
+        .client_config(&[alpn::TUNNEL], Arc::new(transport_config(Link::Tunnel)))
+        .expect("client config");
+    (ep, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_is_authorized_by_its_own_identity_and_gateways_relay_only_ciphertext() {
+    if !netns::available("a_caller_is_authorized_by_its_own_identity") {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let capture = |gw: &str| work.path().join(format!("{gw}.capture"));
+    let (agw_cap, bgw_cap) = (capture("agw"), capture("bgw"));
+    let mesh = Mesh::start_with(federation::topology(&["bgw"]), &["b1"], |spec| {
+        let file = match spec.name.as_str() {
+            "agw" => &agw_cap,
+            "bgw" => &bgw_cap,
+            _ => return,
+        };
+        spec.env
+            .push(("MESHNODE_RELAY_CAPTURE".into(), file.display().to_string()));
+    })
+    .await;
+    mesh.wait_remote_healthy(1).await;
+    let a1 = mesh.topo.host("a1").ns.clone();
+    let up = SocketAddr::from(([127, 0, 0, 1], 15001));
+    let call = |payload: Vec<u8>| {
+        let a1 = a1.clone();
+        async move { named_echo_once(Some(&a1), up, &payload, Duration::from_secs(10)).await }
+    };
+    wait_until(Duration::from_secs(20), || async {
+        call(b"warm".to_vec()).await.is_ok()
+    })
+    .await
+    .expect("a1 never reached echo in cluster b");
+
+    // Only a1, by its own SPIFFE ID, may call echo.
+    let op = operator(&mesh.pki, "alice");
+    for (file, text) in [("defaults.toml", DENY_ALL), ("echo.toml", ONLY_A1)] {
+        let doc = write(mesh.pki.dir.path(), file, text);
+        ok(&policy_in(
+            &mesh,
+            "a2",
+            &op,
+            &["apply", doc.to_str().expect("path")],
+        ));
+    }
+    let b1 = mesh.node("b1");
+    wait_until(Duration::from_secs(15), || async {
+        b1.get("/v1/policy")
+            .await
+            .and_then(|v| v["documents"].as_array().map(Vec::len))
+            == Some(2)
+    })
+    .await
+    .expect("b1 never held both documents");
+
+    // 64 KiB of a known payload through both gateways, and back.
+    let payload: Vec<u8> = MARKER.iter().copied().cycle().take(64 * 1024).collect();
+    let before: Vec<u64> = [&agw_cap, &bgw_cap]
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .collect();
+    let (who, echoed) = call(payload.clone()).await.expect("a1 is allowed");
+    assert_eq!(who, "b1");
+    assert_eq!(echoed, payload);
+    for (i, f) in [&agw_cap, &bgw_cap].iter().enumerate() {
+        let seen = std::fs::read(f).expect("capture file");
+        let added = seen.len() as u64 - before[i];
+        eprintln!(
+            "measure: {} relayed {added} bytes of the 2 x 64 KiB exchange",
+            f.display()
+        );
+        assert!(
+            added >= 2 * 64 * 1024,
+            "{} relayed only {added} bytes: the capture missed the stream",
+            f.display()
+        );
+        assert!(
+            !contains(&seen, MARKER),
+            "{} saw the plaintext",
+            f.display()
+        );
+    }
+    let m = b1.get_text("/metrics").await.unwrap_or_default();
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("meshnode_authz_decisions_total")
+                && l.contains("decision=\"allow\"")
+                && l.contains("reason=\"rule\"")),
+        "{m}"
+    );
+
+    // A gateway certificate of cluster b, on bgw's LAN, claiming to carry a1.
+    let rogue_dir = mesh.pki.issue_as("b", "rogue-gw", Role::Gateway);
+    let tls = Arc::new(
+        TlsMaterial::load(
+            &rogue_dir.join("ca.pem"),
+            &rogue_dir.join("node.pem"),
+            &rogue_dir.join("node.key"),
+        )
+        .expect("tls"),
+    );
+    let (ep, cfg) = client_in(&mesh.topo.host("bgw").ns, &tls);
+    let conn = ep
+        .connect_with(cfg, mesh.topo.host("b1").quic(), "meshnode")
+        .expect("dial")
+        .await
+        .expect("handshake");
+    let a1_id = Identity::new(MESH, "a", "a1").expect("id");
+    let header = |end_to_end| Header {
+        service: "echo".into(),
+        port: ANY_PORT,
+        cluster: None,
+        caller: Some(a1_id.clone()),
+        source_service: None,
+        end_to_end,
+    };
+    // Its word alone: refused.
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let r = tunnel::open(&mut send, &mut recv, &header(false), Duration::from_secs(5)).await;
+    assert!(
+        matches!(r, Err(TunnelError::Refused(Status::Forbidden))),
+        "{r:?}"
+    );
+    // In a session it can only prove itself, and the intention denies it.
+    let (send, recv) = conn.open_bi().await.expect("stream");
+    let inner = Header {
+        caller: None,
+        cluster: Some("b".into()),
+        ..header(true)
+    };
+    let r = E2e::new(&tls)
+        .expect("e2e")
+        .open(
+            send,
+            recv,
+            &header(true),
+            &inner,
+            "b",
+            Duration::from_secs(10),
+        )
+        .await
+        .map(|_| ());
+    assert!(
+        matches!(r, Err(TunnelError::Refused(Status::Denied))),
+        "{r:?}"
+    );
+    assert!(
+        b1.log_text()
+            .contains("a stream from another cluster must carry an end-to-end session"),
+        "{}",
+        b1.log_text()
+    );
+}
