@@ -186,11 +186,15 @@ impl Dialer {
     }
 
     /// Opens a tunnel to some healthy instance of `up.service`, retrying others on failure.
+    /// `tcp`: the application's connection; what it has already sent may
+    /// go out early (see `tunnel::e2e`), and is then replayed to a retry.
     async fn open(
         &self,
         up: &UpstreamConfig,
+        tcp: &TcpStream,
     ) -> Result<(Tunnel, Target, ActiveGuard<'_>), Refusal> {
         let candidates = self.plan(up);
+        let mut early = Vec::new();
         if candidates.is_empty() {
             return Err(Refusal::NoInstance(format!(
                 "no healthy instance of {:?} in the catalog{}",
@@ -207,7 +211,13 @@ impl Dialer {
                 metrics::counter!(UPSTREAM_RETRIES, "service" => up.service.clone()).increment(1);
             }
             match self
-                .try_target(&up.service, up.as_service.as_deref(), &target)
+                .try_target(
+                    &up.service,
+                    up.as_service.as_deref(),
+                    &target,
+                    &mut early,
+                    tcp,
+                )
                 .await
             {
                 Ok(tunnel) => {
@@ -260,6 +270,8 @@ impl Dialer {
         service: &str,
         acting_as: Option<&str>,
         target: &Target,
+        early: &mut Vec<u8>,
+        tcp: &TcpStream,
     ) -> Result<Tunnel, TunnelError> {
         let (addr, node, gateway, mut header, wait) = match target {
             Target::Local(i) => (
@@ -297,6 +309,16 @@ impl Dialer {
                     end_to_end: true,
                 };
                 let header = &header;
+                let top_up = |buf: &mut Vec<u8>| {
+                    let mut chunk = [0u8; 4096];
+                    while buf.len() < tunnel::e2e::MAX_EARLY {
+                        let room = (tunnel::e2e::MAX_EARLY - buf.len()).min(chunk.len());
+                        match tcp.try_read(&mut chunk[..room]) {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => break,
+                        }
+                    }
+                };
                 let (session, dest) = open_with(
                     &self.endpoint,
                     addr,
@@ -307,10 +329,14 @@ impl Dialer {
                         e2e.open(
                             send,
                             recv,
-                            header,
-                            &inner,
-                            &r.cluster,
-                            wait + tunnel::e2e::SESSION_TIMEOUT,
+                            &tunnel::e2e::Ask {
+                                outer: header,
+                                inner: &inner,
+                                cluster: &r.cluster,
+                                wait: wait + tunnel::e2e::SESSION_TIMEOUT,
+                            },
+                            early,
+                            top_up,
                         )
                         .await
                     },
@@ -331,6 +357,14 @@ impl Dialer {
                     wait,
                 )
                 .await?;
+                let mut send = send;
+                if !early.is_empty() {
+                    // Read ahead for a refused end-to-end attempt: it goes first.
+                    send.write_all(early)
+                        .await
+                        .map_err(|e| TunnelError::Stream(e.to_string()))?;
+                    early.clear();
+                }
                 Ok(Tunnel::Plain(send, recv))
             }
         }
@@ -448,7 +482,7 @@ pub async fn serve(listener: TcpListener, up: UpstreamConfig, dialer: Arc<Dialer
 
 async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
     let started = Instant::now();
-    let (tunnel, target, _active) = match dialer.open(up).await {
+    let (tunnel, target, _active) = match dialer.open(up, &tcp).await {
         Ok(x) => x,
         Err(refusal) => {
             match &refusal {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use meshnode_transport::alpn;
 use meshnode_transport::tls::{transport_config, Link, TlsMaterial};
-use meshnode_transport::tunnel::e2e::E2e;
+use meshnode_transport::tunnel::e2e::{Ask, E2e};
 use meshnode_transport::tunnel::{self, Header, Status, TunnelError, ANY_PORT};
 use meshnode_transport::{Identity, Role};
 
@@ -175,10 +175,14 @@ async fn a_caller_is_authorized_by_its_own_identity_and_gateways_relay_only_ciph
         .open(
             send,
             recv,
-            &header(true),
-            &inner,
-            "b",
-            Duration::from_secs(10),
+            &Ask {
+                outer: &header(true),
+                inner: &inner,
+                cluster: "b",
+                wait: Duration::from_secs(10),
+            },
+            &mut Vec::new(),
+            |_| {},
         )
         .await
         .map(|_| ());

@@ -105,6 +105,19 @@ fn io_error(e: std::io::Error, what: &str) -> TunnelError {
 
 /// Bounds the handshake and the inner header and status.
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most application bytes a caller sends ahead of the inner status.
+pub const MAX_EARLY: usize = 16 * 1024;
+
+/// What a caller asks for: `outer` routes through the gateways, `inner` is
+/// what the destination acts on, `cluster` the destination's cluster, and
+/// `wait` bounds the whole opening.
+#[derive(Clone, Copy)]
+pub struct Ask<'a> {
+    pub outer: &'a Header,
+    pub inner: &'a Header,
+    pub cluster: &'a str,
+    pub wait: Duration,
+}
 
 /// The rustls configs of this node's end-to-end sessions, built once
 /// (they read the current certificate and revocations at every handshake).
@@ -131,11 +144,16 @@ impl E2e {
         &self,
         mut send: SendStream,
         recv: RecvStream,
-        outer: &Header,
-        inner: &Header,
-        cluster: &str,
-        wait: Duration,
+        ask: &Ask<'_>,
+        early: &mut Vec<u8>,
+        top_up: impl FnOnce(&mut Vec<u8>),
     ) -> Result<(ClientSession, PeerCert), TunnelError> {
+        let Ask {
+            outer,
+            inner,
+            cluster,
+            wait,
+        } = *ask;
         let work = async {
             send.write_all(&encode_header(outer)?)
                 .await
@@ -163,6 +181,14 @@ impl E2e {
                 )));
             }
             s.write_all(&encode_header(inner)?)
+                .await
+                .map_err(|e| TunnelError::Stream(e.to_string()))?;
+            // What the application already sent rides with the inner header,
+            // so a request-first protocol loses no round trip to the inner
+            // status; the destination holds it until it has authorized the
+            // stream, and the caller keeps it to replay elsewhere if refused.
+            top_up(early);
+            s.write_all(early)
                 .await
                 .map_err(|e| TunnelError::Stream(e.to_string()))?;
             s.flush()
@@ -246,7 +272,10 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let _ = tcp.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut tcp, &mut session).await {
+    // TLS records carry up to 16 KiB; the default 8 KiB copy buffers halve them.
+    match tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut session, 64 * 1024, 64 * 1024)
+        .await
+    {
         Ok((to_peer, from_peer)) => super::SpliceStats {
             to_peer,
             from_peer,
