@@ -338,7 +338,7 @@ async fn probe_stream(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_carried_caller_is_accepted_only_from_a_gateway_certificate() {
+async fn a_carried_caller_is_refused_without_an_end_to_end_session_even_from_a_gateway() {
     let pki = Pki::new();
     let (nodes, _up, _apps) = echo_mesh(&pki, subnet()).await;
     let port = echo_port(&nodes[0], "node-2").await;
@@ -354,12 +354,19 @@ async fn a_carried_caller_is_accepted_only_from_a_gateway_certificate() {
         ),
         "{err:?}"
     );
-    // A gateway of the mesh may carry it, and the destination records the original caller.
+    // A gateway's word is not enough either: a caller from another cluster
+    // proves itself in an end-to-end session (tests::gateways).
     let d = pki.issue_as("east", "gw", meshnode_transport::Role::Gateway);
     let gw =
         TlsMaterial::load(&d.join("ca.pem"), &d.join("node.pem"), &d.join("node.key")).unwrap();
-    let got = probe_stream(gw, nodes[1].spec.quic, &header).await.unwrap();
-    assert_eq!(got, b"who am i");
+    let err = probe_stream(gw, nodes[1].spec.quic, &header).await;
+    assert!(
+        matches!(
+            err,
+            Err(tunnel::TunnelError::Refused(tunnel::Status::Forbidden))
+        ),
+        "{err:?}"
+    );
     let metrics = nodes[1].get_text("/metrics").await.unwrap();
     let line = |caller: &str, result: &str| {
         metrics.lines().any(|l| {
@@ -370,15 +377,21 @@ async fn a_carried_caller_is_accepted_only_from_a_gateway_certificate() {
         })
     };
     assert!(
-        line("spiffe://acme/cluster/west/node/client-7", "ok"),
-        "{metrics}"
-    );
-    assert!(
         line("spiffe://acme/cluster/east/node/liar", "forbidden"),
         "{metrics}"
     );
     assert!(
-        !metrics.contains("node/gw\""),
-        "the gateway must not be recorded as the caller: {metrics}"
+        !line("spiffe://acme/cluster/west/node/client-7", "ok"),
+        "a carried caller got through: {metrics}"
+    );
+    assert!(
+        nodes[1]
+            .log_text()
+            .contains("carried identity from a non-gateway peer")
+            || nodes[1]
+                .log_text()
+                .contains("must carry an end-to-end session"),
+        "{}",
+        nodes[1].log_text()
     );
 }
