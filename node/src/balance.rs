@@ -173,15 +173,12 @@ pub fn remote_order<'a>(
     usable
 }
 
+/// Catalog entries for tests of the modules that choose instances.
 #[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
+pub(crate) mod fixtures {
+    use meshnode_gossip::{Health, Instance, Protocol, RemoteRoute};
 
-    use meshnode_gossip::Protocol;
-
-    use super::*;
-
-    fn inst(node: &str, cluster: &str, health: Health) -> Instance {
+    pub(crate) fn inst(node: &str, cluster: &str, health: Health) -> Instance {
         Instance {
             service: "api".into(),
             node: node.into(),
@@ -196,7 +193,7 @@ mod tests {
         }
     }
 
-    fn route(cluster: &str, via: &str, healthy: u32, rtt: Option<u32>) -> RemoteRoute {
+    pub(crate) fn route(cluster: &str, via: &str, healthy: u32, rtt: Option<u32>) -> RemoteRoute {
         RemoteRoute {
             service: "api".into(),
             cluster: cluster.into(),
@@ -209,6 +206,15 @@ mod tests {
             rtt_ms: rtt,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    use super::fixtures::{inst, route};
 
     fn picks(v: &[Pick<'_>]) -> Vec<String> {
         v.iter()

@@ -171,38 +171,8 @@ pub fn clusters(
 
 #[cfg(test)]
 mod tests {
-    use meshnode_gossip::Protocol;
-
     use super::*;
-
-    fn inst(node: &str, cluster: &str, health: Health) -> Instance {
-        Instance {
-            service: "api".into(),
-            node: node.into(),
-            cluster: cluster.into(),
-            node_addr: "127.0.0.1:9470".parse().unwrap(),
-            addr: "127.0.0.1".into(),
-            port: 8080,
-            protocol: Protocol::Tcp,
-            tags: vec![],
-            health,
-            check: None,
-        }
-    }
-
-    fn route(cluster: &str, via: &str, healthy: u32, rtt: Option<u32>) -> RemoteRoute {
-        RemoteRoute {
-            service: "api".into(),
-            cluster: cluster.into(),
-            via: via.into(),
-            via_addr: "127.0.0.1:9470".parse().unwrap(),
-            healthy,
-            tags: vec![],
-            gateways: vec![format!("{cluster}-gw")],
-            reachable: true,
-            rtt_ms: rtt,
-        }
-    }
+    use crate::balance::fixtures::{inst, route};
 
     fn scope<'a>(failover: &'a [String], pinned: Option<&'a str>) -> Scope<'a> {
         Scope {

@@ -301,21 +301,7 @@ impl TlsMaterial {
         self: &Arc<Self>,
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ServerConfig, TlsError> {
-        let verifier = MeshClientVerifier::new(
-            self.roots.clone(),
-            provider(),
-            &self.mesh,
-            self.revoked.clone(),
-        )?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(Arc::new(verifier))
-            .with_cert_resolver(Arc::new(Resolver(self.clone())));
-        tls.alpn_protocols = alpn::ALL.iter().map(|a| a.to_vec()).collect();
-        // No resumption: a resumed TLS 1.3 session skips the certificate
-        // check, so a revoked or expired peer could come back on a ticket.
-        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        tls.send_tls13_tickets = 0;
+        let tls = self.rustls_server(alpn::ALL.iter().map(|a| a.to_vec()).collect())?;
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -329,6 +315,39 @@ impl TlsMaterial {
         alpn: &[&[u8]],
         transport: Arc<quinn::TransportConfig>,
     ) -> Result<quinn::ClientConfig, TlsError> {
+        let tls = self.rustls_client(alpn.iter().map(|a| a.to_vec()).collect())?;
+        quic_client(tls, transport)
+    }
+
+    /// TLS 1.3, the node's current certificate, the mesh's client verifier
+    /// (chain, mesh, revocations), no resumption: a resumed TLS 1.3 session
+    /// skips the certificate check, so a revoked or expired peer could come
+    /// back on a ticket.
+    fn rustls_server(
+        self: &Arc<Self>,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let verifier = MeshClientVerifier::new(
+            self.roots.clone(),
+            provider(),
+            &self.mesh,
+            self.revoked.clone(),
+        )?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_cert_resolver(Arc::new(Resolver(self.clone())));
+        tls.alpn_protocols = alpn;
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
+        Ok(tls)
+    }
+
+    /// The client side of [`TlsMaterial::rustls_server`].
+    fn rustls_client(
+        self: &Arc<Self>,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<rustls::ClientConfig, TlsError> {
         let verifier = MeshServerVerifier::new(
             self.roots.clone(),
             provider(),
@@ -340,9 +359,9 @@ impl TlsMaterial {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
-        tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        tls.alpn_protocols = alpn;
         tls.resumption = rustls::client::Resumption::disabled();
-        quic_client(tls, transport)
+        Ok(tls)
     }
 }
 
@@ -354,38 +373,12 @@ impl TlsMaterial {
     /// revocations), no resumption. A client certificate is requested; the
     /// session is refused after the handshake if none was sent.
     pub fn e2e_server_config(self: &Arc<Self>) -> Result<rustls::ServerConfig, TlsError> {
-        let verifier = MeshClientVerifier::new(
-            self.roots.clone(),
-            provider(),
-            &self.mesh,
-            self.revoked.clone(),
-        )?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(Arc::new(verifier))
-            .with_cert_resolver(Arc::new(Resolver(self.clone())));
-        tls.alpn_protocols = vec![alpn::E2E.to_vec()];
-        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        tls.send_tls13_tickets = 0;
-        Ok(tls)
+        self.rustls_server(vec![alpn::E2E.to_vec()])
     }
 
     /// The client side of [`TlsMaterial::e2e_server_config`].
     pub fn e2e_client_config(self: &Arc<Self>) -> Result<rustls::ClientConfig, TlsError> {
-        let verifier = MeshServerVerifier::new(
-            self.roots.clone(),
-            provider(),
-            &self.mesh,
-            self.revoked.clone(),
-        );
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
-        tls.alpn_protocols = vec![alpn::E2E.to_vec()];
-        tls.resumption = rustls::client::Resumption::disabled();
-        Ok(tls)
+        self.rustls_client(vec![alpn::E2E.to_vec()])
     }
 }
 

@@ -24,6 +24,12 @@ use crate::{
 
 const DENY_ALL: &str = "kind = \"defaults\"\nname = \"mesh\"\ndefault_intention = \"deny\"\n";
 
+/// Writes `text` as `file` and applies it as operator `op` at `admin`.
+fn apply(pki: &Pki, op: &Path, admin: SocketAddr, file: &str, text: &str) {
+    let doc = write(pki.dir.path(), file, text);
+    ok(&policy(op, admin, &["apply", doc.to_str().expect("path")]));
+}
+
 /// One connection through an upstream at `addr`: the answering instance, or why not.
 async fn call(addr: SocketAddr) -> Result<String, String> {
     let (name, echoed) = named_echo_once(None, addr, b"ping", Duration::from_secs(5)).await?;
@@ -164,13 +170,8 @@ async fn default_deny_blocks_then_an_intention_lets_only_web_through_and_explain
     let op = operator(&t.pki, "alice");
 
     // Default deny, applied at the caller batch-1: in force at api-1 once it spread.
-    let deny = write(t.pki.dir.path(), "defaults.toml", DENY_ALL);
     let applied = Instant::now();
-    ok(&policy(
-        &op,
-        t.batch.spec.admin,
-        &["apply", deny.to_str().expect("path")],
-    ));
+    apply(&t.pki, &op, t.batch.spec.admin, "defaults.toml", DENY_ALL);
     wait_until(Duration::from_secs(10), || async {
         call(t.web_up).await.is_err()
     })
@@ -220,13 +221,8 @@ async fn default_deny_blocks_then_an_intention_lets_only_web_through_and_explain
         .contains("stream denied by the mesh default"));
 
     // An intention for api: web allowed, everyone else denied.
-    let intentions = write(t.pki.dir.path(), "api.toml", INTENTIONS);
     let applied = Instant::now();
-    ok(&policy(
-        &op,
-        t.batch.spec.admin,
-        &["apply", intentions.to_str().expect("path")],
-    ));
+    apply(&t.pki, &op, t.batch.spec.admin, "api.toml", INTENTIONS);
     wait_until(Duration::from_secs(10), || async {
         call(t.web_up).await.is_ok()
     })
@@ -321,12 +317,7 @@ async fn default_deny_blocks_then_an_intention_lets_only_web_through_and_explain
 async fn a_node_cannot_act_as_a_service_its_certificate_does_not_name() {
     let t = trio(subnet()).await;
     let op = operator(&t.pki, "alice");
-    let intentions = write(t.pki.dir.path(), "api.toml", INTENTIONS);
-    ok(&policy(
-        &op,
-        t.api.spec.admin,
-        &["apply", intentions.to_str().expect("path")],
-    ));
+    apply(&t.pki, &op, t.api.spec.admin, "api.toml", INTENTIONS);
     wait_until(Duration::from_secs(10), || async {
         call(t.batch_up).await.is_err()
     })
@@ -393,12 +384,7 @@ async fn a_restart_under_default_deny_refuses_until_policy_is_loaded_then_allows
     let mut t = trio(subnet()).await;
     let op = operator(&t.pki, "alice");
     for (file, text) in [("defaults.toml", DENY_ALL), ("api.toml", INTENTIONS)] {
-        let doc = write(t.pki.dir.path(), file, text);
-        ok(&policy(
-            &op,
-            t.api.spec.admin,
-            &["apply", doc.to_str().expect("path")],
-        ));
+        apply(&t.pki, &op, t.api.spec.admin, file, text);
     }
     wait_until(Duration::from_secs(10), || async {
         call(t.web_up).await.is_ok() && call(t.batch_up).await.is_err()
