@@ -223,6 +223,24 @@ pub enum TokenCommand {
 }
 
 impl Cli {
+    /// Whether the command prints JSON (`--json`): then its errors do too.
+    pub fn wants_json(&self) -> bool {
+        let admin = match &self.command {
+            Command::Members { admin, .. }
+            | Command::Services { admin }
+            | Command::Explain { admin, .. }
+            | Command::Endpoints { admin, .. }
+            | Command::Status { admin, .. }
+            | Command::Leave { admin, .. }
+            | Command::Cert(CertCommand::Revoke { admin, .. })
+            | Command::Token(TokenCommand::Create { admin, .. }) => admin,
+            Command::Policy(p) => p.admin(),
+            Command::Check(c) => c.admin(),
+            _ => return false,
+        };
+        admin.json
+    }
+
     /// Long-running agent commands log at info by default.
     pub fn is_agent(&self) -> bool {
         matches!(self.command, Command::Run { .. })

@@ -81,11 +81,21 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let json = cli.wants_json();
     match runtime.block_on(cli.run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if let Some(e) = &f.error {
-                eprintln!("error: {}", render(e));
+                if json {
+                    // Where the answer would have been: a script reads one
+                    // JSON value either way.
+                    println!(
+                        "{}",
+                        serde_json::json!({ "error": render(e), "exit_code": f.code })
+                    );
+                } else {
+                    eprintln!("error: {}", render(e));
+                }
             }
             ExitCode::from(f.code)
         }

@@ -41,6 +41,12 @@ pub struct CheckArgs {
     admin: AdminArgs,
 }
 
+impl CheckArgs {
+    pub fn admin(&self) -> &AdminArgs {
+        &self.admin
+    }
+}
+
 fn token(a: &CheckArgs) -> Result<String, Failure> {
     if let Ok(t) = std::env::var("MESHNODE_CHECK_TOKEN") {
         if !t.trim().is_empty() {

@@ -52,6 +52,17 @@ pub enum PolicyCommand {
     },
 }
 
+impl PolicyCommand {
+    pub fn admin(&self) -> &AdminArgs {
+        match self {
+            PolicyCommand::Apply { admin, .. }
+            | PolicyCommand::Get { admin, .. }
+            | PolicyCommand::List { admin }
+            | PolicyCommand::Delete { admin, .. } => admin,
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct SignerArgs {
     /// The operator certificate (`cert issue --operator`).

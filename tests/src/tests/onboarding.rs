@@ -1157,4 +1157,33 @@ async fn every_read_command_and_admin_action_prints_json() {
         &data,
     ]);
     assert!(revoked["id"].is_string(), "{revoked}");
+    let explained = with_admin(&["explain", "web"]);
+    assert_eq!(explained["authorization"]["action"], "allow", "{explained}");
+
+    // Errors, too, are one JSON value on stdout, with the exit code.
+    for (cmd, code) in [
+        (vec!["endpoints", "no-such-service"], 1),
+        (vec!["explain", "bad name"], 64),
+        (
+            vec![
+                "cert",
+                "revoke",
+                "--node",
+                "nosuchnode",
+                "--data-dir",
+                &data,
+            ],
+            64,
+        ),
+    ] {
+        let mut args = cmd.clone();
+        args.extend_from_slice(&["--admin", &admin, "--json"]);
+        let out = meshnode(&args);
+        assert_eq!(out.status.code(), Some(code), "{cmd:?}: {out:?}");
+        assert!(out.stderr.is_empty(), "{cmd:?} wrote to stderr: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{cmd:?}: the error is not JSON ({e}): {out:?}"));
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        assert_eq!(v["exit_code"], code, "{v}");
+    }
 }
