@@ -70,10 +70,11 @@ pub struct AdminState {
     pub local_services: usize,
     /// This node's instances and their checks.
     pub(crate) registry: Arc<crate::registry::Registry>,
-    pub upstreams: usize,
     /// The upstreams, with the service each acts as resolved.
     pub(crate) upstream_configs: Vec<crate::config::UpstreamConfig>,
     pub(crate) dialer: Arc<crate::upstream::Dialer>,
+    /// The policy snapshot streams are authorized with (explain reads it too).
+    pub(crate) authz: crate::authz::Authorizer,
     pub drain: Drain,
     pub metrics: Option<PrometheusHandle>,
     pub leave: Arc<Notify>,
@@ -674,7 +675,7 @@ async fn status(s: &AdminState) -> Status {
         local_services: s.local_services,
         catalog_services: catalog.services.len(),
         catalog_instances: catalog.services.values().map(Vec::len).sum(),
-        upstreams: s.upstreams,
+        upstreams: s.upstream_configs.len(),
         active_streams: s.drain.active(),
         warnings,
     }

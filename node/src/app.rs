@@ -352,6 +352,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
 
     let drain = Drain::default();
     let e2e = meshnode_transport::tunnel::e2e::E2e::new(&tls)?;
+    let authz = crate::authz::Authorizer::follow(policy.store.clone());
     let checks = services_cfg
         .iter()
         .enumerate()
@@ -368,7 +369,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
             endpoint: endpoint.clone(),
             lan: gossip.clone(),
             wan: wan_view,
-            authz: crate::authz::Authorizer::follow(policy.store.clone()),
+            authz: authz.clone(),
             e2e: e2e.clone(),
             trust_carried: cfg.cross_cluster_identity == CrossClusterIdentity::Gateway,
             policy_loaded: {
@@ -434,8 +435,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         has_seeds: !cfg.seeds.iter().all(|s| *s == advertise),
         local_services: registry.len(),
         registry: registry.clone(),
-        upstreams: cfg.upstreams.len(),
         upstream_configs,
+        authz,
         dialer: dialer.clone(),
         drain: drain.clone(),
         metrics,

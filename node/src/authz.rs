@@ -92,7 +92,16 @@ static COUNTERS: std::sync::LazyLock<std::sync::RwLock<HashMap<String, Counters>
 /// Counts a decision for `service_label` (a bounded label value: the cache
 /// is as bounded as the label).
 pub fn count(service_label: &str, decision: &Decision) {
-    let labels = decision.labels();
+    count_labels(service_label, decision.labels());
+}
+
+/// A caller claiming a service its certificate does not name: a denial
+/// made before any rule is read.
+pub fn count_identity_denial(service_label: &str) {
+    count_labels(service_label, ("deny", "identity"));
+}
+
+fn count_labels(service_label: &str, labels: (&'static str, &'static str)) {
     if let Ok(cache) = COUNTERS.read() {
         if let Some(c) = cache.get(service_label).and_then(|m| m.get(&labels)) {
             c.increment(1);

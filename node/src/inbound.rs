@@ -27,9 +27,7 @@ use tracing::{debug, info_span, warn, Instrument};
 use crate::authz::{Authorizer, Caller};
 use crate::balance;
 use crate::drain::Drain;
-use crate::metrics::{
-    LogLimit, AUTHZ_DECISIONS, LABELS, TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_STREAMS,
-};
+use crate::metrics::{LogLimit, LABELS, TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_STREAMS};
 use crate::policy::schema::Action;
 
 /// Refused streams are logged at most this often (they are all counted).
@@ -249,9 +247,7 @@ async fn handle_stream(
         Route::Refuse(status, why) => {
             if status == Status::Denied {
                 // An impersonation attempt is an authorization decision too.
-                metrics::counter!(AUTHZ_DECISIONS, "service" => service_label.clone(),
-                    "decision" => "deny", "reason" => "identity")
-                .increment(1);
+                crate::authz::count_identity_denial(&service_label);
             }
             if REFUSED_LOG.allow() {
                 warn!(peer = %peer.identity, %caller, service = %service.escape_debug(), reason = why, "tunnel stream refused (logged at most once per 10 s; see meshnode_tunnel_streams_total)");
@@ -420,9 +416,7 @@ async fn serve_end_to_end(
         service: inner.source_service.clone(),
     };
     if let Some(s) = caller.service.as_deref().filter(|s| !peer.may_act_as(s)) {
-        metrics::counter!(AUTHZ_DECISIONS, "service" => service_label.to_string(),
-            "decision" => "deny", "reason" => "identity")
-        .increment(1);
+        crate::authz::count_identity_denial(service_label);
         if DENIED_LOG.allow() {
             warn!(caller = %peer.identity, acting_as = %s.escape_debug(), "end-to-end stream denied: the caller's certificate does not name the service it acts as");
         }

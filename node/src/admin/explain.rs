@@ -9,7 +9,7 @@ use meshnode_transport::{Identity, PeerCert};
 use serde::Serialize;
 
 use super::AdminState;
-use crate::authz::{Caller, Decision, Snapshot};
+use crate::authz::{Caller, Decision};
 use crate::config::UpstreamConfig;
 use crate::upstream::Target;
 
@@ -119,7 +119,7 @@ pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, 
         Some(from) => resolve(s, &me, &from).await?,
     };
     let loaded = s.policy.loaded();
-    let snapshot = Snapshot::from_store(&s.policy.store);
+    let snapshot = s.authz.snapshot();
     let decision = snapshot.decide(
         &service,
         Caller {
