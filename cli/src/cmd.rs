@@ -115,6 +115,16 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Re-read the running agent's config file and apply what can change
+    /// live (services and checks, upstreams, log_level); keys that need a
+    /// restart are reported and kept. SIGHUP (`systemctl reload`) does the same.
+    Reload {
+        /// The node's data_dir (holds the admin secret; or set MESHNODE_ADMIN_SECRET).
+        #[arg(long, default_value = "/var/lib/meshnode")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Leave the pool gracefully: instances are withdrawn at once, streams drain, the agent exits.
     Leave {
         /// The node's data_dir (holds the admin secret; or set MESHNODE_ADMIN_SECRET).
@@ -232,6 +242,7 @@ impl Cli {
             | Command::Endpoints { admin, .. }
             | Command::Status { admin, .. }
             | Command::Leave { admin, .. }
+            | Command::Reload { admin, .. }
             | Command::Cert(CertCommand::Revoke { admin, .. })
             | Command::Token(TokenCommand::Create { admin, .. }) => admin,
             Command::Policy(p) => p.admin(),
@@ -242,17 +253,20 @@ impl Cli {
     }
 
     /// Long-running agent commands log at info by default.
-    pub fn is_agent(&self) -> bool {
+    fn is_agent(&self) -> bool {
         matches!(self.command, Command::Run { .. })
             || matches!(&self.command, Command::Join(a) if !a.no_start)
     }
 
     /// What `main` sets before the runtime and the log subscriber exist:
-    /// runtime threads (`workers`) and the log format (`log_format`, which
-    /// `MESHNODE_LOG_FORMAT` overrides), from one read of `run`'s config.
-    /// Defaults when the config cannot be read (`run` then reports why) and
-    /// for other commands; a bad environment value is an error.
-    pub fn startup(&self) -> Result<(usize, meshnode_node::config::LogFormat), String> {
+    /// runtime threads (`workers`), the log format (`log_format`, which
+    /// `MESHNODE_LOG_FORMAT` overrides) and the log filter (`log_level`;
+    /// `None`: a command that only logs warnings), from one read of `run`'s
+    /// config. Defaults when the config cannot be read (`run` then reports
+    /// why) and for other commands; a bad environment value is an error.
+    pub fn startup(
+        &self,
+    ) -> Result<(usize, meshnode_node::config::LogFormat, Option<String>), String> {
         use meshnode_node::config::{LogFormat, DEFAULT_WORKERS};
         let loaded = match &self.command {
             Command::Run { config } => meshnode_node::Config::load(config).ok(),
@@ -264,14 +278,20 @@ impl Cli {
                 .to_string_lossy()
                 .parse::<LogFormat>()
                 .map_err(|e| format!("MESHNODE_LOG_FORMAT={e}"))?,
-            None => loaded.map(|c| c.log_format).unwrap_or_default(),
+            None => loaded.as_ref().map(|c| c.log_format).unwrap_or_default(),
         };
-        Ok((workers, format))
+        let level = match loaded {
+            Some(c) => Some(c.log_level),
+            None if self.is_agent() => Some(meshnode_node::config::DEFAULT_LOG_LEVEL.to_string()),
+            None => None,
+        };
+        Ok((workers, format, level))
     }
 
-    pub async fn run(self) -> Result<(), Failure> {
+    pub async fn run(self, log: meshnode_node::reload::LogControl) -> Result<(), Failure> {
         match self.command {
-            Command::Run { config } => run::run(&config).await,
+            Command::Run { config } => run::run(&config, log).await,
+            Command::Reload { admin, data_dir } => admin::reload(&admin, &data_dir).await,
             Command::Validate { config, json } => run::validate(&config, json),
             Command::Demo { hold } => demo::demo(hold).await,
             Command::Ca(CaCommand::Init { mesh, out }) => ca::init(&mesh, &out),
@@ -349,7 +369,7 @@ impl Cli {
             }
             Command::Policy(cmd) => policy::run(cmd).await,
             Command::Check(args) => check::run(args).await,
-            Command::Join(args) => join::join(args).await,
+            Command::Join(args) => join::join(args, log).await,
             Command::Members { admin, wan } => admin::members(&admin, wan).await,
             Command::Services { admin } => admin::services(&admin).await,
             Command::Endpoints { service, admin } => admin::endpoints(&admin, &service).await,

@@ -50,26 +50,14 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    let default_level = if cli.is_agent() { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHNODE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let (workers, format) = match cli.startup() {
+    let (workers, format, level) = match cli.startup() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    // Colour only for a person at a terminal: journald and log files get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => logs.with_ansi(ansi).init(),
-        // One object per line: level, target, fields and the span context.
-        LogFormat::Json => logs.json().with_current_span(false).init(),
-    }
+    let log = init_logs(format, level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -82,7 +70,7 @@ fn main() -> ExitCode {
         }
     };
     let json = cli.wants_json();
-    match runtime.block_on(cli.run()) {
+    match runtime.block_on(cli.run(log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if let Some(e) = &f.error {
@@ -100,6 +88,42 @@ fn main() -> ExitCode {
             ExitCode::from(f.code)
         }
     }
+}
+
+/// Installs the log subscriber and returns the handle a reload changes
+/// its filter by. `MESHNODE_LOG` wins over the config's `log_level` (and a
+/// reload then keeps it); commands other than the agent log warnings only.
+fn init_logs(format: LogFormat, level: Option<String>) -> meshnode_node::reload::LogControl {
+    use tracing_subscriber::EnvFilter;
+    let from_env = EnvFilter::try_from_env("MESHNODE_LOG").ok();
+    let overridden = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| {
+        EnvFilter::builder()
+            .parse(level.as_deref().unwrap_or("warn"))
+            .unwrap_or_else(|_| EnvFilter::new("info"))
+    });
+    let parse = |s: &str| EnvFilter::builder().parse(s).map_err(|e| e.to_string());
+    // Colour only for a person at a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let set: meshnode_node::reload::SetFilter = match format {
+        LogFormat::Text => {
+            let logs = logs.with_ansi(ansi).with_filter_reloading();
+            let handle = logs.reload_handle();
+            logs.init();
+            Box::new(move |s| handle.reload(parse(s)?).map_err(|e| e.to_string()))
+        }
+        // One object per line: level, target, fields and the span context.
+        LogFormat::Json => {
+            let logs = logs.json().with_current_span(false).with_filter_reloading();
+            let handle = logs.reload_handle();
+            logs.init();
+            Box::new(move |s| handle.reload(parse(s)?).map_err(|e| e.to_string()))
+        }
+    };
+    meshnode_node::reload::LogControl { set, overridden }
 }
 
 /// An error and its causes on one line, each cause once: many errors name

@@ -67,11 +67,11 @@ pub struct AdminState {
     /// Who may call what (the admin secret is in it).
     pub access: Access,
     pub has_seeds: bool,
-    pub local_services: usize,
     /// This node's instances and their checks.
     pub(crate) registry: Arc<crate::registry::Registry>,
-    /// The upstreams, with the service each acts as resolved.
-    pub(crate) upstream_configs: Vec<crate::config::UpstreamConfig>,
+    /// Applies reloads, and holds the upstreams as they run (with the
+    /// service each acts as resolved).
+    pub(crate) reloader: Arc<crate::reload::Reloader>,
     pub(crate) dialer: Arc<crate::upstream::Dialer>,
     /// The policy snapshot streams are authorized with (explain reads it too).
     pub(crate) authz: crate::authz::Authorizer,
@@ -209,6 +209,16 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
         }
         (&Method::GET, path) if path.starts_with("/v1/policy/") => policy_get(s, path),
         (&Method::POST, "/v1/ca/tokens" | "/v1/ca/revoke") => ca_route(req, s).await,
+        (&Method::POST, "/v1/reload") => match s.reloader.reload_from_source().await {
+            Ok(report) => json(StatusCode::OK, &report),
+            Err(e) => json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &serde_json::json!({
+                    "error": e.to_string(),
+                    "errors": e.keys().iter().map(|k| serde_json::json!({ "key": k.key, "message": k.message })).collect::<Vec<_>>(),
+                }),
+            ),
+        },
         (&Method::POST, "/v1/leave") => {
             s.leave.notify_one();
             json(
@@ -219,7 +229,8 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
         (
             _,
             "/v1/health" | "/v1/members" | "/v1/services" | "/v1/status" | "/metrics" | "/v1/leave"
-            | "/v1/revocations" | "/v1/ca/tokens" | "/v1/ca/revoke" | "/v1/policy" | "/v1/explain",
+            | "/v1/reload" | "/v1/revocations" | "/v1/ca/tokens" | "/v1/ca/revoke" | "/v1/policy"
+            | "/v1/explain",
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     }
@@ -672,10 +683,10 @@ async fn status(s: &AdminState) -> Status {
             lan: counts(&members),
             wan,
         },
-        local_services: s.local_services,
+        local_services: s.registry.len(),
         catalog_services: catalog.services.len(),
         catalog_instances: catalog.services.values().map(Vec::len).sum(),
-        upstreams: s.upstream_configs.len(),
+        upstreams: s.reloader.upstreams().len(),
         active_streams: s.drain.active(),
         warnings,
     }

@@ -21,14 +21,14 @@ use crate::ca::{CaError, CaNode};
 use crate::config::{Config, CrossClusterIdentity};
 use crate::drain::Drain;
 use crate::federation;
-use crate::health;
+
 use crate::inbound::{self, Inbound};
 use crate::join::{self, JoinService};
 use crate::metrics::{CA_EXPIRY_SECONDS, CERT_EXPIRY_SECONDS};
 use crate::registry::Registry;
 use crate::renew::Renewer;
 use crate::revocations::Revocations;
-use crate::upstream::{self, Dialer};
+use crate::upstream::Dialer;
 use meshnode_gossip::keys::{CA_ROLE_KEY, ROLE_PREFIX};
 use meshnode_transport::pki::join::NodeKey;
 
@@ -109,6 +109,7 @@ pub struct Bound {
     has_seeds: bool,
     drain: Drain,
     leave: Arc<Notify>,
+    reloader: Arc<crate::reload::Reloader>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Held until the process exits.
     _lock: crate::lock::DataDirLock,
@@ -140,6 +141,13 @@ pub fn check_credentials(cfg: &Config) -> Result<Arc<TlsMaterial>, AppError> {
             identity: me.identity.to_string(),
         });
     }
+    check_act_as(cfg, &me)?;
+    Ok(tls)
+}
+
+/// Every upstream's `as` must be a service the certificate names (at start
+/// and at every reload).
+pub fn check_act_as(cfg: &Config, me: &PeerCert) -> Result<(), AppError> {
     for (index, up) in cfg.upstreams.iter().enumerate() {
         if let Some(service) = up.as_service.as_deref().filter(|s| !me.may_act_as(s)) {
             return Err(AppError::ActAs {
@@ -154,7 +162,7 @@ pub fn check_credentials(cfg: &Config) -> Result<Arc<TlsMaterial>, AppError> {
             });
         }
     }
-    Ok(tls)
+    Ok(())
 }
 
 /// The service an upstream's callers act as: its `as`, else the
@@ -167,7 +175,22 @@ pub fn acting_as(up: &crate::config::UpstreamConfig, me: &PeerCert) -> Option<St
     }
 }
 
-pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bound, AppError> {
+/// What the process around the node gives it.
+#[derive(Default)]
+pub struct Hooks {
+    pub metrics: Option<PrometheusHandle>,
+    /// The config file, which a reload reads again.
+    pub config_path: Option<std::path::PathBuf>,
+    /// Changes the process's log filter at a reload.
+    pub log: Option<crate::reload::LogControl>,
+}
+
+pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
+    let Hooks {
+        metrics,
+        config_path,
+        log,
+    } = hooks;
     // Before anything touches the data dir or the pool: a second agent on the
     // same dir would take over this node's member entry.
     let lock = crate::lock::acquire(&cfg.data_dir)?;
@@ -353,12 +376,6 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
     let drain = Drain::default();
     let e2e = meshnode_transport::tunnel::e2e::E2e::new(&tls)?;
     let authz = crate::authz::Authorizer::follow(policy.store.clone());
-    let checks = services_cfg
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| s.check.clone().map(|c| (i, c)))
-        .collect();
-    health::spawn_checks(checks, registry.clone());
     tasks.push(tokio::spawn(inbound::serve(
         incoming.tunnel,
         Arc::new(Inbound {
@@ -386,7 +403,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         me.identity.cluster(),
     ));
     let mut upstream_addrs = Vec::new();
-    let mut upstream_configs = Vec::new();
+    let mut listeners = Vec::new();
     for up in &cfg.upstreams {
         let listener = TcpListener::bind(up.listen)
             .await
@@ -396,28 +413,32 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
                 source,
             })?;
         upstream_addrs.push(listener.local_addr().unwrap_or(up.listen));
-        let mut up = up.clone();
-        up.as_service = acting_as(&up, &me);
-        if let Some(s) = &up.as_service {
-            info!(service = %up.service, acting_as = %s, "upstream callers act as a service");
-        }
-        upstream_configs.push(up.clone());
-        tasks.push(tokio::spawn(upstream::serve(
-            listener,
-            up,
-            dialer.clone(),
-            drain.clone(),
-        )));
+        listeners.push(listener);
     }
+    let has_seeds = !cfg.seeds.iter().all(|s| *s == advertise);
+    let admin_bind = cfg.admin;
+    let admin_allow_remote = cfg.admin_allow_remote;
+    let reloader = crate::reload::Reloader::start(
+        cfg,
+        listeners,
+        crate::reload::Parts {
+            source: config_path,
+            registry: registry.clone(),
+            dialer: dialer.clone(),
+            drain: drain.clone(),
+            tls: tls.clone(),
+            log,
+        },
+    )?;
 
-    let admin_listener = TcpListener::bind(cfg.admin)
+    let admin_listener = TcpListener::bind(admin_bind)
         .await
         .map_err(|source| AppError::Bind {
             what: "admin API".into(),
-            addr: cfg.admin,
+            addr: admin_bind,
             source,
         })?;
-    let admin_addr = admin_listener.local_addr().unwrap_or(cfg.admin);
+    let admin_addr = admin_listener.local_addr().unwrap_or(admin_bind);
     let leave = Arc::new(Notify::new());
     let state = Arc::new(AdminState {
         gossip: gossip.clone(),
@@ -428,14 +449,13 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         policy,
         access: crate::admin::Access {
             addr: admin_addr,
-            remote: cfg.admin_allow_remote,
+            remote: admin_allow_remote,
             secret: admin_secret,
         },
         refusal_log: crate::metrics::LogLimit::new(Duration::from_secs(10)),
-        has_seeds: !cfg.seeds.iter().all(|s| *s == advertise),
-        local_services: registry.len(),
+        has_seeds,
         registry: registry.clone(),
-        upstream_configs,
+        reloader: reloader.clone(),
         authz,
         dialer: dialer.clone(),
         drain: drain.clone(),
@@ -454,15 +474,21 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> Result<Bou
         endpoint,
         gossip,
         wan,
-        has_seeds: !cfg.seeds.iter().all(|s| *s == advertise),
+        has_seeds,
         drain,
         leave,
+        reloader,
         tasks,
         _lock: lock,
     })
 }
 
 impl Bound {
+    /// Applies config reloads (SIGHUP; `POST /v1/reload` uses the same one).
+    pub fn reloader(&self) -> Arc<crate::reload::Reloader> {
+        self.reloader.clone()
+    }
+
     /// Serves until `shutdown` resolves or `POST /v1/leave` arrives, then leaves
     /// the pool, drains open streams (up to [`DRAIN_DEADLINE`]) and closes.
     ///
@@ -518,6 +544,7 @@ impl Bound {
         for t in self.tasks.iter().chain(&notify_tasks) {
             t.abort();
         }
+        self.reloader.abort().await;
         self.gossip.shutdown().await;
         if let Some(wan) = &self.wan {
             wan.shutdown().await;

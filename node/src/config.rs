@@ -39,6 +39,10 @@ pub struct Config {
     /// How the agent writes its log lines to stderr (`MESHNODE_LOG_FORMAT`
     /// overrides it).
     pub log_format: LogFormat,
+    /// What the agent logs: a level or `tracing` filter directives
+    /// (`info,meshnode_node=debug`); `MESHNODE_LOG` overrides it. A reload
+    /// applies a new value.
+    pub log_level: String,
     pub wan_advertise: Option<SocketAddr>,
     pub wan_seeds: Vec<SocketAddr>,
     /// Cross-cluster callers: `end_to_end` (default) runs a TLS session with
@@ -53,6 +57,9 @@ pub struct Config {
     /// Set on CA nodes: the node holds the CA key and signs joins and renewals.
     pub ca: Option<CaSettings>,
 }
+
+/// The agent's `log_level` when the config has none.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// See [`Config::cross_cluster_identity`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -107,7 +114,7 @@ pub struct TlsPaths {
     pub key: PathBuf,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ServiceConfig {
     pub name: String,
     pub address: String,
@@ -131,7 +138,7 @@ pub enum CheckTarget {
     Ttl(Duration),
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CheckConfig {
     pub target: CheckTarget,
     #[serde(with = "humantime_serde_compat")]
@@ -144,7 +151,7 @@ pub struct CheckConfig {
     pub fall: u32,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct UpstreamConfig {
     pub service: String,
     pub listen: SocketAddr,

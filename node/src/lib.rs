@@ -20,10 +20,11 @@ mod notify;
 pub mod outlier;
 pub mod policy;
 mod registry;
+pub mod reload;
 mod renew;
 mod replicate;
 mod revocations;
 mod upstream;
 
-pub use app::{build, check_credentials, AppError, Bound};
+pub use app::{build, check_credentials, AppError, Bound, Hooks};
 pub use config::Config;

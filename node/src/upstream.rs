@@ -10,6 +10,7 @@ use meshnode_transport::tunnel::{self, Header, Status, TunnelError, ANY_PORT};
 use meshnode_transport::Endpoint;
 use rand::RngExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -454,10 +455,31 @@ impl Drop for ActiveGuard<'_> {
 }
 
 /// Accepts local connections until the listener is dropped.
-pub async fn serve(listener: TcpListener, up: UpstreamConfig, dialer: Arc<Dialer>, drain: Drain) {
-    info!(service = %up.service, listen = %up.listen, "upstream listening");
+/// Accepts on one upstream's listener until its config becomes `None` (a
+/// reload removed it): then the listener closes and connections already
+/// accepted run on. A changed config applies to the next connection.
+pub async fn serve(
+    listener: TcpListener,
+    mut config: watch::Receiver<Option<UpstreamConfig>>,
+    dialer: Arc<Dialer>,
+    drain: Drain,
+) {
+    let Some(first) = config.borrow().clone() else {
+        return;
+    };
+    info!(service = %first.service, listen = %first.listen, "upstream listening");
     loop {
-        let (tcp, from) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            changed = config.changed() => {
+                if changed.is_err() || config.borrow().is_none() {
+                    info!(service = %first.service, listen = %first.listen, "upstream removed; its open connections run on");
+                    return;
+                }
+                continue;
+            }
+        };
+        let (tcp, from) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 warn!(error = %e, "upstream accept failed");
@@ -469,7 +491,9 @@ pub async fn serve(listener: TcpListener, up: UpstreamConfig, dialer: Arc<Dialer
             drop(tcp);
             continue;
         }
-        let up = up.clone();
+        let Some(up) = config.borrow().clone() else {
+            return;
+        };
         let dialer = dialer.clone();
         let guard = drain.enter();
         tokio::spawn(async move {

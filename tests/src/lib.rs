@@ -298,14 +298,28 @@ impl NodeProc {
             }
             None => Command::new(meshnode_bin()),
         };
+        // A spec may set MESHNODE_LOG itself; an empty value unsets it, so
+        // the config's log_level decides.
+        match spec.env.iter().find(|(k, _)| k == "MESHNODE_LOG") {
+            Some((_, v)) if v.is_empty() => {
+                cmd.env_remove("MESHNODE_LOG");
+            }
+            Some(_) => {}
+            None => {
+                cmd.env(
+                    "MESHNODE_LOG",
+                    std::env::var("TEST_NODE_LOG")
+                        .unwrap_or_else(|_| "info,meshnode_transport=debug".into()),
+                );
+            }
+        }
+        let env = spec
+            .env
+            .iter()
+            .filter(|(k, v)| !(k == "MESHNODE_LOG" && v.is_empty()));
         let child = cmd
             .args(&args)
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .env(
-                "MESHNODE_LOG",
-                std::env::var("TEST_NODE_LOG")
-                    .unwrap_or_else(|_| "info,meshnode_transport=debug".into()),
-            )
+            .envs(env.map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log"))
             .stderr(out)

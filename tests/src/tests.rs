@@ -10,6 +10,7 @@ mod liveness;
 mod onboarding;
 mod policy;
 mod pool;
+mod reload;
 mod scale;
 mod systemd;
 mod tunnel;

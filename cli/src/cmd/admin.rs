@@ -459,3 +459,63 @@ pub async fn leave(a: &AdminArgs, data_dir: &std::path::Path) -> Result<(), Fail
     }
     Ok(())
 }
+
+/// `meshnode reload`: the agent re-reads its config file. A refused config
+/// exits 64 with the agent's reasons; the running config stays.
+pub async fn reload(a: &AdminArgs, data_dir: &std::path::Path) -> Result<(), Failure> {
+    let secret = super::ca::admin_secret(data_dir)?;
+    let answer = match client::post(a.admin, "/v1/reload", &secret).await {
+        Ok(body) => body,
+        Err(client::ClientError::Status {
+            status: 422, body, ..
+        }) => {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let msg = v["error"].as_str().unwrap_or(body.as_str()).to_string();
+            return Err(Failure::usage(anyhow::anyhow!(msg)));
+        }
+        Err(e) => return Err(Failure::runtime(e)),
+    };
+    if a.json {
+        println!("{}", answer.trim());
+        return Ok(());
+    }
+    let r: serde_json::Value = serde_json::from_str(&answer)
+        .map_err(|e| Failure::runtime(anyhow::anyhow!("unexpected answer from the agent: {e}")))?;
+    let list = |v: &serde_json::Value| {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    let applied = list(&r["applied"]);
+    println!(
+        "reloaded {}: {} ({} service instance(s), {} upstream(s))",
+        r["config"].as_str().unwrap_or("the config"),
+        if applied.is_empty() {
+            "nothing changed".to_string()
+        } else {
+            format!("applied {applied}")
+        },
+        r["services"],
+        r["upstream_count"]
+    );
+    for u in r["upstreams"].as_array().into_iter().flatten() {
+        println!(
+            "  upstream {} {}",
+            u["listen"].as_str().unwrap_or("?"),
+            u["change"].as_str().unwrap_or("?")
+        );
+    }
+    for k in r["kept"].as_array().into_iter().flatten() {
+        println!(
+            "  kept {}: {} (the running value stays)",
+            k["key"].as_str().unwrap_or("?"),
+            k["reason"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}

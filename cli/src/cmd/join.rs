@@ -60,7 +60,7 @@ fn step(n: u32, msg: &str) {
     eprintln!("[{n}/5] {msg}");
 }
 
-pub async fn join(a: JoinArgs) -> Result<(), Failure> {
+pub async fn join(a: JoinArgs, log: meshnode_node::reload::LogControl) -> Result<(), Failure> {
     let token = Token::decode(&a.token).map_err(Failure::usage)?;
     let now = unix_now();
     if token.expires <= now as u64 {
@@ -211,7 +211,7 @@ pub async fn join(a: JoinArgs) -> Result<(), Failure> {
         return Ok(());
     }
     step(5, "starting the agent");
-    super::run::run(&config_path).await
+    super::run::run(&config_path, log).await
 }
 
 fn hint(reason: Refusal) -> &'static str {

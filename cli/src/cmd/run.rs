@@ -15,19 +15,33 @@ fn load(path: &Path) -> Result<Config, Failure> {
     })
 }
 
-pub async fn run(path: &Path) -> Result<(), Failure> {
+pub async fn run(path: &Path, log: meshnode_node::reload::LogControl) -> Result<(), Failure> {
+    // Before anything else: SIGHUP's default action would kill the agent.
+    let mut hup = signal(SignalKind::hangup()).map_err(Failure::runtime)?;
     let cfg = load(path)?;
     let metrics = meshnode_node::metrics::install(&cfg.node)
         .map_err(|e| Failure::runtime(anyhow::anyhow!("metrics: {e}")))?;
-    let bound = meshnode_node::build(cfg, Some(metrics))
-        .await
-        .map_err(|e| {
-            if e.is_config() {
-                Failure::usage(e)
-            } else {
-                Failure::runtime(e)
+    let hooks = meshnode_node::Hooks {
+        metrics: Some(metrics),
+        config_path: Some(path.to_path_buf()),
+        log: Some(log),
+    };
+    let bound = meshnode_node::build(cfg, hooks).await.map_err(|e| {
+        if e.is_config() {
+            Failure::usage(e)
+        } else {
+            Failure::runtime(e)
+        }
+    })?;
+    let reloader = bound.reloader();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            if let Err(e) = reloader.reload_from_source().await {
+                tracing::error!(error = %e, "reload refused; the running config is kept");
             }
-        })?;
+        }
+    });
     let mut term = signal(SignalKind::terminate()).map_err(Failure::runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Failure::runtime)?;
     bound

@@ -86,7 +86,8 @@ pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, 
     let service = param(query, "service").ok_or("give ?service=NAME")?;
     check_name("service", &service).map_err(|e| e.to_string())?;
     let me = s.tls.me();
-    let upstream = s.upstream_configs.iter().find(|u| u.service == *service);
+    let upstreams = s.reloader.upstreams();
+    let upstream = upstreams.iter().find(|u| u.service == *service);
     let up = match upstream {
         Some(u) => u.clone(),
         None => UpstreamConfig {

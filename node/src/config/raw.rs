@@ -54,6 +54,7 @@ pub struct RawConfig {
     gateway: bool,
     workers: Option<i64>,
     log_format: Option<String>,
+    log_level: Option<String>,
     wan_advertise: Option<String>,
     wan_seeds: Vec<String>,
     cross_cluster_identity: Option<String>,
@@ -350,6 +351,20 @@ impl RawConfig {
                 LogFormat::Text
             }),
         };
+        let log_level = match self.log_level {
+            None => super::DEFAULT_LOG_LEVEL.to_string(),
+            Some(v) => match tracing_subscriber::EnvFilter::builder().parse(&v) {
+                Ok(_) if !v.trim().is_empty() => v,
+                Ok(_) => {
+                    e.push("log_level", "empty: use a level such as \"info\" or directives such as \"info,meshnode_node=debug\"");
+                    v
+                }
+                Err(bad) => {
+                    e.push("log_level", format!("{v:?} is not a log filter ({bad}): use a level (error, warn, info, debug, trace) or directives such as \"info,meshnode_node=debug\""));
+                    v
+                }
+            },
+        };
         let cross_cluster_identity = match self.cross_cluster_identity.as_deref() {
             None | Some("end_to_end") => super::CrossClusterIdentity::EndToEnd,
             Some("gateway") => super::CrossClusterIdentity::Gateway,
@@ -394,6 +409,7 @@ impl RawConfig {
                 gateway: self.gateway,
                 workers,
                 log_format,
+                log_level,
                 wan_advertise,
                 wan_seeds,
                 cross_cluster_identity,

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::HealthState;
 use crate::config::{CheckConfig, CheckTarget};
 use crate::metrics::HEALTH_CHECKS;
-use crate::registry::Registry;
+use crate::registry::{Registry, Slot};
 
 /// What one probe found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,16 +130,26 @@ pub struct Report {
     pub outcome: Outcome,
 }
 
-/// Starts one loop per checked service; each publishes health changes through the registry.
-pub fn spawn_checks(checks: Vec<(usize, CheckConfig)>, registry: Arc<Registry>) {
-    for (index, check) in checks {
+/// Starts one loop per checked instance, from the health it has (a reload
+/// keeps it); each publishes health changes through the registry and ends
+/// when its generation is replaced. The caller aborts the returned loops at
+/// a reload, so none outlives its generation by a probe.
+pub fn spawn_checks(
+    checks: Vec<(Slot, CheckConfig, meshnode_gossip::Health)>,
+    registry: Arc<Registry>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut loops = Vec::with_capacity(checks.len());
+    for (slot, check, initial) in checks {
         let registry = registry.clone();
-        tokio::spawn(async move {
-            let name = registry.name(index);
+        loops.push(tokio::spawn(async move {
+            let name = registry.name(slot);
             let mut state = HealthState::new(check.rise, check.fall);
+            if initial != meshnode_gossip::Health::Critical {
+                state.set(initial);
+            }
             let mut first = true;
             let mut reports = match check.target {
-                CheckTarget::Ttl(_) => Some(registry.ttl_inbox(index)),
+                CheckTarget::Ttl(_) => Some(registry.ttl_inbox(slot)),
                 _ => None,
             };
             let mut tick = tokio::time::interval(check.interval);
@@ -165,7 +175,7 @@ pub fn spawn_checks(checks: Vec<(usize, CheckConfig)>, registry: Arc<Registry>) 
                 metrics::counter!(HEALTH_CHECKS, "service" => name.clone(),
                     "result" => match outcome { Outcome::Pass(_) => "pass", Outcome::Warn(_) => "warn", Outcome::Fail(_) => "fail" })
                 .increment(1);
-                registry.note_probe(index, outcome.output());
+                registry.note_probe(slot, outcome.output());
                 let before = state.health();
                 let after = match (&check.target, &outcome) {
                     // An application's report is its verdict.
@@ -195,12 +205,13 @@ pub fn spawn_checks(checks: Vec<(usize, CheckConfig)>, registry: Arc<Registry>) 
                             warn!(service = %name, health = %after, reason = o.output(), "health changed")
                         }
                     }
-                    if !registry.set_health(index, after, outcome.output()).await {
+                    if !registry.set_health(slot, after, outcome.output()).await {
                         return;
                     }
                 }
                 first = false;
             }
-        });
+        }));
     }
+    loops
 }

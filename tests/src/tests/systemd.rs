@@ -97,6 +97,10 @@ fn the_unit_file_verifies_and_is_hardened() {
     )
     .expect("deploy/meshnode.service");
     assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
+    assert!(
+        unit.contains("ExecReload=/bin/kill -HUP $MAINPID"),
+        "systemctl reload must send SIGHUP (the agent reloads its config on it)"
+    );
     // verify checks that ExecStart's binary exists: point it at the one we built.
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("meshnode.service");
