@@ -152,6 +152,18 @@ pub fn ca_nodes(nodes: &[NodeSnapshot]) -> Vec<(String, SocketAddr)> {
         .collect()
 }
 
+/// WAN pool: live gateways that front a CA node of their cluster (their
+/// `ca_via`, which the gate verified), as (`cluster/node`, WAN address).
+pub fn ca_fronts(nodes: &[NodeSnapshot]) -> Vec<(String, SocketAddr)> {
+    current(nodes)
+        .into_iter()
+        .filter(|n| {
+            n.live && !n.kvs.contains_key(LEAVING_KEY) && n.kvs.contains_key(keys::CA_VIA_KEY)
+        })
+        .filter_map(|n| Some((n.node.clone(), info(n)?.advertise)))
+        .collect()
+}
+
 impl Catalog {
     /// Derives the catalog: instances of live nodes that have not left.
     pub fn derive(nodes: &[NodeSnapshot]) -> Catalog {

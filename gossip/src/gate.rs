@@ -534,6 +534,20 @@ impl Gate {
             {
                 return Err("bad_role");
             }
+        } else if key == keys::CA_VIA_KEY {
+            // A gateway fronting a CA node of its own cluster, proven by the CA.
+            let via = keys::decode_ca_via(payload).map_err(|_| "bad_record")?;
+            let ca: Identity = via.node.parse().map_err(|_| "bad_role")?;
+            let sig = signed::decode_ca_proof(&via.proof).ok_or("bad_role")?;
+            if !cert.is_gateway()
+                || ca.mesh() != identity.mesh()
+                || ca.cluster() != identity.cluster()
+                || !self
+                    .authority
+                    .verify_ca(&signed::ca_role_input(&ca.uri()), &sig)
+            {
+                return Err("bad_role");
+            }
         } else if key == keys::SUSPECT_KEY {
             keys::decode_accusations(payload).map_err(|_| "bad_record")?;
         } else if key.starts_with(ROLE_PREFIX)
@@ -1190,6 +1204,38 @@ mod tests {
             ],
         );
         assert_eq!(reasons(&mut gate, vec![gw_delta]), (1, vec![]));
+    }
+
+    #[test]
+    fn only_a_gateway_fronts_a_ca_node_and_only_one_of_its_own_cluster() {
+        let p = pki();
+        let me = p.node("east", "me", Role::Node);
+        let plain = p.node("east", "plain", Role::Node);
+        let gw = p.node("east", "gw", Role::Gateway);
+        let mut gate = p.gate(&me);
+        let via = |node: &str, sig: Vec<u8>| {
+            keys::encode_ca_via(&keys::CaVia {
+                node: node.to_string(),
+                proof: signed::encode_ca_proof(&sig),
+            })
+            .unwrap()
+        };
+        let sign = |uri: &str| p.ca.sign(&signed::ca_role_input(uri)).unwrap();
+        let ca_east = Identity::new("acme", "east", "ca-1").unwrap().uri();
+        let ca_west = Identity::new("acme", "west", "ca-1").unwrap().uri();
+        let cases = [
+            (&plain, via(&ca_east, sign(&ca_east)), "bad_role"),
+            (&gw, via(&ca_west, sign(&ca_west)), "bad_role"),
+            (&gw, via(&ca_east, sign(&ca_west)), "bad_role"),
+            (&gw, via(&ca_east, vec![1; 70]), "bad_role"),
+            (&gw, "not a record".to_string(), "bad_record"),
+        ];
+        for (who, value, reason) in cases {
+            let d = full(who, &[(keys::CA_VIA_KEY, value)]);
+            assert_eq!(reasons(&mut gate, vec![d]).1, vec![reason]);
+        }
+        let good = full(&gw, &[(keys::CA_VIA_KEY, via(&ca_east, sign(&ca_east)))]);
+        assert_eq!(reasons(&mut gate, vec![good]), (1, vec![]));
     }
 
     #[test]

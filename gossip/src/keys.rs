@@ -13,7 +13,10 @@
 //! | `wan:<cluster>:<service>` | gateways only: a [`RemoteService`](crate::federation::RemoteService) of another cluster |
 //!
 //! In the WAN pool a gateway publishes `node` and, per service of its cluster,
-//! `sum:<service>` with a [`ServiceSummary`](crate::federation::ServiceSummary).
+//! `sum:<service>` with a [`ServiceSummary`](crate::federation::ServiceSummary);
+//! while its cluster has a live CA node, also `ca_via` with a [`CaVia`]: that
+//! node's `role:ca` proof, so gateways of clusters without a CA node relay
+//! joins and renewals to it (through this gateway).
 //!
 //! Values are base64 of the bincode [`codec`] encoding
 //! of a versioned enum. Keys stay ASCII (chitchat slices key bytes) and values
@@ -39,6 +42,9 @@ pub const MAX_CHECK_OUTPUT: usize = 256;
 /// Roles a node announces besides [`NodeInfo`]: `role:ca` on nodes holding the CA key.
 pub const ROLE_PREFIX: &str = "role:";
 pub const CA_ROLE_KEY: &str = "role:ca";
+/// WAN pool: a gateway fronts a CA node of its cluster ([`CaVia`]). Not under
+/// `role:`, which older gates refuse as an unknown role.
+pub const CA_VIA_KEY: &str = "ca_via";
 /// `rev:<id>`: a CA-signed revocation, re-published by every node that verified it.
 pub const REVOCATION_PREFIX: &str = "rev:";
 /// This node's accusations (see [`crate::swim`]).
@@ -95,6 +101,31 @@ pub struct CheckRecord {
     pub output: String,
     /// Unix seconds: when the instance entered its current health.
     pub since: i64,
+}
+
+/// A gateway's claim that a CA node of its own cluster is live: the CA
+/// node's identity and the CA's signature over it (its `role:ca` proof), so
+/// the claim is only as good as a real CA node of that cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaVia {
+    /// The CA node's SPIFFE identity.
+    pub node: String,
+    /// The `role:ca` payload of that node (base64 of the CA's signature).
+    pub proof: String,
+}
+
+#[derive(Serialize, Deserialize)]
+enum WireCaVia {
+    V1(CaVia),
+}
+
+pub fn encode_ca_via(v: &CaVia) -> Result<String, KeyError> {
+    encode(&WireCaVia::V1(v.clone()))
+}
+
+pub fn decode_ca_via(s: &str) -> Result<CaVia, KeyError> {
+    let WireCaVia::V1(v) = decode(s)?;
+    Ok(v)
 }
 
 #[derive(Serialize, Deserialize)]

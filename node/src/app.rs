@@ -228,7 +228,9 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
     let advertise = match cfg.advertise {
         Some(a) => a,
         None => {
-            detect_advertise(quic_addr, &cfg.seeds).ok_or(AppError::Advertise { bind: cfg.bind })?
+            // A cluster's first gateway has no LAN seed: its WAN seeds still tell the route.
+            let toward: Vec<SocketAddr> = cfg.seeds.iter().chain(&cfg.wan_seeds).copied().collect();
+            detect_advertise(quic_addr, &toward).ok_or(AppError::Advertise { bind: cfg.bind })?
         }
     };
     let generation = std::time::SystemTime::now()
@@ -359,6 +361,7 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
         ca: ca.clone(),
         endpoint: endpoint.clone(),
         gossip: gossip.clone(),
+        wan: wan.clone(),
         advertise,
     });
     tasks.push(tokio::spawn(join::serve(incoming.join, join_svc.clone())));

@@ -5,13 +5,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshnode_gossip::catalog::{ca_nodes, NodeSnapshot};
 use meshnode_gossip::federation::{
     encode_remote, encode_summary, remote_key, remote_records, summarize, WanView, REMOTE_PREFIX,
     SUMMARY_PREFIX,
 };
+use meshnode_gossip::keys::{encode_ca_via, CaVia, CA_ROLE_KEY, CA_VIA_KEY};
 use meshnode_gossip::GossipHandle;
 use meshnode_transport::alpn::Alpn;
 use meshnode_transport::Endpoint;
+use meshnode_transport::Identity;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
@@ -41,6 +44,11 @@ pub fn spawn(
                 })
                 .collect();
             wan.publish_prefixed(SUMMARY_PREFIX, summaries).await;
+            // Front a live CA node of the own cluster, so gateways of clusters
+            // without one relay joins and renewals here.
+            let fronted = ca_via(&lan.snapshot().await, &endpoint.me().identity);
+            wan.publish_prefixed(CA_VIA_KEY, fronted.into_iter().collect())
+                .await;
 
             let view = WanView::derive(&wan.snapshot().await);
             let records = remote_records(&view, &cluster, |a| endpoint.rtt(a, Alpn::WanGossip));
@@ -65,4 +73,21 @@ pub fn spawn(
         }
     });
     (rx, task)
+}
+
+/// The `ca_via` entry for the first live CA node of the own pool (its
+/// `role:ca` proof, which the pool's gate verified), or none.
+fn ca_via(lan: &[NodeSnapshot], me: &Identity) -> Option<(String, String)> {
+    ca_nodes(lan).into_iter().find_map(|(name, _)| {
+        let proof = lan
+            .iter()
+            .filter(|n| n.node == name)
+            .max_by_key(|n| n.generation)?
+            .kvs
+            .get(CA_ROLE_KEY)?
+            .clone();
+        let node = Identity::new(me.mesh(), me.cluster(), &name).ok()?.uri();
+        let value = encode_ca_via(&CaVia { node, proof }).ok()?;
+        Some((CA_VIA_KEY.to_string(), value))
+    })
 }

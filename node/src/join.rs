@@ -1,11 +1,23 @@
 //! Serving `meshnode-join/1`: a CA node signs; any other node relays the
-//! request to a live CA node of its pool and relays the answer back. The
-//! joiner's private key never leaves its machine: only a CSR travels.
+//! request toward a live CA node and relays the answer back. The joiner's
+//! private key never leaves its machine: only a CSR travels.
+//!
+//! Where a request goes ([`next_hop`], pure), by who sent it:
+//! 1. a live CA node of the own pool (proven by `role:ca`), from anyone;
+//! 2. else, on a gateway, a gateway of another cluster that fronts a CA
+//!    node of its own (its WAN `ca_via`, proven by the same CA signature),
+//!    unless the request came from another cluster (so it crosses the WAN
+//!    at most once and never loops between gateways);
+//! 3. else, on a plain node, a gateway of the own pool, for a request of
+//!    its own (a renewal) or a joiner's (never one relayed by a member).
+//!
+//! So a join or renewal in a cluster without a CA node takes at most three
+//! relays: node, its gateway, the CA cluster's gateway, the CA node.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshnode_gossip::catalog::ca_nodes;
+use meshnode_gossip::catalog::{ca_fronts, ca_nodes};
 use meshnode_gossip::signed::{decode_cert, CERT_KEY};
 use meshnode_gossip::{GossipHandle, MemberState};
 use meshnode_transport::alpn::Alpn;
@@ -43,7 +55,47 @@ pub struct JoinService {
     pub ca: Option<Arc<CaNode>>,
     pub endpoint: Endpoint,
     pub gossip: GossipHandle,
+    /// Gateways: the WAN pool, where gateways fronting a CA node say so.
+    pub wan: Option<GossipHandle>,
     pub advertise: std::net::SocketAddr,
+}
+
+/// Who handed a request to this node.
+#[derive(Clone, Copy, Debug)]
+pub enum Origin<'a> {
+    /// This node's own (a renewal).
+    Local,
+    /// A machine without a certificate (a joiner).
+    Anonymous,
+    /// A member, relaying or renewing.
+    Member(&'a meshnode_transport::PeerCert),
+}
+
+/// Where [`next_hop`] sends a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    /// A CA node of the own pool.
+    Ca,
+    /// A gateway of another cluster that fronts a CA node (over the WAN).
+    CaFront,
+    /// A gateway of the own pool.
+    Gateway,
+    /// Nowhere: refuse `no_ca`.
+    None,
+}
+
+/// The relay rule (module docs). Pure.
+pub fn next_hop(origin: Origin<'_>, me: &meshnode_transport::PeerCert, has_ca: bool) -> Hop {
+    if has_ca {
+        return Hop::Ca;
+    }
+    let foreign =
+        matches!(origin, Origin::Member(p) if p.identity.cluster() != me.identity.cluster());
+    match (me.is_gateway(), origin) {
+        (true, _) if !foreign => Hop::CaFront,
+        (false, Origin::Local | Origin::Anonymous) => Hop::Gateway,
+        _ => Hop::None,
+    }
 }
 
 pub async fn serve(mut incoming: mpsc::Receiver<JoinConn>, svc: Arc<JoinService>) {
@@ -148,7 +200,13 @@ async fn serve_conn(
             return;
         };
         let resp = match join::read_request(&mut recv).await {
-            Ok(req) => svc.handle(&req).await,
+            Ok(req) => {
+                let origin = match &jc.peer {
+                    Some(p) => Origin::Member(p),
+                    None => Origin::Anonymous,
+                };
+                svc.handle(&req, origin).await
+            }
             Err(e) => Response::refused(Refusal::Malformed, e.to_string()),
         };
         let (kind, result) = match &resp {
@@ -167,8 +225,8 @@ async fn serve_conn(
 
 impl JoinService {
     /// Answers a request: signs on a CA node, relays elsewhere. Renewals of
-    /// this node's own certificate come through here too.
-    pub async fn handle(&self, req: &Request) -> Response {
+    /// this node's own certificate come through here too (`Origin::Local`).
+    pub async fn handle(&self, req: &Request, origin: Origin<'_>) -> Response {
         let pool = self.pool_view().await;
         if let Some(ca) = &self.ca {
             let ca = ca.clone();
@@ -189,7 +247,7 @@ impl JoinService {
                 );
             }
         }
-        let mut resp = self.relay(req).await;
+        let mut resp = self.relay(req, origin).await;
         // The CA node may be in another cluster; seeds come from our own pool.
         if let Response::Issued {
             identity, seeds, ..
@@ -236,21 +294,53 @@ impl JoinService {
         }
     }
 
-    /// Relays to the live CA nodes of our pool, one after the other.
-    async fn relay(&self, req: &Request) -> Response {
+    /// Relays along [`next_hop`], trying the candidates one after the other.
+    async fn relay(&self, req: &Request, origin: Origin<'_>) -> Response {
         let cas = ca_nodes(&self.gossip.snapshot().await);
-        if cas.is_empty() {
-            return Response::refused(
-                Refusal::NoCa,
-                "no node holding the CA key is live in this cluster's pool",
-            );
+        let me = self.endpoint.me();
+        let hop = next_hop(origin, &me, !cas.is_empty());
+        let (targets, what): (Vec<(String, std::net::SocketAddr)>, &str) = match hop {
+            Hop::Ca => (cas, "CA node"),
+            Hop::CaFront => {
+                let fronts = match &self.wan {
+                    Some(wan) => ca_fronts(&wan.snapshot().await),
+                    None => Vec::new(),
+                };
+                let own = format!("{}/", me.identity.cluster());
+                let fronts: Vec<_> = fronts
+                    .into_iter()
+                    .filter(|(name, _)| !name.starts_with(&own))
+                    .collect();
+                (fronts, "gateway fronting a CA node")
+            }
+            Hop::Gateway => {
+                let gateways = self
+                    .gossip
+                    .members()
+                    .await
+                    .into_iter()
+                    .filter(|m| m.gateway && m.state == MemberState::Alive)
+                    .filter(|m| m.node != me.identity.node())
+                    .map(|m| (m.node, m.addr))
+                    .collect();
+                (gateways, "gateway")
+            }
+            Hop::None => (Vec::new(), ""),
+        };
+        if targets.is_empty() {
+            let why = match hop {
+                Hop::Ca | Hop::None => "no node holding the CA key is live in this cluster's pool, and no relay leads to one".to_string(),
+                Hop::CaFront => "no node holding the CA key is live in this cluster's pool, and no gateway of another cluster fronts one (is a CA node live there, and the WAN pool formed?)".to_string(),
+                Hop::Gateway => "no node holding the CA key is live in this cluster's pool, and it has no live gateway to relay to another cluster".to_string(),
+            };
+            return Response::refused(Refusal::NoCa, why);
         }
         let mut last = String::new();
-        for (name, addr) in cas {
+        for (name, addr) in targets {
             match self.endpoint.connect(addr, Alpn::Join).await {
                 Ok((conn, _)) => match join::call(&conn, req, RELAY_TIMEOUT).await {
                     Ok(resp) => {
-                        info!(ca = %name, "join request relayed");
+                        info!(to = %name, via = what, "join request relayed");
                         return resp;
                     }
                     Err(e) => {
@@ -260,8 +350,55 @@ impl JoinService {
                 },
                 Err(e) => last = format!("{name}: {e}"),
             }
-            warn!(ca = %name, error = %last, "CA node did not answer a relayed join request");
+            warn!(to = %name, via = what, error = %last, "a relayed join request got no answer");
         }
-        Response::refused(Refusal::NoCa, format!("no CA node answered ({last})"))
+        Response::refused(Refusal::NoCa, format!("no {what} answered ({last})"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshnode_transport::pki::{Ca, Role};
+
+    fn cert(ca: &Ca, cluster: &str, node: &str, role: Role) -> meshnode_transport::PeerCert {
+        let issued = ca
+            .issue(cluster, node, role, std::time::Duration::from_secs(3600))
+            .unwrap_or_else(|e| panic!("issue: {e}"));
+        let der = meshnode_transport::pki::first_cert_der(&issued.cert_pem)
+            .unwrap_or_else(|e| panic!("pem: {e}"));
+        meshnode_transport::PeerCert::from_der(&der).unwrap_or_else(|e| panic!("parse: {e}"))
+    }
+
+    #[test]
+    fn a_request_crosses_the_wan_at_most_once_and_never_loops() {
+        let ca = Ca::generate("acme", std::time::Duration::from_secs(86_400))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let west_node = cert(&ca, "west", "w1", Role::Node);
+        let west_gw = cert(&ca, "west", "wgw", Role::Gateway);
+        let east_gw = cert(&ca, "east", "egw", Role::Gateway);
+        // A CA node in the pool wins, from anyone.
+        for origin in [Origin::Local, Origin::Anonymous, Origin::Member(&west_gw)] {
+            assert_eq!(next_hop(origin, &east_gw, true), Hop::Ca);
+            assert_eq!(next_hop(origin, &west_node, true), Hop::Ca);
+        }
+        // West has no CA node: the node goes to its gateway, the gateway over the WAN.
+        assert_eq!(next_hop(Origin::Anonymous, &west_node, false), Hop::Gateway);
+        assert_eq!(next_hop(Origin::Local, &west_node, false), Hop::Gateway);
+        assert_eq!(
+            next_hop(Origin::Member(&west_node), &west_gw, false),
+            Hop::CaFront
+        );
+        assert_eq!(next_hop(Origin::Anonymous, &west_gw, false), Hop::CaFront);
+        // A member's relay never goes to another plain node's gateway again.
+        assert_eq!(
+            next_hop(Origin::Member(&west_gw), &west_node, false),
+            Hop::None
+        );
+        // A gateway that lost its CA node does not send another cluster's request on.
+        assert_eq!(
+            next_hop(Origin::Member(&west_gw), &east_gw, false),
+            Hop::None
+        );
     }
 }

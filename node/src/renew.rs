@@ -71,7 +71,7 @@ impl Renewer {
             cert: tls.cert_der().to_vec(),
             csr,
         };
-        match self.svc.handle(&req).await {
+        match self.svc.handle(&req, crate::join::Origin::Local).await {
             Response::Issued { cert_pem, .. } => {
                 let new = tls.renew(&cert_pem).map_err(|e| e.to_string())?;
                 // Peers check this node's gossip values against the certificate it publishes.

@@ -12,6 +12,7 @@ mod policy;
 mod pool;
 mod reload;
 mod scale;
+mod second_cluster;
 mod systemd;
 mod tunnel;
 

@@ -45,9 +45,18 @@ pub struct JoinArgs {
     /// `bind` of the written config.
     #[arg(long, default_value = "0.0.0.0:9470")]
     pub bind: SocketAddr,
-    /// `advertise` of the written config (default: detected at start).
+    /// `advertise` of the written config: the address other nodes of this
+    /// cluster reach it at. Default: detected at start from the route to
+    /// the first seed; when the cluster has no node yet (no seed to learn
+    /// from), the address toward ADDR is written (gateways: give their LAN
+    /// address here, ADDR is usually across the WAN).
     #[arg(long)]
     pub advertise: Option<SocketAddr>,
+    /// Gateways: a gateway of another cluster to join the WAN pool through
+    /// (repeat for several). Default: ADDR, when it is a gateway of another
+    /// cluster.
+    #[arg(long = "wan-seed")]
+    pub wan_seeds: Vec<SocketAddr>,
     /// `admin` of the written config.
     #[arg(long, default_value = "127.0.0.1:9471")]
     pub admin: SocketAddr,
@@ -99,6 +108,8 @@ pub async fn join(a: JoinArgs, log: meshnode_node::reload::LogControl) -> Result
         ),
     );
     let conn = connect(addr, token.ca_fingerprint).await?;
+    // Proven by the handshake: the contacted node's certificate.
+    let contacted = meshnode_transport::endpoint::peer_cert(&conn);
 
     step(
         3,
@@ -164,6 +175,7 @@ pub async fn join(a: JoinArgs, log: meshnode_node::reload::LogControl) -> Result
             .with_context(|| format!("writing {}", path.display()))
             .map_err(Failure::runtime)?;
     }
+    let plan = Contacts::plan(&a, &me, &seeds, addr, contacted.as_ref());
     let wrote_config = if config_path.exists() {
         eprintln!(
             "      {} exists; leaving it as it is (check node, cluster and seeds)",
@@ -171,7 +183,7 @@ pub async fn join(a: JoinArgs, log: meshnode_node::reload::LogControl) -> Result
         );
         false
     } else {
-        let text = config_text(&a, &me, &seeds, addr);
+        let text = config_text(&a, &me, &plan);
         write_atomic(&config_path, text.as_bytes(), 0o644)
             .with_context(|| format!("writing {}", config_path.display()))
             .map_err(Failure::runtime)?;
@@ -203,6 +215,11 @@ pub async fn join(a: JoinArgs, log: meshnode_node::reload::LogControl) -> Result
         )
     );
     println!("  config {}", config_path.display());
+    if wrote_config {
+        for note in &plan.notes {
+            println!("  next: {note}");
+        }
+    }
     if a.no_start {
         println!(
             "  start it with: systemctl enable --now meshnode   (or: meshnode run --config {})",
@@ -289,12 +306,97 @@ async fn connect(addr: SocketAddr, fp: [u8; 32]) -> Result<quinn::Connection, Fa
     }
 }
 
-fn config_text(a: &JoinArgs, me: &PeerCert, seeds: &[SocketAddr], contacted: SocketAddr) -> String {
-    let mut seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
-    if seeds.is_empty() {
-        seeds.push(contacted.to_string());
+/// The seeds, WAN seeds and advertise address a joined node's config gets,
+/// and what the operator still has to do.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Contacts {
+    seeds: Vec<SocketAddr>,
+    wan_seeds: Vec<SocketAddr>,
+    advertise: Option<SocketAddr>,
+    /// Gateways: the address toward the first WAN seed, when it is not `advertise`.
+    wan_advertise: Option<SocketAddr>,
+    notes: Vec<String>,
+}
+
+impl Contacts {
+    /// Only nodes of the joiner's own cluster are seeds: the answer's seeds
+    /// (the relay's pool, when it is ours), else the contacted node if it is
+    /// ours. A gateway's WAN seeds: `--wan-seed`, else the contacted node if
+    /// it is a gateway of another cluster.
+    fn plan(
+        a: &JoinArgs,
+        me: &PeerCert,
+        answered: &[SocketAddr],
+        addr: SocketAddr,
+        contacted: Option<&PeerCert>,
+    ) -> Contacts {
+        let cluster = me.identity.cluster();
+        let contacted_ours = contacted.is_some_and(|c| c.identity.cluster() == cluster);
+        let mut seeds = answered.to_vec();
+        if seeds.is_empty() && contacted_ours {
+            seeds.push(addr);
+        }
+        let mut notes = Vec::new();
+        let mut wan_seeds = a.wan_seeds.clone();
+        if me.is_gateway() && wan_seeds.is_empty() {
+            match contacted {
+                Some(c) if c.is_gateway() && c.identity.cluster() != cluster => wan_seeds.push(addr),
+                _ => notes.push(
+                    "this gateway has no WAN seed: add wan_seeds = [\"<a gateway's WAN address>\"] to the config (or join with --wan-seed)".to_string(),
+                ),
+            }
+        }
+        let mut advertise = a.advertise;
+        if seeds.is_empty() {
+            if advertise.is_none() && a.bind.ip().is_unspecified() {
+                advertise = local_toward(addr).map(|ip| SocketAddr::new(ip, a.bind.port()));
+            }
+            notes.push(format!(
+                "no other node of cluster {cluster} is known: this node starts its cluster's pool. Join the others through it (meshnode join --token T {})",
+                advertise.map_or_else(|| a.bind.to_string(), |s| s.to_string())
+            ));
+            if me.is_gateway() && a.advertise.is_none() {
+                notes.push(format!(
+                    "advertise = {} is this machine's address toward {addr}; if the cluster's nodes reach it at another (its LAN address), set advertise to that one",
+                    advertise.map_or_else(|| "?".to_string(), |s| s.to_string())
+                ));
+            }
+        }
+        let wan_advertise = match (me.is_gateway(), wan_seeds.first()) {
+            (true, Some(w)) if a.bind.ip().is_unspecified() => local_toward(*w)
+                .map(|ip| SocketAddr::new(ip, a.bind.port()))
+                .filter(|w| Some(*w) != advertise),
+            _ => None,
+        };
+        Contacts {
+            seeds,
+            wan_seeds,
+            advertise,
+            wan_advertise,
+            notes,
+        }
     }
-    let quoted: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+}
+
+/// The local address the kernel would use toward `to`.
+fn local_toward(to: SocketAddr) -> Option<std::net::IpAddr> {
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().ok()?
+    } else {
+        "[::]:0".parse().ok()?
+    };
+    let probe = std::net::UdpSocket::bind(any).ok()?;
+    probe.connect(to).ok()?;
+    Some(probe.local_addr().ok()?.ip())
+}
+
+fn config_text(a: &JoinArgs, me: &PeerCert, c: &Contacts) -> String {
+    let list = |v: &[SocketAddr]| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut t = String::new();
     t.push_str("# Written by `meshnode join`. Add [[service]] and [[upstream]] sections here.\n");
     t.push_str(&format!("node = \"{}\"\n", me.identity.node()));
@@ -302,13 +404,17 @@ fn config_text(a: &JoinArgs, me: &PeerCert, seeds: &[SocketAddr], contacted: Soc
     t.push_str(&format!("mesh = \"{}\"\n", me.identity.mesh()));
     t.push_str(&format!("data_dir = \"{}\"\n", a.data_dir.display()));
     t.push_str(&format!("bind = \"{}\"\n", a.bind));
-    if let Some(adv) = a.advertise {
+    if let Some(adv) = c.advertise {
         t.push_str(&format!("advertise = \"{adv}\"\n"));
     }
     t.push_str(&format!("admin = \"{}\"\n", a.admin));
-    t.push_str(&format!("seeds = [{}]\n", quoted.join(", ")));
+    t.push_str(&format!("seeds = [{}]\n", list(&c.seeds)));
     if me.is_gateway() {
         t.push_str("gateway = true\n");
+        if let Some(w) = c.wan_advertise {
+            t.push_str(&format!("wan_advertise = \"{w}\"\n"));
+        }
+        t.push_str(&format!("wan_seeds = [{}]\n", list(&c.wan_seeds)));
     }
     t
 }
