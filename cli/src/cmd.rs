@@ -4,6 +4,7 @@ mod admin;
 mod ca;
 mod check;
 mod demo;
+mod docs;
 mod join;
 mod policy;
 mod run;
@@ -124,6 +125,15 @@ enum Command {
         data_dir: PathBuf,
         #[command(flatten)]
         admin: AdminArgs,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell),
+    /// generated from this command line.
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages (meshnode.1 and one per subcommand) into a directory,
+    /// generated from this command line (the Debian package ships them).
+    Man {
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Leave the pool gracefully: instances are withdrawn at once, streams drain, the agent exits.
     Leave {
@@ -291,6 +301,8 @@ impl Cli {
     pub async fn run(self, log: meshnode_node::reload::LogControl) -> Result<(), Failure> {
         match self.command {
             Command::Run { config } => run::run(&config, log).await,
+            Command::Completions { shell } => docs::completions(shell),
+            Command::Man { out } => docs::man(&out),
             Command::Reload { admin, data_dir } => admin::reload(&admin, &data_dir).await,
             Command::Validate { config, json } => run::validate(&config, json),
             Command::Demo { hold } => demo::demo(hold).await,

@@ -176,7 +176,7 @@ pub async fn join(a: JoinArgs, log: meshnode_node::reload::LogControl) -> Result
             .map_err(Failure::runtime)?;
     }
     let plan = Contacts::plan(&a, &me, &seeds, addr, contacted.as_ref());
-    let wrote_config = if config_path.exists() {
+    let wrote_config = if config_path.exists() && !is_packaged_example(&config_path) {
         eprintln!(
             "      {} exists; leaving it as it is (check node, cluster and seeds)",
             config_path.display()
@@ -417,6 +417,16 @@ fn config_text(a: &JoinArgs, me: &PeerCert, c: &Contacts) -> String {
         t.push_str(&format!("wan_seeds = [{}]\n", list(&c.wan_seeds)));
     }
     t
+}
+
+/// The first line the Debian package's example config carries: `join`
+/// replaces that file (it holds nothing of this machine yet) and leaves any
+/// other config alone.
+pub const PACKAGED_EXAMPLE: &str =
+    "# meshnode: packaged example (meshnode join replaces this file)";
+
+fn is_packaged_example(path: &Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|t| t.lines().next() == Some(PACKAGED_EXAMPLE))
 }
 
 /// The uid of this process.

@@ -635,3 +635,31 @@ async fn exec_and_ttl_checks_follow_the_program_and_the_applications_reports() {
     ]);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_line() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = meshnode(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out));
+        let script = String::from_utf8_lossy(&out.stdout);
+        for sub in ["join", "reload", "explain", "policy"] {
+            assert!(script.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    let out = meshnode(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let pages = dir.path().join("man1");
+    let out = meshnode(&["man", "--out", pages.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let main = std::fs::read_to_string(pages.join("meshnode.1")).unwrap();
+    assert!(
+        main.starts_with(".ie") || main.contains(".TH meshnode"),
+        "{main}"
+    );
+    let join = std::fs::read_to_string(pages.join("meshnode-join.1")).unwrap();
+    assert!(
+        join.contains("wan\\-seed"),
+        "join's page lacks --wan-seed: {join}"
+    );
+}
