@@ -26,8 +26,18 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Args)]
 pub struct JoinArgs {
     /// The join token from `meshnode token create` on a CA node.
-    #[arg(long, env = "MESHNODE_TOKEN", hide_env_values = true)]
-    pub token: String,
+    #[arg(
+        long,
+        env = "MESHNODE_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "token_file",
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// Read the token from this file instead (a mounted Kubernetes Secret):
+    /// it stays out of the environment and the process list.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
     /// A node of the mesh to contact: its QUIC address (host:port, UDP).
     pub addr: String,
     /// Where to write ca.pem, node.pem, node.key and meshnode.toml.
@@ -63,6 +73,16 @@ pub struct JoinArgs {
     /// Write the files and stop; do not start the agent (e.g. to start it with systemctl).
     #[arg(long)]
     pub no_start: bool,
+    /// Exit 0 without contacting anyone when the data dir holds an identity
+    /// already (node.key and node.pem): for init containers and provisioning
+    /// scripts that run at every start.
+    #[arg(long)]
+    pub skip_if_joined: bool,
+    /// Give the data dir and the credentials to this user (`UID:GID`), for a
+    /// join that runs as root for an agent that does not (Kubernetes init
+    /// containers). Default: the data dir's owner.
+    #[arg(long, value_parser = parse_owner)]
+    pub owner: Option<(u32, u32)>,
 }
 
 fn step(n: u32, msg: &str) {
@@ -70,7 +90,33 @@ fn step(n: u32, msg: &str) {
 }
 
 pub async fn join(a: JoinArgs, log: meshnode_node::reload::LogControl) -> Result<(), Failure> {
-    let token = Token::decode(&a.token).map_err(Failure::usage)?;
+    let config_path = a
+        .config
+        .clone()
+        .unwrap_or_else(|| a.data_dir.join("meshnode.toml"));
+    // Before the token is read: at a restart it may have expired long ago.
+    if a.skip_if_joined
+        && a.data_dir.join("node.key").exists()
+        && a.data_dir.join("node.pem").exists()
+    {
+        eprintln!(
+            "{} holds an identity already; nothing to do (--skip-if-joined)",
+            a.data_dir.display()
+        );
+        return if a.no_start {
+            Ok(())
+        } else {
+            super::run::run(&config_path, log).await
+        };
+    }
+    let text = match (&a.token, &a.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the join token from {}", path.display()))
+            .map_err(Failure::usage)?,
+        (None, None) => return Err(Failure::usage(anyhow!("give --token or --token-file"))),
+    };
+    let token = Token::decode(text.trim()).map_err(Failure::usage)?;
     let now = unix_now();
     if token.expires <= now as u64 {
         return Err(Failure::runtime(anyhow!(
@@ -86,11 +132,12 @@ pub async fn join(a: JoinArgs, log: meshnode_node::reload::LogControl) -> Result
     if let Some(c) = &a.cluster {
         meshnode_transport::pki::check_name("cluster", c).map_err(Failure::usage)?;
     }
-    let config_path = a
-        .config
-        .clone()
-        .unwrap_or_else(|| a.data_dir.join("meshnode.toml"));
     prepare_dir(&a.data_dir)?;
+    if let Some((uid, gid)) = a.owner {
+        std::os::unix::fs::chown(&a.data_dir, Some(uid), Some(gid))
+            .with_context(|| format!("giving {} to {uid}:{gid}", a.data_dir.display()))
+            .map_err(Failure::runtime)?;
+    }
 
     step(
         1,
@@ -240,6 +287,12 @@ fn hint(reason: Refusal) -> &'static str {
         Refusal::NoCa => "; a node with a [ca] section must be live in that node's cluster",
         _ => "",
     }
+}
+
+fn parse_owner(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{s:?} is not UID:GID (numbers, e.g. 65532:65532)");
+    let (u, g) = s.split_once(':').ok_or_else(bad)?;
+    Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
 }
 
 fn prepare_dir(dir: &Path) -> Result<(), Failure> {

@@ -1187,3 +1187,70 @@ async fn every_read_command_and_admin_action_prints_json() {
         assert_eq!(v["exit_code"], code, "{v}");
     }
 }
+
+/// What the Kubernetes init container runs: the token from a file, the
+/// identity given to the agent's uid, and at every later start nothing at
+/// all (the token may have expired by then).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_init_container_joins_once_from_a_token_file_for_another_uid() {
+    use std::os::unix::fs::MetadataExt;
+    let pki = Pki::new();
+    let net = crate::subnet();
+    let (ca, ca_dir) = ca_node(&pki, net, "72h", "api").await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let token_file = work.path().join("token");
+    std::fs::write(&token_file, format!("{}\n", token(&ca, &ca_dir, &[]))).expect("token");
+    let dir = work.path().join("data");
+    let spec = NodeSpec::new(net, 3, "k8s-node-1");
+    let run = |extra: &[&str]| {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "join".into(),
+            ca.spec.quic.to_string().into(),
+            "--node".into(),
+            spec.name.clone().into(),
+            "--bind".into(),
+            spec.quic.to_string().into(),
+            "--data-dir".into(),
+            dir.clone().into(),
+            "--no-start".into(),
+            "--skip-if-joined".into(),
+            "--owner".into(),
+            "65532:65532".into(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        std::process::Command::new(crate::meshnode_bin())
+            .args(&args)
+            .env_remove("MESHNODE_TOKEN")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run join")
+    };
+    let tf = token_file.to_str().expect("utf-8");
+    let out = run(&["--token-file", tf]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in ["", "node.key", "node.pem", "ca.pem"] {
+        let m = std::fs::metadata(dir.join(f)).expect("written");
+        assert_eq!((m.uid(), m.gid()), (65532, 65532), "{f} is not the agent's");
+    }
+    let key = std::fs::read(dir.join("node.key")).expect("key");
+    // A later start: the (now garbage) token is not even read.
+    std::fs::write(&token_file, "expired long ago").expect("token");
+    let out = run(&["--token-file", tf]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("nothing to do"), "{err}");
+    assert_eq!(std::fs::read(dir.join("node.key")).expect("key"), key);
+    // An owner that is not UID:GID is a usage error that says so.
+    let out = std::process::Command::new(crate::meshnode_bin())
+        .args(["join", "--token-file", tf, "127.0.0.1:1", "--owner", "root"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run join");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("is not UID:GID"), "{err}");
+}
