@@ -143,11 +143,14 @@ pub fn members(nodes: &[NodeSnapshot]) -> Vec<Member> {
 
 /// Live, not leaving nodes that hold the CA key, as (node, QUIC address).
 pub fn ca_nodes(nodes: &[NodeSnapshot]) -> Vec<(String, SocketAddr)> {
+    live_with(nodes, keys::CA_ROLE_KEY)
+}
+
+/// Live nodes that have not left and carry `key`, with their advertise address.
+fn live_with(nodes: &[NodeSnapshot], key: &str) -> Vec<(String, SocketAddr)> {
     current(nodes)
         .into_iter()
-        .filter(|n| {
-            n.live && !n.kvs.contains_key(LEAVING_KEY) && n.kvs.contains_key(keys::CA_ROLE_KEY)
-        })
+        .filter(|n| n.live && !n.kvs.contains_key(LEAVING_KEY) && n.kvs.contains_key(key))
         .filter_map(|n| Some((n.node.clone(), info(n)?.advertise)))
         .collect()
 }
@@ -155,13 +158,7 @@ pub fn ca_nodes(nodes: &[NodeSnapshot]) -> Vec<(String, SocketAddr)> {
 /// WAN pool: live gateways that front a CA node of their cluster (their
 /// `ca_via`, which the gate verified), as (`cluster/node`, WAN address).
 pub fn ca_fronts(nodes: &[NodeSnapshot]) -> Vec<(String, SocketAddr)> {
-    current(nodes)
-        .into_iter()
-        .filter(|n| {
-            n.live && !n.kvs.contains_key(LEAVING_KEY) && n.kvs.contains_key(keys::CA_VIA_KEY)
-        })
-        .filter_map(|n| Some((n.node.clone(), info(n)?.advertise)))
-        .collect()
+    live_with(nodes, keys::CA_VIA_KEY)
 }
 
 impl Catalog {

@@ -115,7 +115,7 @@ fn joined_node(token: &str, ca: &NodeProc, dir: &Path, spec: NodeSpec) -> (NodeP
     (vm, up)
 }
 
-async fn alive_on(node: &NodeProc, name: &str) -> bool {
+pub(crate) async fn alive_on(node: &NodeProc, name: &str) -> bool {
     node.members()
         .await
         .iter()

@@ -12,6 +12,7 @@ use std::time::Duration;
 use meshnode_transport::pki::Role;
 
 use crate::netns::{self, ClusterSpec, Topology};
+use crate::tests::onboarding::alive_on;
 use crate::{named_echo_in, named_echo_once, upstream, wait_until, NodeProc, NodeSpec, Pki};
 
 const UPSTREAM: u16 = 15_000;
@@ -51,13 +52,6 @@ fn run_joined(spec: NodeSpec, dir: &Path, extra: &str) -> NodeProc {
         vec!["run".into(), "--config".into(), cfg.into_os_string()],
         &dir.join("node.log"),
     )
-}
-
-async fn alive_on(node: &NodeProc, name: &str) -> bool {
-    node.members()
-        .await
-        .iter()
-        .any(|(n, st)| n == name && st == "alive")
 }
 
 #[tokio::test(flavor = "multi_thread")]
