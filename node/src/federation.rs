@@ -33,6 +33,7 @@ pub fn spawn(
         let mut lan_changes = lan.watch_catalog();
         let mut wan_changes = wan.watch_catalog();
         let mut reachable: BTreeMap<String, bool> = BTreeMap::new();
+        let mut ca_checked: Option<tokio::time::Instant> = None;
         loop {
             let summaries: BTreeMap<String, String> = summarize(&lan.catalog(), &cluster)
                 .into_iter()
@@ -45,10 +46,15 @@ pub fn spawn(
                 .collect();
             wan.publish_prefixed(SUMMARY_PREFIX, summaries).await;
             // Front a live CA node of the own cluster, so gateways of clusters
-            // without one relay joins and renewals here.
-            let fronted = ca_via(&lan.snapshot().await, &endpoint.me().identity);
-            wan.publish_prefixed(CA_VIA_KEY, fronted.into_iter().collect())
-                .await;
+            // without one relay joins and renewals here. A full LAN snapshot
+            // per catalog change would be costly in a large pool; the CA
+            // role changes rarely, so once per REFRESH is enough.
+            if ca_checked.is_none_or(|t| t.elapsed() >= REFRESH) {
+                ca_checked = Some(tokio::time::Instant::now());
+                let fronted = ca_via(&lan.snapshot().await, &endpoint.me().identity);
+                wan.publish_prefixed(CA_VIA_KEY, fronted.into_iter().collect())
+                    .await;
+            }
 
             let view = WanView::derive(&wan.snapshot().await);
             let records = remote_records(&view, &cluster, |a| endpoint.rtt(a, Alpn::WanGossip));

@@ -255,34 +255,30 @@ async fn handle_stream(
             count("in", status.as_str());
             tunnel::refuse(&mut send, status).await
         }
-        Route::Local if header.end_to_end => {
-            let Some(target) = local_target(&ctx.registry, &header) else {
-                count("in", "no_such_service");
-                return tunnel::refuse(&mut send, Status::NoSuchService).await;
-            };
-            serve_end_to_end(
-                send,
-                recv,
-                target,
-                &header,
-                &peer,
-                &ctx,
-                &service_label,
-                &count,
-            )
-            .await;
-        }
         Route::Local => {
-            if let Err(status) = authorize(&ctx, &service, &service_label, &caller, &peer) {
-                count("in", status.as_str());
-                return tunnel::refuse(&mut send, status).await;
+            // A plain stream is authorized before the lookup, so a denied
+            // caller learns nothing of what is hosted here; an end-to-end
+            // one is authorized inside its session, on the proven identity.
+            if !header.end_to_end {
+                if let Err(status) = authorize(&ctx, &service, &service_label, &caller, &peer) {
+                    count("in", status.as_str());
+                    return tunnel::refuse(&mut send, status).await;
+                }
             }
             let Some(target) = local_target(&ctx.registry, &header) else {
                 count("in", "no_such_service");
                 return tunnel::refuse(&mut send, Status::NoSuchService).await;
             };
-            connect_local(
-                send, recv, target, &peer, &caller, &service, &ctx.drain, &count,
+            serve_here(
+                send,
+                recv,
+                target,
+                &header,
+                &peer,
+                &caller,
+                &ctx,
+                &service_label,
+                &count,
             )
             .await;
         }
@@ -290,25 +286,24 @@ async fn handle_stream(
             // This gateway is the destination cluster's: pick an instance here.
             if header.port == ANY_PORT {
                 if let Some(target) = local_target(&ctx.registry, &header) {
-                    if header.end_to_end {
-                        return serve_end_to_end(
-                            send,
-                            recv,
-                            target,
-                            &header,
-                            &peer,
-                            &ctx,
-                            &service_label,
-                            &count,
-                        )
-                        .await;
+                    if !header.end_to_end {
+                        if let Err(status) =
+                            authorize(&ctx, &service, &service_label, &caller, &peer)
+                        {
+                            count("in", status.as_str());
+                            return tunnel::refuse(&mut send, status).await;
+                        }
                     }
-                    if let Err(status) = authorize(&ctx, &service, &service_label, &caller, &peer) {
-                        count("in", status.as_str());
-                        return tunnel::refuse(&mut send, status).await;
-                    }
-                    return connect_local(
-                        send, recv, target, &peer, &caller, &service, &ctx.drain, &count,
+                    return serve_here(
+                        send,
+                        recv,
+                        target,
+                        &header,
+                        &peer,
+                        &caller,
+                        &ctx,
+                        &service_label,
+                        &count,
                     )
                     .await;
                 }
@@ -320,6 +315,37 @@ async fn handle_stream(
             let hops = wan_hops(&ctx, &header, &cluster);
             forward(send, recv, hops, &caller, &service, &ctx, &count).await;
         }
+    }
+}
+
+/// A stream for an instance here: in its end-to-end session (authorized
+/// inside it), or plain, which the caller of this function authorized.
+#[allow(clippy::too_many_arguments)]
+async fn serve_here(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    target: std::net::SocketAddr,
+    header: &Header,
+    peer: &PeerCert,
+    caller: &CallerId,
+    ctx: &Inbound,
+    service_label: &str,
+    count: &impl Fn(&'static str, &'static str),
+) {
+    if header.end_to_end {
+        serve_end_to_end(send, recv, target, header, peer, ctx, service_label, count).await;
+    } else {
+        connect_local(
+            send,
+            recv,
+            target,
+            peer,
+            caller,
+            &header.service,
+            &ctx.drain,
+            count,
+        )
+        .await;
     }
 }
 
