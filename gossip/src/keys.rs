@@ -70,7 +70,10 @@ pub struct NodeInfo {
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
+    /// HTTP/1.1.
     Http,
+    /// HTTP/2 without TLS (prior knowledge, h2c), as gRPC servers speak it.
+    Http2,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -181,10 +184,15 @@ pub enum KeyError {
 // === impl Protocol / Health ===
 
 impl Protocol {
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Http2)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Http => "http",
+            Protocol::Http2 => "http2",
         }
     }
 }

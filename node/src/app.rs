@@ -392,6 +392,7 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
             authz: authz.clone(),
             e2e: e2e.clone(),
             trust_carried: cfg.cross_cluster_identity == CrossClusterIdentity::Gateway,
+            apps: Arc::new(crate::http::AppPool::default()),
             policy_loaded: {
                 let policy = policy.clone();
                 Arc::new(move || policy.loaded())
@@ -399,12 +400,18 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
         }),
     )));
 
-    let dialer = Arc::new(Dialer::new(
-        endpoint.clone(),
-        (cfg.cross_cluster_identity == CrossClusterIdentity::EndToEnd).then(|| e2e.clone()),
-        gossip.clone(),
-        me.identity.cluster(),
-    ));
+    let dialer = Arc::new(
+        Dialer::new(
+            endpoint.clone(),
+            (cfg.cross_cluster_identity == CrossClusterIdentity::EndToEnd).then(|| e2e.clone()),
+            gossip.clone(),
+            me.identity.cluster(),
+        )
+        .with_routes(crate::policy::follow(
+            policy.store.clone(),
+            crate::routes::Routes::from_store,
+        )),
+    );
     let mut upstream_addrs = Vec::new();
     let mut listeners = Vec::new();
     for up in &cfg.upstreams {

@@ -216,16 +216,9 @@ impl Authorizer {
     /// Builds the first snapshot now (documents loaded from the data dir are
     /// in force before the first stream) and follows the store after that.
     pub fn follow(store: Arc<PolicyStore>) -> Self {
-        let (tx, rx) = watch::channel(Arc::new(Snapshot::from_store(&store)));
-        let mut changed = store.subscribe();
-        tokio::spawn(async move {
-            while changed.changed().await.is_ok() {
-                if tx.send(Arc::new(Snapshot::from_store(&store))).is_err() {
-                    return;
-                }
-            }
-        });
-        Self { current: rx }
+        Self {
+            current: crate::policy::follow(store, Snapshot::from_store),
+        }
     }
 
     /// An authorizer that always reads `snapshot` (benchmarks, tests).

@@ -164,6 +164,20 @@ pub struct UpstreamConfig {
     /// node's certificate names. Default: the certificate's only service, if
     /// it names exactly one; else the node alone.
     pub as_service: Option<String>,
+    /// How the upstream treats its connections (`protocol`). `None`: HTTP
+    /// when the service's instances in the catalog declare an HTTP
+    /// protocol, else TCP.
+    pub protocol: Option<UpstreamProtocol>,
+}
+
+/// An upstream's own protocol setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// Bytes, one tunnel per connection.
+    Tcp,
+    /// HTTP/1.1 and prior-knowledge HTTP/2, routed per request.
+    Http,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -63,6 +63,8 @@ pub struct Inbound {
     /// Accept a caller carried by gateways without an end-to-end session
     /// (`cross_cluster_identity = "gateway"`).
     pub trust_carried: bool,
+    /// Connections to the local applications of HTTP services.
+    pub apps: Arc<crate::http::AppPool>,
 }
 
 /// Who is calling, as far as this node can tell.
@@ -228,7 +230,7 @@ async fn handle_stream(
     let service = header.service.clone();
     // Labels from the header are bounded: a name neither hosted here nor in
     // the catalog is `other`, and each label keeps at most 256 values.
-    let known = ctx.registry.target_any(&service).is_some() || {
+    let known = ctx.registry.lookup(&service, ANY_PORT, None).is_some() || {
         let cat = ctx.lan.catalog();
         cat.services.contains_key(&service) || cat.remote.contains_key(&service)
     };
@@ -324,7 +326,7 @@ async fn handle_stream(
 async fn serve_here(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
-    target: std::net::SocketAddr,
+    target: Target,
     header: &Header,
     peer: &PeerCert,
     caller: &CallerId,
@@ -335,17 +337,7 @@ async fn serve_here(
     if header.end_to_end {
         serve_end_to_end(send, recv, target, header, peer, ctx, service_label, count).await;
     } else {
-        connect_local(
-            send,
-            recv,
-            target,
-            peer,
-            caller,
-            &header.service,
-            &ctx.drain,
-            count,
-        )
-        .await;
+        connect_local(send, recv, target, header, peer, caller, ctx, count).await;
     }
 }
 
@@ -393,7 +385,7 @@ fn authorize(
 async fn serve_end_to_end(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
-    target: std::net::SocketAddr,
+    target: Target,
     outer: &Header,
     via: &PeerCert,
     ctx: &Inbound,
@@ -455,9 +447,10 @@ async fn serve_end_to_end(
         let _ = tunnel::e2e::respond(&mut session, status).await;
         return;
     }
-    let tcp = match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-        Ok(Ok(tcp)) => tcp,
-        _ => {
+    let app = match open_app(ctx, &target, outer.http).await {
+        Ok(app) => app,
+        Err(e) => {
+            debug!(target = %target.0, error = %e, "local application refused the connection");
             count("in", "connect_failed");
             let _ = tunnel::e2e::respond(&mut session, Status::ConnectFailed).await;
             return;
@@ -471,6 +464,21 @@ async fn serve_end_to_end(
         return;
     }
     let _guard = ctx.drain.enter();
+    let tcp = match app {
+        App::Tcp(tcp) => tcp,
+        App::Http(conn) => {
+            crate::http::serve_stream(
+                session,
+                conn,
+                ctx.apps.clone(),
+                target.0,
+                outer.service.clone(),
+            )
+            .await;
+            count("in", "http");
+            return;
+        }
+    };
     let active = metrics::gauge!(TUNNEL_ACTIVE, "direction" => "in");
     active.increment(1.0);
     let stats = tunnel::e2e::splice_session(tcp, session).await;
@@ -483,13 +491,33 @@ async fn serve_end_to_end(
     debug!(%caller, via = %via.identity, service = %outer.service, sent = stats.to_peer, received = stats.from_peer, "end-to-end stream closed");
 }
 
+/// An instance on this node: the application's address and protocol.
+type Target = (std::net::SocketAddr, meshnode_gossip::Protocol);
+
 /// The instance on this node a header asks for: the named port, or any
-/// non-critical instance of the service for [`ANY_PORT`].
-fn local_target(registry: &Registry, header: &Header) -> Option<std::net::SocketAddr> {
-    if header.port == ANY_PORT {
-        registry.target_any(&header.service)
-    } else {
-        registry.target(&header.service, header.port)
+/// non-critical instance of the service (of the header's subset) for
+/// [`ANY_PORT`].
+fn local_target(registry: &Registry, header: &Header) -> Option<Target> {
+    registry.lookup(&header.service, header.port, header.subset.as_deref())
+}
+
+/// A connection to the local application, made before the stream's status
+/// (a refused connect lets the caller try another instance).
+enum App {
+    Tcp(TcpStream),
+    Http(crate::http::AppConn),
+}
+
+async fn open_app(ctx: &Inbound, target: &Target, http: bool) -> std::io::Result<App> {
+    if http {
+        return ctx.apps.checkout(target.0, target.1).await.map(App::Http);
+    }
+    match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(target.0)).await {
+        Ok(r) => r.map(App::Tcp),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        )),
     }
 }
 
@@ -497,21 +525,18 @@ fn local_target(registry: &Registry, header: &Header) -> Option<std::net::Socket
 async fn connect_local(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
-    target: std::net::SocketAddr,
+    target: Target,
+    header: &Header,
     peer: &PeerCert,
     caller: &CallerId,
-    service: &str,
-    drain: &Drain,
+    ctx: &Inbound,
     count: &impl Fn(&'static str, &'static str),
 ) {
-    let tcp = match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => {
-            debug!(%target, error = %e, "local application refused the connection");
-            count("in", "connect_failed");
-            return tunnel::refuse(&mut send, Status::ConnectFailed).await;
-        }
-        Err(_) => {
+    let service = header.service.as_str();
+    let app = match open_app(ctx, &target, header.http).await {
+        Ok(app) => app,
+        Err(e) => {
+            debug!(target = %target.0, error = %e, "local application refused the connection");
             count("in", "connect_failed");
             return tunnel::refuse(&mut send, Status::ConnectFailed).await;
         }
@@ -520,7 +545,17 @@ async fn connect_local(
         count("in", "peer_gone");
         return;
     }
-    let _guard = drain.enter();
+    let _guard = ctx.drain.enter();
+    let tcp = match app {
+        App::Tcp(tcp) => tcp,
+        App::Http(conn) => {
+            let io = tokio::io::join(recv, send);
+            crate::http::serve_stream(io, conn, ctx.apps.clone(), target.0, service.to_string())
+                .await;
+            count("in", "http");
+            return;
+        }
+    };
     let active = metrics::gauge!(TUNNEL_ACTIVE, "direction" => "in");
     active.increment(1.0);
     let stats = tunnel::splice(tcp, send, recv).await;
@@ -559,13 +594,12 @@ fn wan_hops(ctx: &Inbound, header: &Header, cluster: &str) -> Vec<Hop> {
             cluster: cluster.to_string(),
             gateway: true,
             header: Header {
-                service: header.service.clone(),
-                port: header.port,
                 cluster: Some(cluster.to_string()),
-                // Set by `forward`, like on every hop.
-                caller: None,
-                source_service: None,
+                // `caller` and `source_service` are set by `forward`, like on every hop.
                 end_to_end: header.end_to_end,
+                http: header.http,
+                subset: header.subset.clone(),
+                ..Header::new(header.service.clone(), header.port)
             },
             wait: WAN_STATUS_TIMEOUT,
         })
@@ -582,6 +616,12 @@ fn lan_hops(ctx: &Inbound, header: &Header) -> Vec<Hop> {
         .iter()
         .filter(|i| i.node != ctx.me.identity.node())
         .filter(|i| header.port == ANY_PORT || i.port == header.port)
+        .filter(|i| {
+            header
+                .subset
+                .as_deref()
+                .is_none_or(|s| i.tags.iter().any(|t| t == s))
+        })
         .cloned()
         .collect();
     balance::order(
@@ -600,12 +640,9 @@ fn lan_hops(ctx: &Inbound, header: &Header) -> Vec<Hop> {
         cluster: mine.to_string(),
         gateway: false,
         header: Header {
-            service: header.service.clone(),
-            port: i.port,
-            cluster: None,
-            caller: None,
-            source_service: None,
             end_to_end: header.end_to_end,
+            http: header.http,
+            ..Header::new(header.service.clone(), i.port)
         },
         wait: STATUS_TIMEOUT,
     })
@@ -697,12 +734,10 @@ mod tests {
 
     fn header(cluster: Option<&str>, caller: Option<Identity>) -> Header {
         Header {
-            service: "api".into(),
-            port: 1,
             cluster: cluster.map(String::from),
             caller,
-            source_service: None,
             end_to_end: true,
+            ..Header::new("api", 1)
         }
     }
 

@@ -11,6 +11,7 @@ mod drain;
 pub mod explain;
 mod federation;
 pub mod health;
+mod http;
 mod inbound;
 mod join;
 mod join_slots;
@@ -24,6 +25,7 @@ pub mod reload;
 mod renew;
 mod replicate;
 mod revocations;
+pub mod routes;
 mod upstream;
 
 pub use app::{build, check_credentials, AppError, Bound, Hooks};

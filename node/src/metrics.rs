@@ -27,6 +27,8 @@ pub const POLICY_REFUSED: &str = "meshnode_policy_refused_total";
 pub const ADMIN_REFUSED: &str = "meshnode_admin_refused_total";
 pub const JOIN_CONNECTIONS_REFUSED: &str = "meshnode_join_connections_refused_total";
 pub const AUTHZ_DECISIONS: &str = "meshnode_authz_decisions_total";
+pub const HTTP_REQUESTS: &str = "meshnode_http_requests_total";
+pub const HTTP_MIRRORED: &str = "meshnode_http_mirrored_total";
 
 /// Histogram buckets for connect latency, loopback to WAN.
 const CONNECT_BUCKETS: [f64; 12] = [
@@ -45,6 +47,14 @@ pub fn describe() {
         "Tunnelled bytes by service and direction (in, out)"
     );
     describe_gauge!(TUNNEL_ACTIVE, "Tunnel streams open now, by direction");
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests by service, direction (out: sent by an upstream, in: served to an application), subset and status class (2xx..5xx, or the refusal)"
+    );
+    describe_counter!(
+        HTTP_MIRRORED,
+        "Copies of HTTP requests sent by a route's mirror, by service and result"
+    );
     describe_counter!(
         JOIN_REQUESTS,
         "Join and renewal requests answered by this node, by result (ok or the refusal)"

@@ -41,6 +41,25 @@ pub type DocKey = (String, String);
 /// What a text verified as (None: refused).
 type Verdict = Option<(DocKey, Order)>;
 
+/// A value derived from the store's documents, rebuilt whenever the store
+/// adopts one: built now (documents loaded from the data dir are in force
+/// before the first request), then followed.
+pub fn follow<T: Send + Sync + 'static>(
+    store: Arc<PolicyStore>,
+    build: fn(&PolicyStore) -> T,
+) -> watch::Receiver<Arc<T>> {
+    let (tx, rx) = watch::channel(Arc::new(build(&store)));
+    let mut changed = store.subscribe();
+    tokio::spawn(async move {
+        while changed.changed().await.is_ok() {
+            if tx.send(Arc::new(build(&store))).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 pub fn gossip_key(kind: &str, name: &str) -> String {
     format!("{PREFIX}{kind}/{name}")
 }

@@ -366,6 +366,36 @@ impl Registry {
             .find_map(|r| inner.targets.get(&(service.to_string(), r.port)).copied())
     }
 
+    /// The instance a tunnel header asks for, and the protocol it speaks:
+    /// the named port, or for [`ANY_PORT`](meshnode_transport::tunnel::ANY_PORT)
+    /// a non-critical instance, of the header's subset when it names one.
+    pub fn lookup(
+        &self,
+        service: &str,
+        port: u16,
+        subset: Option<&str>,
+    ) -> Option<(SocketAddr, meshnode_gossip::Protocol)> {
+        let inner = self.lock();
+        inner
+            .records
+            .iter()
+            .filter(|r| r.name == service)
+            .filter(|r| {
+                if port == meshnode_transport::tunnel::ANY_PORT {
+                    r.health != Health::Critical
+                        && subset.is_none_or(|s| r.tags.iter().any(|t| t == s))
+                } else {
+                    r.port == port
+                }
+            })
+            .find_map(|r| {
+                inner
+                    .targets
+                    .get(&(service.to_string(), r.port))
+                    .map(|a| (*a, r.protocol))
+            })
+    }
+
     /// Updates one instance's health, with the check output that made it,
     /// and publishes both. Returns false when gossip is gone or the slot
     /// belongs to a replaced generation (its check loop then ends).

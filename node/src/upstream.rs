@@ -22,6 +22,7 @@ use crate::metrics::{
     TUNNEL_STREAMS, UPSTREAM_RETRIES,
 };
 use crate::outlier::{Key, Outliers};
+use crate::routes::Subset;
 
 /// A receiver answers within its local connect timeout (1 s); silence past this
 /// means the peer is gone, and the next instance is tried.
@@ -42,7 +43,7 @@ pub(crate) enum Tunnel {
 
 /// Why a connection could not be tunnelled.
 #[derive(Debug)]
-enum Refusal {
+pub(crate) enum Refusal {
     /// The destination's policy denied it (named: the instance that said so).
     Denied(String),
     NoInstance(String),
@@ -50,7 +51,7 @@ enum Refusal {
 }
 
 impl Refusal {
-    fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Refusal::Denied(_) => "denied",
             Refusal::NoInstance(_) => "no_instance",
@@ -62,12 +63,14 @@ impl Refusal {
 /// Shared by every upstream of a node: where to send, and what we learned from failures.
 pub struct Dialer {
     endpoint: Endpoint,
+    /// The route tables of HTTP services, following the policy store.
+    routes: watch::Receiver<Arc<crate::routes::Routes>>,
     /// Cross-cluster streams carry an end-to-end session (`None`: the mesh
     /// still trusts the caller gateways carry, see `cross_cluster_identity`).
     e2e: Option<tunnel::e2e::E2e>,
     gossip: GossipHandle,
     cluster: String,
-    state: Mutex<Load>,
+    state: Arc<Mutex<Load>>,
 }
 
 #[derive(Default)]
@@ -76,9 +79,9 @@ struct Load {
     active: HashMap<Key, u64>,
 }
 
-/// Decrements an instance's active count when its stream ends.
-struct ActiveGuard<'a> {
-    dialer: &'a Dialer,
+/// Decrements an instance's active count when its stream (or request) ends.
+pub(crate) struct ActiveGuard {
+    load: Arc<Mutex<Load>>,
     key: Key,
 }
 
@@ -109,11 +112,11 @@ impl Target {
     }
 
     /// For logs: `node` or `gateway>cluster`.
-    fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.key().0
     }
 
-    fn cluster(&self) -> &str {
+    pub(crate) fn cluster(&self) -> &str {
         match self {
             Target::Local(i) => &i.cluster,
             Target::Remote(r) => &r.cluster,
@@ -143,22 +146,66 @@ impl Dialer {
             e2e,
             gossip,
             cluster: cluster.to_string(),
-            state: Mutex::new(Load::default()),
+            state: Arc::new(Mutex::new(Load::default())),
+            routes: watch::channel(Arc::new(crate::routes::Routes::default())).1,
+        }
+    }
+
+    /// Routes HTTP requests by these tables (the policy store's `routes`).
+    pub fn with_routes(mut self, routes: watch::Receiver<Arc<crate::routes::Routes>>) -> Self {
+        self.routes = routes;
+        self
+    }
+
+    pub(crate) fn routes(&self) -> Arc<crate::routes::Routes> {
+        self.routes.borrow().clone()
+    }
+
+    /// Whether connections to `up` are HTTP, routed per request: the
+    /// upstream's `protocol`, else what the service's instances declare.
+    pub(crate) fn is_http(&self, up: &UpstreamConfig) -> bool {
+        match up.protocol {
+            Some(p) => p == crate::config::UpstreamProtocol::Http,
+            None => self
+                .gossip
+                .catalog()
+                .instances(&up.service)
+                .iter()
+                .any(|i| i.protocol.is_http()),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Load> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock_load(&self.state)
     }
 
     /// The attempts a new connection for `up` would make, in order.
     pub(crate) fn plan(&self, up: &UpstreamConfig) -> Vec<Target> {
+        self.plan_subset(up, &Subset::Any)
+    }
+
+    /// [`Dialer::plan`] among the instances of one subset (instances of
+    /// other clusters are chosen there, by the header's subset).
+    pub(crate) fn plan_subset(&self, up: &UpstreamConfig, subset: &Subset) -> Vec<Target> {
         let catalog = self.gossip.catalog();
         let load = self.lock();
         let now = Instant::now();
         let mut rng = rand::rng();
+        let all = catalog.instances(&up.service);
+        let chosen: Vec<Instance>;
+        let instances = match subset {
+            Subset::Any => all,
+            Subset::Tag(_) => {
+                chosen = all
+                    .iter()
+                    .filter(|i| subset.matches(&i.tags))
+                    .cloned()
+                    .collect();
+                &chosen
+            }
+        };
         balance::plan(
-            catalog.instances(&up.service),
+            instances,
             catalog.remote_routes(&up.service),
             &scope(&self.cluster, up),
             |p| load.outliers.is_ejected(&pick_key(p), now),
@@ -189,12 +236,12 @@ impl Dialer {
     /// Opens a tunnel to some healthy instance of `up.service`, retrying others on failure.
     /// `tcp`: the application's connection; what it has already sent may
     /// go out early (see `tunnel::e2e`), and is then replayed to a retry.
-    async fn open(
+    pub(crate) async fn open(
         &self,
         up: &UpstreamConfig,
-        tcp: &TcpStream,
-    ) -> Result<(Tunnel, Target, ActiveGuard<'_>), Refusal> {
-        let candidates = self.plan(up);
+        want: Want<'_>,
+    ) -> Result<(Tunnel, Target, ActiveGuard), Refusal> {
+        let candidates = self.plan_subset(up, want.subset);
         let mut early = Vec::new();
         if candidates.is_empty() {
             return Err(Refusal::NoInstance(format!(
@@ -217,7 +264,7 @@ impl Dialer {
                     up.as_service.as_deref(),
                     &target,
                     &mut early,
-                    tcp,
+                    &want,
                 )
                 .await
             {
@@ -231,7 +278,7 @@ impl Dialer {
                         tunnel,
                         target,
                         ActiveGuard {
-                            dialer: self,
+                            load: self.state.clone(),
                             key: k,
                         },
                     ));
@@ -272,7 +319,7 @@ impl Dialer {
         acting_as: Option<&str>,
         target: &Target,
         early: &mut Vec<u8>,
-        tcp: &TcpStream,
+        want: &Want<'_>,
     ) -> Result<Tunnel, TunnelError> {
         let (addr, node, gateway, mut header, wait) = match target {
             Target::Local(i) => (
@@ -287,30 +334,32 @@ impl Dialer {
                 &r.via,
                 true,
                 Header {
-                    service: service.to_string(),
-                    port: ANY_PORT,
                     cluster: Some(r.cluster.clone()),
-                    caller: None,
-                    source_service: None,
                     end_to_end: self.e2e.is_some(),
+                    // The destination gateway picks an instance: of this subset.
+                    subset: want.subset.as_header(),
+                    ..Header::new(service, ANY_PORT)
                 },
                 REMOTE_STATUS_TIMEOUT,
             ),
         };
+        header.http = want.http;
         match (target, &self.e2e) {
             (Target::Remote(r), Some(e2e)) => {
                 // The caller's own word goes inside the session; the outer
                 // header only routes, and names no service acted as.
                 let inner = Header {
-                    service: service.to_string(),
-                    port: ANY_PORT,
                     cluster: Some(r.cluster.clone()),
-                    caller: None,
                     source_service: acting_as.map(str::to_string),
                     end_to_end: true,
+                    http: want.http,
+                    subset: header.subset.clone(),
+                    ..Header::new(service, ANY_PORT)
                 };
                 let header = &header;
+                let tcp = want.early_from;
                 let top_up = |buf: &mut Vec<u8>| {
+                    let Some(tcp) = tcp else { return };
                     let mut chunk = [0u8; 4096];
                     while buf.len() < tunnel::e2e::MAX_EARLY {
                         let room = (tunnel::e2e::MAX_EARLY - buf.len()).min(chunk.len());
@@ -442,9 +491,24 @@ where
     result
 }
 
-impl Drop for ActiveGuard<'_> {
+fn lock_load(load: &Mutex<Load>) -> std::sync::MutexGuard<'_, Load> {
+    load.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What one opening asks for beyond the upstream's own settings.
+pub(crate) struct Want<'a> {
+    /// Only instances of this subset (a route's choice).
+    pub subset: &'a Subset,
+    /// The stream carries one HTTP request.
+    pub http: bool,
+    /// An application connection whose first bytes may go out early with
+    /// an end-to-end session (L4 only).
+    pub early_from: Option<&'a TcpStream>,
+}
+
+impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        let mut load = self.dialer.lock();
+        let mut load = lock_load(&self.load);
         if let Some(n) = load.active.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -498,7 +562,11 @@ pub async fn serve(
         let guard = drain.enter();
         tokio::spawn(async move {
             let _guard = guard;
-            proxy(tcp, &up, &dialer).await;
+            if dialer.is_http(&up) {
+                crate::http::serve_caller(tcp, Arc::new(up.clone()), dialer).await;
+            } else {
+                proxy(tcp, &up, &dialer).await;
+            }
             debug!(%from, service = %up.service, "upstream connection done");
         });
     }
@@ -506,7 +574,12 @@ pub async fn serve(
 
 async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
     let started = Instant::now();
-    let (tunnel, target, _active) = match dialer.open(up, &tcp).await {
+    let want = Want {
+        subset: &Subset::Any,
+        http: false,
+        early_from: Some(&tcp),
+    };
+    let (tunnel, target, _active) = match dialer.open(up, want).await {
         Ok(x) => x,
         Err(refusal) => {
             match &refusal {

@@ -96,6 +96,7 @@ pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, 
             failover: Vec::new(),
             cluster: None,
             as_service: None,
+            protocol: None,
         },
     };
     let from = match param(query, "from") {

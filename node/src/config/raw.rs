@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::{
     CaSettings, CheckConfig, CheckTarget, Config, ConfigError, GossipSettings, LoadError,
-    LogFormat, ServiceConfig, TlsPaths, UpstreamConfig,
+    LogFormat, ServiceConfig, TlsPaths, UpstreamConfig, UpstreamProtocol,
 };
 
 // Defaults, each with its reason.
@@ -113,6 +113,7 @@ struct RawUpstream {
     cluster: Option<String>,
     #[serde(rename = "as")]
     as_service: Option<String>,
+    protocol: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -457,10 +458,11 @@ fn validate_services(e: &mut Errors, raw: Vec<RawService>) -> Vec<ServiceConfig>
         let protocol = match s.protocol.as_deref() {
             None | Some("tcp") => Protocol::Tcp,
             Some("http") => Protocol::Http,
+            Some("http2") => Protocol::Http2,
             Some(other) => {
                 e.push(
                     k("protocol"),
-                    format!("{other:?} is not a protocol: use \"tcp\" or \"http\""),
+                    format!("{other:?} is not a protocol: use \"tcp\", \"http\" (HTTP/1.1) or \"http2\" (HTTP/2 without TLS, e.g. gRPC)"),
                 );
                 Protocol::Tcp
             }
@@ -622,12 +624,25 @@ fn validate_upstreams(
         if let Some(s) = &u.as_service {
             e.name(&k("as"), s);
         }
+        let protocol = match u.protocol.as_deref() {
+            None => None,
+            Some("tcp") => Some(UpstreamProtocol::Tcp),
+            Some("http") => Some(UpstreamProtocol::Http),
+            Some(other) => {
+                e.push(
+                    k("protocol"),
+                    format!("{other:?} is not an upstream protocol: use \"tcp\" or \"http\" (default: what the service's instances declare)"),
+                );
+                None
+            }
+        };
         out.push(UpstreamConfig {
             service,
             listen,
             failover: u.failover,
             cluster: u.cluster,
             as_service: u.as_service,
+            protocol,
         });
     }
     out

@@ -111,15 +111,110 @@ pub struct Rule {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Match {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path_exact: Option<String>,
+    /// A regular expression (Rust `regex` syntax) the whole path must match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_regex: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, ValueMatch>,
+    /// Query parameters, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query: BTreeMap<String, ValueMatch>,
+}
+
+/// How a header or query parameter must look: a string is an exact value,
+/// a table `{ regex = "..." }` a regular expression the whole value must
+/// match, `{ present = true | false }` only whether it is there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ValueMatch {
+    Exact(String),
+    Regex(String),
+    Present(bool),
+}
+
+impl Serialize for ValueMatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            ValueMatch::Exact(v) => s.serialize_str(v),
+            ValueMatch::Regex(r) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("regex", r)?;
+                m.end()
+            }
+            ValueMatch::Present(p) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("present", p)?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ValueMatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ValueMatch;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a string (the exact value) or one of { regex = \"...\" }, { present = true }",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ValueMatch, E> {
+                Ok(ValueMatch::Exact(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ValueMatch, A::Error> {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct R {
+                    exact: Option<String>,
+                    regex: Option<String>,
+                    present: Option<bool>,
+                }
+                let r = R::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                match (r.exact, r.regex, r.present) {
+                    (Some(e), None, None) => Ok(ValueMatch::Exact(e)),
+                    (None, Some(re), None) => Ok(ValueMatch::Regex(re)),
+                    (None, None, Some(p)) => Ok(ValueMatch::Present(p)),
+                    _ => Err(serde::de::Error::custom(
+                        "exactly one of exact, regex, present",
+                    )),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Header changes a route makes to the requests it sends.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOps {
+    /// Set (replacing any value the request had).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+/// A copy of a share of the requests, sent to another subset; its
+/// responses are dropped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    pub subset: String,
+    pub percent: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,11 +224,15 @@ pub struct Split {
     pub weight: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Route {
     #[serde(rename = "match")]
     pub matches: Match,
     pub split: Vec<Split>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderOps>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -254,6 +353,8 @@ struct RawRoute {
     #[serde(rename = "match", default)]
     matches: Match,
     split: Vec<Split>,
+    request_headers: Option<HeaderOps>,
+    mirror: Option<Mirror>,
 }
 
 #[derive(Deserialize)]
@@ -414,9 +515,20 @@ pub fn parse(text: &str) -> Result<Document, Vec<ConfigError>> {
                 .map(|(i, r)| {
                     check_match(&mut e, &format!("route[{i}].match"), &r.matches);
                     check_split(&mut e, &format!("route[{i}].split"), &r.split);
+                    if let Some(ops) = &r.request_headers {
+                        check_header_ops(&mut e, &format!("route[{i}].request_headers"), ops);
+                    }
+                    if let Some(m) = &r.mirror {
+                        if !is_subset(&m.subset) {
+                            e.push(format!("route[{i}].mirror.subset"), not_a_subset(&m.subset));
+                        }
+                        percent(&mut e, &format!("route[{i}].mirror.percent"), m.percent);
+                    }
                     Route {
                         matches: r.matches,
                         split: r.split,
+                        request_headers: r.request_headers,
+                        mirror: r.mirror,
                     }
                 })
                 .collect();
@@ -495,11 +607,18 @@ fn is_token(s: &str) -> bool {
 }
 
 fn check_match(e: &mut Errors, key: &str, m: &Match) {
-    if m.path_prefix.is_some() && m.path_exact.is_some() {
+    let paths = [&m.path_prefix, &m.path_exact, &m.path_regex]
+        .iter()
+        .filter(|p| p.is_some())
+        .count();
+    if paths > 1 {
         e.push(
             key.to_string(),
-            "path_prefix and path_exact exclude each other",
+            "path_prefix, path_exact and path_regex exclude each other",
         );
+    }
+    if let Some(re) = &m.path_regex {
+        check_regex(e, format!("{key}.path_regex"), re);
     }
     if let Some(p) = &m.path_prefix {
         check_path(e, format!("{key}.path_prefix"), p);
@@ -516,19 +635,100 @@ fn check_match(e: &mut Errors, key: &str, m: &Match) {
         }
     }
     for (h, v) in &m.headers {
-        if !is_token(h) || h.bytes().any(|b| b.is_ascii_uppercase()) {
+        check_header_name(e, format!("{key}.headers.{h}"), h);
+        check_value_match(e, format!("{key}.headers.{h}"), v);
+    }
+    for (q, v) in &m.query {
+        if q.is_empty() || q.len() > 128 || q.chars().any(|c| c.is_control() || "&=#".contains(c)) {
             e.push(
-                format!("{key}.headers.{h}"),
-                "header names are lower-case HTTP tokens",
+                format!("{key}.query.{q}"),
+                "a query parameter name is 1-128 printable characters without & = #",
             );
         }
-        if v.len() > 1024 || v.chars().any(|c| c.is_control()) {
-            e.push(
-                format!("{key}.headers.{h}"),
-                "a header value is printable and at most 1024 bytes",
-            );
+        check_value_match(e, format!("{key}.query.{q}"), v);
+    }
+}
+
+fn check_header_name(e: &mut Errors, key: String, h: &str) {
+    if !is_token(h) || h.bytes().any(|b| b.is_ascii_uppercase()) {
+        e.push(key, "header names are lower-case HTTP tokens");
+    }
+}
+
+fn check_header_value(e: &mut Errors, key: String, v: &str) {
+    if v.len() > 1024 || v.chars().any(|c| c.is_control()) {
+        e.push(key, "a header value is printable and at most 1024 bytes");
+    }
+}
+
+fn check_value_match(e: &mut Errors, key: String, v: &ValueMatch) {
+    match v {
+        ValueMatch::Exact(v) => check_header_value(e, key, v),
+        ValueMatch::Regex(re) => check_regex(e, key, re),
+        ValueMatch::Present(_) => {}
+    }
+}
+
+/// Compiled like the data path compiles it (`routes`), so a document that
+/// validates also compiles there.
+pub(crate) fn compile_regex(re: &str) -> Result<regex::Regex, String> {
+    if re.len() > 1024 {
+        return Err("a regular expression is at most 1024 bytes".into());
+    }
+    // Anchored: the whole path or value must match, as in Envoy's safe_regex.
+    regex::RegexBuilder::new(&format!("^(?:{re})$"))
+        .size_limit(1 << 20)
+        .dfa_size_limit(1 << 20)
+        .build()
+        .map_err(|err| format!("{re:?} is not a regular expression: {err}"))
+}
+
+fn check_regex(e: &mut Errors, key: String, re: &str) {
+    if let Err(msg) = compile_regex(re) {
+        e.push(key, msg);
+    }
+}
+
+fn check_header_ops(e: &mut Errors, key: &str, ops: &HeaderOps) {
+    for (h, v) in &ops.add {
+        check_header_name(e, format!("{key}.add.{h}"), h);
+        check_header_value(e, format!("{key}.add.{h}"), v);
+        if HOP_BY_HOP.contains(&h.as_str()) || h == "host" {
+            e.push(format!("{key}.add.{h}"), "the mesh sets this header itself");
         }
     }
+    for (i, h) in ops.remove.iter().enumerate() {
+        check_header_name(e, format!("{key}.remove[{i}]"), h);
+    }
+}
+
+/// Headers of one hop only (RFC 9110, 7.6.1), never forwarded or set by a route.
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn is_subset(s: &str) -> bool {
+    s == "*"
+        || match s.split_once('=') {
+            Some((k, v)) => {
+                is_token(k)
+                    && !v.is_empty()
+                    && v.len() <= 128
+                    && v.bytes().all(|b| b.is_ascii_graphic())
+            }
+            None => is_token(s),
+        }
+}
+
+fn not_a_subset(s: &str) -> String {
+    format!("{s:?} is not a subset: \"key=value\" or a tag of the instances, or \"*\"")
 }
 
 fn check_split(e: &mut Errors, key: &str, split: &[Split]) {
@@ -538,19 +738,8 @@ fn check_split(e: &mut Errors, key: &str, split: &[Split]) {
     }
     let mut total = 0u64;
     for (i, s) in split.iter().enumerate() {
-        let ok = s.subset == "*"
-            || match s.subset.split_once('=') {
-                Some((k, v)) => is_token(k) && !v.is_empty() && v.len() <= 128,
-                None => is_token(&s.subset),
-            };
-        if !ok {
-            e.push(
-                format!("{key}[{i}].subset"),
-                format!(
-                    "{:?} is not a subset: \"key=value\" or a tag of the instances, or \"*\"",
-                    s.subset
-                ),
-            );
+        if !is_subset(&s.subset) {
+            e.push(format!("{key}[{i}].subset"), not_a_subset(&s.subset));
         }
         if s.weight > 100 {
             e.push(format!("{key}[{i}].weight"), "a weight is 0-100");

@@ -13,6 +13,7 @@ use crate::pki::{check_name, Identity};
 /// Hard cap on the header body. Anything longer is refused before it is read.
 pub const MAX_HEADER_LEN: usize = 1024;
 const MAX_SERVICE_LEN: usize = 253;
+const MAX_SUBSET_LEN: usize = 257;
 
 /// What a caller asks of the receiving node: connect me to this service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +38,15 @@ pub struct Header {
     /// the destination authorizes the identity proven there, and ignores
     /// `caller` and `source_service` here.
     pub end_to_end: bool,
+    /// The stream carries one HTTP/1.1 request and its response (see
+    /// ARCHITECTURE.md, "HTTP between nodes"): the destination serves it
+    /// with its HTTP server and speaks the service's own protocol to the
+    /// application.
+    pub http: bool,
+    /// The instances the caller's route chose, as a subset of tags
+    /// (`key=value`, a tag, or absent: any). A receiver that picks the
+    /// instance (a gateway, [`ANY_PORT`]) picks among these.
+    pub subset: Option<String>,
 }
 
 impl Header {
@@ -49,6 +59,8 @@ impl Header {
             caller: None,
             source_service: None,
             end_to_end: false,
+            http: false,
+            subset: None,
         }
     }
 }
@@ -72,14 +84,28 @@ struct HeaderV2 {
     caller: Option<Identity>,
 }
 
+/// Version 3: source service and end-to-end sessions, no HTTP.
+#[derive(Serialize, Deserialize)]
+struct HeaderV3 {
+    service: String,
+    port: u16,
+    cluster: Option<String>,
+    caller: Option<Identity>,
+    source_service: Option<String>,
+    end_to_end: bool,
+}
+
 /// The versioned envelope. New versions are new variants; old ones stay
-/// decodable. A header without a source service is still sent as V2, so
-/// nodes of the release before service identity understand it.
+/// decodable. Each header goes out in the oldest version that can carry
+/// it, so nodes of older releases understand every stream that does not
+/// use what they lack: V2 without a source service or a session, V3
+/// without HTTP, V4 for HTTP requests.
 #[derive(Serialize, Deserialize)]
 enum WireHeader {
     V1(HeaderV1),
     V2(HeaderV2),
-    V3(Header),
+    V3(HeaderV3),
+    V4(Header),
 }
 
 /// The receiver's one-byte answer.
@@ -118,6 +144,8 @@ pub enum HeaderError {
     BadCluster(String),
     #[error("tunnel header names an invalid source service {0:?}")]
     BadSourceService(String),
+    #[error("tunnel header names an invalid subset {0:?}")]
+    BadSubset(String),
 }
 
 // === impl HeaderError ===
@@ -132,6 +160,7 @@ impl HeaderError {
             HeaderError::BadService(_) => "bad_service",
             HeaderError::BadCluster(_) => "bad_cluster",
             HeaderError::BadSourceService(_) => "bad_source_service",
+            HeaderError::BadSubset(_) => "bad_subset",
         }
     }
 }
@@ -193,20 +222,37 @@ fn check(h: &Header) -> Result<(), HeaderError> {
         check_name("service", s)
             .map_err(|_| HeaderError::BadSourceService(s.chars().take(64).collect()))?;
     }
+    if let Some(s) = &h.subset {
+        let ok =
+            !s.is_empty() && s.len() <= MAX_SUBSET_LEN && s.bytes().all(|b| b.is_ascii_graphic());
+        if !ok {
+            return Err(HeaderError::BadSubset(s.chars().take(64).collect()));
+        }
+    }
     Ok(())
 }
 
 /// Encodes a header with its length prefix.
 pub fn encode_header(h: &Header) -> Result<Vec<u8>, HeaderError> {
     check(h)?;
-    let wire = match &h.source_service {
-        None if !h.end_to_end => WireHeader::V2(HeaderV2 {
+    let wire = if h.http || h.subset.is_some() {
+        WireHeader::V4(h.clone())
+    } else if h.source_service.is_some() || h.end_to_end {
+        WireHeader::V3(HeaderV3 {
             service: h.service.clone(),
             port: h.port,
             cluster: h.cluster.clone(),
             caller: h.caller.clone(),
-        }),
-        _ => WireHeader::V3(h.clone()),
+            source_service: h.source_service.clone(),
+            end_to_end: h.end_to_end,
+        })
+    } else {
+        WireHeader::V2(HeaderV2 {
+            service: h.service.clone(),
+            port: h.port,
+            cluster: h.cluster.clone(),
+            caller: h.caller.clone(),
+        })
     };
     let body = codec::encode(&wire).map_err(|e| HeaderError::Malformed(e.to_string()))?;
     if body.len() > MAX_HEADER_LEN {
@@ -229,28 +275,32 @@ pub fn decode_header(body: &[u8]) -> Result<Header, HeaderError> {
         other => HeaderError::Malformed(other.to_string()),
     })?;
     let h = match wire {
-        WireHeader::V1(HeaderV1 { service, port }) => Header {
-            service,
-            port,
-            cluster: None,
-            caller: None,
-            source_service: None,
-            end_to_end: false,
-        },
+        WireHeader::V1(HeaderV1 { service, port }) => Header::new(service, port),
         WireHeader::V2(HeaderV2 {
             service,
             port,
             cluster,
             caller,
         }) => Header {
+            cluster,
+            caller,
+            ..Header::new(service, port)
+        },
+        WireHeader::V3(HeaderV3 {
             service,
             port,
             cluster,
             caller,
-            source_service: None,
-            end_to_end: false,
+            source_service,
+            end_to_end,
+        }) => Header {
+            cluster,
+            caller,
+            source_service,
+            end_to_end,
+            ..Header::new(service, port)
         },
-        WireHeader::V3(h) => h,
+        WireHeader::V4(h) => h,
     };
     check(&h)?;
     Ok(h)
@@ -294,9 +344,11 @@ mod tests {
             caller in proptest::option::of("[a-z]{1,20}"),
             source_service in proptest::option::of("[a-z][a-z0-9_-]{0,40}"),
             end_to_end: bool,
+            http: bool,
+            subset in proptest::option::of("[a-z]{1,10}(=[a-z0-9.]{1,10})?"),
         ) {
             let caller = caller.map(|n| Identity::new("acme", "west", &n).unwrap());
-            let h = Header { service, port, cluster, caller, source_service, end_to_end };
+            let h = Header { service, port, cluster, caller, source_service, end_to_end, http, subset };
             let frame = encode_header(&h).unwrap();
             prop_assert_eq!(decode_frame(&frame).unwrap(), h);
         }
@@ -365,6 +417,28 @@ mod tests {
             encode_header(&h),
             Err(HeaderError::BadSourceService(_))
         ));
+    }
+
+    #[test]
+    fn only_http_requests_and_subsets_need_version_4() {
+        let mut h = header("api", 8080);
+        h.source_service = Some("web".into());
+        h.end_to_end = true;
+        let wire: WireHeader = codec::decode(&encode_header(&h).unwrap()[2..]).unwrap();
+        assert!(matches!(wire, WireHeader::V3(_)));
+        h.http = true;
+        let frame = encode_header(&h).unwrap();
+        let wire: WireHeader = codec::decode(&frame[2..]).unwrap();
+        assert!(matches!(wire, WireHeader::V4(_)));
+        assert_eq!(decode_frame(&frame).unwrap(), h);
+        h.http = false;
+        h.subset = Some("version=v2".into());
+        let wire: WireHeader = codec::decode(&encode_header(&h).unwrap()[2..]).unwrap();
+        assert!(matches!(wire, WireHeader::V4(_)));
+        for bad in ["", "a b", &"x".repeat(300)] {
+            h.subset = Some(bad.to_string());
+            assert!(matches!(encode_header(&h), Err(HeaderError::BadSubset(_))));
+        }
     }
 
     #[test]

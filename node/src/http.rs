@@ -1,0 +1,656 @@
+//! The HTTP data path (ARCHITECTURE.md, "HTTP services").
+//!
+//! Caller side: an upstream of an HTTP service serves HTTP/1.1 and
+//! prior-knowledge HTTP/2 to the local application (hyper-util's auto
+//! server) and routes each request on its own ([`crate::routes`]): one
+//! tunnel stream per request, its header marked `http`, carrying the
+//! request and its response as HTTP/1.1 (chunked bodies, trailers).
+//!
+//! Destination side: a stream marked `http` is served by hyper's HTTP/1.1
+//! server, and its one request goes to the application over a pooled
+//! connection in the protocol the service declares (`http`: HTTP/1.1,
+//! `http2`: h2c).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshnode_gossip::Protocol;
+use rand::RngExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::config::UpstreamConfig;
+use crate::metrics::{LogLimit, HTTP_MIRRORED, HTTP_REQUESTS, LABELS};
+use crate::policy::schema::HOP_BY_HOP;
+use crate::routes::{RequestView, Subset};
+use crate::upstream::{Dialer, Refusal, Tunnel, Want};
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every response body this module hands to hyper.
+pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Says which hop made an error response, and why.
+pub const ERROR_HEADER: &str = "x-meshnode-error";
+/// A connection to the local application should be near-instant.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Idle pooled HTTP/1.1 connections kept per application address.
+const MAX_IDLE: usize = 64;
+/// gRPC's trailers, declared on the hop between nodes when the application
+/// declares none (HTTP/1.1 sends only trailers its `trailer` header names).
+const GRPC_TRAILERS: &str = "grpc-status, grpc-message, grpc-status-details-bin";
+
+static ERROR_LOG: LogLimit = LogLimit::new(Duration::from_secs(1));
+
+fn body<B>(b: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    b.map_err(Into::into).boxed_unsync()
+}
+
+/// A response this node made itself: status, why (in [`ERROR_HEADER`]).
+fn error_response(status: StatusCode, why: &'static str, detail: String) -> Response<Body> {
+    let mut r = Response::new(body(Full::new(Bytes::from(format!("{detail}\n")))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(ERROR_HEADER, HeaderValue::from_static(why));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn count(service: &str, direction: &'static str, subset: &Subset, result: &'static str) {
+    metrics::counter!(HTTP_REQUESTS,
+        "service" => LABELS.value("service", service, true),
+        "direction" => direction,
+        "subset" => LABELS.value("subset", &String::from(subset.clone()), true),
+        "result" => result)
+    .increment(1);
+}
+
+/// Drops the headers of one hop: the fixed ones and any the `connection`
+/// header names. `te: trailers` is the one TE value HTTP/2 allows and
+/// gRPC needs: it is kept when `keep_te_trailers`.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if keep_te_trailers && trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// W3C trace context: a valid `traceparent` is kept as it came; a missing
+/// or malformed one is replaced by a new trace (and `tracestate`, which
+/// means nothing without it, dropped). `ids`: a random trace and parent id.
+pub(crate) fn trace_context(headers: &mut HeaderMap, ids: (u128, u64)) {
+    let valid = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(valid_traceparent);
+    if valid {
+        return;
+    }
+    headers.remove("tracestate");
+    // All-zero ids are invalid; the chance is nil, but stay valid anyway.
+    let (trace, parent) = (ids.0.max(1), ids.1.max(1));
+    if let Ok(v) = HeaderValue::from_str(&format!("00-{trace:032x}-{parent:016x}-01")) {
+        headers.insert("traceparent", v);
+    }
+}
+
+/// `version-traceid-parentid-flags`, lower-case hex, ids not all zero,
+/// version not `ff`; a version above 00 may carry more fields after.
+pub(crate) fn valid_traceparent(v: &str) -> bool {
+    let b = v.as_bytes();
+    let hex = |s: &[u8]| {
+        s.iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    };
+    let zero = |s: &[u8]| s.iter().all(|c| *c == b'0');
+    if b.len() < 55 || !hex(&b[0..2]) || &b[0..2] == b"ff" {
+        return false;
+    }
+    if (&b[0..2] == b"00" && b.len() != 55) || (b.len() > 55 && b[55] != b'-') {
+        return false;
+    }
+    b[2] == b'-'
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && hex(&b[3..35])
+        && !zero(&b[3..35])
+        && hex(&b[36..52])
+        && !zero(&b[36..52])
+        && hex(&b[53..55])
+}
+
+/// The request as it goes onto a tunnel stream: origin-form target, a
+/// `host` header, no hop-by-hop headers, `te: trailers` (so the
+/// destination may send trailers back over HTTP/1.1).
+fn for_tunnel(parts: &mut hyper::http::request::Parts) {
+    strip_hop_by_hop(&mut parts.headers, false);
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+    }
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    if let Ok(u) = Uri::try_from(target) {
+        parts.uri = u;
+    }
+    parts.version = hyper::Version::HTTP_11;
+    parts
+        .headers
+        .insert(header::TE, HeaderValue::from_static("trailers"));
+}
+
+// === caller side ===
+
+/// Serves one application connection to an HTTP upstream until it closes.
+pub(crate) async fn serve_caller(tcp: TcpStream, up: Arc<UpstreamConfig>, dialer: Arc<Dialer>) {
+    let _ = tcp.set_nodelay(true);
+    let svc = hyper::service::service_fn(move |req| {
+        let up = up.clone();
+        let dialer = dialer.clone();
+        async move { Ok::<_, Infallible>(forward(req, up, dialer).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
+        debug!(error = %e, "HTTP upstream connection ended with an error");
+    }
+}
+
+/// One request: route it, open a tunnel stream to an instance of the
+/// chosen subset, exchange it there.
+async fn forward(
+    req: Request<Incoming>,
+    up: Arc<UpstreamConfig>,
+    dialer: Arc<Dialer>,
+) -> Response<Body> {
+    let (mut parts, req_body) = req.into_parts();
+    let (split_roll, mirror_roll, ids) = {
+        let mut rng = rand::rng();
+        (
+            rng.random_range(0..100u32),
+            rng.random_range(0.0..100.0f64),
+            (rng.random::<u128>(), rng.random::<u64>()),
+        )
+    };
+    let table = dialer.routes().table(&up.service);
+    let mut subset = Subset::Any;
+    let mut mirror = None;
+    if let Some(t) = &table {
+        let view = RequestView {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+        };
+        if let Some(sel) = t.select(&view, split_roll, mirror_roll) {
+            subset = sel.subset.clone();
+            mirror = sel.mirror.cloned();
+            let rule = sel.rule;
+            t.rewrite(rule, &mut parts.headers);
+        }
+    }
+    for_tunnel(&mut parts);
+    trace_context(&mut parts.headers, ids);
+    if let Some(m) = mirror {
+        // Only a request without a body can be copied without holding it.
+        if hyper::body::Body::is_end_stream(&req_body) {
+            let copy = Request::from_parts(parts.clone(), Empty::<Bytes>::new());
+            tokio::spawn(send_mirror(copy, up.clone(), dialer.clone(), m));
+        }
+    }
+    let want = Want {
+        subset: &subset,
+        http: true,
+        early_from: None,
+    };
+    let (tunnel, target, active) = match dialer.open(&up, want).await {
+        Ok(x) => x,
+        Err(refusal) => {
+            count(&up.service, "out", &subset, refusal.label());
+            let (status, why) = match &refusal {
+                Refusal::Denied(_) => (StatusCode::FORBIDDEN, "denied"),
+                Refusal::NoInstance(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_instance"),
+                Refusal::Failed(_) => (StatusCode::BAD_GATEWAY, "failed"),
+            };
+            if ERROR_LOG.allow() {
+                tracing::warn!(service = %up.service, subset = %String::from(subset.clone()), refusal = ?refusal, "HTTP request refused by the mesh (logged at most once a second)");
+            }
+            return error_response(status, why, format!("meshnode: {refusal:?}"));
+        }
+    };
+    let req = Request::from_parts(parts, req_body);
+    match exchange(tunnel, req).await {
+        Ok(resp) => {
+            count(&up.service, "out", &subset, class(resp.status()));
+            let (mut rp, rb) = resp.into_parts();
+            strip_hop_by_hop(&mut rp.headers, false);
+            // The instance stays busy until the body is done.
+            let rb = rb.map_frame(move |f| {
+                let _ = &active;
+                f
+            });
+            Response::from_parts(rp, body(rb))
+        }
+        Err(e) => {
+            count(&up.service, "out", &subset, "failed");
+            if ERROR_LOG.allow() {
+                tracing::warn!(service = %up.service, target = %target.name(), error = %e, "HTTP exchange over the mesh failed (logged at most once a second)");
+            }
+            error_response(
+                StatusCode::BAD_GATEWAY,
+                "exchange_failed",
+                format!("meshnode: {} at {}: {e}", up.service, target.name()),
+            )
+        }
+    }
+}
+
+/// Sends a request over an open tunnel as HTTP/1.1 and returns its response.
+async fn exchange<B>(tunnel: Tunnel, req: Request<B>) -> Result<Response<Incoming>, hyper::Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    match tunnel {
+        Tunnel::Plain(send, recv) => exchange_on(tokio::io::join(recv, send), req).await,
+        Tunnel::Sealed(session) => exchange_on(*session, req).await,
+    }
+}
+
+async fn exchange_on<IO, B>(io: IO, req: Request<B>) -> Result<Response<Incoming>, hyper::Error>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "HTTP tunnel stream ended with an error");
+        }
+    });
+    sender.send_request(req).await
+}
+
+async fn send_mirror(
+    req: Request<Empty<Bytes>>,
+    up: Arc<UpstreamConfig>,
+    dialer: Arc<Dialer>,
+    subset: Subset,
+) {
+    let want = Want {
+        subset: &subset,
+        http: true,
+        early_from: None,
+    };
+    let result = match dialer.open(&up, want).await {
+        Ok((tunnel, _, _active)) => match exchange(tunnel, req).await {
+            Ok(resp) => {
+                // Read it to the end so the stream closes cleanly, then drop it.
+                let _ = resp.into_body().collect().await;
+                "ok"
+            }
+            Err(_) => "failed",
+        },
+        Err(r) => r.label(),
+    };
+    metrics::counter!(HTTP_MIRRORED,
+        "service" => LABELS.value("service", &up.service, true),
+        "result" => result)
+    .increment(1);
+}
+
+// === destination side ===
+
+/// A connection to a local application, ready for one request.
+pub(crate) enum AppConn {
+    H1(hyper::client::conn::http1::SendRequest<Incoming>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+/// Connections to the local applications of HTTP services, kept open
+/// between requests: HTTP/1.1 ones idle in a list per address, one
+/// HTTP/2 connection per address shared by all requests.
+#[derive(Default)]
+pub struct AppPool {
+    h1: Mutex<HashMap<SocketAddr, Vec<hyper::client::conn::http1::SendRequest<Incoming>>>>,
+    h2: Mutex<HashMap<SocketAddr, hyper::client::conn::http2::SendRequest<Incoming>>>,
+}
+
+impl AppPool {
+    fn h1(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        HashMap<SocketAddr, Vec<hyper::client::conn::http1::SendRequest<Incoming>>>,
+    > {
+        self.h1.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn h2(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        HashMap<SocketAddr, hyper::client::conn::http2::SendRequest<Incoming>>,
+    > {
+        self.h2.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection to `target` ready for a request: an idle one, or a new
+    /// one. Fails when the application does not accept within 1 s; the
+    /// caller then refuses the stream (`connect_failed`) and its dialer
+    /// tries another instance, as for TCP.
+    pub(crate) async fn checkout(
+        &self,
+        target: SocketAddr,
+        protocol: Protocol,
+    ) -> std::io::Result<AppConn> {
+        if protocol == Protocol::Http2 {
+            if let Some(s) = self.h2().get(&target).filter(|s| !s.is_closed()).cloned() {
+                return Ok(AppConn::H2(s));
+            }
+            let tcp = connect(target).await?;
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .handshake(TokioIo::new(tcp))
+                .await
+                .map_err(std::io::Error::other)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(error = %e, %target, "HTTP/2 connection to the application ended");
+                }
+            });
+            self.h2().insert(target, sender.clone());
+            return Ok(AppConn::H2(sender));
+        }
+        loop {
+            let idle = self.h1().get_mut(&target).and_then(|v| v.pop());
+            match idle {
+                Some(s) if s.is_ready() => return Ok(AppConn::H1(s)),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        Ok(AppConn::H1(self.connect_h1(target).await?))
+    }
+
+    async fn connect_h1(
+        &self,
+        target: SocketAddr,
+    ) -> std::io::Result<hyper::client::conn::http1::SendRequest<Incoming>> {
+        let tcp = connect(target).await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, %target, "HTTP/1.1 connection to the application ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Keeps an HTTP/1.1 connection for the next request once its
+    /// response is done.
+    fn checkin(
+        self: &Arc<Self>,
+        target: SocketAddr,
+        mut sender: hyper::client::conn::http1::SendRequest<Incoming>,
+    ) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = pool.h1();
+                let list = idle.entry(target).or_default();
+                if list.len() < MAX_IDLE {
+                    list.push(sender);
+                }
+            }
+        });
+    }
+
+    /// Sends one request to the application on `conn`. An idle HTTP/1.1
+    /// connection the application closed meanwhile gives the request back
+    /// unsent, and it goes out once more on a new connection.
+    async fn send(
+        self: &Arc<Self>,
+        conn: AppConn,
+        target: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, hyper::Error> {
+        match conn {
+            AppConn::H2(mut s) => s.send_request(req).await,
+            AppConn::H1(mut s) => match s.try_send_request(req).await {
+                Ok(resp) => {
+                    self.checkin(target, s);
+                    Ok(resp)
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(req) => {
+                        let mut fresh = match self.connect_h1(target).await {
+                            Ok(f) => f,
+                            Err(_) => return Err(e.into_error()),
+                        };
+                        let resp = fresh.send_request(req).await?;
+                        self.checkin(target, fresh);
+                        Ok(resp)
+                    }
+                    None => Err(e.into_error()),
+                },
+            },
+        }
+    }
+}
+
+async fn connect(target: SocketAddr) -> std::io::Result<TcpStream> {
+    let tcp = tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(target))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// Serves the one request a tunnel stream carries, on `conn` to the
+/// application at `target`. The stream's status is already sent.
+pub(crate) async fn serve_stream<IO>(
+    io: IO,
+    conn: AppConn,
+    pool: Arc<AppPool>,
+    target: SocketAddr,
+    service: String,
+) where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let conn = Arc::new(Mutex::new(Some(conn)));
+    let h2 = matches!(
+        conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref(),
+        Some(AppConn::H2(_))
+    );
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let taken = conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let pool = pool.clone();
+        let service = service.clone();
+        async move {
+            let resp = match taken {
+                Some(c) => to_app(req, c, &pool, target, h2).await,
+                // One request per stream: a second one is a broken caller.
+                None => error_response(
+                    StatusCode::BAD_REQUEST,
+                    "one_request_per_stream",
+                    "meshnode: one request per tunnel stream".into(),
+                ),
+            };
+            count(&service, "in", &Subset::Any, class(resp.status()));
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+    if let Err(e) = served {
+        debug!(error = %e, "HTTP tunnel stream served with an error");
+    }
+}
+
+async fn to_app(
+    req: Request<Incoming>,
+    conn: AppConn,
+    pool: &Arc<AppPool>,
+    target: SocketAddr,
+    h2: bool,
+) -> Response<Body> {
+    let (mut parts, b) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, h2);
+    if h2 {
+        // HTTP/2 carries the authority in the request target, not `host`.
+        let authority = parts
+            .headers
+            .remove(header::HOST)
+            .and_then(|h| h.to_str().ok().map(str::to_string))
+            .unwrap_or_else(|| target.to_string());
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        if let Ok(u) = Uri::try_from(format!("http://{authority}{pq}")) {
+            parts.uri = u;
+        }
+        parts.version = hyper::Version::HTTP_2;
+    }
+    match pool.send(conn, target, Request::from_parts(parts, b)).await {
+        Ok(resp) => {
+            let (mut rp, rb) = resp.into_parts();
+            strip_hop_by_hop(&mut rp.headers, false);
+            rp.version = hyper::Version::HTTP_11;
+            let grpc = rp
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/grpc"));
+            if grpc && !rp.headers.contains_key(header::TRAILER) {
+                rp.headers
+                    .insert(header::TRAILER, HeaderValue::from_static(GRPC_TRAILERS));
+            }
+            Response::from_parts(rp, body(rb))
+        }
+        Err(e) => error_response(
+            StatusCode::BAD_GATEWAY,
+            "app_failed",
+            format!("meshnode: the application at {target} failed: {e}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_kept_when_valid_and_started_when_not() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(valid_traceparent(good));
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_static(good));
+        h.insert("tracestate", HeaderValue::from_static("a=b"));
+        trace_context(&mut h, (7, 9));
+        assert_eq!(h.get("traceparent").unwrap(), good);
+        assert_eq!(h.get("tracestate").unwrap(), "a=b");
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad}");
+        }
+        // A later version may carry more fields.
+        assert!(valid_traceparent(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"
+        ));
+        let mut h = HeaderMap::new();
+        h.insert("tracestate", HeaderValue::from_static("a=b"));
+        trace_context(&mut h, (0xabc, 0));
+        let started = h.get("traceparent").unwrap().to_str().unwrap();
+        assert_eq!(
+            started,
+            "00-00000000000000000000000000000abc-0000000000000001-01"
+        );
+        assert!(valid_traceparent(started));
+        assert!(h.get("tracestate").is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stop_here() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("gzip, trailers"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        let mut h2 = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.get("x-app").unwrap(), "kept");
+        strip_hop_by_hop(&mut h2, true);
+        assert_eq!(h2.get("te").unwrap(), "trailers");
+        assert!(h2.get("x-private").is_none());
+    }
+}
