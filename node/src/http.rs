@@ -46,8 +46,9 @@ pub const ERROR_HEADER: &str = "x-meshnode-error";
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Idle pooled HTTP/1.1 connections kept per application address.
 const MAX_IDLE: usize = 64;
-/// gRPC's trailers, declared on the hop between nodes when the application
-/// declares none (HTTP/1.1 sends only trailers its `trailer` header names).
+/// gRPC's trailers, declared on the hop between nodes for a gRPC response
+/// (HTTP/1.1 sends only trailers its `trailer` header names; the others
+/// must be declared by the application, as HTTP/1.1 asks of it anyway).
 const GRPC_TRAILERS: &str = "grpc-status, grpc-message, grpc-status-details-bin";
 
 static ERROR_LOG: LogLimit = LogLimit::new(Duration::from_secs(1));
@@ -495,6 +496,26 @@ impl AppPool {
     }
 }
 
+/// Adds `names` (comma-separated) to the response's `trailer` header.
+fn declare_trailers(headers: &mut HeaderMap, names: &str) {
+    let mut all: Vec<String> = headers
+        .get_all(header::TRAILER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect();
+    for n in names.split(',').map(str::trim) {
+        if !all.iter().any(|a| a == n) {
+            all.push(n.to_string());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&all.join(", ")) {
+        headers.insert(header::TRAILER, v);
+    }
+}
+
 async fn connect(target: SocketAddr) -> std::io::Result<TcpStream> {
     let tcp = tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(target))
         .await
@@ -582,9 +603,8 @@ async fn to_app(
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.starts_with("application/grpc"));
-            if grpc && !rp.headers.contains_key(header::TRAILER) {
-                rp.headers
-                    .insert(header::TRAILER, HeaderValue::from_static(GRPC_TRAILERS));
+            if grpc {
+                declare_trailers(&mut rp.headers, GRPC_TRAILERS);
             }
             Response::from_parts(rp, body(rb))
         }
@@ -635,6 +655,17 @@ mod tests {
         );
         assert!(valid_traceparent(started));
         assert!(h.get("tracestate").is_none());
+    }
+
+    #[test]
+    fn grpc_trailers_are_declared_beside_the_applications_own() {
+        let mut h = HeaderMap::new();
+        h.insert("trailer", HeaderValue::from_static("X-Echoed, grpc-status"));
+        declare_trailers(&mut h, GRPC_TRAILERS);
+        assert_eq!(
+            h.get("trailer").unwrap(),
+            "x-echoed, grpc-status, grpc-message, grpc-status-details-bin"
+        );
     }
 
     #[test]

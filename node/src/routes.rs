@@ -10,7 +10,7 @@ use std::sync::Arc;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
 
-use crate::policy::schema::{self, Body, Document, HeaderOps, Route, ValueMatch};
+use crate::policy::schema::{self, Body, Document, Route, ValueMatch};
 use crate::policy::PolicyStore;
 
 /// The instances a request may go to: those whose tags include the string

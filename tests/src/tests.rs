@@ -4,6 +4,7 @@ mod federation;
 mod flow;
 mod gateways;
 mod handshakes;
+mod http;
 mod integrity;
 mod listeners;
 mod liveness;

@@ -149,12 +149,9 @@ async fn a_caller_is_authorized_by_its_own_identity_and_gateways_relay_only_ciph
         .expect("handshake");
     let a1_id = Identity::new(MESH, "a", "a1").expect("id");
     let header = |end_to_end| Header {
-        service: "echo".into(),
-        port: ANY_PORT,
-        cluster: None,
         caller: Some(a1_id.clone()),
-        source_service: None,
         end_to_end,
+        ..Header::new("echo", ANY_PORT)
     };
     // Its word alone: refused.
     let (mut send, mut recv) = conn.open_bi().await.expect("stream");
