@@ -23,8 +23,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use super::policy::{held, ok, operator, policy, write};
-use crate::{free_tcp, subnet, upstream, wait_until, NodeProc, NodeSpec, Pki, CLUSTER};
+use super::federation::{self, Mesh};
+use super::policy::{held, ok, operator, policy, policy_in, write};
+use crate::{free_tcp, netns, subnet, upstream, wait_until, NodeProc, NodeSpec, Pki, CLUSTER};
 
 type TestBody = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -57,6 +58,11 @@ pub(crate) struct App {
 /// with trailers (`grpc-status: 0`, `x-echoed: <bytes>`).
 pub(crate) async fn http_app(ip: Ipv4Addr, name: &'static str, h2: bool) -> App {
     let listener = TcpListener::bind((ip, 0)).await.expect("bind app");
+    http_app_on(listener, name, h2)
+}
+
+/// [`http_app`] on a listener made elsewhere (in a network namespace).
+pub(crate) fn http_app_on(listener: TcpListener, name: &'static str, h2: bool) -> App {
     let addr = listener.local_addr().expect("addr");
     let hits = Arc::new(AtomicU64::new(0));
     let counter = hits.clone();
@@ -175,7 +181,20 @@ fn h2load(url: &str, requests: u32, clients: u32) -> (u64, u64, u64) {
 
 /// curl: the response headers, lower-cased names, and the body.
 fn curl(args: &[&str]) -> (Vec<(String, String)>, String) {
-    let out = Command::new("curl")
+    curl_in(None, args)
+}
+
+/// [`curl`], inside a network namespace when `ns` is set.
+fn curl_in(ns: Option<&str>, args: &[&str]) -> (Vec<(String, String)>, String) {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "curl"]);
+            c
+        }
+        None => Command::new("curl"),
+    };
+    let out = cmd
         .args(["-sS", "--max-time", "10", "-D", "-"])
         .args(args)
         .output()
@@ -409,5 +428,93 @@ async fn http_requests_are_split_and_routed_per_request_and_a_new_document_drops
                 && l.contains("subset=\"version=v2\"")
                 && l.contains("result=\"2xx\"")),
         "{m}"
+    );
+}
+
+/// Across two clusters in namespaces: a1 calls `api`, whose v1 instance is
+/// on b1 (HTTP/1.1) and v2 on b2 (h2c), through both gateways with
+/// end-to-end sessions. The caller's route picks the subset; the
+/// destination gateway picks an instance of it from the outer header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_cluster_request_is_routed_by_the_same_rules() {
+    if !netns::available("a_cross_cluster_request_is_routed_by_the_same_rules") {
+        return;
+    }
+    let topo = federation::topology(&["bgw"]);
+    let l1 = netns::listen(&topo.host("b1").ns, "127.0.0.1:0".parse().expect("addr"))
+        .expect("listen in b1");
+    let l2 = netns::listen(&topo.host("b2").ns, "127.0.0.1:0".parse().expect("addr"))
+        .expect("listen in b2");
+    let v1 = http_app_on(l1, "v1", false);
+    let v2 = http_app_on(l2, "v2", true);
+    let (addr1, addr2) = (v1.addr, v2.addr);
+    let mesh = Mesh::start_with(topo, &[], move |spec| match spec.name.as_str() {
+        "b1" => spec.extra.push_str(&http_service("api", addr1, "http", &["version=v1"])),
+        "b2" => spec.extra.push_str(&http_service("api", addr2, "http2", &["version=v2"])),
+        "a1" => spec
+            .extra
+            .push_str("\n[[upstream]]\nservice = \"api\"\nlisten = \"127.0.0.1:15080\"\nprotocol = \"http\"\n"),
+        _ => {}
+    })
+    .await;
+    let ns = mesh.topo.host("a1").ns.clone();
+    let a1_node = mesh.node("a1");
+    wait_until(Duration::from_secs(30), || async {
+        a1_node
+            .get("/v1/services")
+            .await
+            .and_then(|v| {
+                v.get("api")?
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["remote"] == true && e["cluster"] == "b")
+                    .map(|e| e["healthy"] == 2)
+            })
+            .unwrap_or(false)
+    })
+    .await
+    .expect("a1 sees api in cluster b with 2 healthy instances");
+    let url = "http://127.0.0.1:15080/orders";
+    let op = operator(&mesh.pki, "alice");
+    let doc = write(
+        mesh.pki.dir.path(),
+        "routes.toml",
+        r#"kind = "routes"
+name = "api"
+[[route]]
+match = { headers = { "x-canary" = { present = true } } }
+split = [{ subset = "version=v2", weight = 100 }]
+[[route]]
+split = [{ subset = "version=v1", weight = 100 }]
+"#,
+    );
+    ok(&policy_in(
+        &mesh,
+        "a2",
+        &op,
+        &["apply", doc.to_str().expect("path")],
+    ));
+    wait_until(Duration::from_secs(15), || async {
+        held(a1_node, "routes", "api").await.is_some()
+    })
+    .await
+    .expect("a1 holds the routes document");
+    for _ in 0..10 {
+        let (h, body) = curl_in(Some(&ns), &[url]);
+        assert_eq!(body, "v1", "{h:?}");
+        let (h, body) = curl_in(
+            Some(&ns),
+            &["--http2-prior-knowledge", "-H", "x-canary: yes", url],
+        );
+        assert_eq!(body, "v2", "{h:?}");
+        let tp = header(&h, "x-seen-traceparent");
+        assert_eq!(tp.len(), 55, "trace context crossed both gateways: {tp:?}");
+    }
+    assert_eq!(
+        (
+            v1.hits.load(Ordering::Relaxed),
+            v2.hits.load(Ordering::Relaxed)
+        ),
+        (10, 10)
     );
 }
