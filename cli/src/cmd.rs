@@ -98,6 +98,16 @@ enum Command {
         /// for SERVICE acts.
         #[arg(long)]
         from: Option<String>,
+        /// For an HTTP service: the route a request with this path (and
+        /// query) takes under the service's routes document.
+        #[arg(long)]
+        path: Option<String>,
+        /// ... with this method (default GET).
+        #[arg(long)]
+        method: Option<String>,
+        /// ... with this header, NAME=VALUE (repeat for more).
+        #[arg(long = "header", value_name = "NAME=VALUE")]
+        headers: Vec<String>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -388,8 +398,18 @@ impl Cli {
             Command::Explain {
                 service,
                 from,
+                path,
+                method,
+                headers,
                 admin,
-            } => admin::explain(&admin, &service, from.as_deref()).await,
+            } => {
+                let request = admin::RequestArgs {
+                    path,
+                    method,
+                    headers,
+                };
+                admin::explain(&admin, &service, from.as_deref(), &request).await
+            }
             Command::Status { admin, check } => admin::status(&admin, check).await,
             Command::Leave { admin, data_dir } => admin::leave(&admin, &data_dir).await,
         }

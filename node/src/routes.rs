@@ -93,6 +93,8 @@ struct Rule {
 /// The compiled `routes` document of one service: its rules in order.
 pub struct Table {
     rules: Vec<Rule>,
+    /// The rules as written (for `explain`).
+    source: Vec<Route>,
 }
 
 /// Where one request goes.
@@ -219,7 +221,14 @@ impl Table {
     pub fn compile(routes: &[Route]) -> Result<Self, String> {
         Ok(Table {
             rules: routes.iter().map(Rule::compile).collect::<Result<_, _>>()?,
+            source: routes.to_vec(),
         })
+    }
+
+    /// The first rule `req` matches, as written, with its index.
+    pub fn matching(&self, req: &RequestView<'_>) -> Option<(usize, &Route)> {
+        let i = self.rules.iter().position(|r| r.matches(req))?;
+        Some((i, self.source.get(i)?))
     }
 
     /// The first rule `req` matches, and where it sends it. `split_roll` is

@@ -126,7 +126,31 @@ pub async fn services(a: &AdminArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-pub async fn explain(a: &AdminArgs, service: &str, from: Option<&str>) -> Result<(), Failure> {
+/// `explain --path/--method/--header`: an HTTP request to route.
+pub struct RequestArgs {
+    pub path: Option<String>,
+    pub method: Option<String>,
+    pub headers: Vec<String>,
+}
+
+/// Percent-encodes all but unreserved characters (RFC 3986).
+fn percent(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub async fn explain(
+    a: &AdminArgs,
+    service: &str,
+    from: Option<&str>,
+    request: &RequestArgs,
+) -> Result<(), Failure> {
     meshnode_transport::pki::check_name("service", service)
         .map_err(|e| Failure::usage(anyhow::anyhow!("{e}")))?;
     if let Some(f) = from {
@@ -140,6 +164,25 @@ pub async fn explain(a: &AdminArgs, service: &str, from: Option<&str>) -> Result
     let mut path = format!("/v1/explain?service={}", enc(service));
     if let Some(f) = from {
         path.push_str(&format!("&from={}", enc(f)));
+    }
+    for h in &request.headers {
+        if !h.contains('=') {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "--header {h:?}: give NAME=VALUE"
+            )));
+        }
+        path.push_str(&format!("&header={}", percent(h)));
+    }
+    if let Some(p) = &request.path {
+        if !p.starts_with('/') {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "--path {p:?}: a path starts with '/'"
+            )));
+        }
+        path.push_str(&format!("&path={}", percent(p)));
+    }
+    if let Some(m) = &request.method {
+        path.push_str(&format!("&method={}", percent(&m.to_ascii_uppercase())));
     }
     let secret = secret_from_env();
     let body = client::get_with(a.admin, &path, secret.as_deref())
@@ -255,6 +298,47 @@ pub async fn explain(a: &AdminArgs, service: &str, from: Option<&str>) -> Result
             for r in rest {
                 println!("  then, if that fails: {r}");
             }
+        }
+    }
+    if let Some(r) = v.get("request").filter(|r| !r.is_null()) {
+        println!(
+            "HTTP request {} {}: {}",
+            field(r, "method"),
+            field(r, "path"),
+            field(r, "note")
+        );
+        if let Some(route) = r.get("route").filter(|x| !x.is_null()) {
+            println!("  rule: {route}");
+        }
+        for s in r
+            .get("subsets")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let first = s
+                .get("attempts")
+                .and_then(Value::as_array)
+                .and_then(|a| a.first())
+                .map(|t| match t.get("kind").and_then(Value::as_str) {
+                    Some("gateway") => format!(
+                        "cluster {} via gateway {}",
+                        field(t, "cluster"),
+                        field(t, "node")
+                    ),
+                    _ => format!(
+                        "{} of cluster {} (port {})",
+                        field(t, "node"),
+                        field(t, "cluster"),
+                        field(t, "port")
+                    ),
+                })
+                .unwrap_or_else(|| "no instance of this subset".to_string());
+            println!(
+                "  subset {} weight {}%: a request now goes to {first}",
+                field(s, "subset"),
+                field(s, "weight")
+            );
         }
     }
     Ok(())

@@ -60,26 +60,182 @@ pub struct Explanation {
     pub clusters: Vec<crate::explain::ClusterRow>,
     /// What a new connection would try, in order (the first is the pick).
     pub attempts: Vec<Attempt>,
+    /// For an HTTP request (`path`, `method`, `header` given): its route.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestRoute>,
 }
 
-/// Parses `key=value&...`; values are names, SPIFFE IDs or `kind:name`,
-/// with no escapes but `%3A` and `%2F` (what clients may encode).
-fn param<'a>(query: &'a str, key: &str) -> Option<std::borrow::Cow<'a, str>> {
-    query.split('&').find_map(|kv| {
+/// Parses `key=value&...`; values are percent-decoded (`%XX`), and one
+/// that does not decode to UTF-8 is absent.
+fn param<'a>(query: &'a str, key: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+    params(query, key).next()
+}
+
+/// Every value of `key`, in order.
+fn params<'a>(query: &'a str, key: &'a str) -> impl Iterator<Item = std::borrow::Cow<'a, str>> {
+    query.split('&').filter_map(move |kv| {
         let (k, v) = kv.split_once('=')?;
-        (k == key).then(|| {
-            if v.contains('%') {
-                std::borrow::Cow::Owned(
-                    v.replace("%3A", ":")
-                        .replace("%3a", ":")
-                        .replace("%2F", "/")
-                        .replace("%2f", "/"),
-                )
-            } else {
-                std::borrow::Cow::Borrowed(v)
+        if k != key {
+            return None;
+        }
+        if !v.contains('%') {
+            return Some(std::borrow::Cow::Borrowed(v));
+        }
+        let b = v.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            match (
+                b[i],
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                (b'%', Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                }
+                (c, _, _) => {
+                    out.push(c);
+                    i += 1;
+                }
             }
-        })
+        }
+        String::from_utf8(out).ok().map(std::borrow::Cow::Owned)
     })
+}
+
+/// Where one HTTP request would go (`explain --path/--method/--header`).
+#[derive(Debug, Serialize)]
+pub struct RequestRoute {
+    pub method: String,
+    pub path: String,
+    /// The rule of the service's routes document that matches (0-based),
+    /// and the rule as written.
+    pub rule: Option<usize>,
+    pub route: Option<crate::policy::schema::Route>,
+    /// Why the request goes where it goes, in words.
+    pub note: String,
+    /// Each subset the rule splits to, its weight, and what a request
+    /// sent there would try.
+    pub subsets: Vec<SubsetRoute>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SubsetRoute {
+    pub subset: crate::routes::Subset,
+    pub weight: u32,
+    pub attempts: Vec<Attempt>,
+}
+
+fn attempts(targets: Vec<Target>) -> Vec<Attempt> {
+    targets
+        .into_iter()
+        .map(|t| match t {
+            Target::Local(i) => Attempt {
+                kind: "instance",
+                node: i.node,
+                cluster: i.cluster,
+                addr: i.node_addr.to_string(),
+                port: Some(i.port),
+            },
+            Target::Remote(r) => Attempt {
+                kind: "gateway",
+                node: r.via,
+                cluster: r.cluster,
+                addr: r.via_addr.to_string(),
+                port: None,
+            },
+        })
+        .collect()
+}
+
+/// The route an HTTP request to `up` takes, from the query's `method`,
+/// `path` and `header=K=V` parameters; `None` when none is given.
+fn request_route(
+    s: &AdminState,
+    up: &UpstreamConfig,
+    query: &str,
+) -> Result<Option<RequestRoute>, String> {
+    use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+    let method = param(query, "method");
+    let path = param(query, "path");
+    let headers: Vec<_> = params(query, "header").collect();
+    if method.is_none() && path.is_none() && headers.is_empty() {
+        return Ok(None);
+    }
+    let method = method
+        .map(|m| m.to_string())
+        .unwrap_or_else(|| "GET".into());
+    if !method.bytes().all(|b| b.is_ascii_uppercase()) || method.is_empty() || method.len() > 32 {
+        return Err(format!(
+            "method {method:?}: an HTTP method in upper case, e.g. GET"
+        ));
+    }
+    let target = path.map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+    if !target.starts_with('/') || target.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(format!(
+            "path {target:?}: starts with '/' and has no spaces"
+        ));
+    }
+    let mut map = HeaderMap::new();
+    for h in &headers {
+        let (k, v) = h
+            .split_once('=')
+            .ok_or_else(|| format!("header {h:?}: give NAME=VALUE"))?;
+        let name = HeaderName::from_bytes(k.trim().to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("header {k:?}: not an HTTP header name"))?;
+        let value = HeaderValue::from_str(v.trim())
+            .map_err(|_| format!("header {k}: not a valid value"))?;
+        map.append(name, value);
+    }
+    let (path, q) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target.as_str(), None),
+    };
+    let view = crate::routes::RequestView {
+        method: &method,
+        path,
+        query: q,
+        headers: &map,
+    };
+    let table = s.dialer.routes().table(&up.service);
+    let (rule, route, note, split) = match table.as_ref().and_then(|t| t.matching(&view)) {
+        Some((i, r)) => (
+            Some(i),
+            Some(r.clone()),
+            format!("rule {} of routes/{} matches", i + 1, up.service),
+            r.split
+                .iter()
+                .map(|x| (crate::routes::Subset::parse(&x.subset), x.weight))
+                .collect(),
+        ),
+        None => (
+            None,
+            None,
+            match table {
+                Some(_) => format!("no rule of routes/{} matches: any instance", up.service),
+                None => format!("no routes document for {}: any instance", up.service),
+            },
+            vec![(crate::routes::Subset::Any, 100)],
+        ),
+    };
+    let subsets = split
+        .into_iter()
+        .map(|(subset, weight)| SubsetRoute {
+            attempts: attempts(s.dialer.plan_subset(up, &subset)),
+            subset,
+            weight,
+        })
+        .collect();
+    Ok(Some(RequestRoute {
+        method,
+        path: target,
+        rule,
+        route,
+        note,
+        subsets,
+    }))
 }
 
 pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, String> {
@@ -135,28 +291,10 @@ pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, 
         _ => None,
     };
     let authorization = Authorization { decision, source };
-    let attempts = s
-        .dialer
-        .plan(&up)
-        .into_iter()
-        .map(|t| match t {
-            Target::Local(i) => Attempt {
-                kind: "instance",
-                node: i.node,
-                cluster: i.cluster,
-                addr: i.node_addr.to_string(),
-                port: Some(i.port),
-            },
-            Target::Remote(r) => Attempt {
-                kind: "gateway",
-                node: r.via,
-                cluster: r.cluster,
-                addr: r.via_addr.to_string(),
-                port: None,
-            },
-        })
-        .collect();
+    let request = request_route(s, &up, query)?;
+    let attempts = attempts(s.dialer.plan(&up));
     Ok(Explanation {
+        request,
         service: service.to_string(),
         from,
         policy_loaded: loaded,
@@ -244,5 +382,10 @@ mod tests {
             Some("spiffe://acme/cluster/east/node/a")
         );
         assert_eq!(param("service=api", "from"), None);
+        let q = "path=%2Fv2%3Fa%3D1&header=x-canary%3D1&header=x-b%3D2&bad=%FF";
+        assert_eq!(param(q, "path").as_deref(), Some("/v2?a=1"));
+        let h: Vec<_> = params(q, "header").collect();
+        assert_eq!(h, ["x-canary=1", "x-b=2"]);
+        assert_eq!(param(q, "bad"), None, "not UTF-8");
     }
 }

@@ -311,6 +311,62 @@ async fn http_requests_are_split_and_routed_per_request_and_a_new_document_drops
     assert!((7.0..=13.0).contains(&pct), "v2 got {pct:.2} % at 90/10");
     println!("90/10: v2 got {pct:.2} % of 10,000 requests");
 
+    // explain shows the rule, the subsets and weights, and the instance.
+    let admin = web.spec.admin.to_string();
+    let text = ok(&crate::meshnode(&[
+        "explain",
+        "api",
+        "--path",
+        "/v2only/a?b=c",
+        "--admin",
+        &admin,
+    ]));
+    assert!(
+        text.contains("HTTP request GET /v2only/a?b=c: rule 2 of routes/api matches"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "subset version=v2 weight 100%: a request now goes to api-v2 of cluster east"
+        ),
+        "{text}"
+    );
+    let text = ok(&crate::meshnode(&[
+        "explain",
+        "api",
+        "--path",
+        "/x",
+        "--method",
+        "post",
+        "--header",
+        "x-canary=0",
+        "--admin",
+        &admin,
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let r = &v["request"];
+    assert_eq!(
+        (r["method"].as_str(), r["rule"].as_u64()),
+        (Some("POST"), Some(2)),
+        "{r}"
+    );
+    assert_eq!(r["subsets"][0]["subset"], "version=v1");
+    assert_eq!(r["subsets"][0]["weight"], 90);
+    assert_eq!(r["subsets"][0]["attempts"][0]["node"], "api-v1");
+    assert_eq!(r["subsets"][1]["attempts"][0]["node"], "api-v2");
+    let text = ok(&crate::meshnode(&[
+        "explain",
+        "api",
+        "--header",
+        "x-canary=1",
+        "--admin",
+        &admin,
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(v["request"]["rule"], 0);
+
     // Rules by header, path and method; header changes; trace context.
     let (h, body) = curl(&["-H", "x-canary: 1", &format!("http://{up}/anything")]);
     assert_eq!(body, "v2", "{h:?}");
