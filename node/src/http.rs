@@ -215,6 +215,7 @@ async fn forward(
     up: Arc<UpstreamConfig>,
     dialer: Arc<Dialer>,
 ) -> Response<Body> {
+    let started = tokio::time::Instant::now();
     let (mut parts, req_body) = req.into_parts();
     let (split_roll, mirror_roll, ids) = {
         let mut rng = rand::rng();
@@ -273,6 +274,7 @@ async fn forward(
     let req = Request::from_parts(parts, req_body);
     match exchange(tunnel, req).await {
         Ok(resp) => {
+            dialer.observe(&target, started.elapsed());
             count(&up.service, "out", &subset, class(resp.status()));
             let (mut rp, rb) = resp.into_parts();
             strip_hop_by_hop(&mut rp.headers, false);

@@ -8,6 +8,7 @@ pub mod balance;
 pub mod ca;
 pub mod config;
 mod drain;
+pub mod ewma;
 pub mod explain;
 mod federation;
 pub mod health;

@@ -37,6 +37,23 @@ impl Outliers {
             .is_some_and(|until| now < until)
     }
 
+    /// Drops the state of instances whose ejection ended more than
+    /// [`MAX_EJECTION`] ago and that failed no more since (gone or healed
+    /// without a success seen here).
+    pub fn prune(&mut self, now: Instant) {
+        self.states.retain(|_, s| {
+            s.failures > 0 || s.ejected_until.is_some_and(|u| now < u + MAX_EJECTION)
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
     pub fn handle_success(&mut self, key: &Key) {
         self.states.remove(key);
     }
@@ -94,6 +111,26 @@ mod tests {
             }
         }
         assert!(!o.is_ejected(&k, t + MAX_EJECTION));
+    }
+
+    #[test]
+    fn state_of_instances_long_past_their_ejection_is_pruned() {
+        let mut o = Outliers::default();
+        let t0 = Instant::now();
+        let (gone, failing): (Key, Key) = (("gone".into(), 1), ("failing".into(), 1));
+        for _ in 0..CONSECUTIVE_FAILURES {
+            o.handle_failure(&gone, t0);
+        }
+        o.handle_failure(&failing, t0);
+        o.prune(t0 + BASE_EJECTION);
+        assert_eq!(o.len(), 2, "within the window: kept");
+        o.prune(t0 + BASE_EJECTION + MAX_EJECTION);
+        assert_eq!(
+            o.len(),
+            1,
+            "the ejected one is forgotten, the counting one kept"
+        );
+        assert!(!o.is_ejected(&gone, t0 + BASE_EJECTION + MAX_EJECTION));
     }
 
     #[test]

@@ -77,6 +77,10 @@ pub struct Dialer {
 struct Load {
     outliers: Outliers,
     active: HashMap<Key, u64>,
+    /// HTTP response latencies (peak-EWMA), the cost of per-request balancing.
+    latencies: crate::ewma::Latencies,
+    /// Observations since the last prune of `latencies` and `outliers`.
+    since_prune: u32,
 }
 
 /// Decrements an instance's active count when its stream (or request) ends.
@@ -179,6 +183,19 @@ impl Dialer {
         lock_load(&self.state)
     }
 
+    /// One HTTP response from `target`, `rtt` after its request started.
+    pub(crate) fn observe(&self, target: &Target, rtt: std::time::Duration) {
+        let now = Instant::now();
+        let mut load = self.lock();
+        load.latencies.observe(&target.key(), rtt, now);
+        load.since_prune += 1;
+        if load.since_prune >= 1024 {
+            load.since_prune = 0;
+            load.latencies.prune(now);
+            load.outliers.prune(now);
+        }
+    }
+
     /// The attempts a new connection for `up` would make, in order.
     pub(crate) fn plan(&self, up: &UpstreamConfig) -> Vec<Target> {
         self.plan_subset(up, &Subset::Any)
@@ -187,6 +204,18 @@ impl Dialer {
     /// [`Dialer::plan`] among the instances of one subset (instances of
     /// other clusters are chosen there, by the header's subset).
     pub(crate) fn plan_subset(&self, up: &UpstreamConfig, subset: &Subset) -> Vec<Target> {
+        self.plan_with(up, subset, false)
+    }
+
+    /// [`Dialer::plan_subset`]; `by_latency`: power of two choices over
+    /// peak-EWMA latency times requests in flight (HTTP requests), not
+    /// open streams.
+    pub(crate) fn plan_with(
+        &self,
+        up: &UpstreamConfig,
+        subset: &Subset,
+        by_latency: bool,
+    ) -> Vec<Target> {
         let catalog = self.gossip.catalog();
         let load = self.lock();
         let now = Instant::now();
@@ -209,7 +238,15 @@ impl Dialer {
             catalog.remote_routes(&up.service),
             &scope(&self.cluster, up),
             |p| load.outliers.is_ejected(&pick_key(p), now),
-            |i| load.active.get(&key(i)).copied().unwrap_or(0),
+            |i| {
+                let k = key(i);
+                let active = load.active.get(&k).copied().unwrap_or(0);
+                if by_latency {
+                    load.latencies.cost(&k, active)
+                } else {
+                    active
+                }
+            },
             |n| rng.random_range(0..n),
         )
         .into_iter()
@@ -241,7 +278,7 @@ impl Dialer {
         up: &UpstreamConfig,
         want: Want<'_>,
     ) -> Result<(Tunnel, Target, ActiveGuard), Refusal> {
-        let candidates = self.plan_subset(up, want.subset);
+        let candidates = self.plan_with(up, want.subset, want.http);
         let mut early = Vec::new();
         if candidates.is_empty() {
             return Err(Refusal::NoInstance(format!(

@@ -58,11 +58,17 @@ pub(crate) struct App {
 /// with trailers (`grpc-status: 0`, `x-echoed: <bytes>`).
 pub(crate) async fn http_app(ip: Ipv4Addr, name: &'static str, h2: bool) -> App {
     let listener = TcpListener::bind((ip, 0)).await.expect("bind app");
-    http_app_on(listener, name, h2)
+    http_app_on(listener, name, h2, Duration::ZERO)
 }
 
-/// [`http_app`] on a listener made elsewhere (in a network namespace).
-pub(crate) fn http_app_on(listener: TcpListener, name: &'static str, h2: bool) -> App {
+/// [`http_app`] on a listener made elsewhere (in a network namespace),
+/// answering each request after `delay`.
+pub(crate) fn http_app_on(
+    listener: TcpListener,
+    name: &'static str,
+    h2: bool,
+    delay: Duration,
+) -> App {
     let addr = listener.local_addr().expect("addr");
     let hits = Arc::new(AtomicU64::new(0));
     let counter = hits.clone();
@@ -71,7 +77,10 @@ pub(crate) fn http_app_on(listener: TcpListener, name: &'static str, h2: bool) -
             let counter = counter.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 counter.fetch_add(1, Ordering::Relaxed);
-                async move { Ok::<_, Infallible>(answer(name, req)) }
+                async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, Infallible>(answer(name, req))
+                }
             });
             tokio::spawn(async move {
                 let io = TokioIo::new(tcp);
@@ -501,8 +510,8 @@ async fn a_cross_cluster_request_is_routed_by_the_same_rules() {
         .expect("listen in b1");
     let l2 = netns::listen(&topo.host("b2").ns, "127.0.0.1:0".parse().expect("addr"))
         .expect("listen in b2");
-    let v1 = http_app_on(l1, "v1", false);
-    let v2 = http_app_on(l2, "v2", true);
+    let v1 = http_app_on(l1, "v1", false, Duration::ZERO);
+    let v2 = http_app_on(l2, "v2", true, Duration::ZERO);
     let (addr1, addr2) = (v1.addr, v2.addr);
     let mesh = Mesh::start_with(topo, &[], move |spec| match spec.name.as_str() {
         "b1" => spec.extra.push_str(&http_service("api", addr1, "http", &["version=v1"])),
@@ -573,4 +582,53 @@ split = [{ subset = "version=v1", weight = 100 }]
         ),
         (10, 10)
     );
+}
+
+/// Per-request balancing by latency: of two instances, one answering in
+/// 20 ms, the fast one takes most requests (power of two choices over
+/// peak-EWMA latency times requests in flight; by open streams alone the
+/// two would share them nearly evenly at this concurrency).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_go_mostly_to_the_faster_instance() {
+    let net = subnet();
+    let pki = Pki::new();
+    let ip = |h: u8| Ipv4Addr::new(127, net[0], net[1], h);
+    let fast = http_app_on(
+        TcpListener::bind((ip(1), 0)).await.expect("bind"),
+        "fast",
+        false,
+        Duration::ZERO,
+    );
+    let slow = http_app_on(
+        TcpListener::bind((ip(2), 0)).await.expect("bind"),
+        "slow",
+        false,
+        Duration::from_millis(20),
+    );
+    let mut s1 = NodeSpec::new(net, 1, "api-fast");
+    s1.extra = http_service("api", fast.addr, "http", &[]);
+    let _n1 = NodeProc::start(s1.clone(), &pki.issue(CLUSTER, "api-fast"));
+    let mut s2 = NodeSpec::new(net, 2, "api-slow");
+    s2.seeds = vec![s1.quic];
+    s2.extra = http_service("api", slow.addr, "http", &[]);
+    let _n2 = NodeProc::start(s2, &pki.issue(CLUSTER, "api-slow"));
+    let mut s3 = NodeSpec::new(net, 3, "web-1");
+    s3.seeds = vec![s1.quic];
+    let up = free_tcp(s3.ip);
+    s3.extra = upstream("api", up);
+    let web = NodeProc::start(s3, &pki.issue(CLUSTER, "web-1"));
+    wait_until(Duration::from_secs(20), || async {
+        let i = web.instances("api").await;
+        i.len() == 2 && i.iter().all(|(_, h)| h == "passing")
+    })
+    .await
+    .expect("both instances passing");
+    let (succeeded, failed, _) = h2load(&format!("http://{up}/"), 1_000, 4);
+    assert_eq!((succeeded, failed), (1_000, 0));
+    let (f, s) = (
+        fast.hits.load(Ordering::Relaxed),
+        slow.hits.load(Ordering::Relaxed),
+    );
+    println!("fast {f}, slow {s}");
+    assert!(f >= 9 * s, "the fast instance took {f}, the slow one {s}");
 }
