@@ -251,29 +251,27 @@ async fn forward(
             tokio::spawn(send_mirror(copy, up.clone(), dialer.clone(), m));
         }
     }
+    // A request without a body and of a safe method goes out with the
+    // stream's header (no wait for the status, one round trip less): it
+    // can be sent again to the next instance if this one refuses or fails.
+    let pipeline = hyper::body::Body::is_end_stream(&req_body)
+        && matches!(
+            parts.method,
+            hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
+        );
     let want = Want {
         subset: &subset,
         http: true,
         early_from: None,
+        pipeline,
     };
-    let (tunnel, target, active) = match dialer.open(&up, want).await {
-        Ok(x) => x,
-        Err(refusal) => {
-            count(&up.service, "out", &subset, refusal.label());
-            let (status, why) = match &refusal {
-                Refusal::Denied(_) => (StatusCode::FORBIDDEN, "denied"),
-                Refusal::NoInstance(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_instance"),
-                Refusal::Failed(_) => (StatusCode::BAD_GATEWAY, "failed"),
-            };
-            if ERROR_LOG.allow() {
-                tracing::warn!(service = %up.service, subset = %String::from(subset.clone()), refusal = ?refusal, "HTTP request refused by the mesh (logged at most once a second)");
-            }
-            return error_response(status, why, format!("meshnode: {refusal:?}"));
-        }
+    let sent = if pipeline {
+        send_pipelined(&up, &dialer, &want, &parts).await
+    } else {
+        send_waiting(&up, &dialer, &want, Request::from_parts(parts, req_body)).await
     };
-    let req = Request::from_parts(parts, req_body);
-    match exchange(tunnel, req).await {
-        Ok(resp) => {
+    match sent {
+        Ok((resp, target, active)) => {
             dialer.observe(&target, started.elapsed());
             count(&up.service, "out", &subset, class(resp.status()));
             let (mut rp, rb) = resp.into_parts();
@@ -285,18 +283,121 @@ async fn forward(
             });
             Response::from_parts(rp, body(rb))
         }
-        Err(e) => {
+        Err(Sent::Refused(refusal)) => {
+            count(&up.service, "out", &subset, refusal.label());
+            let (status, why) = match &refusal {
+                Refusal::Denied(_) => (StatusCode::FORBIDDEN, "denied"),
+                Refusal::NoInstance(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_instance"),
+                Refusal::Failed(_) => (StatusCode::BAD_GATEWAY, "failed"),
+            };
+            if ERROR_LOG.allow() {
+                tracing::warn!(service = %up.service, subset = %String::from(subset.clone()), refusal = ?refusal, "HTTP request refused by the mesh (logged at most once a second)");
+            }
+            error_response(status, why, format!("meshnode: {refusal:?}"))
+        }
+        Err(Sent::Exchange(target, e)) => {
             count(&up.service, "out", &subset, "failed");
             if ERROR_LOG.allow() {
-                tracing::warn!(service = %up.service, target = %target.name(), error = %e, "HTTP exchange over the mesh failed (logged at most once a second)");
+                tracing::warn!(service = %up.service, target = %target, error = %e, "HTTP exchange over the mesh failed (logged at most once a second)");
             }
             error_response(
                 StatusCode::BAD_GATEWAY,
                 "exchange_failed",
-                format!("meshnode: {} at {}: {e}", up.service, target.name()),
+                format!("meshnode: {} at {target}: {e}", up.service),
             )
         }
     }
+}
+
+/// Why a request got no response from an instance.
+enum Sent {
+    /// No instance took it.
+    Refused(Refusal),
+    /// The instance (named) took it, and the exchange failed: not retried,
+    /// the request may have reached the application.
+    Exchange(String, hyper::Error),
+}
+
+type Exchanged = (
+    Response<Incoming>,
+    crate::upstream::Target,
+    crate::upstream::ActiveGuard,
+);
+
+/// Opens a stream (waiting for its status, retrying other instances as the
+/// dialer does for TCP), then sends the request on it.
+async fn send_waiting(
+    up: &UpstreamConfig,
+    dialer: &Dialer,
+    want: &Want<'_>,
+    req: Request<Incoming>,
+) -> Result<Exchanged, Sent> {
+    let want = Want {
+        subset: want.subset,
+        http: true,
+        early_from: None,
+        pipeline: false,
+    };
+    let (tunnel, target, active) = dialer.open(up, want).await.map_err(Sent::Refused)?;
+    match exchange(tunnel, req).await {
+        Ok(resp) => Ok((resp, target, active)),
+        Err(e) => Err(Sent::Exchange(target.name(), e)),
+    }
+}
+
+/// Sends the header and the request at once, on each candidate in turn
+/// until one answers: a refusal (read in front of the response) or a
+/// failure before the response moves on, with the dialer's bookkeeping.
+async fn send_pipelined(
+    up: &UpstreamConfig,
+    dialer: &Dialer,
+    want: &Want<'_>,
+    parts: &hyper::http::request::Parts,
+) -> Result<Exchanged, Sent> {
+    let candidates = dialer.candidates(up, want).map_err(Sent::Refused)?;
+    let mut last = String::new();
+    for (attempt, target) in candidates.into_iter().enumerate() {
+        dialer.count_retry(up, attempt);
+        let tunnel = match dialer
+            .try_target(
+                &up.service,
+                up.as_service.as_deref(),
+                &target,
+                &mut Vec::new(),
+                want,
+            )
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                dialer
+                    .failed(up, &target, e, &mut last)
+                    .map_err(Sent::Refused)?;
+                continue;
+            }
+        };
+        let active = dialer.begin(&target);
+        let req = Request::from_parts(parts.clone(), Empty::<Bytes>::new());
+        match exchange(tunnel, req).await {
+            Ok(resp) => {
+                dialer.succeeded(&target);
+                return Ok((resp, target, active));
+            }
+            Err(e) => {
+                drop(active);
+                let e = match meshnode_transport::tunnel::e2e::refusal(&e) {
+                    Some(s) => meshnode_transport::tunnel::TunnelError::Refused(s),
+                    None => meshnode_transport::tunnel::TunnelError::Stream(e.to_string()),
+                };
+                dialer
+                    .failed(up, &target, e, &mut last)
+                    .map_err(Sent::Refused)?;
+            }
+        }
+    }
+    Err(Sent::Refused(Refusal::Failed(format!(
+        "every attempt failed (last: {last})"
+    ))))
 }
 
 /// Sends a request over an open tunnel as HTTP/1.1 and returns its response.
@@ -307,6 +408,7 @@ where
 {
     match tunnel {
         Tunnel::Plain(send, recv) => exchange_on(tokio::io::join(recv, send), req).await,
+        Tunnel::Pending(send, recv) => exchange_on(tokio::io::join(recv, send), req).await,
         Tunnel::Sealed(session) => exchange_on(*session, req).await,
     }
 }
@@ -338,6 +440,7 @@ async fn send_mirror(
         subset: &subset,
         http: true,
         early_from: None,
+        pipeline: false,
     };
     let result = match dialer.open(&up, want).await {
         Ok((tunnel, _, _active)) => match exchange(tunnel, req).await {

@@ -38,6 +38,12 @@ static DENIED_LOG: LogLimit = LogLimit::new(std::time::Duration::from_secs(1));
 /// an end-to-end session through gateways.
 pub(crate) enum Tunnel {
     Plain(quinn::SendStream, quinn::RecvStream),
+    /// A plain stream whose status has not been read yet: it comes in
+    /// front of the first bytes read (HTTP requests sent at once).
+    Pending(
+        quinn::SendStream,
+        tunnel::e2e::StatusFirst<quinn::RecvStream>,
+    ),
     Sealed(Box<tunnel::e2e::ClientSession>),
 }
 
@@ -278,23 +284,11 @@ impl Dialer {
         up: &UpstreamConfig,
         want: Want<'_>,
     ) -> Result<(Tunnel, Target, ActiveGuard), Refusal> {
-        let candidates = self.plan_with(up, want.subset, want.http);
+        let candidates = self.candidates(up, &want)?;
         let mut early = Vec::new();
-        if candidates.is_empty() {
-            return Err(Refusal::NoInstance(format!(
-                "no healthy instance of {:?} in the catalog{}",
-                up.service,
-                up.cluster
-                    .as_deref()
-                    .map(|c| format!(" for cluster {c}"))
-                    .unwrap_or_default()
-            )));
-        }
         let mut last = String::new();
         for (attempt, target) in candidates.into_iter().enumerate() {
-            if attempt > 0 {
-                metrics::counter!(UPSTREAM_RETRIES, "service" => up.service.clone()).increment(1);
-            }
+            self.count_retry(up, attempt);
             match self
                 .try_target(
                     &up.service,
@@ -306,43 +300,11 @@ impl Dialer {
                 .await
             {
                 Ok(tunnel) => {
-                    let k = target.key();
-                    let mut load = self.lock();
-                    load.outliers.handle_success(&k);
-                    *load.active.entry(k.clone()).or_default() += 1;
-                    drop(load);
-                    return Ok((
-                        tunnel,
-                        target,
-                        ActiveGuard {
-                            load: self.state.clone(),
-                            key: k,
-                        },
-                    ));
+                    self.succeeded(&target);
+                    let guard = self.begin(&target);
+                    return Ok((tunnel, target, guard));
                 }
-                Err(TunnelError::Refused(Status::Denied)) => {
-                    // Policy is mesh-wide: another instance would deny too, and
-                    // a denial says nothing bad about this one.
-                    return Err(Refusal::Denied(target.name()));
-                }
-                Err(TunnelError::Refused(s @ (Status::PolicyPending | Status::Draining))) => {
-                    // Not the instance's fault either: try the next, no ejection.
-                    debug!(service = %up.service, target = %target.name(), status = %s, "instance cannot take the stream now");
-                    last = format!("{}: {s}", target.name());
-                }
-                Err(e) => {
-                    debug!(service = %up.service, target = %target.name(), error = %e, "tunnel attempt failed");
-                    if let Some(period) = self
-                        .lock()
-                        .outliers
-                        .handle_failure(&target.key(), Instant::now())
-                    {
-                        warn!(service = %up.service, target = %target.name(), ?period, "ejecting instance after repeated failures");
-                        metrics::counter!(OUTLIER_EJECTIONS, "service" => up.service.clone())
-                            .increment(1);
-                    }
-                    last = format!("{}: {e}", target.name());
-                }
+                Err(e) => self.failed(up, &target, e, &mut last)?,
             }
         }
         Err(Refusal::Failed(format!(
@@ -350,7 +312,91 @@ impl Dialer {
         )))
     }
 
-    async fn try_target(
+    /// The attempts for one connection or request, or why there are none.
+    pub(crate) fn candidates(
+        &self,
+        up: &UpstreamConfig,
+        want: &Want<'_>,
+    ) -> Result<Vec<Target>, Refusal> {
+        let candidates = self.plan_with(up, want.subset, want.http);
+        if candidates.is_empty() {
+            return Err(Refusal::NoInstance(format!(
+                "no healthy instance of {:?}{} in the catalog{}",
+                up.service,
+                match want.subset {
+                    Subset::Any => String::new(),
+                    Subset::Tag(t) => format!(" tagged {t}"),
+                },
+                up.cluster
+                    .as_deref()
+                    .map(|c| format!(" for cluster {c}"))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(candidates)
+    }
+
+    pub(crate) fn count_retry(&self, up: &UpstreamConfig, attempt: usize) {
+        if attempt > 0 {
+            metrics::counter!(UPSTREAM_RETRIES, "service" => up.service.clone()).increment(1);
+        }
+    }
+
+    /// An attempt that reached its instance: its failures are forgotten.
+    pub(crate) fn succeeded(&self, target: &Target) {
+        self.lock().outliers.handle_success(&target.key());
+    }
+
+    /// Counts a stream (or request) in flight at `target` until the guard drops.
+    pub(crate) fn begin(&self, target: &Target) -> ActiveGuard {
+        let k = target.key();
+        *self.lock().active.entry(k.clone()).or_default() += 1;
+        ActiveGuard {
+            load: self.state.clone(),
+            key: k,
+        }
+    }
+
+    /// A failed attempt: `Err` stops trying (a denial: policy is mesh-wide),
+    /// `Ok` goes on to the next instance; a fault of the instance counts
+    /// towards its ejection. `last` keeps the reason for the final error.
+    pub(crate) fn failed(
+        &self,
+        up: &UpstreamConfig,
+        target: &Target,
+        e: TunnelError,
+        last: &mut String,
+    ) -> Result<(), Refusal> {
+        match e {
+            TunnelError::Refused(Status::Denied) => {
+                // Policy is mesh-wide: another instance would deny too, and
+                // a denial says nothing bad about this one.
+                Err(Refusal::Denied(target.name()))
+            }
+            TunnelError::Refused(s @ (Status::PolicyPending | Status::Draining)) => {
+                // Not the instance's fault either: try the next, no ejection.
+                debug!(service = %up.service, target = %target.name(), status = %s, "instance cannot take the stream now");
+                *last = format!("{}: {s}", target.name());
+                Ok(())
+            }
+            e => {
+                debug!(service = %up.service, target = %target.name(), error = %e, "tunnel attempt failed");
+                if let Some(period) = self
+                    .lock()
+                    .outliers
+                    .handle_failure(&target.key(), Instant::now())
+                {
+                    warn!(service = %up.service, target = %target.name(), ?period, "ejecting instance after repeated failures");
+                    metrics::counter!(OUTLIER_EJECTIONS, "service" => up.service.clone())
+                        .increment(1);
+                }
+                *last = format!("{}: {e}", target.name());
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) async fn try_target(
         &self,
         service: &str,
         acting_as: Option<&str>,
@@ -431,6 +477,27 @@ impl Dialer {
                 .await?;
                 debug!(%service, destination = %dest.identity, via = %r.via, "end-to-end session up");
                 Ok(Tunnel::Sealed(Box::new(session)))
+            }
+            _ if want.pipeline => {
+                // The request goes out with the header; the status is read
+                // in front of the response (`StatusFirst`).
+                header.source_service = acting_as.map(str::to_string);
+                let (send, recv) = open_with(
+                    &self.endpoint,
+                    addr,
+                    node,
+                    &self.cluster,
+                    gateway,
+                    |mut send, recv| async move {
+                        let bytes = tunnel::encode_header(&header)?;
+                        send.write_all(&bytes)
+                            .await
+                            .map_err(|e| TunnelError::Stream(e.to_string()))?;
+                        Ok((send, recv))
+                    },
+                )
+                .await?;
+                Ok(Tunnel::Pending(send, tunnel::e2e::StatusFirst::new(recv)))
             }
             _ => {
                 header.source_service = acting_as.map(str::to_string);
@@ -541,6 +608,9 @@ pub(crate) struct Want<'a> {
     /// An application connection whose first bytes may go out early with
     /// an end-to-end session (L4 only).
     pub early_from: Option<&'a TcpStream>,
+    /// Send at once, not waiting for the status, on a plain stream
+    /// ([`Tunnel::Pending`]); sessions through gateways still wait.
+    pub pipeline: bool,
 }
 
 impl Drop for ActiveGuard {
@@ -615,6 +685,7 @@ async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
         subset: &Subset::Any,
         http: false,
         early_from: Some(&tcp),
+        pipeline: false,
     };
     let (tunnel, target, _active) = match dialer.open(up, want).await {
         Ok(x) => x,
@@ -640,6 +711,11 @@ async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
     active.increment(1.0);
     let stats = match tunnel {
         Tunnel::Plain(send, recv) => tunnel::splice(tcp, send, recv).await,
+        // L4 connections never ask for a pending status.
+        Tunnel::Pending(mut send, _) => {
+            let _ = send.reset(tunnel::code::RESET);
+            return;
+        }
         Tunnel::Sealed(session) => tunnel::e2e::splice_session(tcp, *session).await,
     };
     active.decrement(1.0);

@@ -632,3 +632,50 @@ async fn requests_go_mostly_to_the_faster_instance() {
     println!("fast {f}, slow {s}");
     assert!(f >= 9 * s, "the fast instance took {f}, the slow one {s}");
 }
+
+/// A GET goes out with the stream's header, not waiting for the status;
+/// when the instance refuses it (its application is down: `connect_failed`)
+/// the same request goes to the next instance. No request fails, and the
+/// broken instance is ejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_is_sent_again_to_the_next_instance() {
+    let net = subnet();
+    let pki = Pki::new();
+    let good = http_app(Ipv4Addr::new(127, net[0], net[1], 1), "good", false).await;
+    let mut s1 = NodeSpec::new(net, 1, "api-good");
+    s1.extra = http_service("api", good.addr, "http", &[]);
+    let _n1 = NodeProc::start(s1.clone(), &pki.issue(CLUSTER, "api-good"));
+    // No check: the catalog says passing, but nothing listens there.
+    let dead = free_tcp(Ipv4Addr::new(127, net[0], net[1], 2));
+    let mut s2 = NodeSpec::new(net, 2, "api-dead");
+    s2.seeds = vec![s1.quic];
+    s2.extra = format!(
+        "\n[[service]]\nname = \"api\"\naddress = \"{}\"\nport = {}\nprotocol = \"http\"\n",
+        dead.ip(),
+        dead.port()
+    );
+    let _n2 = NodeProc::start(s2, &pki.issue(CLUSTER, "api-dead"));
+    let mut s3 = NodeSpec::new(net, 3, "web-1");
+    s3.seeds = vec![s1.quic];
+    let up = free_tcp(s3.ip);
+    s3.extra = upstream("api", up);
+    let web = NodeProc::start(s3, &pki.issue(CLUSTER, "web-1"));
+    wait_until(Duration::from_secs(20), || async {
+        let i = web.instances("api").await;
+        i.len() == 2 && i.iter().all(|(_, h)| h == "passing")
+    })
+    .await
+    .expect("both instances passing");
+    let (succeeded, failed, ok2xx) = h2load(&format!("http://{up}/"), 300, 2);
+    assert_eq!((succeeded, failed, ok2xx), (300, 0, 300));
+    assert_eq!(good.hits.load(Ordering::Relaxed), 300);
+    let m = web.get_text("/metrics").await.unwrap_or_default();
+    let count = |name: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with(name) && l.contains("service=\"api\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(count("meshnode_upstream_retries_total") >= 1.0, "{m}");
+    assert!(count("meshnode_outlier_ejections_total") >= 1.0, "{m}");
+}

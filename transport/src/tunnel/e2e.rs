@@ -58,6 +58,34 @@ pub struct StatusFirst<R> {
     pending: bool,
 }
 
+impl<R> StatusFirst<R> {
+    /// `inner`, whose first byte is a tunnel status.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            pending: true,
+        }
+    }
+}
+
+/// The refusal status inside an error (and its sources) that a
+/// [`StatusFirst`] reader returned, if it is one.
+pub fn refusal(e: &(dyn std::error::Error + 'static)) -> Option<Status> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(Refused(b)) = err.downcast_ref::<Refused>() {
+            return Status::from_u8(*b);
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(Refused(b)) = io.get_ref().and_then(|i| i.downcast_ref::<Refused>()) {
+                return Status::from_u8(*b);
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
 impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StatusFirst<R> {
     fn poll_read(
         self: std::pin::Pin<&mut Self>,
