@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::UpstreamConfig;
-use crate::metrics::{LogLimit, HTTP_MIRRORED, HTTP_REQUESTS, LABELS};
+use crate::metrics::{LogLimit, HTTP_MIRRORED, HTTP_REQUESTS, HTTP_STREAMS, LABELS};
 use crate::policy::schema::HOP_BY_HOP;
 use crate::routes::{RequestView, Subset};
 use crate::upstream::{Dialer, Refusal, Tunnel, Want};
@@ -247,30 +247,16 @@ async fn forward(
     if let Some(m) = mirror {
         // Only a request without a body can be copied without holding it.
         if hyper::body::Body::is_end_stream(&req_body) {
-            let copy = Request::from_parts(parts.clone(), Empty::<Bytes>::new());
-            tokio::spawn(send_mirror(copy, up.clone(), dialer.clone(), m));
+            tokio::spawn(send_mirror(parts.clone(), up.clone(), dialer.clone(), m));
         }
     }
-    // A request without a body and of a safe method goes out with the
-    // stream's header (no wait for the status, one round trip less): it
-    // can be sent again to the next instance if this one refuses or fails.
-    let pipeline = hyper::body::Body::is_end_stream(&req_body)
+    let safe = hyper::body::Body::is_end_stream(&req_body)
         && matches!(
             parts.method,
             hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
         );
-    let want = Want {
-        subset: &subset,
-        http: true,
-        early_from: None,
-        pipeline,
-    };
-    let sent = if pipeline {
-        send_pipelined(&up, &dialer, &want, &parts).await
-    } else {
-        send_waiting(&up, &dialer, &want, Request::from_parts(parts, req_body)).await
-    };
-    match sent {
+    let body_once = (!hyper::body::Body::is_end_stream(&req_body)).then(|| body(req_body));
+    match send(&up, &dialer, &subset, &parts, body_once, safe).await {
         Ok((resp, target, active)) => {
             dialer.observe(&target, started.elapsed());
             count(&up.service, "out", &subset, class(resp.status()));
@@ -313,8 +299,8 @@ async fn forward(
 enum Sent {
     /// No instance took it.
     Refused(Refusal),
-    /// The instance (named) took it, and the exchange failed: not retried,
-    /// the request may have reached the application.
+    /// The instance (named) took it, and the exchange failed: not sent
+    /// again, the request may have reached the application.
     Exchange(String, hyper::Error),
 }
 
@@ -323,48 +309,123 @@ type Exchanged = (
     crate::upstream::Target,
     crate::upstream::ActiveGuard,
 );
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
 
-/// Opens a stream (waiting for its status, retrying other instances as the
-/// dialer does for TCP), then sends the request on it.
-async fn send_waiting(
-    up: &UpstreamConfig,
-    dialer: &Dialer,
-    want: &Want<'_>,
-    req: Request<Incoming>,
-) -> Result<Exchanged, Sent> {
-    let want = Want {
-        subset: want.subset,
-        http: true,
-        early_from: None,
-        pipeline: false,
-    };
-    let (tunnel, target, active) = dialer.open(up, want).await.map_err(Sent::Refused)?;
-    match exchange(tunnel, req).await {
-        Ok(resp) => Ok((resp, target, active)),
-        Err(e) => Err(Sent::Exchange(target.name(), e)),
+/// A caller stays below the destination's idle close, so it rarely sends
+/// on a stream the destination is closing.
+const STREAM_IDLE: Duration = Duration::from_secs(4);
+/// The destination closes a stream that brings no request for this long.
+const STREAM_IDLE_CLOSE: Duration = Duration::from_secs(5);
+/// Idle tunnel streams kept per instance.
+const MAX_IDLE_STREAMS: usize = 64;
+
+/// Idle HTTP/1.1 exchanges on tunnel streams, per instance (and, through a
+/// gateway, per subset): a request reuses one where it can, as HTTP/1.1
+/// keep-alive reuses connections, and pays for no stream opening.
+#[derive(Default)]
+pub struct StreamPool {
+    idle:
+        Mutex<HashMap<(crate::outlier::Key, Option<String>), Vec<(Sender, tokio::time::Instant)>>>,
+}
+
+type StreamKey = (crate::outlier::Key, Option<String>);
+
+impl StreamPool {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<StreamKey, Vec<(Sender, tokio::time::Instant)>>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle stream to `key` ready for a request, if one is fresh enough.
+    fn take(&self, key: &StreamKey) -> Option<Sender> {
+        let now = tokio::time::Instant::now();
+        let mut idle = self.lock();
+        let list = idle.get_mut(key)?;
+        while let Some((s, since)) = list.pop() {
+            if s.is_ready() && now.duration_since(since) < STREAM_IDLE {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Keeps `sender` once its exchange is done.
+    fn put(self: &Arc<Self>, key: StreamKey, mut sender: Sender) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = pool.lock();
+                let list = idle.entry(key).or_default();
+                if list.len() < MAX_IDLE_STREAMS {
+                    list.push((sender, tokio::time::Instant::now()));
+                }
+            }
+        });
     }
 }
 
-/// Sends the header and the request at once, on each candidate in turn
-/// until one answers: a refusal (read in front of the response) or a
-/// failure before the response moves on, with the dialer's bookkeeping.
-async fn send_pipelined(
+fn rebuild(parts: &hyper::http::request::Parts, body_once: &mut Option<Body>) -> Request<Body> {
+    let b = body_once
+        .take()
+        .unwrap_or_else(|| body(Empty::<Bytes>::new()));
+    Request::from_parts(parts.clone(), b)
+}
+
+/// Sends one request to an instance of `subset`: on an idle stream to the
+/// chosen instance if there is one, else on a new stream, trying the
+/// dialer's candidates in turn. `safe`: a bodiless GET, HEAD or OPTIONS,
+/// which goes out with a new stream's header (no wait for the status) and
+/// may be sent again after a refusal or a broken stream; any other request
+/// waits for the status and goes out once. `body_once`: its body, if any.
+async fn send(
     up: &UpstreamConfig,
     dialer: &Dialer,
-    want: &Want<'_>,
+    subset: &Subset,
     parts: &hyper::http::request::Parts,
+    mut body_once: Option<Body>,
+    safe: bool,
 ) -> Result<Exchanged, Sent> {
-    let candidates = dialer.candidates(up, want).map_err(Sent::Refused)?;
+    let want = Want {
+        subset,
+        http: true,
+        early_from: None,
+        pipeline: safe,
+    };
+    let candidates = dialer.candidates(up, &want).map_err(Sent::Refused)?;
+    let pool = dialer.streams();
     let mut last = String::new();
     for (attempt, target) in candidates.into_iter().enumerate() {
         dialer.count_retry(up, attempt);
+        let key = (target.key(), subset.as_header());
+        while let Some(mut sender) = pool.take(&key) {
+            let active = dialer.begin(&target);
+            match sender
+                .try_send_request(rebuild(parts, &mut body_once))
+                .await
+            {
+                Ok(resp) => {
+                    count_stream(&up.service, "reused");
+                    pool.put(key, sender);
+                    return Ok((resp, target, active));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never sent: the stream was closing; the next one.
+                    Some(req) => body_once = Some(req.into_body()),
+                    // A stream that broke under the request: only a safe
+                    // request goes again (to a new stream, below).
+                    None if safe => break,
+                    None => return Err(Sent::Exchange(target.name(), e.into_error())),
+                },
+            }
+        }
         let tunnel = match dialer
             .try_target(
                 &up.service,
                 up.as_service.as_deref(),
                 &target,
                 &mut Vec::new(),
-                want,
+                &want,
             )
             .await
         {
@@ -377,15 +438,27 @@ async fn send_pipelined(
             }
         };
         let active = dialer.begin(&target);
-        let req = Request::from_parts(parts.clone(), Empty::<Bytes>::new());
-        match exchange(tunnel, req).await {
-            Ok(resp) => {
+        let sent = match handshake(tunnel).await {
+            Ok(mut sender) => sender
+                .send_request(rebuild(parts, &mut body_once))
+                .await
+                .map(|resp| (resp, sender)),
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok((resp, sender)) => {
                 dialer.succeeded(&target);
+                count_stream(&up.service, "opened");
+                pool.put(key, sender);
                 return Ok((resp, target, active));
             }
             Err(e) => {
                 drop(active);
-                let e = match meshnode_transport::tunnel::e2e::refusal(&e) {
+                let refused = meshnode_transport::tunnel::e2e::refusal(&e);
+                if refused.is_none() && !safe {
+                    return Err(Sent::Exchange(target.name(), e));
+                }
+                let e = match refused {
                     Some(s) => meshnode_transport::tunnel::TunnelError::Refused(s),
                     None => meshnode_transport::tunnel::TunnelError::Stream(e.to_string()),
                 };
@@ -400,26 +473,26 @@ async fn send_pipelined(
     ))))
 }
 
-/// Sends a request over an open tunnel as HTTP/1.1 and returns its response.
-async fn exchange<B>(tunnel: Tunnel, req: Request<B>) -> Result<Response<Incoming>, hyper::Error>
-where
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+fn count_stream(service: &str, kind: &'static str) {
+    metrics::counter!(HTTP_STREAMS, "service" => LABELS.value("service", service, true), "stream" => kind)
+        .increment(1);
+}
+
+/// An HTTP/1.1 client on an open tunnel; its connection task runs until
+/// the stream closes.
+async fn handshake(tunnel: Tunnel) -> Result<Sender, hyper::Error> {
     match tunnel {
-        Tunnel::Plain(send, recv) => exchange_on(tokio::io::join(recv, send), req).await,
-        Tunnel::Pending(send, recv) => exchange_on(tokio::io::join(recv, send), req).await,
-        Tunnel::Sealed(session) => exchange_on(*session, req).await,
+        Tunnel::Plain(send, recv) => handshake_on(tokio::io::join(recv, send)).await,
+        Tunnel::Pending(send, recv) => handshake_on(tokio::io::join(recv, send)).await,
+        Tunnel::Sealed(session) => handshake_on(*session).await,
     }
 }
 
-async fn exchange_on<IO, B>(io: IO, req: Request<B>) -> Result<Response<Incoming>, hyper::Error>
+async fn handshake_on<IO>(io: IO) -> Result<Sender, hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(io))
         .await?;
     tokio::spawn(async move {
@@ -427,31 +500,23 @@ where
             debug!(error = %e, "HTTP tunnel stream ended with an error");
         }
     });
-    sender.send_request(req).await
+    Ok(sender)
 }
 
 async fn send_mirror(
-    req: Request<Empty<Bytes>>,
+    parts: hyper::http::request::Parts,
     up: Arc<UpstreamConfig>,
     dialer: Arc<Dialer>,
     subset: Subset,
 ) {
-    let want = Want {
-        subset: &subset,
-        http: true,
-        early_from: None,
-        pipeline: false,
-    };
-    let result = match dialer.open(&up, want).await {
-        Ok((tunnel, _, _active)) => match exchange(tunnel, req).await {
-            Ok(resp) => {
-                // Read it to the end so the stream closes cleanly, then drop it.
-                let _ = resp.into_body().collect().await;
-                "ok"
-            }
-            Err(_) => "failed",
-        },
-        Err(r) => r.label(),
+    let result = match send(&up, &dialer, &subset, &parts, None, true).await {
+        Ok((resp, _, _active)) => {
+            // Read to the end so the stream can serve again, then dropped.
+            let _ = resp.into_body().collect().await;
+            "ok"
+        }
+        Err(Sent::Refused(r)) => r.label(),
+        Err(Sent::Exchange(..)) => "failed",
     };
     metrics::counter!(HTTP_MIRRORED,
         "service" => LABELS.value("service", &up.service, true),
@@ -629,42 +694,76 @@ async fn connect(target: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(tcp)
 }
 
-/// Serves the one request a tunnel stream carries, on `conn` to the
-/// application at `target`. The stream's status is already sent.
+/// What the destination checks on every request of a stream after the
+/// first (the first was checked before the stream's status).
+pub(crate) struct StreamRules {
+    /// The authorization decision, as for a new stream (policy may have
+    /// changed since the stream opened).
+    pub authorize: Box<dyn Fn() -> Result<(), meshnode_transport::tunnel::Status> + Send + Sync>,
+    /// A draining node answers with `connection: close`, so callers stop
+    /// reusing its streams.
+    pub drain: crate::drain::Drain,
+}
+
+/// Serves the requests a tunnel stream carries (HTTP/1.1 keep-alive: the
+/// caller reuses the stream), the first on `conn`, the others on pooled
+/// connections to the application at `target`. The stream's status is
+/// already sent. A stream idle for [`STREAM_IDLE_CLOSE`] is closed.
 pub(crate) async fn serve_stream<IO>(
     io: IO,
     conn: AppConn,
     pool: Arc<AppPool>,
-    target: SocketAddr,
+    target: (SocketAddr, Protocol),
     service: String,
+    rules: StreamRules,
 ) where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let conn = Arc::new(Mutex::new(Some(conn)));
-    let h2 = matches!(
-        conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref(),
-        Some(AppConn::H2(_))
-    );
+    let first = Arc::new(Mutex::new(Some(conn)));
+    let rules = Arc::new(rules);
+    let h2 = target.1 == Protocol::Http2;
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let taken = conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let taken = first.lock().unwrap_or_else(|e| e.into_inner()).take();
         let pool = pool.clone();
         let service = service.clone();
+        let rules = rules.clone();
         async move {
-            let resp = match taken {
-                Some(c) => to_app(req, c, &pool, target, h2).await,
-                // One request per stream: a second one is a broken caller.
-                None => error_response(
-                    StatusCode::BAD_REQUEST,
-                    "one_request_per_stream",
-                    "meshnode: one request per tunnel stream".into(),
-                ),
+            let conn = match taken {
+                Some(c) => Ok(c),
+                None => match (rules.authorize)() {
+                    Err(status) => Err(error_response(
+                        if status == meshnode_transport::tunnel::Status::Denied {
+                            StatusCode::FORBIDDEN
+                        } else {
+                            StatusCode::SERVICE_UNAVAILABLE
+                        },
+                        status.as_str(),
+                        format!("meshnode: {status}"),
+                    )),
+                    Ok(()) => pool.checkout(target.0, target.1).await.map_err(|e| {
+                        error_response(
+                            StatusCode::BAD_GATEWAY,
+                            "app_failed",
+                            format!("meshnode: the application at {} refused: {e}", target.0),
+                        )
+                    }),
+                },
             };
+            let mut resp = match conn {
+                Ok(c) => to_app(req, c, &pool, target.0, h2).await,
+                Err(r) => r,
+            };
+            if rules.drain.is_draining() {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             count(&service, "in", &Subset::Any, class(resp.status()));
             Ok::<_, Infallible>(resp)
         }
     });
     let served = hyper::server::conn::http1::Builder::new()
-        .keep_alive(false)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(STREAM_IDLE_CLOSE)
         .serve_connection(TokioIo::new(io), svc)
         .await;
     if let Err(e) = served {

@@ -350,8 +350,27 @@ fn authorize(
     caller: &CallerId,
     peer: &PeerCert,
 ) -> Result<(), Status> {
-    let loaded = (ctx.policy_loaded)();
-    let snapshot = ctx.authz.snapshot();
+    decide(
+        &ctx.authz,
+        &*ctx.policy_loaded,
+        service,
+        service_label,
+        caller,
+        peer,
+    )
+}
+
+/// [`authorize`] from its parts (also for the later requests of an HTTP stream).
+fn decide(
+    authz: &Authorizer,
+    policy_loaded: &(dyn Fn() -> bool + Send + Sync),
+    service: &str,
+    service_label: &str,
+    caller: &CallerId,
+    peer: &PeerCert,
+) -> Result<(), Status> {
+    let loaded = policy_loaded();
+    let snapshot = authz.snapshot();
     let decision = snapshot.decide(service, caller.as_caller(), loaded);
     crate::authz::count(service_label, &decision);
     let status = match decision.reason {
@@ -467,12 +486,14 @@ async fn serve_end_to_end(
     let tcp = match app {
         App::Tcp(tcp) => tcp,
         App::Http(conn) => {
+            let rules = stream_rules(ctx, &outer.service, service_label, &caller, via);
             crate::http::serve_stream(
                 session,
                 conn,
                 ctx.apps.clone(),
-                target.0,
+                target,
                 outer.service.clone(),
+                rules,
             )
             .await;
             count("in", "http");
@@ -489,6 +510,27 @@ async fn serve_end_to_end(
         .increment(stats.to_peer);
     count("in", stats.ending.as_str());
     debug!(%caller, via = %via.identity, service = %outer.service, sent = stats.to_peer, received = stats.from_peer, "end-to-end stream closed");
+}
+
+/// Per-request checks of an HTTP stream that serves several requests.
+fn stream_rules(
+    ctx: &Inbound,
+    service: &str,
+    service_label: &str,
+    caller: &CallerId,
+    peer: &PeerCert,
+) -> crate::http::StreamRules {
+    let (service, label, caller, peer) = (
+        service.to_string(),
+        service_label.to_string(),
+        caller.clone(),
+        peer.clone(),
+    );
+    let (authz, loaded) = (ctx.authz.clone(), ctx.policy_loaded.clone());
+    crate::http::StreamRules {
+        authorize: Box::new(move || decide(&authz, &*loaded, &service, &label, &caller, &peer)),
+        drain: ctx.drain.clone(),
+    }
 }
 
 /// An instance on this node: the application's address and protocol.
@@ -550,8 +592,17 @@ async fn connect_local(
         App::Tcp(tcp) => tcp,
         App::Http(conn) => {
             let io = tokio::io::join(recv, send);
-            crate::http::serve_stream(io, conn, ctx.apps.clone(), target.0, service.to_string())
-                .await;
+            let label = LABELS.value("service", service, true);
+            let rules = stream_rules(ctx, service, &label, caller, peer);
+            crate::http::serve_stream(
+                io,
+                conn,
+                ctx.apps.clone(),
+                target,
+                service.to_string(),
+                rules,
+            )
+            .await;
             count("in", "http");
             return;
         }

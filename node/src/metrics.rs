@@ -29,6 +29,7 @@ pub const JOIN_CONNECTIONS_REFUSED: &str = "meshnode_join_connections_refused_to
 pub const AUTHZ_DECISIONS: &str = "meshnode_authz_decisions_total";
 pub const HTTP_REQUESTS: &str = "meshnode_http_requests_total";
 pub const HTTP_MIRRORED: &str = "meshnode_http_mirrored_total";
+pub const HTTP_STREAMS: &str = "meshnode_http_streams_total";
 
 /// Histogram buckets for connect latency, loopback to WAN.
 const CONNECT_BUCKETS: [f64; 12] = [
@@ -50,6 +51,10 @@ pub fn describe() {
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests by service, direction (out: sent by an upstream, in: served to an application), subset and status class (2xx..5xx, or the refusal)"
+    );
+    describe_counter!(
+        HTTP_STREAMS,
+        "Tunnel streams HTTP requests went out on, by service and whether the stream was opened for the request or reused"
     );
     describe_counter!(
         HTTP_MIRRORED,

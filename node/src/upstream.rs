@@ -71,6 +71,8 @@ pub struct Dialer {
     endpoint: Endpoint,
     /// The route tables of HTTP services, following the policy store.
     routes: watch::Receiver<Arc<crate::routes::Routes>>,
+    /// Idle HTTP exchanges on tunnel streams, for the next request.
+    streams: Arc<crate::http::StreamPool>,
     /// Cross-cluster streams carry an end-to-end session (`None`: the mesh
     /// still trusts the caller gateways carry, see `cross_cluster_identity`).
     e2e: Option<tunnel::e2e::E2e>,
@@ -114,7 +116,7 @@ pub(crate) enum Target {
 }
 
 impl Target {
-    fn key(&self) -> Key {
+    pub(crate) fn key(&self) -> Key {
         match self {
             Target::Local(i) => pick_key(&Pick::Local(i)),
             Target::Remote(r) => pick_key(&Pick::Remote(r)),
@@ -158,6 +160,7 @@ impl Dialer {
             cluster: cluster.to_string(),
             state: Arc::new(Mutex::new(Load::default())),
             routes: watch::channel(Arc::new(crate::routes::Routes::default())).1,
+            streams: Arc::default(),
         }
     }
 
@@ -165,6 +168,10 @@ impl Dialer {
     pub fn with_routes(mut self, routes: watch::Receiver<Arc<crate::routes::Routes>>) -> Self {
         self.routes = routes;
         self
+    }
+
+    pub(crate) fn streams(&self) -> &Arc<crate::http::StreamPool> {
+        &self.streams
     }
 
     pub(crate) fn routes(&self) -> Arc<crate::routes::Routes> {

@@ -482,6 +482,47 @@ async fn http_requests_are_split_and_routed_per_request_and_a_new_document_drops
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["x-echoed"], "7");
 
+    // Requests reuse tunnel streams (HTTP/1.1 keep-alive on them).
+    let m = web.get_text("/metrics").await.unwrap_or_default();
+    let streams = |kind: &str| -> f64 {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("meshnode_http_streams_total")
+                    && l.contains(&format!("stream=\"{kind}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (opened, reused) = (streams("opened"), streams("reused"));
+    println!("tunnel streams: {opened} opened, {reused} reused");
+    assert!(
+        reused > 30_000.0 && opened < 2_000.0,
+        "{opened} opened, {reused} reused"
+    );
+
+    // A reused stream is authorized again on every request: default deny,
+    // applied while requests keep the pooled streams busy, turns them into
+    // 403 from the destination.
+    let deny = write(
+        pki.dir.path(),
+        "deny.toml",
+        "kind = \"defaults\"\nname = \"mesh\"\ndefault_intention = \"deny\"\n",
+    );
+    ok(&policy(
+        &op,
+        s1.admin,
+        &["apply", deny.to_str().expect("path")],
+    ));
+    let denied = wait_until(Duration::from_secs(10), || async {
+        let (h, _) = curl(&[&format!("http://{up}/")]);
+        header(&h, "x-meshnode-error") == "denied"
+    })
+    .await;
+    assert!(
+        denied.is_some(),
+        "default deny never reached a reused stream"
+    );
+
     // Metrics: requests by subset and status class.
     let m = n1.get_text("/metrics").await.unwrap_or_default();
     assert!(m.contains("meshnode_http_requests_total"), "{m}");
