@@ -324,16 +324,16 @@ const MAX_IDLE_STREAMS: usize = 64;
 /// keep-alive reuses connections, and pays for no stream opening.
 #[derive(Default)]
 pub struct StreamPool {
-    idle:
-        Mutex<HashMap<(crate::outlier::Key, Option<String>), Vec<(Sender, tokio::time::Instant)>>>,
+    idle: Mutex<HashMap<StreamKey, Vec<IdleStream>>>,
 }
 
+/// An instance, and the subset asked of it (through a gateway).
 type StreamKey = (crate::outlier::Key, Option<String>);
+/// An idle stream, and since when.
+type IdleStream = (Sender, tokio::time::Instant);
 
 impl StreamPool {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<StreamKey, Vec<(Sender, tokio::time::Instant)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<StreamKey, Vec<IdleStream>>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
