@@ -57,6 +57,10 @@ enum Command {
         /// Keep the mesh up at the end and print the admin addresses to poke with the CLI.
         #[arg(long)]
         hold: bool,
+        /// The HTTP act instead of the failover: a canary release of api v2
+        /// moved 10 % -> 50 % -> 100 % by `policy apply`, counted per version.
+        #[arg(long)]
+        http: bool,
     },
     /// Mesh CA operations.
     #[command(subcommand)]
@@ -315,7 +319,7 @@ impl Cli {
             Command::Man { out } => docs::man(&out),
             Command::Reload { admin, data_dir } => admin::reload(&admin, &data_dir).await,
             Command::Validate { config, json } => run::validate(&config, json),
-            Command::Demo { hold } => demo::demo(hold).await,
+            Command::Demo { hold, http } => demo::demo(hold, http).await,
             Command::Ca(CaCommand::Init { mesh, out }) => ca::init(&mesh, &out),
             Command::Cert(CertCommand::Issue {
                 ca,

@@ -2,6 +2,10 @@
 //! traffic. Traffic stays in its own cluster, fails over to the other cluster
 //! through the gateways when the local instance is killed with -9, and comes
 //! home when it is back. Everything lives in a temp dir removed at the end.
+//!
+//! `demo --http` runs the HTTP act instead: api v2 starts beside v1 in east,
+//! and a canary moves 10 % -> 50 % -> 100 % of requests to it by signed
+//! `routes` documents applied with `meshnode policy apply`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -28,6 +32,11 @@ use crate::Failure;
 const MESH: &str = "demo";
 const SERVICE: &str = "api";
 const REQUESTS: usize = 20;
+
+/// Requests per phase of the HTTP act.
+const CANARY_REQUESTS: usize = 200;
+/// The canary's node (api v2, only with `--http`).
+const CANARY: &str = "east-2";
 
 /// (name, cluster, loopback host byte, gateway, hosts api, has the upstream)
 const LAYOUT: [(&str, &str, u8, bool, bool, bool); 5] = [
@@ -71,15 +80,24 @@ impl DemoNode {
     }
 }
 
-pub async fn demo(hold: bool) -> Result<(), Failure> {
-    run(hold).await.map_err(Failure::runtime)
+pub async fn demo(hold: bool, http: bool) -> Result<(), Failure> {
+    run(hold, http).await.map_err(Failure::runtime)
 }
 
 fn step(msg: &str) {
     println!("\n==> {msg}");
 }
 
-async fn run(hold: bool) -> anyhow::Result<()> {
+/// The version of api a node runs: v2 only on the canary's node.
+fn version(node: &str) -> &'static str {
+    if node == CANARY {
+        "v2"
+    } else {
+        "v1"
+    }
+}
+
+async fn run(hold: bool, http: bool) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("meshnode-demo-")
         .tempdir()
@@ -108,10 +126,14 @@ async fn run(hold: bool) -> anyhow::Result<()> {
     }
     println!("    mesh {MESH:?}, files in {}", dir.path().display());
 
-    step("starting demo service \"api\" on east-1 and west-1, an upstream on east-2");
+    if http {
+        step("starting demo service \"api\": v1 on east-1 and west-1, v2 (the canary) on east-2; an upstream on east-2");
+    } else {
+        step("starting demo service \"api\" on east-1 and west-1, an upstream on east-2");
+    }
     let mut apps = BTreeMap::new();
     for (name, _, _, _, api, _) in LAYOUT {
-        if api {
+        if api || (http && name == CANARY) {
             apps.insert(name, start_app(name).await?);
         }
     }
@@ -146,11 +168,12 @@ async fn run(hold: bool) -> anyhow::Result<()> {
                     n.quic
                 ));
             }
-            if let Some(app) = apps.get(n.name.as_str()).filter(|_| api) {
+            if let Some(app) = apps.get(n.name.as_str()).filter(|_| api || http) {
                 text.push_str(&format!(
-                    "\n[[service]]\nname = \"{SERVICE}\"\naddress = \"127.0.0.1\"\nport = {port}\nprotocol = \"http\"\ntags = [\"region={cluster}\"]\ncheck = {{ http = \"http://127.0.0.1:{port}/healthz\", interval = \"500ms\", timeout = \"400ms\" }}\n",
+                    "\n[[service]]\nname = \"{SERVICE}\"\naddress = \"127.0.0.1\"\nport = {port}\nprotocol = \"http\"\ntags = [\"region={cluster}\", \"version={version}\"]\ncheck = {{ http = \"http://127.0.0.1:{port}/healthz\", interval = \"500ms\", timeout = \"400ms\" }}\n",
                     port = app.port(),
                     cluster = n.cluster,
+                    version = version(&n.name),
                 ));
             }
             if up {
@@ -173,7 +196,11 @@ async fn run(hold: bool) -> anyhow::Result<()> {
             n.admin
         );
     }
-    let result = scenario(&mut nodes, &exe, upstream, hold).await;
+    let result = if http {
+        canary(&nodes, &exe, &ca, dir.path(), upstream, hold).await
+    } else {
+        scenario(&mut nodes, &exe, upstream, hold).await
+    };
     if result.is_err() {
         for n in &nodes {
             let log = std::fs::read_to_string(&n.log).unwrap_or_default();
@@ -328,6 +355,159 @@ async fn scenario(
         }
         println!("    east-gw: meshnode members --wan --admin {east_gw}");
         println!("    upstream to api: curl http://{upstream}/");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    Ok(())
+}
+
+/// The HTTP act: a canary of api v2 moved 10 % -> 50 % -> 100 % by
+/// `meshnode policy apply`, with the requests each version answered.
+async fn canary(
+    nodes: &[DemoNode],
+    exe: &Path,
+    ca: &Ca,
+    dir: &Path,
+    upstream: SocketAddr,
+    hold: bool,
+) -> anyhow::Result<()> {
+    let watcher = nodes
+        .iter()
+        .find(|n| n.name == CANARY)
+        .ok_or_else(|| anyhow!("no node {CANARY}"))?;
+    step("waiting for the clusters to form and both versions of api to pass their checks");
+    let t = Instant::now();
+    wait_for(Duration::from_secs(30), || async {
+        let (local, _) = api_view(watcher.admin).await.unwrap_or_default();
+        ["east-1", CANARY]
+            .iter()
+            .all(|want| local.iter().any(|(n, h)| n == want && h == "passing"))
+    })
+    .await
+    .context("api v1 and v2 did not both pass in east within 30 s")?;
+    println!("    ready after {:.1} s", t.elapsed().as_secs_f64());
+
+    step("an operator certificate, to sign routes documents");
+    let op_dir = dir.join("operator");
+    ca.issue_operator("demo-operator", Duration::from_secs(24 * 3600))?
+        .save(&op_dir, ca.cert_pem())?;
+    println!(
+        "    meshnode cert issue --operator demo-operator  ->  {}",
+        op_dir.display()
+    );
+
+    let mut phases = Vec::new();
+    let secret = std::fs::read_to_string(
+        watcher
+            .config
+            .with_file_name(meshnode_node::admin::SECRET_FILE),
+    )
+    .context("reading east-2's admin secret")?;
+    for (version, v2) in [(1u64, 0u32), (2, 10), (3, 50), (4, 100)] {
+        step(&format!(
+            "{}: meshnode policy apply, then {CANARY_REQUESTS} requests",
+            if v2 == 0 {
+                "before the release, every request to v1".to_string()
+            } else {
+                format!("canary at {v2} %")
+            }
+        ));
+        let file = dir.join(format!("canary-{v2}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "kind = \"routes\"\nname = \"{SERVICE}\"\n\n[[route]]\nmatch = {{ path_prefix = \"/\" }}\nsplit = [{{ subset = \"version=v1\", weight = {v1} }}, {{ subset = \"version=v2\", weight = {v2} }}]\n",
+                v1 = 100 - v2
+            ),
+        )?;
+        for line in std::fs::read_to_string(&file)?.lines() {
+            println!("    | {line}");
+        }
+        let out = Command::new(exe)
+            .arg("policy")
+            .arg("apply")
+            .arg(&file)
+            .arg("--operator-cert")
+            .arg(op_dir.join("operator.pem"))
+            .arg("--operator-key")
+            .arg(op_dir.join("operator.key"))
+            .arg("--admin")
+            .arg(watcher.admin.to_string())
+            .env("MESHNODE_ADMIN_SECRET", secret.trim())
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running meshnode policy apply")?;
+        if !out.status.success() {
+            bail!(
+                "policy apply failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        println!("    {}", String::from_utf8_lossy(&out.stdout).trim());
+        let path = format!("/v1/policy/routes/{SERVICE}");
+        wait_for(Duration::from_secs(10), || async {
+            client::get(watcher.admin, &path)
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+                .and_then(|v| v.pointer("/summary/version").and_then(Value::as_u64))
+                == Some(version)
+        })
+        .await
+        .with_context(|| format!("east-2 did not hold routes version {version} within 10 s"))?;
+        let t = traffic(upstream, CANARY_REQUESTS).await;
+        print_tally(&t);
+        phases.push((format!("canary {v2} %"), t));
+    }
+
+    step("summary");
+    let count = |t: &Tally, v: &str| -> usize {
+        t.by_node
+            .iter()
+            .filter(|(n, _)| version(n) == v)
+            .map(|(_, c)| c)
+            .sum()
+    };
+    let rows: Vec<Vec<String>> = phases
+        .iter()
+        .map(|(phase, t)| {
+            vec![
+                phase.clone(),
+                t.ok.to_string(),
+                t.failed.to_string(),
+                count(t, "v1").to_string(),
+                count(t, "v2").to_string(),
+                format!(
+                    "{:.1} %",
+                    100.0 * count(t, "v2") as f64 / t.ok.max(1) as f64
+                ),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(&["PHASE", "OK", "FAILED", "V1", "V2", "V2 SHARE"], &rows)
+    );
+    // Loose bounds: the split is random per request (200 requests: a
+    // 10 % share has a standard deviation of 2.1 points).
+    let share = |t: &Tally| 100.0 * count(t, "v2") as f64 / t.ok.max(1) as f64;
+    let expected = [(0.0, 0.0), (2.0, 25.0), (30.0, 70.0), (100.0, 100.0)];
+    let failed: usize = phases.iter().map(|(_, t)| t.failed).sum();
+    let off = phases
+        .iter()
+        .zip(expected)
+        .any(|((_, t), (lo, hi))| share(t) < lo || share(t) > hi);
+    if failed > 0 || off {
+        bail!("the canary did not move as expected (see the table above)");
+    }
+    println!("every request answered; the v2 share followed each document as it was applied");
+    if hold {
+        step("holding the mesh up; press Ctrl-C to stop");
+        println!("    upstream to api: curl http://{upstream}/");
+        println!(
+            "    meshnode explain {SERVICE} --path / --admin {}",
+            watcher.admin
+        );
         let _ = tokio::signal::ctrl_c().await;
     }
     Ok(())

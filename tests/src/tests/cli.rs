@@ -415,6 +415,34 @@ fn demo_exits_zero_and_leaves_no_files() {
     );
 }
 
+#[test]
+fn demo_http_moves_a_canary_by_policy_apply() {
+    let out = meshnode(&["demo", "--http"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    // The summary table: one row per phase, v2's share following each document.
+    for phase in ["canary 0 %", "canary 10 %", "canary 50 %", "canary 100 %"] {
+        assert!(
+            t.lines().any(|l| l.starts_with(phase)),
+            "no {phase:?} row: {t}"
+        );
+    }
+    let row = t
+        .lines()
+        .find(|l| l.starts_with("canary 100 %"))
+        .unwrap_or_default();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // PHASE (3 words) OK FAILED V1 V2 SHARE
+    assert_eq!(&cells[3..7], &["200", "0", "0", "200"], "{row}");
+    let row = t
+        .lines()
+        .find(|l| l.starts_with("canary 0 %"))
+        .unwrap_or_default();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cells[3..7], &["200", "0", "200", "0"], "{row}");
+    assert!(t.contains("the v2 share followed each document"), "{t}");
+}
+
 /// Runtime worker threads of a running process (tokio names them `tokio-rt-worker`).
 fn runtime_workers(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
