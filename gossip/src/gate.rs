@@ -582,7 +582,7 @@ impl Guard {
         Self {
             limits: gate.limits,
             gate: Arc::new(std::sync::Mutex::new(gate)),
-            start: std::time::Instant::now(),
+            start: meshnode_transport::clock::now(),
             pool,
             logged: Arc::new(meshnode_transport::LogLimit::new(LOG_EVERY)),
         }
@@ -647,7 +647,7 @@ impl Guard {
         let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         let verdict = gate.admit(
             msg,
-            self.start.elapsed(),
+            meshnode_transport::clock::since(self.start),
             meshnode_transport::pki::unix_now(),
         );
         drop(gate);
@@ -1299,30 +1299,30 @@ mod tests {
             },
             crate::wire::Blocks::Raw,
         );
-        let t = std::time::Instant::now();
+        let t = meshnode_transport::clock::now();
         let decoded = crate::wire::decode(&bytes, &Limits::default()).unwrap();
-        let decode = t.elapsed();
+        let decode = meshnode_transport::clock::since(t);
         let mut gate = p.gate(&me);
-        let t = std::time::Instant::now();
+        let t = meshnode_transport::clock::now();
         let v = gate.admit(
             decoded,
             Duration::from_secs(5),
             meshnode_transport::pki::unix_now(),
         );
-        let admit = t.elapsed();
+        let admit = meshnode_transport::clock::since(t);
         assert!(v.dropped.is_empty());
         // Same nodes again, now known: values only, no certificate chain.
         let later: Vec<NodeDelta> = nodes
             .iter()
             .map(|n| delta(n, n, GEN, 10, &[("svc:s0:80", "eA".into())]))
             .collect();
-        let t = std::time::Instant::now();
+        let t = meshnode_transport::clock::now();
         let v = gate.admit(
             Message::Ack { delta: later },
             Duration::from_secs(6),
             meshnode_transport::pki::unix_now(),
         );
-        let known = t.elapsed();
+        let known = meshnode_transport::clock::since(t);
         assert!(v.dropped.is_empty());
         println!(
             "values={values} decode={:.1}us/value first-sight (cert chain + values)={:.1}us/value known-node value={:.1}us/value",

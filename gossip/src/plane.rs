@@ -88,7 +88,7 @@ impl Plane {
         let (probes, probes_rx) = mpsc::channel(PROBE_QUEUE);
         let (exchanges, exchanges_rx) = mpsc::channel(16);
         Arc::new(Self {
-            start: Instant::now(),
+            start: meshnode_transport::clock::tokio_now(),
             pacing: Mutex::new(AntiEntropy::new(pacing)),
             members: AtomicUsize::new(1),
             dirty: AtomicBool::new(true),
@@ -104,7 +104,7 @@ impl Plane {
 
     /// The plane's monotonic clock (tokio's: virtual in the simulations).
     pub fn now(&self) -> Duration {
-        self.start.elapsed()
+        meshnode_transport::clock::tokio_since(self.start)
     }
 
     /// The queue of what to send; taken once, by the transport.

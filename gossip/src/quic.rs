@@ -244,7 +244,7 @@ impl Readers {
     /// it says the peer restarted, a pooled connection to its address made
     /// before this one went to the old process and is dropped.
     fn serve_accepted(&self, conn: quinn::Connection) {
-        self.read(conn, Some(std::time::Instant::now()));
+        self.read(conn, Some(meshnode_transport::clock::now()));
     }
 
     /// Reads uni streams from `conn` until it closes (a no-op if already read).

@@ -619,7 +619,7 @@ async fn status(s: &AdminState) -> Status {
         Some(w) => Some(counts(&w.members().await)),
         None => None,
     };
-    let now = std::time::SystemTime::now()
+    let now = meshnode_transport::clock::wall()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);

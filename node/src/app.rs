@@ -233,7 +233,7 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
             detect_advertise(quic_addr, &toward).ok_or(AppError::Advertise { bind: cfg.bind })?
         }
     };
-    let generation = std::time::SystemTime::now()
+    let generation = meshnode_transport::clock::wall()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1);

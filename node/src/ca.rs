@@ -467,7 +467,7 @@ impl CaNode {
         // (an operator just replaced this identity) and under a second.
         if let Some(floor) = floor {
             let start = std::time::UNIX_EPOCH + Duration::from_secs((floor.max(0) as u64) + 1);
-            if let Ok(wait) = start.duration_since(std::time::SystemTime::now()) {
+            if let Ok(wait) = start.duration_since(meshnode_transport::clock::wall()) {
                 std::thread::sleep(wait.min(Duration::from_secs(2)));
             }
         }

@@ -96,7 +96,7 @@ mod tests {
 
     #[test]
     fn a_slow_response_counts_at_once_and_fades_with_fast_ones() {
-        let t0 = Instant::now();
+        let t0 = meshnode_transport::clock::tokio_now();
         let mut l = Latencies::default();
         let k = key("a");
         assert_eq!(l.estimate(&k), 1e6, "unknown: the default");
@@ -128,7 +128,7 @@ mod tests {
 
     #[test]
     fn cost_grows_with_requests_in_flight_and_old_estimates_are_forgotten() {
-        let t0 = Instant::now();
+        let t0 = meshnode_transport::clock::tokio_now();
         let mut l = Latencies::default();
         l.observe(&key("fast"), Duration::from_millis(1), t0);
         l.observe(&key("slow"), Duration::from_millis(10), t0);
@@ -151,7 +151,7 @@ mod tests {
         fn the_estimate_stays_within_the_samples(samples in proptest::collection::vec((1u64..1_000_000, 0u64..20_000), 1..50)) {
             let mut l = Latencies::default();
             let k = key("a");
-            let mut now = Instant::now();
+            let mut now = meshnode_transport::clock::tokio_now();
             for (us, gap) in &samples {
                 now += Duration::from_millis(*gap);
                 l.observe(&k, Duration::from_micros(*us), now);

@@ -49,8 +49,8 @@ pub fn spawn(
             // without one relay joins and renewals here. A full LAN snapshot
             // per catalog change would be costly in a large pool; the CA
             // role changes rarely, so once per REFRESH is enough.
-            if ca_checked.is_none_or(|t| t.elapsed() >= REFRESH) {
-                ca_checked = Some(tokio::time::Instant::now());
+            if ca_checked.is_none_or(|t| meshnode_transport::clock::tokio_since(t) >= REFRESH) {
+                ca_checked = Some(meshnode_transport::clock::tokio_now());
                 let fronted = ca_via(&lan.snapshot().await, &endpoint.me().identity);
                 wan.publish_prefixed(CA_VIA_KEY, fronted.into_iter().collect())
                     .await;

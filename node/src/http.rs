@@ -215,7 +215,7 @@ async fn forward(
     up: Arc<UpstreamConfig>,
     dialer: Arc<Dialer>,
 ) -> Response<Body> {
-    let started = tokio::time::Instant::now();
+    let started = meshnode_transport::clock::tokio_now();
     let (mut parts, req_body) = req.into_parts();
     let (split_roll, mirror_roll, ids) = {
         let mut rng = rand::rng();
@@ -258,7 +258,7 @@ async fn forward(
     let body_once = (!hyper::body::Body::is_end_stream(&req_body)).then(|| body(req_body));
     match send(&up, &dialer, &subset, &parts, body_once, safe).await {
         Ok((resp, target, active)) => {
-            dialer.observe(&target, started.elapsed());
+            dialer.observe(&target, meshnode_transport::clock::tokio_since(started));
             count(&up.service, "out", &subset, class(resp.status()));
             let (mut rp, rb) = resp.into_parts();
             strip_hop_by_hop(&mut rp.headers, false);
@@ -339,7 +339,7 @@ impl StreamPool {
 
     /// An idle stream to `key` ready for a request, if one is fresh enough.
     fn take(&self, key: &StreamKey) -> Option<Sender> {
-        let now = tokio::time::Instant::now();
+        let now = meshnode_transport::clock::tokio_now();
         let mut idle = self.lock();
         let list = idle.get_mut(key)?;
         while let Some((s, since)) = list.pop() {
@@ -358,7 +358,7 @@ impl StreamPool {
                 let mut idle = pool.lock();
                 let list = idle.entry(key).or_default();
                 if list.len() < MAX_IDLE_STREAMS {
-                    list.push((sender, tokio::time::Instant::now()));
+                    list.push((sender, meshnode_transport::clock::tokio_now()));
                 }
             }
         });

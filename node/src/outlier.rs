@@ -91,7 +91,7 @@ mod tests {
     fn ejects_after_consecutive_failures_with_growing_backoff() {
         let mut o = Outliers::default();
         let k: Key = ("a".into(), 1);
-        let t0 = Instant::now();
+        let t0 = meshnode_transport::clock::tokio_now();
         assert_eq!(o.handle_failure(&k, t0), None);
         assert_eq!(o.handle_failure(&k, t0), None);
         assert_eq!(o.handle_failure(&k, t0), Some(BASE_EJECTION));
@@ -116,7 +116,7 @@ mod tests {
     #[test]
     fn state_of_instances_long_past_their_ejection_is_pruned() {
         let mut o = Outliers::default();
-        let t0 = Instant::now();
+        let t0 = meshnode_transport::clock::tokio_now();
         let (gone, failing): (Key, Key) = (("gone".into(), 1), ("failing".into(), 1));
         for _ in 0..CONSECUTIVE_FAILURES {
             o.handle_failure(&gone, t0);
@@ -137,7 +137,7 @@ mod tests {
     fn a_success_resets_the_count() {
         let mut o = Outliers::default();
         let k: Key = ("a".into(), 1);
-        let t0 = Instant::now();
+        let t0 = meshnode_transport::clock::tokio_now();
         o.handle_failure(&k, t0);
         o.handle_failure(&k, t0);
         o.handle_success(&k);

@@ -11,7 +11,6 @@ use meshnode_transport::Endpoint;
 use rand::RngExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::balance::{self, Pick, Scope};
@@ -198,7 +197,7 @@ impl Dialer {
 
     /// One HTTP response from `target`, `rtt` after its request started.
     pub(crate) fn observe(&self, target: &Target, rtt: std::time::Duration) {
-        let now = Instant::now();
+        let now = meshnode_transport::clock::tokio_now();
         let mut load = self.lock();
         load.latencies.observe(&target.key(), rtt, now);
         load.since_prune += 1;
@@ -231,7 +230,7 @@ impl Dialer {
     ) -> Vec<Target> {
         let catalog = self.gossip.catalog();
         let load = self.lock();
-        let now = Instant::now();
+        let now = meshnode_transport::clock::tokio_now();
         let mut rng = rand::rng();
         let all = catalog.instances(&up.service);
         let chosen: Vec<Instance>;
@@ -274,7 +273,7 @@ impl Dialer {
     pub(crate) fn explain(&self, up: &UpstreamConfig) -> Vec<crate::explain::ClusterRow> {
         let catalog = self.gossip.catalog();
         let load = self.lock();
-        let now = Instant::now();
+        let now = meshnode_transport::clock::tokio_now();
         crate::explain::clusters(
             catalog.instances(&up.service),
             catalog.remote_routes(&up.service),
@@ -391,7 +390,7 @@ impl Dialer {
                 if let Some(period) = self
                     .lock()
                     .outliers
-                    .handle_failure(&target.key(), Instant::now())
+                    .handle_failure(&target.key(), meshnode_transport::clock::tokio_now())
                 {
                     warn!(service = %up.service, target = %target.name(), ?period, "ejecting instance after repeated failures");
                     metrics::counter!(OUTLIER_EJECTIONS, "service" => up.service.clone())
@@ -687,7 +686,7 @@ pub async fn serve(
 }
 
 async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
-    let started = Instant::now();
+    let started = meshnode_transport::clock::tokio_now();
     let want = Want {
         subset: &Subset::Any,
         http: false,
@@ -713,7 +712,8 @@ async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
             return;
         }
     };
-    metrics::histogram!(TUNNEL_CONNECT_SECONDS).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(TUNNEL_CONNECT_SECONDS)
+        .record(meshnode_transport::clock::tokio_since(started).as_secs_f64());
     let active = metrics::gauge!(TUNNEL_ACTIVE, "direction" => "out");
     active.increment(1.0);
     let stats = match tunnel {

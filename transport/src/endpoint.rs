@@ -259,7 +259,7 @@ impl Tracker {
             Tracked {
                 conn: conn.clone(),
                 peer: peer.clone(),
-                since: Instant::now(),
+                since: crate::clock::now(),
                 window: crate::window::MIN_RECEIVE_WINDOW,
             },
         );
@@ -294,7 +294,7 @@ async fn enforce(tracker: Arc<Tracker>, tls: Arc<TlsMaterial>) {
             } else if t.peer.not_after < now {
                 b"certificate expired"
             } else {
-                if t.since.elapsed() >= crate::window::RETUNE_EVERY {
+                if crate::clock::since(t.since) >= crate::window::RETUNE_EVERY {
                     t.window = crate::window::retune(&t.conn, t.window);
                 }
                 continue;
@@ -317,13 +317,13 @@ async fn accept_loop(
 ) {
     let router = Arc::new(router);
     let admission = Arc::new(Mutex::new(Admission::new(AdmissionLimits::default())));
-    let clock = Instant::now();
+    let clock = crate::clock::now();
     while let Some(incoming) = quic.accept().await {
         let remote = incoming.remote_address();
         let decision = admission.lock().unwrap_or_else(|e| e.into_inner()).decide(
             remote.ip(),
             incoming.remote_address_validated(),
-            clock.elapsed(),
+            crate::clock::since(clock),
         );
         match decision {
             Decision::Accept => {}

@@ -7,6 +7,7 @@
 
 pub mod admission;
 pub mod alpn;
+pub mod clock;
 pub mod codec;
 pub mod endpoint;
 pub mod join;

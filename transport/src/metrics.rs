@@ -61,7 +61,7 @@ impl LogLimit {
     /// static strings from a fixed set, so the table stays small.
     pub fn allow_for(&self, key: &'static str) -> bool {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
+        let now = crate::clock::now();
         match last.iter_mut().find(|(k, _)| *k == key) {
             Some((_, t)) if now.duration_since(*t) < self.period => false,
             Some((_, t)) => {

@@ -29,13 +29,7 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
-/// Unix seconds now.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::unix_now;
 
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {

@@ -85,7 +85,7 @@ impl Pool {
         // Concurrent callers for the same peer wait for one handshake.
         let mut guard = slot.lock().await;
         if let Some(p) = guard.as_ref() {
-            if p.conn.close_reason().is_none() && Instant::now() < p.rotate_at {
+            if p.conn.close_reason().is_none() && crate::clock::now() < p.rotate_at {
                 return Ok((p.conn.clone(), p.peer.clone()));
             }
         }
@@ -119,7 +119,7 @@ impl Pool {
         };
         if guard
             .as_ref()
-            .is_some_and(|p| p.conn.close_reason().is_none() && Instant::now() < p.rotate_at)
+            .is_some_and(|p| p.conn.close_reason().is_none() && crate::clock::now() < p.rotate_at)
         {
             return;
         }
@@ -128,7 +128,7 @@ impl Pool {
 
     fn pooled(&self, conn: quinn::Connection, peer: PeerCert) -> Pooled {
         let left = peer.not_after.min(self.tls.me().not_after) - crate::pki::unix_now();
-        let now = Instant::now();
+        let now = crate::clock::now();
         Pooled {
             conn,
             peer,
@@ -161,7 +161,7 @@ impl Pool {
     /// re-dial forever. Gossip connections carry only short streams and are
     /// closed; tunnel connections may carry long streams and are left to end.
     pub(crate) fn forget_stale(&self, addr: SocketAddr, alpn: Alpn, min_age: Duration) {
-        self.forget_if(addr, alpn, |p| p.made.elapsed() >= min_age);
+        self.forget_if(addr, alpn, |p| crate::clock::since(p.made) >= min_age);
     }
 
     /// Forgets the pooled connection if `pred` holds for it; a gossip one

@@ -12,13 +12,14 @@ use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use meshnode_node::admin::client;
+use meshnode_transport::clock;
 use meshnode_transport::pki::{Ca, DEFAULT_CA_VALIDITY};
 use meshnode_transport::Role;
 use serde_json::Value;
@@ -246,14 +247,14 @@ async fn scenario(
     let watcher = nodes[2].admin;
     let east_gw = nodes[0].admin;
     step("waiting for both clusters and the WAN pool to form, and api to pass its checks");
-    let t = Instant::now();
+    let t = clock::now();
     wait_for(Duration::from_secs(30), || async {
         let (local, remote) = api_view(watcher).await.unwrap_or_default();
         local.iter().any(|(n, h)| n == "east-1" && h == "passing") && remote == Some(1)
     })
     .await
     .context("the mesh did not come up within 30 s")?;
-    println!("    ready after {:.1} s", t.elapsed().as_secs_f64());
+    println!("    ready after {:.1} s", clock::since(t).as_secs_f64());
     println!("    east-2's LAN pool:");
     print_members(watcher, "/v1/members").await?;
     println!("    east-gw's WAN pool (meshnode members --wan):");
@@ -269,20 +270,20 @@ async fn scenario(
     if let Some(mut child) = nodes[1].child.take() {
         child.kill().await.context("killing east-1")?;
     }
-    let killed = Instant::now();
+    let killed = clock::now();
     let mut during = Tally::default();
     let mut first_remote = None;
     let detected = loop {
         let r = request(upstream).await;
         if first_remote.is_none() && r.as_deref().is_ok_and(|n| n == "west-1") {
-            first_remote = Some(killed.elapsed());
+            first_remote = Some(clock::since(killed));
         }
         during.add(r);
         let (local, _) = api_view(watcher).await.unwrap_or_default();
         if local.is_empty() {
-            break killed.elapsed();
+            break clock::since(killed);
         }
-        if killed.elapsed() > Duration::from_secs(30) {
+        if clock::since(killed) > Duration::from_secs(30) {
             bail!("east-1's instance was still in east-2's catalog 30 s after the kill");
         }
     };
@@ -300,7 +301,7 @@ async fn scenario(
 
     step("restarting east-1: traffic comes home once its check passes");
     nodes[1].start(exe)?;
-    let restarted = Instant::now();
+    let restarted = clock::now();
     wait_for(Duration::from_secs(30), || async {
         let (local, _) = api_view(watcher).await.unwrap_or_default();
         local.iter().any(|(n, h)| n == "east-1" && h == "passing")
@@ -309,14 +310,14 @@ async fn scenario(
     .context("east-1 did not pass its check within 30 s of its restart")?;
     println!(
         "    east-1 passing in east-2's catalog {:.2} s after the restart",
-        restarted.elapsed().as_secs_f64()
+        clock::since(restarted).as_secs_f64()
     );
     wait_for(Duration::from_secs(30), || async {
         request(upstream).await.is_ok_and(|n| n == "east-1")
     })
     .await
     .context("traffic did not come back to east-1 within 30 s")?;
-    let back_after = restarted.elapsed();
+    let back_after = clock::since(restarted);
     let back = traffic(upstream, REQUESTS).await;
     print_tally(&back);
 
@@ -375,7 +376,7 @@ async fn canary(
         .find(|n| n.name == CANARY)
         .ok_or_else(|| anyhow!("no node {CANARY}"))?;
     step("waiting for the clusters to form and both versions of api to pass their checks");
-    let t = Instant::now();
+    let t = clock::now();
     wait_for(Duration::from_secs(30), || async {
         let (local, _) = api_view(watcher.admin).await.unwrap_or_default();
         ["east-1", CANARY]
@@ -384,7 +385,7 @@ async fn canary(
     })
     .await
     .context("api v1 and v2 did not both pass in east within 30 s")?;
-    println!("    ready after {:.1} s", t.elapsed().as_secs_f64());
+    println!("    ready after {:.1} s", clock::since(t).as_secs_f64());
 
     step("an operator certificate, to sign routes documents");
     let op_dir = dir.join("operator");
@@ -632,8 +633,8 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
-    while start.elapsed() < limit {
+    let start = clock::now();
+    while clock::since(start) < limit {
         if cond().await {
             return Ok(());
         }
