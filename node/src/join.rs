@@ -44,6 +44,10 @@ const CONCURRENT_MEMBERS: usize = 8;
 const REQUESTS_PER_CONN: usize = 8;
 /// A relayed request waits this long for the CA node.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a relay waits for a way to a CA node to appear (the joiner
+/// waits 20 s for its answer: 3 s here and 10 s per hop fit).
+const ROUTE_WAIT: Duration = Duration::from_secs(3);
+const ROUTE_POLL: Duration = Duration::from_millis(200);
 /// Anonymous connections per source address, and in all.
 pub const ANONYMOUS_PER_SOURCE: usize = 8;
 pub const ANONYMOUS_TOTAL: usize = 256;
@@ -294,8 +298,11 @@ impl JoinService {
         }
     }
 
-    /// Relays along [`next_hop`], trying the candidates one after the other.
-    async fn relay(&self, req: &Request, origin: Origin<'_>) -> Response {
+    /// Where [`next_hop`] leads now: the hop and its live candidates.
+    async fn route(
+        &self,
+        origin: Origin<'_>,
+    ) -> (Hop, Vec<(String, std::net::SocketAddr)>, &'static str) {
         let cas = ca_nodes(&self.gossip.snapshot().await);
         let me = self.endpoint.me();
         let hop = next_hop(origin, &me, !cas.is_empty());
@@ -326,6 +333,22 @@ impl JoinService {
                 (gateways, "gateway")
             }
             Hop::None => (Vec::new(), ""),
+        };
+        (hop, targets, what)
+    }
+
+    /// Relays along [`next_hop`], trying the candidates one after the other.
+    /// A node that knows no way yet waits up to [`ROUTE_WAIT`] for one: right
+    /// after a gateway starts, its pools list peers before their values
+    /// (a CA node's role, a gateway's `ca_via`) arrive.
+    async fn relay(&self, req: &Request, origin: Origin<'_>) -> Response {
+        let deadline = meshnode_transport::clock::tokio_now() + ROUTE_WAIT;
+        let (hop, targets, what) = loop {
+            let found = self.route(origin).await;
+            if !found.1.is_empty() || meshnode_transport::clock::tokio_now() >= deadline {
+                break found;
+            }
+            tokio::time::sleep(ROUTE_POLL).await;
         };
         if targets.is_empty() {
             let why = match hop {

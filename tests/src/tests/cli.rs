@@ -2,7 +2,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use crate::meshnode;
+use crate::{meshnode, meshnode_bin};
+use std::process::{Command, Stdio};
 
 fn text(o: &std::process::Output) -> String {
     format!(
@@ -383,42 +384,37 @@ fn the_example_config_validates() {
     );
 }
 
+/// Runs `meshnode demo ARGS` with a temp dir of its own (so demos running
+/// side by side cannot see each other's files) and checks it leaves nothing.
+fn demo(args: &[&str]) -> (std::process::Output, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(meshnode_bin())
+        .arg("demo")
+        .args(args)
+        .env("TMPDIR", tmp.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("running meshnode demo");
+    let t = text(&out);
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "demo left {left:?}: {t}");
+    (out, t)
+}
+
 #[test]
 fn demo_exits_zero_and_leaves_no_files() {
-    let before: Vec<_> = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("meshnode-demo-")
-        })
-        .map(|e| e.path())
-        .collect();
-    let out = meshnode(&["demo"]);
-    let t = text(&out);
+    let (out, t) = demo(&[]);
     assert!(out.status.success(), "{t}");
     assert!(t.contains("kill -9 detected"), "{t}");
-    let after: Vec<_> = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("meshnode-demo-")
-        })
-        .map(|e| e.path())
-        .collect();
-    assert!(
-        after.iter().all(|p| before.contains(p)),
-        "demo left {after:?}"
-    );
 }
 
 #[test]
 fn demo_http_moves_a_canary_by_policy_apply() {
-    let out = meshnode(&["demo", "--http"]);
-    let t = text(&out);
+    let (out, t) = demo(&["--http"]);
     assert!(out.status.success(), "{t}");
     // The summary table: one row per phase, v2's share following each document.
     for phase in ["canary 0 %", "canary 10 %", "canary 50 %", "canary 100 %"] {
