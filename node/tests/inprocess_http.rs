@@ -1,0 +1,471 @@
+//! In-process multi-node tests: whole nodes built with `app::build` on
+//! port 0 inside the test's runtime (QUIC, gossip, admin, upstreams, the
+//! HTTP data path, signed routes documents through the admin API), with
+//! hyper as client and applications. They cover the many routing cases
+//! cheaply; `tests/src/tests/http.rs` drives the same paths through real
+//! processes with curl, wrk and h2load.
+// Tests read the clock to bound their waits.
+#![allow(clippy::disallowed_methods)]
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshnode_node::admin::{client, SECRET_FILE};
+use meshnode_node::app::{self, Hooks};
+use meshnode_node::config::Config;
+use meshnode_transport::pki::policy::{DocHeader, SignedDocument, SigningKey};
+use meshnode_transport::pki::{unix_now, Ca};
+use meshnode_transport::Role;
+use rand::RngExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+const MESH: &str = "inproc";
+const CLUSTER: &str = "east";
+
+/// A CA, a temp dir and a loopback /24 of their own for one test's mesh.
+struct Mesh {
+    ca: Ca,
+    dir: tempfile::TempDir,
+    net: [u8; 2],
+}
+
+impl Mesh {
+    fn new() -> Self {
+        let mut r = rand::rng();
+        Mesh {
+            ca: Ca::generate(MESH, Duration::from_secs(24 * 3600)).expect("CA"),
+            dir: tempfile::tempdir().expect("temp dir"),
+            net: [r.random_range(1..=254), r.random_range(1..=254)],
+        }
+    }
+
+    fn ip(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(127, self.net[0], self.net[1], host)
+    }
+
+    /// Builds and starts node `name` on `127.A.B.host` (QUIC, admin and
+    /// upstreams on port 0; upstreams on `127.A.B.(host + 100)`, `@UP` in
+    /// `extra`), seeded with `seeds`; `extra` is appended to its config.
+    async fn node(&self, name: &str, host: u8, seeds: &[SocketAddr], extra: &str) -> Node {
+        let data = self.dir.path().join(name);
+        self.ca
+            .issue(CLUSTER, name, Role::Node, Duration::from_secs(24 * 3600))
+            .expect("issue")
+            .save(&data, self.ca.cert_pem())
+            .expect("save");
+        let ip = self.ip(host);
+        let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+        let text = format!(
+            "node = \"{name}\"\ncluster = \"{CLUSTER}\"\nmesh = \"{MESH}\"\ndata_dir = \"{}\"\nbind = \"{ip}:0\"\nadmin = \"{ip}:0\"\nseeds = [{}]\n{}",
+            data.display(),
+            seeds.join(", "),
+            extra.replace("@UP", &self.ip(host + 100).to_string()),
+        );
+        let cfg = Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let bound = app::build(cfg, Hooks::default())
+            .await
+            .unwrap_or_else(|e| panic!("building {name}: {e}"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let node = Node {
+            quic: bound.quic_addr,
+            admin: bound.admin_addr,
+            upstreams: bound.upstream_addrs.clone(),
+            data,
+            _stop: stop,
+        };
+        tokio::spawn(async move {
+            let _ = bound
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        node
+    }
+
+    /// Signs `source` with the CA key as version `version` and hands it to
+    /// `node`'s admin API; waits until the node holds it.
+    async fn apply(&self, node: &Node, source: &str, version: u64) {
+        let doc = meshnode_node::policy::schema::parse(source)
+            .unwrap_or_else(|e| panic!("{e:?}\n{source}"));
+        let header = DocHeader {
+            mesh: MESH.into(),
+            kind: doc.kind.clone(),
+            name: doc.name.clone(),
+            version,
+            signed_at: unix_now(),
+            deleted: false,
+        };
+        let signed =
+            SignedDocument::sign(&SigningKey::Ca(&self.ca), header, source.into()).expect("sign");
+        let body = serde_json::json!({ "document": signed.text() });
+        let secret = std::fs::read_to_string(node.data.join(SECRET_FILE)).expect("secret");
+        client::post_json_with(node.admin, "/v1/policy", &body, Some(secret.trim()))
+            .await
+            .expect("apply");
+        let path = format!("/v1/policy/{}/{}", doc.kind, doc.name);
+        wait(Duration::from_secs(5), || async {
+            client::get(node.admin, &path)
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                .and_then(|v| v.pointer("/summary/version").and_then(|v| v.as_u64()))
+                == Some(version)
+        })
+        .await
+        .unwrap_or_else(|| panic!("{} never held version {version}", node.admin));
+    }
+}
+
+/// A running node; stops when dropped.
+struct Node {
+    quic: SocketAddr,
+    admin: SocketAddr,
+    upstreams: Vec<SocketAddr>,
+    data: PathBuf,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn wait<F, Fut>(limit: Duration, mut cond: F) -> Option<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond().await {
+            return Some(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// An HTTP/1.1 application named `name` that counts its requests and
+/// answers with its name and what it saw.
+struct App {
+    addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn app(ip: Ipv4Addr, name: &'static str) -> App {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    let hits = Arc::new(AtomicU64::new(0));
+    let counter = hits.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counter = counter.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                let seen = |h: &str| {
+                    req.headers()
+                        .get(h)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_string()
+                };
+                let resp = Response::builder()
+                    .header("x-instance", name)
+                    .header("x-seen-routed", seen("x-routed"))
+                    .header("x-seen-internal", seen("x-internal"))
+                    .body(Full::new(Bytes::from(name)))
+                    .expect("response");
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    App {
+        addr,
+        hits,
+        _task: task,
+    }
+}
+
+fn service(app: &App, version: &str) -> String {
+    format!(
+        "\n[[service]]\nname = \"api\"\naddress = \"{}\"\nport = {}\nprotocol = \"http\"\ntags = [\"version={version}\"]\ncheck = {{ tcp = \"{}\", interval = \"200ms\", timeout = \"150ms\" }}\n",
+        app.addr.ip(),
+        app.addr.port(),
+        app.addr
+    )
+}
+
+const UPSTREAM: &str =
+    "\n[[upstream]]\nservice = \"api\"\nlisten = \"@UP:0\"\nprotocol = \"http\"\n";
+
+/// One caller (upstream to api) and one node per version of api.
+struct Fleet {
+    mesh: Mesh,
+    caller: Node,
+    apps: Vec<App>,
+    _nodes: Vec<Node>,
+}
+
+async fn fleet(versions: &[(&'static str, &'static str)]) -> Fleet {
+    let mesh = Mesh::new();
+    let caller = mesh.node("caller", 1, &[], UPSTREAM).await;
+    let mut apps = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, (name, version)) in versions.iter().enumerate() {
+        let host = 10 + i as u8;
+        let a = app(mesh.ip(host), name).await;
+        nodes.push(
+            mesh.node(name, host, &[caller.quic], &service(&a, version))
+                .await,
+        );
+        apps.push(a);
+    }
+    // Every instance passing in the caller's catalog.
+    let want = versions.len();
+    wait(Duration::from_secs(20), || async {
+        let Ok(body) = client::get(caller.admin, "/v1/services").await else {
+            return false;
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["api"]
+            .as_array()
+            .is_some_and(|list| list.iter().filter(|i| i["health"] == "passing").count() == want)
+    })
+    .await
+    .expect("every api instance passing at the caller");
+    Fleet {
+        mesh,
+        caller,
+        apps,
+        _nodes: nodes,
+    }
+}
+
+/// A keep-alive HTTP/1.1 (or h2c) client connection to an upstream.
+struct Client {
+    send: Sender,
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr, h2: bool) -> Self {
+        let io = TokioIo::new(TcpStream::connect(addr).await.expect("connect upstream"));
+        let send = if h2 {
+            let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .expect("h2 handshake");
+            tokio::spawn(conn);
+            Sender::H2(s)
+        } else {
+            let (s, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .expect("handshake");
+            tokio::spawn(conn);
+            Sender::H1(s)
+        };
+        Client { send }
+    }
+
+    /// Sends one request: (status, x-instance, the response's headers).
+    async fn call(&mut self, method: &str, uri: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(format!("http://api{uri}"));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Empty::<Bytes>::new()).expect("request");
+        let resp = match &mut self.send {
+            Sender::H1(s) => {
+                s.ready().await.expect("ready");
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                s.ready().await.expect("ready");
+                s.send_request(req).await
+            }
+        }
+        .expect("response");
+        let (parts, body) = resp.into_parts();
+        let _ = body.collect().await;
+        let h = |k: &str| {
+            parts
+                .headers
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        Answer {
+            status: parts.status.as_u16(),
+            instance: h("x-instance"),
+            routed: h("x-seen-routed"),
+            internal: h("x-seen-internal"),
+            error: h("x-meshnode-error"),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    instance: String,
+    routed: String,
+    internal: String,
+    error: String,
+}
+
+/// (method, URI, headers, the instance that must answer)
+type Case = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
+
+const RULES: &str = r#"
+kind = "routes"
+name = "api"
+[[route]]
+match = { headers = { "x-canary" = "1" } }
+split = [{ subset = "version=v2", weight = 100 }]
+[[route]]
+match = { path_regex = "/users/[0-9]+", method = "DELETE" }
+split = [{ subset = "version=v2", weight = 100 }]
+request_headers = { add = { "x-routed" = "delete" }, remove = ["x-internal"] }
+[[route]]
+match = { path_prefix = "/search", query = { "debug" = { present = true } } }
+split = [{ subset = "version=v2", weight = 100 }]
+[[route]]
+match = { path_exact = "/nowhere" }
+split = [{ subset = "version=v9", weight = 100 }]
+[[route]]
+match = { path_prefix = "/" }
+split = [{ subset = "version=v1", weight = 100 }]
+mirror = { subset = "version=v3", percent = 100 }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_by_header_path_method_and_query_reach_their_subset_over_http1_and_h2c() {
+    let f = fleet(&[("a-v1", "v1"), ("b-v2", "v2"), ("c-v3", "v3")]).await;
+    f.mesh.apply(&f.caller, RULES, 1).await;
+    let up = f.caller.upstreams[0];
+    for h2 in [false, true] {
+        let mut c = Client::connect(up, h2).await;
+        let cases: &[Case] = &[
+            ("GET", "/", &[], "a-v1"),
+            ("GET", "/", &[("x-canary", "1")], "b-v2"),
+            ("GET", "/", &[("x-canary", "2")], "a-v1"),
+            ("DELETE", "/users/42", &[], "b-v2"),
+            // Anchored: the whole path must match; and the method too.
+            ("DELETE", "/users/42/x", &[], "a-v1"),
+            ("GET", "/users/42", &[], "a-v1"),
+            ("GET", "/search?debug", &[], "b-v2"),
+            ("GET", "/search?q=1&debug=yes", &[], "b-v2"),
+            ("GET", "/search?q=1", &[], "a-v1"),
+        ];
+        for (method, uri, headers, want) in cases {
+            let a = c.call(method, uri, headers).await;
+            assert_eq!(
+                (a.status, a.instance.as_str()),
+                (200, *want),
+                "{method} {uri} {headers:?} (h2: {h2}): {a:?}"
+            );
+        }
+        // The DELETE rule's header changes reach the application.
+        let a = c
+            .call("DELETE", "/users/7", &[("x-internal", "secret")])
+            .await;
+        assert_eq!((a.routed.as_str(), a.internal.as_str()), ("delete", "-"));
+        let a = c.call("GET", "/", &[("x-internal", "kept")]).await;
+        assert_eq!((a.routed.as_str(), a.internal.as_str()), ("-", "kept"));
+        // A subset with no instance: the mesh answers, and says why.
+        let a = c.call("GET", "/nowhere", &[]).await;
+        assert_eq!((a.status, a.error.as_str()), (503, "no_instance"), "{a:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrored_requests_reach_the_mirror_and_their_answers_are_dropped() {
+    let f = fleet(&[("a-v1", "v1"), ("c-v3", "v3")]).await;
+    f.mesh.apply(&f.caller, RULES, 1).await;
+    let mut c = Client::connect(f.caller.upstreams[0], false).await;
+    for _ in 0..50 {
+        let a = c.call("GET", "/page", &[]).await;
+        assert_eq!((a.status, a.instance.as_str()), (200, "a-v1"));
+    }
+    // Mirrors go out beside the request; their count catches up.
+    let mirrored = wait(Duration::from_secs(5), || async {
+        f.apps[1].hits.load(Ordering::Relaxed) >= 50
+    })
+    .await;
+    assert!(
+        mirrored.is_some(),
+        "v3 saw {} of 50 copies",
+        f.apps[1].hits.load(Ordering::Relaxed)
+    );
+    assert_eq!(f.apps[0].hits.load(Ordering::Relaxed), 50);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(f.apps[1].hits.load(Ordering::Relaxed), 50, "one copy each");
+}
+
+fn split(v2: u32) -> String {
+    format!(
+        "kind = \"routes\"\nname = \"api\"\n[[route]]\nmatch = {{ path_prefix = \"/\" }}\nsplit = [{{ subset = \"version=v1\", weight = {} }}, {{ subset = \"version=v2\", weight = {v2} }}]\n",
+        100 - v2
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_hold_within_3_points_over_4000_requests_and_follow_each_version() {
+    let f = fleet(&[("a-v1", "v1"), ("b-v2", "v2")]).await;
+    let up = f.caller.upstreams[0];
+    for (version, v2) in [(1, 20u32), (2, 75), (3, 0), (4, 100)] {
+        f.mesh.apply(&f.caller, &split(v2), version).await;
+        let before = f.apps[1].hits.load(Ordering::Relaxed);
+        let before_all = before + f.apps[0].hits.load(Ordering::Relaxed);
+        // 8 keep-alive clients, 500 requests each.
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            tasks.push(tokio::spawn(async move {
+                let mut c = Client::connect(up, false).await;
+                let mut failed = 0;
+                for _ in 0..500 {
+                    if c.call("GET", "/", &[]).await.status != 200 {
+                        failed += 1;
+                    }
+                }
+                failed
+            }));
+        }
+        let mut failed = 0;
+        for t in tasks {
+            failed += t.await.expect("client");
+        }
+        let v2_hits = f.apps[1].hits.load(Ordering::Relaxed) - before;
+        let all = f.apps[1].hits.load(Ordering::Relaxed) + f.apps[0].hits.load(Ordering::Relaxed)
+            - before_all;
+        assert_eq!((failed, all), (0, 4000));
+        let share = 100.0 * v2_hits as f64 / all as f64;
+        assert!(
+            (share - v2 as f64).abs() <= 3.0,
+            "v2 weight {v2}: {share:.1} % of {all}"
+        );
+    }
+}
