@@ -379,6 +379,18 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
     let drain = Drain::default();
     let e2e = meshnode_transport::tunnel::e2e::E2e::new(&tls)?;
     let authz = crate::authz::Authorizer::follow(policy.store.clone());
+    let dialer = Arc::new(
+        Dialer::new(
+            endpoint.clone(),
+            (cfg.cross_cluster_identity == CrossClusterIdentity::EndToEnd).then(|| e2e.clone()),
+            gossip.clone(),
+            me.identity.cluster(),
+        )
+        .with_routes(crate::policy::follow(
+            policy.store.clone(),
+            crate::routes::Routes::from_store,
+        )),
+    );
     tasks.push(tokio::spawn(inbound::serve(
         incoming.tunnel,
         Arc::new(Inbound {
@@ -393,6 +405,7 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
             e2e: e2e.clone(),
             trust_carried: cfg.cross_cluster_identity == CrossClusterIdentity::Gateway,
             apps: Arc::new(crate::http::AppPool::default()),
+            dialer: dialer.clone(),
             policy_loaded: {
                 let policy = policy.clone();
                 Arc::new(move || policy.loaded())
@@ -400,18 +413,6 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
         }),
     )));
 
-    let dialer = Arc::new(
-        Dialer::new(
-            endpoint.clone(),
-            (cfg.cross_cluster_identity == CrossClusterIdentity::EndToEnd).then(|| e2e.clone()),
-            gossip.clone(),
-            me.identity.cluster(),
-        )
-        .with_routes(crate::policy::follow(
-            policy.store.clone(),
-            crate::routes::Routes::from_store,
-        )),
-    );
     let mut upstream_addrs = Vec::new();
     let mut listeners = Vec::new();
     for up in &cfg.upstreams {

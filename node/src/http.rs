@@ -432,7 +432,7 @@ async fn send(
             Ok(t) => t,
             Err(e) => {
                 dialer
-                    .failed(up, &target, e, &mut last)
+                    .failed(&up.service, &target, e, &mut last)
                     .map_err(Sent::Refused)?;
                 continue;
             }
@@ -463,7 +463,7 @@ async fn send(
                     None => meshnode_transport::tunnel::TunnelError::Stream(e.to_string()),
                 };
                 dialer
-                    .failed(up, &target, e, &mut last)
+                    .failed(&up.service, &target, e, &mut last)
                     .map_err(Sent::Refused)?;
             }
         }

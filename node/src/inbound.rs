@@ -25,7 +25,6 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::authz::{Authorizer, Caller};
-use crate::balance;
 use crate::drain::Drain;
 use crate::metrics::{LogLimit, LABELS, TUNNEL_ACTIVE, TUNNEL_BYTES, TUNNEL_STREAMS};
 use crate::policy::schema::Action;
@@ -65,6 +64,9 @@ pub struct Inbound {
     pub trust_carried: bool,
     /// Connections to the local applications of HTTP services.
     pub apps: Arc<crate::http::AppPool>,
+    /// The node's attempt engine: a gateway picks and rates the instances
+    /// it forwards to with the same outlier and load state as upstreams.
+    pub dialer: Arc<crate::upstream::Dialer>,
 }
 
 /// Who is calling, as far as this node can tell.
@@ -398,8 +400,9 @@ fn decide(
 }
 
 /// A stream that carries an end-to-end session: the outer status says an
-/// instance is here; the caller then proves who it is inside the session,
-/// and authorization, the local connect and the bytes all run inside it.
+/// instance is here and its application took a connection; the caller then
+/// proves who it is inside the session, and authorization and the bytes run
+/// inside it.
 #[allow(clippy::too_many_arguments)]
 async fn serve_end_to_end(
     mut send: quinn::SendStream,
@@ -411,6 +414,19 @@ async fn serve_end_to_end(
     service_label: &str,
     count: &impl Fn(&'static str, &'static str),
 ) {
+    // The application's connection comes first, so a dead application is
+    // refused on the outer stream, where the gateway sees it, tries another
+    // instance and counts it towards this one's ejection (inside the
+    // session only the caller would see it). A caller the session then
+    // does not authorize leaves only a connection opened and closed.
+    let app = match open_app(ctx, &target, outer.http).await {
+        Ok(app) => app,
+        Err(e) => {
+            debug!(target = %target.0, error = %e, "local application refused the connection");
+            count("in", "connect_failed");
+            return tunnel::refuse(&mut send, Status::ConnectFailed).await;
+        }
+    };
     if tunnel::respond(&mut send, Status::Ok).await.is_err() {
         count("in", "peer_gone");
         return;
@@ -466,15 +482,6 @@ async fn serve_end_to_end(
         let _ = tunnel::e2e::respond(&mut session, status).await;
         return;
     }
-    let app = match open_app(ctx, &target, outer.http).await {
-        Ok(app) => app,
-        Err(e) => {
-            debug!(target = %target.0, error = %e, "local application refused the connection");
-            count("in", "connect_failed");
-            let _ = tunnel::e2e::respond(&mut session, Status::ConnectFailed).await;
-            return;
-        }
-    };
     if tunnel::e2e::respond(&mut session, Status::Ok)
         .await
         .is_err()
@@ -628,6 +635,8 @@ struct Hop {
     gateway: bool,
     header: Header,
     wait: Duration,
+    /// An instance of this cluster, rated by the attempt engine.
+    instance: Option<crate::upstream::Target>,
 }
 
 /// Gateways of `cluster` that the WAN pool says are alive, in random order.
@@ -653,51 +662,38 @@ fn wan_hops(ctx: &Inbound, header: &Header, cluster: &str) -> Vec<Hop> {
                 ..Header::new(header.service.clone(), header.port)
             },
             wait: WAN_STATUS_TIMEOUT,
+            instance: None,
         })
         .collect()
 }
 
-/// Healthy instances of this cluster on other nodes, balanced like an upstream.
+/// Healthy instances of this cluster on other nodes, chosen by the node's
+/// attempt engine like an upstream's (ejection, streams in flight).
 fn lan_hops(ctx: &Inbound, header: &Header) -> Vec<Hop> {
-    let catalog = ctx.lan.catalog();
     let mine = ctx.me.identity.cluster();
-    let mut rng = rand::rng();
-    let candidates: Vec<_> = catalog
-        .instances(&header.service)
-        .iter()
-        .filter(|i| i.node != ctx.me.identity.node())
-        .filter(|i| header.port == ANY_PORT || i.port == header.port)
-        .filter(|i| {
-            header
-                .subset
-                .as_deref()
-                .is_none_or(|s| i.tags.iter().any(|t| t == s))
+    ctx.dialer
+        .plan_forward(
+            &header.service,
+            header.port,
+            header.subset.as_deref(),
+            ctx.me.identity.node(),
+            FORWARD_ATTEMPTS,
+        )
+        .into_iter()
+        .map(|i| Hop {
+            addr: i.node_addr,
+            node: i.node.clone(),
+            cluster: mine.to_string(),
+            gateway: false,
+            header: Header {
+                end_to_end: header.end_to_end,
+                http: header.http,
+                ..Header::new(header.service.clone(), i.port)
+            },
+            wait: STATUS_TIMEOUT,
+            instance: Some(crate::upstream::Target::Local(i)),
         })
-        .cloned()
-        .collect();
-    balance::order(
-        &candidates,
-        mine,
-        &[],
-        |_| false,
-        |_| 0,
-        |n| rand::RngExt::random_range(&mut rng, 0..n),
-    )
-    .into_iter()
-    .take(FORWARD_ATTEMPTS)
-    .map(|i| Hop {
-        addr: i.node_addr,
-        node: i.node.clone(),
-        cluster: mine.to_string(),
-        gateway: false,
-        header: Header {
-            end_to_end: header.end_to_end,
-            http: header.http,
-            ..Header::new(header.service.clone(), i.port)
-        },
-        wait: STATUS_TIMEOUT,
-    })
-    .collect()
+        .collect()
 }
 
 /// Tries each hop until one accepts, answers the caller, and relays.
@@ -732,6 +728,10 @@ async fn forward(
         .await
         {
             Ok((next_send, next_recv)) => {
+                let _load = hop.instance.as_ref().map(|t| {
+                    ctx.dialer.succeeded(t);
+                    ctx.dialer.begin(t)
+                });
                 if tunnel::respond(&mut send, Status::Ok).await.is_err() {
                     count("forward", "peer_gone");
                     let mut next_send = next_send;
@@ -753,10 +753,15 @@ async fn forward(
                 debug!(%caller, %service, to = %hop.node, cluster = %hop.cluster, error = %e, "forward attempt failed");
                 if let TunnelError::Refused(s) = e {
                     status = s;
-                    if s == Status::Denied {
-                        // Policy is mesh-wide: no other hop would allow it.
-                        break;
-                    }
+                }
+                if matches!(e, TunnelError::Refused(Status::Denied)) {
+                    // Policy is mesh-wide: no other hop would allow it.
+                    break;
+                }
+                if let Some(t) = &hop.instance {
+                    // Counts towards the instance's ejection, as for an upstream.
+                    let mut last = String::new();
+                    let _ = ctx.dialer.failed(service, t, e, &mut last);
                 }
             }
         }

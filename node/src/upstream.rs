@@ -269,6 +269,45 @@ impl Dialer {
         .collect()
     }
 
+    /// The instances of this cluster a gateway forwards a stream for
+    /// `service` to, at most `attempts`, in order: healthy ones, ejected ones
+    /// last (only if all are), the first by power of two choices on streams
+    /// in flight. The same outlier and load state as this node's upstreams:
+    /// [`Dialer::failed`], [`Dialer::succeeded`] and [`Dialer::begin`] keep it.
+    pub(crate) fn plan_forward(
+        &self,
+        service: &str,
+        port: u16,
+        subset: Option<&str>,
+        me: &str,
+        attempts: usize,
+    ) -> Vec<Instance> {
+        let catalog = self.gossip.catalog();
+        let load = self.lock();
+        let now = meshnode_transport::clock::tokio_now();
+        let mut rng = rand::rng();
+        let candidates: Vec<Instance> = catalog
+            .instances(service)
+            .iter()
+            .filter(|i| i.node != me)
+            .filter(|i| port == meshnode_transport::tunnel::ANY_PORT || i.port == port)
+            .filter(|i| subset.is_none_or(|s| i.tags.iter().any(|t| t == s)))
+            .cloned()
+            .collect();
+        balance::order(
+            &candidates,
+            &self.cluster,
+            &[],
+            |i| load.outliers.is_ejected(&key(i), now),
+            |i| load.active.get(&key(i)).copied().unwrap_or(0),
+            |n| rng.random_range(0..n),
+        )
+        .into_iter()
+        .take(attempts)
+        .cloned()
+        .collect()
+    }
+
     /// Every cluster the catalog has for `up.service`, as [`Dialer::plan`] sees it.
     pub(crate) fn explain(&self, up: &UpstreamConfig) -> Vec<crate::explain::ClusterRow> {
         let catalog = self.gossip.catalog();
@@ -310,7 +349,7 @@ impl Dialer {
                     let guard = self.begin(&target);
                     return Ok((tunnel, target, guard));
                 }
-                Err(e) => self.failed(up, &target, e, &mut last)?,
+                Err(e) => self.failed(&up.service, &target, e, &mut last)?,
             }
         }
         Err(Refusal::Failed(format!(
@@ -368,7 +407,7 @@ impl Dialer {
     /// towards its ejection. `last` keeps the reason for the final error.
     pub(crate) fn failed(
         &self,
-        up: &UpstreamConfig,
+        service: &str,
         target: &Target,
         e: TunnelError,
         last: &mut String,
@@ -381,19 +420,19 @@ impl Dialer {
             }
             TunnelError::Refused(s @ (Status::PolicyPending | Status::Draining)) => {
                 // Not the instance's fault either: try the next, no ejection.
-                debug!(service = %up.service, target = %target.name(), status = %s, "instance cannot take the stream now");
+                debug!(service = %service, target = %target.name(), status = %s, "instance cannot take the stream now");
                 *last = format!("{}: {s}", target.name());
                 Ok(())
             }
             e => {
-                debug!(service = %up.service, target = %target.name(), error = %e, "tunnel attempt failed");
+                debug!(service = %service, target = %target.name(), error = %e, "tunnel attempt failed");
                 if let Some(period) = self
                     .lock()
                     .outliers
                     .handle_failure(&target.key(), meshnode_transport::clock::tokio_now())
                 {
-                    warn!(service = %up.service, target = %target.name(), ?period, "ejecting instance after repeated failures");
-                    metrics::counter!(OUTLIER_EJECTIONS, "service" => up.service.clone())
+                    warn!(service = %service, target = %target.name(), ?period, "ejecting instance after repeated failures");
+                    metrics::counter!(OUTLIER_EJECTIONS, "service" => service.to_string())
                         .increment(1);
                 }
                 *last = format!("{}: {e}", target.name());

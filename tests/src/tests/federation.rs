@@ -687,3 +687,68 @@ async fn a_paused_node_is_routed_around_and_rejoins_after_sigcont() {
         resumed.elapsed().as_secs_f64()
     );
 }
+
+/// Sums the samples of `name` whose labels include all of `labels`.
+fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_ejects_an_instance_that_refuses_and_balances_like_an_upstream() {
+    if !netns::available("a_gateway_ejects_an_instance_that_refuses") {
+        return;
+    }
+    // b2's echo instance passes its check (a TCP check of b2's own admin
+    // port) but its application port is closed: every stream the gateway
+    // sends there is refused with connect_failed, while gossip says healthy.
+    let b2_admin = netns::ADMIN;
+    let mesh = Mesh::start_with(topology(&["bgw"]), &["b1"], |spec| {
+        if spec.name == "b2" {
+            spec.extra.push_str(&format!(
+                "\n[[service]]\nname = \"echo\"\naddress = \"127.0.0.1\"\nport = 1\ncheck = {{ tcp = \"{b2_admin}\", interval = \"200ms\", timeout = \"150ms\" }}\n"
+            ));
+        }
+    })
+    .await;
+    mesh.wait_remote_healthy(2).await;
+    let mut answered = BTreeMap::<String, usize>::new();
+    for i in 0..40 {
+        let who = mesh
+            .request(&payload(200, i), Duration::from_secs(20))
+            .await
+            .expect("every request is answered (the gateway tries b1 after b2)");
+        *answered.entry(who).or_default() += 1;
+    }
+    assert_eq!(answered.get("b1"), Some(&40), "{answered:?}");
+    let refused = metric_sum(
+        &mesh
+            .node("b2")
+            .get_text("/metrics")
+            .await
+            .unwrap_or_default(),
+        "meshnode_tunnel_streams_total",
+        &["direction=\"in\"", "result=\"connect_failed\""],
+    );
+    let gw = mesh
+        .node("bgw")
+        .get_text("/metrics")
+        .await
+        .unwrap_or_default();
+    let ejections = metric_sum(
+        &gw,
+        "meshnode_outlier_ejections_total",
+        &["service=\"echo\""],
+    );
+    // Without ejection about half of the 40 streams would try b2 first;
+    // with it, 3 failures in a row eject b2 for 5 s, then one try per
+    // period (5 s, doubling).
+    assert!(ejections >= 1.0, "bgw ejected nothing:\n{gw}");
+    assert!(
+        (3.0..=8.0).contains(&refused),
+        "b2 refused {refused} of 40 streams"
+    );
+    eprintln!("gateway: b2 refused {refused} of 40 streams, {ejections} ejection(s) at bgw");
+}
