@@ -122,6 +122,50 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
     }
 }
 
+/// The protocol an HTTP/1.1 upgrade request asks for (`connection:
+/// upgrade` with an `upgrade` header, as a WebSocket handshake), if any.
+pub(crate) fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Puts the upgrade headers back after [`strip_hop_by_hop`]: an upgrade is
+/// the one hop-by-hop exchange every hop of the mesh passes on.
+fn keep_upgrade(headers: &mut HeaderMap, protocol: &HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol.clone());
+}
+
+/// Once both sides of a `101 Switching Protocols` have switched, copies
+/// bytes both ways until either side closes; `hold` (an in-flight count)
+/// lives as long as the upgraded connection.
+fn splice_upgrades(
+    a: hyper::upgrade::OnUpgrade,
+    b: hyper::upgrade::OnUpgrade,
+    hold: impl Send + 'static,
+) {
+    tokio::spawn(async move {
+        let _hold = hold;
+        match tokio::join!(a, b) {
+            (Ok(a), Ok(b)) => {
+                let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+                    debug!(error = %e, "upgraded HTTP connection ended with an error");
+                }
+            }
+            (a, b) => {
+                debug!(client = ?a.err(), server = ?b.err(), "an HTTP upgrade did not complete");
+            }
+        }
+    });
+}
+
 /// W3C trace context: a valid `traceparent` is kept as it came; a missing
 /// or malformed one is replaced by a new trace (and `tracestate`, which
 /// means nothing without it, dropped). `ids`: a random trace and parent id.
@@ -203,7 +247,10 @@ pub(crate) async fn serve_caller(tcp: TcpStream, up: Arc<UpstreamConfig>, dialer
         async move { Ok::<_, Infallible>(forward(req, up, dialer).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+        .await
+    {
         debug!(error = %e, "HTTP upstream connection ended with an error");
     }
 }
@@ -211,11 +258,16 @@ pub(crate) async fn serve_caller(tcp: TcpStream, up: Arc<UpstreamConfig>, dialer
 /// One request: route it, open a tunnel stream to an instance of the
 /// chosen subset, exchange it there.
 async fn forward(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     up: Arc<UpstreamConfig>,
     dialer: Arc<Dialer>,
 ) -> Response<Body> {
     let started = meshnode_transport::clock::tokio_now();
+    // An upgrade (WebSocket) is routed like any request; once the instance
+    // answers 101, the two connections are spliced.
+    let upgrade = upgrade_of(req.headers())
+        .filter(|_| req.version() == hyper::Version::HTTP_11)
+        .map(|p| (p, hyper::upgrade::on(&mut req)));
     let (mut parts, req_body) = req.into_parts();
     let (split_roll, mirror_roll, ids) = {
         let mut rng = rand::rng();
@@ -243,6 +295,10 @@ async fn forward(
         }
     }
     for_tunnel(&mut parts);
+    if let Some((protocol, _)) = &upgrade {
+        keep_upgrade(&mut parts.headers, protocol);
+        mirror = None;
+    }
     trace_context(&mut parts.headers, ids);
     if let Some(m) = mirror {
         // Only a request without a body can be copied without holding it.
@@ -257,9 +313,22 @@ async fn forward(
         );
     let body_once = (!hyper::body::Body::is_end_stream(&req_body)).then(|| body(req_body));
     match send(&up, &dialer, &subset, &parts, body_once, safe).await {
-        Ok((resp, target, active)) => {
+        Ok((mut resp, target, active)) => {
             dialer.observe(&target, meshnode_transport::clock::tokio_since(started));
             count(&up.service, "out", &subset, class(resp.status()));
+            if let Some((_, client)) = upgrade {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    let protocol = resp.headers().get(header::UPGRADE).cloned();
+                    let instance = hyper::upgrade::on(&mut resp);
+                    splice_upgrades(client, instance, active);
+                    let (mut rp, _) = resp.into_parts();
+                    strip_hop_by_hop(&mut rp.headers, false);
+                    if let Some(p) = protocol {
+                        keep_upgrade(&mut rp.headers, &p);
+                    }
+                    return Response::from_parts(rp, body(Empty::<Bytes>::new()));
+                }
+            }
             let (mut rp, rb) = resp.into_parts();
             strip_hop_by_hop(&mut rp.headers, false);
             // The instance stays busy until the body is done.
@@ -496,7 +565,7 @@ where
         .handshake(TokioIo::new(io))
         .await?;
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        if let Err(e) = conn.with_upgrades().await {
             debug!(error = %e, "HTTP tunnel stream ended with an error");
         }
     });
@@ -607,7 +676,7 @@ impl AppPool {
             .await
             .map_err(std::io::Error::other)?;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = conn.with_upgrades().await {
                 debug!(error = %e, %target, "HTTP/1.1 connection to the application ended");
             }
         });
@@ -765,6 +834,7 @@ pub(crate) async fn serve_stream<IO>(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(STREAM_IDLE_CLOSE)
         .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
         .await;
     if let Err(e) = served {
         debug!(error = %e, "HTTP tunnel stream served with an error");
@@ -772,14 +842,22 @@ pub(crate) async fn serve_stream<IO>(
 }
 
 async fn to_app(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: AppConn,
     pool: &Arc<AppPool>,
     target: SocketAddr,
     h2: bool,
 ) -> Response<Body> {
+    // An upgrade goes to an HTTP/1.1 application as it came (an h2c one
+    // gets the request without it: HTTP/2 has no such upgrade).
+    let upgrade = upgrade_of(req.headers())
+        .filter(|_| !h2)
+        .map(|p| (p, hyper::upgrade::on(&mut req)));
     let (mut parts, b) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, h2);
+    if let Some((protocol, _)) = &upgrade {
+        keep_upgrade(&mut parts.headers, protocol);
+    }
     if h2 {
         // HTTP/2 carries the authority in the request target, not `host`.
         let authority = parts
@@ -798,7 +876,21 @@ async fn to_app(
         parts.version = hyper::Version::HTTP_2;
     }
     match pool.send(conn, target, Request::from_parts(parts, b)).await {
-        Ok(resp) => {
+        Ok(mut resp) => {
+            if let Some((_, stream)) = upgrade {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    let protocol = resp.headers().get(header::UPGRADE).cloned();
+                    let app = hyper::upgrade::on(&mut resp);
+                    splice_upgrades(stream, app, ());
+                    let (mut rp, _) = resp.into_parts();
+                    strip_hop_by_hop(&mut rp.headers, false);
+                    if let Some(p) = protocol {
+                        keep_upgrade(&mut rp.headers, &p);
+                    }
+                    rp.version = hyper::Version::HTTP_11;
+                    return Response::from_parts(rp, body(Empty::<Bytes>::new()));
+                }
+            }
             let (mut rp, rb) = resp.into_parts();
             strip_hop_by_hop(&mut rp.headers, false);
             rp.version = hyper::Version::HTTP_11;

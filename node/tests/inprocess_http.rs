@@ -26,6 +26,7 @@ use meshnode_transport::pki::policy::{DocHeader, SignedDocument, SigningKey};
 use meshnode_transport::pki::{unix_now, Ca};
 use meshnode_transport::Role;
 use rand::RngExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -167,8 +168,31 @@ async fn app(ip: Ipv4Addr, name: &'static str) -> App {
     let task = tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let counter = counter.clone();
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 counter.fetch_add(1, Ordering::Relaxed);
+                // `upgrade: echo`: switch protocols, then echo every byte.
+                if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(up) = on.await {
+                            let mut io = TokioIo::new(up);
+                            let mut buf = [0u8; 1024];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                    let resp = Response::builder()
+                        .status(101)
+                        .header("connection", "upgrade")
+                        .header("upgrade", "echo")
+                        .header("x-instance", name)
+                        .body(Full::new(Bytes::new()))
+                        .expect("response");
+                    return std::future::ready(Ok::<_, Infallible>(resp));
+                }
                 let seen = |h: &str| {
                     req.headers()
                         .get(h)
@@ -182,11 +206,12 @@ async fn app(ip: Ipv4Addr, name: &'static str) -> App {
                     .header("x-seen-internal", seen("x-internal"))
                     .body(Full::new(Bytes::from(name)))
                     .expect("response");
-                async move { Ok::<_, Infallible>(resp) }
+                std::future::ready(Ok::<_, Infallible>(resp))
             });
             tokio::spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades()
                     .await;
             });
         }
@@ -468,4 +493,52 @@ async fn weights_hold_within_3_points_over_4000_requests_and_follow_each_version
             "v2 weight {v2}: {share:.1} % of {all}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_is_routed_then_spliced_both_ways_like_a_websocket() {
+    let f = fleet(&[("a-v1", "v1"), ("b-v2", "v2")]).await;
+    f.mesh.apply(&f.caller, RULES, 1).await;
+    // The canary header routes the handshake, as any request.
+    let mut tcp = TcpStream::connect(f.caller.upstreams[0])
+        .await
+        .expect("connect");
+    tcp.write_all(
+        b"GET /chat HTTP/1.1\r\nhost: api\r\nconnection: Upgrade\r\nupgrade: echo\r\nx-canary: 1\r\n\r\n",
+    )
+    .await
+    .expect("handshake");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tcp.read(&mut byte).await.expect("read head"),
+            1,
+            "closed: {head:?}"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("upgrade: echo") && head.contains("x-instance: b-v2"),
+        "{head}"
+    );
+    // Both ways, several times, with pauses: the connection stays spliced.
+    for i in 0..5 {
+        let msg = format!("frame {i} through the mesh");
+        tcp.write_all(msg.as_bytes()).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(back, msg.as_bytes());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(tcp);
+    // Plain requests still work beside it, on reused streams.
+    let mut c = Client::connect(f.caller.upstreams[0], false).await;
+    let a = c.call("GET", "/", &[]).await;
+    assert_eq!((a.status, a.instance.as_str()), (200, "a-v1"));
 }
