@@ -180,8 +180,15 @@ async fn a_document_reaches_every_node_outlives_its_applier_and_reaches_a_late_j
     let dir = pki.issue(&spec.cluster, "node-4");
     let late = NodeProc::start(spec, &dir);
     wait_all(&[&late], "intentions", "api", 1).await;
-    let status = late.get("/v1/status").await.expect("status");
-    assert_eq!(status["policy"]["loaded"], true, "{status}");
+    // The document may come by a push before the first full exchange,
+    // which is what marks the policy loaded.
+    let loaded = wait_until(Duration::from_secs(10), || async {
+        late.get("/v1/status")
+            .await
+            .is_some_and(|s| s["policy"]["loaded"] == true)
+    })
+    .await;
+    assert!(loaded.is_some(), "{:?}", late.get("/v1/status").await);
 
     // A new version from another node, then a delete (a tombstone).
     let v2 = INTENTIONS.replace("service:web", "service:frontend");
