@@ -389,6 +389,10 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
         .with_routes(crate::policy::follow(
             policy.store.clone(),
             crate::routes::Routes::from_store,
+        ))
+        .with_resilience(crate::policy::follow(
+            policy.store.clone(),
+            crate::resilience::Policies::from_store,
         )),
     );
     tasks.push(tokio::spawn(inbound::serve(

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::UpstreamConfig;
-use crate::metrics::{LogLimit, HTTP_MIRRORED, HTTP_REQUESTS, HTTP_STREAMS, LABELS};
+use crate::metrics::{LogLimit, HTTP_FAULTS, HTTP_MIRRORED, HTTP_REQUESTS, HTTP_STREAMS, LABELS};
 use crate::policy::schema::HOP_BY_HOP;
 use crate::routes::{RequestView, Subset};
 use crate::upstream::{Dialer, Refusal, Tunnel, Want};
@@ -42,6 +42,8 @@ pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Says which hop made an error response, and why.
 pub const ERROR_HEADER: &str = "x-meshnode-error";
+/// Marks a response a `fault` of a resilience document made.
+pub const FAULT_HEADER: &str = "x-meshnode-fault";
 /// A connection to the local application should be near-instant.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Idle pooled HTTP/1.1 connections kept per application address.
@@ -269,14 +271,19 @@ async fn forward(
         .filter(|_| req.version() == hyper::Version::HTTP_11)
         .map(|p| (p, hyper::upgrade::on(&mut req)));
     let (mut parts, req_body) = req.into_parts();
-    let (split_roll, mirror_roll, ids) = {
+    let (split_roll, mirror_roll, ids, fault_rolls) = {
         let mut rng = rand::rng();
         (
             rng.random_range(0..100u32),
             rng.random_range(0.0..100.0f64),
             (rng.random::<u128>(), rng.random::<u64>()),
+            (
+                rng.random_range(0.0..100.0f64),
+                rng.random_range(0.0..100.0f64),
+            ),
         )
     };
+    let resilience = dialer.resilience(&up.service);
     let table = dialer.routes().table(&up.service);
     let mut subset = Subset::Any;
     let mut mirror = None;
@@ -292,6 +299,18 @@ async fn forward(
             mirror = sel.mirror.cloned();
             let rule = sel.rule;
             t.rewrite(rule, &mut parts.headers);
+        }
+    }
+    if let Some(policy) = &resilience {
+        let faults = policy.faults(&parts.headers, fault_rolls.0, fault_rolls.1);
+        if let Some(d) = faults.delay {
+            count_fault(&up.service, "delay");
+            tokio::time::sleep(d).await;
+        }
+        if let Some(status) = faults.abort {
+            count_fault(&up.service, "abort");
+            count(&up.service, "out", &subset, "fault");
+            return fault_response(status);
         }
     }
     for_tunnel(&mut parts);
@@ -312,7 +331,22 @@ async fn forward(
             hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
         );
     let body_once = (!hyper::body::Body::is_end_stream(&req_body)).then(|| body(req_body));
-    match send(&up, &dialer, &subset, &parts, body_once, safe).await {
+    let exchange = send(&up, &dialer, &subset, &parts, body_once, safe);
+    let sent = match resilience.as_ref().and_then(|p| p.timeout) {
+        Some(limit) => match tokio::time::timeout(limit, exchange).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                count(&up.service, "out", &subset, "timeout");
+                return error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!("meshnode: no response from {} within {limit:?}", up.service),
+                );
+            }
+        },
+        None => exchange.await,
+    };
+    match sent {
         Ok((mut resp, target, active)) => {
             dialer.observe(&target, meshnode_transport::clock::tokio_since(started));
             count(&up.service, "out", &subset, class(resp.status()));
@@ -362,6 +396,23 @@ async fn forward(
             )
         }
     }
+}
+
+fn count_fault(service: &str, fault: &'static str) {
+    metrics::counter!(HTTP_FAULTS, "service" => LABELS.value("service", service, true), "fault" => fault)
+        .increment(1);
+}
+
+/// An injected abort: the status the document names, and a header that
+/// says the mesh made it (so a rehearsal is told from a real failure).
+fn fault_response(status: u16) -> Response<Body> {
+    let mut resp = Response::new(body(Full::new(Bytes::from_static(
+        b"meshnode: fault injected by a resilience document\n",
+    ))));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    resp.headers_mut()
+        .insert(FAULT_HEADER, HeaderValue::from_static("abort"));
+    resp
 }
 
 /// Why a request got no response from an instance.

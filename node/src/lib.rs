@@ -25,6 +25,7 @@ mod registry;
 pub mod reload;
 mod renew;
 mod replicate;
+pub mod resilience;
 mod revocations;
 pub mod routes;
 mod upstream;

@@ -30,6 +30,7 @@ pub const AUTHZ_DECISIONS: &str = "meshnode_authz_decisions_total";
 pub const HTTP_REQUESTS: &str = "meshnode_http_requests_total";
 pub const HTTP_MIRRORED: &str = "meshnode_http_mirrored_total";
 pub const HTTP_STREAMS: &str = "meshnode_http_streams_total";
+pub const HTTP_FAULTS: &str = "meshnode_http_faults_injected_total";
 
 /// Histogram buckets for connect latency, loopback to WAN.
 const CONNECT_BUCKETS: [f64; 12] = [
@@ -59,6 +60,10 @@ pub fn describe() {
     describe_counter!(
         HTTP_MIRRORED,
         "Copies of HTTP requests sent by a route's mirror, by service and result"
+    );
+    describe_counter!(
+        HTTP_FAULTS,
+        "Faults a resilience document injected into HTTP requests at the caller, by service and fault (abort, delay)"
     );
     describe_counter!(
         JOIN_REQUESTS,

@@ -70,6 +70,8 @@ pub struct Dialer {
     endpoint: Endpoint,
     /// The route tables of HTTP services, following the policy store.
     routes: watch::Receiver<Arc<crate::routes::Routes>>,
+    /// The resilience settings of HTTP services, following the policy store.
+    resilience: watch::Receiver<Arc<crate::resilience::Policies>>,
     /// Idle HTTP exchanges on tunnel streams, for the next request.
     streams: Arc<crate::http::StreamPool>,
     /// Cross-cluster streams carry an end-to-end session (`None`: the mesh
@@ -159,6 +161,7 @@ impl Dialer {
             cluster: cluster.to_string(),
             state: Arc::new(Mutex::new(Load::default())),
             routes: watch::channel(Arc::new(crate::routes::Routes::default())).1,
+            resilience: watch::channel(Arc::new(crate::resilience::Policies::default())).1,
             streams: Arc::default(),
         }
     }
@@ -167,6 +170,19 @@ impl Dialer {
     pub fn with_routes(mut self, routes: watch::Receiver<Arc<crate::routes::Routes>>) -> Self {
         self.routes = routes;
         self
+    }
+
+    /// Applies `resilience` documents (the policy store's) to HTTP requests.
+    pub fn with_resilience(
+        mut self,
+        policies: watch::Receiver<Arc<crate::resilience::Policies>>,
+    ) -> Self {
+        self.resilience = policies;
+        self
+    }
+
+    pub(crate) fn resilience(&self, service: &str) -> Option<Arc<crate::resilience::Policy>> {
+        self.resilience.borrow().get(service)
     }
 
     pub(crate) fn streams(&self) -> &Arc<crate::http::StreamPool> {

@@ -160,6 +160,10 @@ struct App {
     _task: tokio::task::JoinHandle<()>,
 }
 
+type AppFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>,
+>;
+
 async fn app(ip: Ipv4Addr, name: &'static str) -> App {
     let listener = TcpListener::bind((ip, 0)).await.expect("bind app");
     let addr = listener.local_addr().expect("addr");
@@ -191,7 +195,7 @@ async fn app(ip: Ipv4Addr, name: &'static str) -> App {
                         .header("x-instance", name)
                         .body(Full::new(Bytes::new()))
                         .expect("response");
-                    return std::future::ready(Ok::<_, Infallible>(resp));
+                    return Box::pin(std::future::ready(Ok::<_, Infallible>(resp))) as AppFuture;
                 }
                 let seen = |h: &str| {
                     req.headers()
@@ -206,7 +210,14 @@ async fn app(ip: Ipv4Addr, name: &'static str) -> App {
                     .header("x-seen-internal", seen("x-internal"))
                     .body(Full::new(Bytes::from(name)))
                     .expect("response");
-                std::future::ready(Ok::<_, Infallible>(resp))
+                // `/slow...`: the answer takes 300 ms.
+                let slow = req.uri().path().starts_with("/slow");
+                Box::pin(async move {
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    Ok::<_, Infallible>(resp)
+                }) as AppFuture
             });
             tokio::spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -307,7 +318,7 @@ impl Client {
         Client { send }
     }
 
-    /// Sends one request: (status, x-instance, the response's headers).
+    /// Sends one request and reads the answer.
     async fn call(&mut self, method: &str, uri: &str, headers: &[(&str, &str)]) -> Answer {
         let mut b = Request::builder()
             .method(method)
@@ -343,6 +354,7 @@ impl Client {
             routed: h("x-seen-routed"),
             internal: h("x-seen-internal"),
             error: h("x-meshnode-error"),
+            fault: h("x-meshnode-fault"),
         }
     }
 }
@@ -354,6 +366,7 @@ struct Answer {
     routed: String,
     internal: String,
     error: String,
+    fault: String,
 }
 
 /// (method, URI, headers, the instance that must answer)
@@ -541,4 +554,82 @@ async fn an_upgrade_is_routed_then_spliced_both_ways_like_a_websocket() {
     let mut c = Client::connect(f.caller.upstreams[0], false).await;
     let a = c.call("GET", "/", &[]).await;
     assert_eq!((a.status, a.instance.as_str()), (200, "a-v1"));
+}
+
+const RESILIENCE: &str = r#"
+kind = "resilience"
+name = "api"
+timeout = "100ms"
+fault = { abort = { status = 503, percent = 25 }, delay = { duration = "50ms", percent = 100 }, header = "x-chaos" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resilience_document_times_out_slow_requests_and_injects_faults() {
+    let f = fleet(&[("a-v1", "v1")]).await;
+    let mut c = Client::connect(f.caller.upstreams[0], false).await;
+    // Before the document: a slow answer arrives.
+    let a = c.call("GET", "/slow", &[]).await;
+    assert_eq!((a.status, a.instance.as_str()), (200, "a-v1"));
+    f.mesh.apply(&f.caller, RESILIENCE, 1).await;
+
+    // The timeout: 504 from the mesh at 100 ms (the application takes 300),
+    // never early, and the median within 50 ms of it.
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let mut c = Client::connect(f.caller.upstreams[0], false).await;
+        let t = Instant::now();
+        let a = c.call("GET", "/slow", &[]).await;
+        took.push(t.elapsed());
+        assert_eq!((a.status, a.error.as_str()), (504, "timeout"), "{a:?}");
+    }
+    took.sort();
+    assert!(
+        took[0] >= Duration::from_millis(100) && took[2] <= Duration::from_millis(150),
+        "timed out after {took:?}"
+    );
+    // Fast requests are untouched, and faults need the header.
+    let before = f.apps[0].hits.load(Ordering::Relaxed);
+    for _ in 0..50 {
+        let a = c.call("GET", "/", &[]).await;
+        assert_eq!((a.status, a.fault.as_str()), (200, "-"));
+    }
+    assert_eq!(f.apps[0].hits.load(Ordering::Relaxed) - before, 50);
+
+    // With the header: every request waits 50 ms, 25 % are aborted with 503
+    // by the mesh without reaching the application.
+    let before = f.apps[0].hits.load(Ordering::Relaxed);
+    let up = f.caller.upstreams[0];
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(up, false).await;
+            let (mut aborted, mut ok) = (0u64, 0u64);
+            for _ in 0..200 {
+                let a = c.call("GET", "/", &[("x-chaos", "1")]).await;
+                match (a.status, a.fault.as_str()) {
+                    (503, "abort") => aborted += 1,
+                    (200, "-") => ok += 1,
+                    other => panic!("unexpected {other:?}: {a:?}"),
+                }
+            }
+            (aborted, ok)
+        }));
+    }
+    let (mut aborted, mut ok) = (0, 0);
+    for task in tasks {
+        let (a, o) = task.await.expect("client");
+        aborted += a;
+        ok += o;
+    }
+    let took = t.elapsed();
+    assert_eq!(aborted + ok, 2000);
+    let share = 100.0 * aborted as f64 / 2000.0;
+    assert!((share - 25.0).abs() <= 3.0, "aborted {share:.1} %");
+    assert_eq!(f.apps[0].hits.load(Ordering::Relaxed) - before, ok);
+    // 200 requests in a row per client, each delayed 50 ms: at least 10 s.
+    assert!(
+        took >= Duration::from_secs(10),
+        "2,000 delayed requests took {took:?}"
+    );
 }

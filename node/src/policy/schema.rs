@@ -285,6 +285,9 @@ pub struct Fault {
     pub abort: Option<Abort>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delay: Option<Delay>,
+    /// Only requests carrying this header (any value) get faults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -376,6 +379,7 @@ struct RawRateLimit {
 struct RawFault {
     abort: Option<Abort>,
     delay: Option<RawDelay>,
+    header: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -859,6 +863,10 @@ fn resilience(e: &mut Errors, raw: &Raw) -> Resilience {
                     percent: d.percent,
                 });
             }
+        }
+        if let Some(h) = &f.header {
+            check_header_name(e, "fault.header".into(), h);
+            fault.header = Some(h.to_ascii_lowercase());
         }
         r.fault = Some(fault);
     }
