@@ -31,7 +31,10 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::UpstreamConfig;
-use crate::metrics::{LogLimit, HTTP_FAULTS, HTTP_MIRRORED, HTTP_REQUESTS, HTTP_STREAMS, LABELS};
+use crate::metrics::{
+    LogLimit, HTTP_BUDGET_EXHAUSTED, HTTP_FAULTS, HTTP_MIRRORED, HTTP_REQUESTS, HTTP_RETRIES,
+    HTTP_STREAMS, LABELS,
+};
 use crate::policy::schema::HOP_BY_HOP;
 use crate::routes::{RequestView, Subset};
 use crate::upstream::{Dialer, Refusal, Tunnel, Want};
@@ -331,7 +334,15 @@ async fn forward(
             hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
         );
     let body_once = (!hyper::body::Body::is_end_stream(&req_body)).then(|| body(req_body));
-    let exchange = send(&up, &dialer, &subset, &parts, body_once, safe);
+    let exchange = exchange(
+        &up,
+        &dialer,
+        &subset,
+        &parts,
+        body_once,
+        safe,
+        resilience.as_deref(),
+    );
     let sent = match resilience.as_ref().and_then(|p| p.timeout) {
         Some(limit) => match tokio::time::timeout(limit, exchange).await {
             Ok(sent) => sent,
@@ -384,6 +395,17 @@ async fn forward(
             }
             error_response(status, why, format!("meshnode: {refusal:?}"))
         }
+        Err(Sent::Timeout(limit)) => {
+            count(&up.service, "out", &subset, "timeout");
+            error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!(
+                    "meshnode: no response from {} within the per-try timeout {limit:?}",
+                    up.service
+                ),
+            )
+        }
         Err(Sent::Exchange(target, e)) => {
             count(&up.service, "out", &subset, "failed");
             if ERROR_LOG.allow() {
@@ -395,6 +417,64 @@ async fn forward(
                 format!("meshnode: {} at {target}: {e}", up.service),
             )
         }
+    }
+}
+
+/// One request under its service's `retries` (if any): a failed attempt
+/// the document lists goes again, to another instance first, after a
+/// jittered back-off, while attempts and the retry budget last. Requests
+/// with a body go once (their body is not held).
+async fn exchange(
+    up: &UpstreamConfig,
+    dialer: &Dialer,
+    subset: &Subset,
+    parts: &hyper::http::request::Parts,
+    body_once: Option<Body>,
+    safe: bool,
+    policy: Option<&crate::resilience::Policy>,
+) -> Result<Exchanged, Sent> {
+    use crate::resilience::Failure;
+    let Some((policy, retries)) = policy.and_then(|p| Some((p, p.retries.as_ref()?))) else {
+        return send(up, dialer, subset, parts, body_once, safe, &[]).await;
+    };
+    let has_body = body_once.is_some();
+    dialer.budget_request(&up.service, retries.budget);
+    let mut body_once = body_once;
+    let mut avoid = Vec::new();
+    let mut made = 0u32;
+    loop {
+        made += 1;
+        let attempt = send(up, dialer, subset, parts, body_once.take(), safe, &avoid);
+        let result = match retries.per_try_timeout {
+            Some(limit) => tokio::time::timeout(limit, attempt)
+                .await
+                .unwrap_or(Err(Sent::Timeout(limit))),
+            None => attempt.await,
+        };
+        let (failure, target) = match &result {
+            Ok((resp, target, _)) if resp.status().is_server_error() => {
+                (Failure::Status(resp.status().as_u16()), Some(target.name()))
+            }
+            Ok(_) => return result,
+            Err(Sent::Refused(Refusal::Failed(_))) => (Failure::Connect, None),
+            Err(Sent::Exchange(name, _)) => (Failure::Reset, Some(name.clone())),
+            Err(Sent::Timeout(_)) => (Failure::Reset, None),
+            Err(Sent::Refused(_)) => return result,
+        };
+        if has_body || !policy.retryable(parts.method.as_str(), failure, made) {
+            return result;
+        }
+        if !dialer.try_retry(&up.service, retries.budget) {
+            metrics::counter!(HTTP_BUDGET_EXHAUSTED, "service" => LABELS.value("service", &up.service, true))
+                .increment(1);
+            return result;
+        }
+        metrics::counter!(HTTP_RETRIES, "service" => LABELS.value("service", &up.service, true), "reason" => failure.label())
+            .increment(1);
+        drop(result);
+        avoid.extend(target);
+        let jitter = rand::rng().random_range(0.0..1.0f64);
+        tokio::time::sleep(crate::resilience::backoff(made, jitter)).await;
     }
 }
 
@@ -422,6 +502,8 @@ enum Sent {
     /// The instance (named) took it, and the exchange failed: not sent
     /// again, the request may have reached the application.
     Exchange(String, hyper::Error),
+    /// The last try's per-try timeout passed.
+    Timeout(Duration),
 }
 
 type Exchanged = (
@@ -505,6 +587,7 @@ async fn send(
     parts: &hyper::http::request::Parts,
     mut body_once: Option<Body>,
     safe: bool,
+    avoid: &[String],
 ) -> Result<Exchanged, Sent> {
     let want = Want {
         subset,
@@ -512,7 +595,9 @@ async fn send(
         early_from: None,
         pipeline: safe,
     };
-    let candidates = dialer.candidates(up, &want).map_err(Sent::Refused)?;
+    let mut candidates = dialer.candidates(up, &want).map_err(Sent::Refused)?;
+    // A retry goes to another instance first, when there is one.
+    candidates.sort_by_key(|t| avoid.contains(&t.name()));
     let pool = dialer.streams();
     let mut last = String::new();
     for (attempt, target) in candidates.into_iter().enumerate() {
@@ -629,14 +714,14 @@ async fn send_mirror(
     dialer: Arc<Dialer>,
     subset: Subset,
 ) {
-    let result = match send(&up, &dialer, &subset, &parts, None, true).await {
+    let result = match send(&up, &dialer, &subset, &parts, None, true, &[]).await {
         Ok((resp, _, _active)) => {
             // Read to the end so the stream can serve again, then dropped.
             let _ = resp.into_body().collect().await;
             "ok"
         }
         Err(Sent::Refused(r)) => r.label(),
-        Err(Sent::Exchange(..)) => "failed",
+        Err(Sent::Exchange(..) | Sent::Timeout(_)) => "failed",
     };
     metrics::counter!(HTTP_MIRRORED,
         "service" => LABELS.value("service", &up.service, true),

@@ -31,6 +31,8 @@ pub const HTTP_REQUESTS: &str = "meshnode_http_requests_total";
 pub const HTTP_MIRRORED: &str = "meshnode_http_mirrored_total";
 pub const HTTP_STREAMS: &str = "meshnode_http_streams_total";
 pub const HTTP_FAULTS: &str = "meshnode_http_faults_injected_total";
+pub const HTTP_RETRIES: &str = "meshnode_http_retries_total";
+pub const HTTP_BUDGET_EXHAUSTED: &str = "meshnode_http_retry_budget_exhausted_total";
 
 /// Histogram buckets for connect latency, loopback to WAN.
 const CONNECT_BUCKETS: [f64; 12] = [
@@ -60,6 +62,14 @@ pub fn describe() {
     describe_counter!(
         HTTP_MIRRORED,
         "Copies of HTTP requests sent by a route's mirror, by service and result"
+    );
+    describe_counter!(
+        HTTP_RETRIES,
+        "HTTP requests sent again by a resilience document's retries, by service and reason (connect_failure, reset, status)"
+    );
+    describe_counter!(
+        HTTP_BUDGET_EXHAUSTED,
+        "HTTP retries the retry budget refused, by service"
     );
     describe_counter!(
         HTTP_FAULTS,

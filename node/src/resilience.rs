@@ -1,12 +1,13 @@
 //! `resilience` documents as the HTTP data path applies them (pure: the
 //! shell in `http` draws the rolls and reads the clock).
 //!
-//! Enforced so far: `timeout` (per request, until the response head) and
-//! `fault` (abort with a status, fixed delay, each for a percentage of
-//! requests, optionally only for requests carrying a header), applied at
-//! the caller's node. `retries`, `circuit_breaker` and `rate_limit` are
-//! validated and stored, and not enforced yet (`pending_keys` names them,
-//! so `policy apply` and `explain` can say so).
+//! Enforced so far, at the caller's node: `timeout` (per request, until
+//! the response head), `fault` (abort with a status, fixed delay, each for
+//! a percentage of requests, optionally only for requests carrying a
+//! header) and `retries` (conditions, attempts, per-try timeout, back-off
+//! with jitter, and a budget: [`Budget`]). `circuit_breaker` and
+//! `rate_limit` are validated and stored, and not enforced yet
+//! (`pending_keys` names them, so `policy apply` can say so).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use hyper::header::HeaderMap;
 
-use crate::policy::schema::{Body, Document, Fault, Resilience};
+use crate::policy::schema::{Body, Document, Fault, Resilience, Retries};
 use crate::policy::PolicyStore;
 
 /// What one request gets from its service's document.
@@ -32,6 +33,30 @@ pub struct Policy {
     /// Until the response head; the mesh answers 504 after it.
     pub timeout: Option<Duration>,
     fault: Option<Fault>,
+    pub retries: Option<Retries>,
+}
+
+/// Why an attempt failed, as `retries.on` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No instance could be reached or none accepted (`connect-failure`,
+    /// `refused-stream`).
+    Connect,
+    /// The exchange broke after the instance took it, or its per-try
+    /// timeout passed (`reset`).
+    Reset,
+    /// The instance answered with this status.
+    Status(u16),
+}
+
+impl Failure {
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Connect => "connect_failure",
+            Failure::Reset => "reset",
+            Failure::Status(_) => "status",
+        }
+    }
 }
 
 impl Policy {
@@ -39,7 +64,29 @@ impl Policy {
         Policy {
             timeout: r.timeout,
             fault: r.fault.clone(),
+            retries: r.retries.clone(),
         }
+    }
+
+    /// Whether a failed attempt of a request with `method` may go again:
+    /// the document lists the condition, the method is idempotent, and the
+    /// attempts are not used up (`attempts` counts the first try).
+    pub fn retryable(&self, method: &str, failure: Failure, attempts_made: u32) -> bool {
+        let Some(r) = &self.retries else {
+            return false;
+        };
+        let idempotent = matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+        );
+        let listed = r.on.iter().any(|on| match (on.as_str(), failure) {
+            ("connect-failure" | "refused-stream", Failure::Connect) => true,
+            ("reset", Failure::Reset) => true,
+            ("5xx", Failure::Status(s)) => (500..600).contains(&s),
+            ("gateway-error", Failure::Status(s)) => matches!(s, 502..=504),
+            _ => false,
+        });
+        idempotent && listed && attempts_made < r.attempts
     }
 
     /// The faults for one request; `abort_roll` and `delay_roll` are
@@ -70,12 +117,79 @@ impl Policy {
     }
 }
 
+/// The wait before retry number `n` (1, 2, ...): exponential from 25 ms,
+/// capped at 250 ms, with full jitter (`jitter` uniform in 0..1), as
+/// Envoy's default back-off.
+pub fn backoff(n: u32, jitter: f64) -> Duration {
+    let base = Duration::from_millis(25)
+        .saturating_mul(1 << n.saturating_sub(1).min(4))
+        .min(Duration::from_millis(250));
+    base.mul_f64(jitter.clamp(0.0, 1.0))
+}
+
+/// A retry budget (as linkerd2-proxy's and Finagle's): over the last
+/// [`Budget::WINDOW`], retries may add `ratio` of the requests plus
+/// [`Budget::FLOOR_PER_SEC`] per second, so when every instance fails
+/// the extra load stays bounded. Time is an argument (seconds since any
+/// fixed origin).
+#[derive(Debug)]
+pub struct Budget {
+    ratio: f64,
+    /// (second, requests, retries), newest last, within the window.
+    buckets: std::collections::VecDeque<(u64, u64, u64)>,
+}
+
+impl Budget {
+    pub const WINDOW: u64 = 10;
+    pub const FLOOR_PER_SEC: u64 = 10;
+
+    pub fn new(ratio: f64) -> Self {
+        Budget {
+            ratio,
+            buckets: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn bucket(&mut self, now: u64) -> &mut (u64, u64, u64) {
+        while self
+            .buckets
+            .front()
+            .is_some_and(|b| b.0 + Self::WINDOW <= now)
+        {
+            self.buckets.pop_front();
+        }
+        if self.buckets.back().is_none_or(|b| b.0 != now) {
+            self.buckets.push_back((now, 0, 0));
+        }
+        // Just pushed or already there.
+        let last = self.buckets.len() - 1;
+        &mut self.buckets[last]
+    }
+
+    /// A request (its first attempt).
+    pub fn request(&mut self, now: u64) {
+        self.bucket(now).1 += 1;
+    }
+
+    /// Takes one retry from the budget if there is one left.
+    pub fn try_retry(&mut self, now: u64) -> bool {
+        self.bucket(now);
+        let (requests, retries) = self
+            .buckets
+            .iter()
+            .fold((0, 0), |(q, r), b| (q + b.1, r + b.2));
+        let allowed = self.ratio * requests as f64 + (Self::FLOOR_PER_SEC * Self::WINDOW) as f64;
+        if (retries + 1) as f64 > allowed {
+            return false;
+        }
+        self.bucket(now).2 += 1;
+        true
+    }
+}
+
 /// The keys of a document this version validates but does not enforce yet.
 pub fn pending_keys(r: &Resilience) -> Vec<&'static str> {
     let mut keys = Vec::new();
-    if r.retries.is_some() {
-        keys.push("retries");
-    }
     if r.circuit_breaker.is_some() {
         keys.push("circuit_breaker");
     }
@@ -167,12 +281,122 @@ fault = { abort = { status = 503, percent = 25 }, delay = { duration = "100ms", 
         let Body::Resilience(r) = &doc.body else {
             panic!()
         };
-        assert_eq!(pending_keys(r), vec!["retries", "rate_limit"]);
+        assert_eq!(pending_keys(r), vec!["rate_limit"]);
         let p = Policies::from_documents([doc]);
         assert!(p.get("api").is_some() && p.get("web").is_none());
     }
 
+    #[test]
+    fn retries_need_a_listed_condition_an_idempotent_method_and_attempts_left() {
+        let p = policy(
+            "kind = \"resilience\"\nname = \"api\"\nretries = { attempts = 3, on = [\"5xx\", \"reset\"] }",
+        );
+        assert!(p.retryable("GET", Failure::Status(503), 1));
+        assert!(p.retryable("PUT", Failure::Reset, 2));
+        assert!(
+            !p.retryable("GET", Failure::Status(503), 3),
+            "3 attempts made"
+        );
+        assert!(
+            !p.retryable("POST", Failure::Status(503), 1),
+            "not idempotent"
+        );
+        assert!(!p.retryable("GET", Failure::Status(404), 1));
+        assert!(!p.retryable("GET", Failure::Connect, 1), "not listed");
+        let gw = policy(
+            "kind = \"resilience\"\nname = \"api\"\nretries = { attempts = 2, on = [\"gateway-error\", \"connect-failure\"] }",
+        );
+        assert!(gw.retryable("GET", Failure::Status(504), 1));
+        assert!(!gw.retryable("GET", Failure::Status(500), 1));
+        assert!(gw.retryable("GET", Failure::Connect, 1));
+        assert!(
+            !policy("kind = \"resilience\"\nname = \"api\"\ntimeout = \"1s\"").retryable(
+                "GET",
+                Failure::Connect,
+                1
+            )
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_jitters_below_it() {
+        assert_eq!(backoff(1, 1.0), Duration::from_millis(25));
+        assert_eq!(backoff(2, 1.0), Duration::from_millis(50));
+        assert_eq!(backoff(4, 1.0), Duration::from_millis(200));
+        assert_eq!(backoff(9, 1.0), Duration::from_millis(250));
+        assert_eq!(backoff(3, 0.5), Duration::from_millis(50));
+        assert_eq!(backoff(3, 0.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_budget_holds_retries_to_the_ratio_plus_the_floor() {
+        let mut b = Budget::new(0.2);
+        // 1,000 requests a second for 30 s, every one wanting a retry.
+        let mut granted = 0u64;
+        for sec in 0..30 {
+            for _ in 0..1000 {
+                b.request(sec);
+                if b.try_retry(sec) {
+                    granted += 1;
+                }
+            }
+        }
+        // Per 10 s window: 20 % of 10,000 requests + 100 (the floor).
+        assert!(granted <= 3 * 2100, "{granted}");
+        assert!(granted >= 3 * 2000, "{granted}");
+        // With no requests, the floor alone: 100 per window.
+        let mut idle = Budget::new(0.2);
+        let n = (0..1000).filter(|_| idle.try_retry(100)).count();
+        assert_eq!(n, 100);
+        // Old requests age out of the window.
+        let mut old = Budget::new(0.5);
+        for _ in 0..1000 {
+            old.request(0);
+        }
+        assert_eq!((0..1000).filter(|_| old.try_retry(9)).count(), 600);
+        assert_eq!((0..1000).filter(|_| old.try_retry(20)).count(), 100);
+    }
+
     proptest! {
+        /// Whatever the pattern of requests and retry wishes over time,
+        /// the retries granted in any window stay within the floor plus
+        /// ratio x the requests of that window and the one before (a retry
+        /// granted late in a window was backed by requests that have aged
+        /// out since).
+        #[test]
+        fn granted_retries_never_pass_the_budget(
+            steps in proptest::collection::vec((0u64..3, 0u32..50, 0u32..50), 1..100),
+            ratio in 0.0f64..1.0,
+        ) {
+            let mut b = Budget::new(ratio);
+            let mut now = 0u64;
+            let mut log: Vec<(u64, u64, u64)> = Vec::new(); // (second, requests, granted)
+            for (advance, requests, wishes) in steps {
+                now += advance;
+                let mut granted = 0;
+                for _ in 0..requests {
+                    b.request(now);
+                }
+                for _ in 0..wishes {
+                    if b.try_retry(now) {
+                        granted += 1;
+                    }
+                }
+                log.push((now, requests as u64, granted));
+                let r: u64 = log
+                    .iter()
+                    .filter(|e| e.0 + Budget::WINDOW > now)
+                    .map(|e| e.2)
+                    .sum();
+                let q: u64 = log
+                    .iter()
+                    .filter(|e| e.0 + 2 * Budget::WINDOW > now + 1)
+                    .map(|e| e.1)
+                    .sum();
+                prop_assert!(r as f64 <= ratio * q as f64 + 100.0 + 1e-9, "{r} retries for {q} requests");
+            }
+        }
+
         /// Over the 10,000 rolls 0.00..99.99, a fault fires for exactly
         /// its percentage of them.
         #[test]

@@ -72,6 +72,9 @@ pub struct Dialer {
     routes: watch::Receiver<Arc<crate::routes::Routes>>,
     /// The resilience settings of HTTP services, following the policy store.
     resilience: watch::Receiver<Arc<crate::resilience::Policies>>,
+    /// Retry budgets by service, and the origin of their clock.
+    budgets: Mutex<HashMap<String, crate::resilience::Budget>>,
+    born: tokio::time::Instant,
     /// Idle HTTP exchanges on tunnel streams, for the next request.
     streams: Arc<crate::http::StreamPool>,
     /// Cross-cluster streams carry an end-to-end session (`None`: the mesh
@@ -162,6 +165,8 @@ impl Dialer {
             state: Arc::new(Mutex::new(Load::default())),
             routes: watch::channel(Arc::new(crate::routes::Routes::default())).1,
             resilience: watch::channel(Arc::new(crate::resilience::Policies::default())).1,
+            budgets: Mutex::new(HashMap::new()),
+            born: meshnode_transport::clock::tokio_now(),
             streams: Arc::default(),
         }
     }
@@ -183,6 +188,30 @@ impl Dialer {
 
     pub(crate) fn resilience(&self, service: &str) -> Option<Arc<crate::resilience::Policy>> {
         self.resilience.borrow().get(service)
+    }
+
+    fn budget<T>(
+        &self,
+        service: &str,
+        ratio: f64,
+        f: impl FnOnce(&mut crate::resilience::Budget, u64) -> T,
+    ) -> T {
+        let now = meshnode_transport::clock::tokio_since(self.born).as_secs();
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let b = budgets
+            .entry(service.to_string())
+            .or_insert_with(|| crate::resilience::Budget::new(ratio));
+        f(b, now)
+    }
+
+    /// A request of `service` deposits into its retry budget.
+    pub(crate) fn budget_request(&self, service: &str, ratio: f64) {
+        self.budget(service, ratio, |b, now| b.request(now));
+    }
+
+    /// Takes a retry from `service`'s budget, if one is left.
+    pub(crate) fn try_retry(&self, service: &str, ratio: f64) -> bool {
+        self.budget(service, ratio, |b, now| b.try_retry(now))
     }
 
     pub(crate) fn streams(&self) -> &Arc<crate::http::StreamPool> {

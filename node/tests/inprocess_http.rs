@@ -212,6 +212,15 @@ async fn app(ip: Ipv4Addr, name: &'static str) -> App {
                     .expect("response");
                 // `/slow...`: the answer takes 300 ms.
                 let slow = req.uri().path().starts_with("/slow");
+                // `/fail`: 503 always; `/flaky`: 503 for 3 of every 10
+                // requests at an instance whose name ends in `-flaky`.
+                let hit = counter.load(Ordering::Relaxed);
+                let fail = req.uri().path() == "/fail"
+                    || (req.uri().path() == "/flaky" && name.ends_with("-flaky") && hit % 10 < 3);
+                let mut resp = resp;
+                if fail {
+                    *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                }
                 Box::pin(async move {
                     if slow {
                         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -631,5 +640,76 @@ async fn a_resilience_document_times_out_slow_requests_and_injects_faults() {
     assert!(
         took >= Duration::from_secs(10),
         "2,000 delayed requests took {took:?}"
+    );
+}
+
+const RETRIES: &str = r#"
+kind = "resilience"
+name = "api"
+retries = { attempts = 3, on = ["5xx"], budget = 0.2 }
+"#;
+
+/// `n` GETs of `path` from 10 keep-alive clients: (2xx, other).
+async fn load(up: SocketAddr, path: &'static str, n: usize) -> (usize, usize) {
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(up, false).await;
+            let mut ok = 0;
+            for _ in 0..n / 10 {
+                if c.call("GET", path, &[]).await.status == 200 {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.expect("client");
+    }
+    (ok, n - ok)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_hide_a_flaky_instance_and_stay_within_the_budget_when_all_fail() {
+    let f = fleet(&[("a-v1", "v1"), ("b-v1", "v1"), ("c-flaky", "v1")]).await;
+    let up = f.caller.upstreams[0];
+    let hits = |f: &Fleet| -> u64 { f.apps.iter().map(|a| a.hits.load(Ordering::Relaxed)).sum() };
+    // Without retries, the flaky instance's failures reach the client.
+    let (_, failed) = load(up, "/flaky", 1000).await;
+    assert!(failed > 20, "{failed} of 1,000 failed without retries");
+
+    f.mesh.apply(&f.caller, RETRIES, 1).await;
+    let before = hits(&f);
+    let t = Instant::now();
+    let (ok, failed) = load(up, "/flaky", 2000).await;
+    assert!(
+        ok as f64 >= 0.999 * 2000.0,
+        "{ok} of 2,000 succeeded, {failed} failed"
+    );
+
+    // Then every instance fails: the extra attempts of both phases (one
+    // budget window) stay within 20 % of their 3,000 requests plus the
+    // floor (10 a second over the 10 s window: 100).
+    let middle = hits(&f);
+    let (ok, _) = load(up, "/fail", 1000).await;
+    let took = t.elapsed();
+    assert_eq!(ok, 0);
+    assert!(
+        took < Duration::from_secs(10),
+        "{took:?}: the bound assumes one window"
+    );
+    let extra = hits(&f) - before - 3000;
+    assert!(extra <= 600 + 100, "{extra} retries for 3,000 requests");
+    // The failing phase used what the budget had left, not 2 per request.
+    let failing = hits(&f) - middle - 1000;
+    assert!(
+        failing < 1000,
+        "{failing} retries for 1,000 failing requests"
+    );
+    eprintln!(
+        "retries: {} while 30 % of one instance failed, {failing} while all failed, {extra} of 700 allowed in the window",
+        extra - failing
     );
 }
