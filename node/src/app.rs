@@ -410,6 +410,7 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
             trust_carried: cfg.cross_cluster_identity == CrossClusterIdentity::Gateway,
             apps: Arc::new(crate::http::AppPool::default()),
             dialer: dialer.clone(),
+            limiters: Arc::default(),
             policy_loaded: {
                 let policy = policy.clone();
                 Arc::new(move || policy.loaded())

@@ -32,8 +32,8 @@ use tracing::debug;
 
 use crate::config::UpstreamConfig;
 use crate::metrics::{
-    LogLimit, HTTP_BUDGET_EXHAUSTED, HTTP_FAULTS, HTTP_MIRRORED, HTTP_REQUESTS, HTTP_RETRIES,
-    HTTP_STREAMS, LABELS,
+    LogLimit, HTTP_BUDGET_EXHAUSTED, HTTP_FAULTS, HTTP_MIRRORED, HTTP_RATE_LIMITED, HTTP_REQUESTS,
+    HTTP_RETRIES, HTTP_STREAMS, LABELS,
 };
 use crate::policy::schema::HOP_BY_HOP;
 use crate::routes::{RequestView, Subset};
@@ -908,6 +908,58 @@ pub(crate) struct StreamRules {
     /// A draining node answers with `connection: close`, so callers stop
     /// reusing its streams.
     pub drain: crate::drain::Drain,
+    /// The instance's rate limit, checked for every request (the first
+    /// too): `Err` says when a token will be there.
+    pub limit: Box<dyn Fn() -> Result<(), Duration> + Send + Sync>,
+}
+
+/// Local rate limits of this node's instances (`rate_limit` of a
+/// resilience document): one token bucket per service and application
+/// address, so the limit holds per instance.
+#[derive(Default)]
+pub struct Limiters {
+    buckets: Mutex<HashMap<(String, SocketAddr), crate::resilience::TokenBucket>>,
+    born: std::sync::OnceLock<tokio::time::Instant>,
+}
+
+impl Limiters {
+    /// Takes a token for one request to `service` at `target` under `limit`.
+    pub(crate) fn take(
+        &self,
+        service: &str,
+        target: SocketAddr,
+        limit: &crate::policy::schema::RateLimit,
+    ) -> Result<(), Duration> {
+        let born = *self.born.get_or_init(meshnode_transport::clock::tokio_now);
+        let now = meshnode_transport::clock::tokio_since(born);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (service.to_string(), target);
+        match buckets.get_mut(&key) {
+            Some(b) if b.is_for(limit) => b.try_take(now),
+            _ => {
+                let mut b = crate::resilience::TokenBucket::new(limit, now);
+                let taken = b.try_take(now);
+                buckets.insert(key, b);
+                taken
+            }
+        }
+    }
+}
+
+/// 429 with `Retry-After` (whole seconds, at least 1).
+fn rate_limited(service: &str, wait: Duration) -> Response<Body> {
+    metrics::counter!(HTTP_RATE_LIMITED, "service" => LABELS.value("service", service, true))
+        .increment(1);
+    let mut resp = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("meshnode: {service} is rate limited here"),
+    );
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
 }
 
 /// Serves the requests a tunnel stream carries (HTTP/1.1 keep-alive: the
@@ -933,6 +985,14 @@ pub(crate) async fn serve_stream<IO>(
         let service = service.clone();
         let rules = rules.clone();
         async move {
+            if let Err(wait) = (rules.limit)() {
+                // The stream's first connection goes back unused.
+                if let Some(AppConn::H1(s)) = taken {
+                    pool.checkin(target.0, s);
+                }
+                count(&service, "in", &Subset::Any, "rate_limited");
+                return Ok::<_, Infallible>(rate_limited(&service, wait));
+            }
             let conn = match taken {
                 Some(c) => Ok(c),
                 None => match (rules.authorize)() {

@@ -67,6 +67,8 @@ pub struct Inbound {
     /// The node's attempt engine: a gateway picks and rates the instances
     /// it forwards to with the same outlier and load state as upstreams.
     pub dialer: Arc<crate::upstream::Dialer>,
+    /// Local rate limits of this node's HTTP instances.
+    pub limiters: Arc<crate::http::Limiters>,
 }
 
 /// Who is calling, as far as this node can tell.
@@ -493,7 +495,7 @@ async fn serve_end_to_end(
     let tcp = match app {
         App::Tcp(tcp) => tcp,
         App::Http(conn) => {
-            let rules = stream_rules(ctx, &outer.service, service_label, &caller, via);
+            let rules = stream_rules(ctx, &outer.service, service_label, &caller, via, target.0);
             crate::http::serve_stream(
                 session,
                 conn,
@@ -526,6 +528,7 @@ fn stream_rules(
     service_label: &str,
     caller: &CallerId,
     peer: &PeerCert,
+    target: std::net::SocketAddr,
 ) -> crate::http::StreamRules {
     let (service, label, caller, peer) = (
         service.to_string(),
@@ -534,9 +537,16 @@ fn stream_rules(
         peer.clone(),
     );
     let (authz, loaded) = (ctx.authz.clone(), ctx.policy_loaded.clone());
+    let (dialer, limiters, svc) = (ctx.dialer.clone(), ctx.limiters.clone(), service.clone());
     crate::http::StreamRules {
         authorize: Box::new(move || decide(&authz, &*loaded, &service, &label, &caller, &peer)),
         drain: ctx.drain.clone(),
+        limit: Box::new(
+            move || match dialer.resilience(&svc).and_then(|p| p.rate_limit.clone()) {
+                Some(limit) => limiters.take(&svc, target, &limit),
+                None => Ok(()),
+            },
+        ),
     }
 }
 
@@ -600,7 +610,7 @@ async fn connect_local(
         App::Http(conn) => {
             let io = tokio::io::join(recv, send);
             let label = LABELS.value("service", service, true);
-            let rules = stream_rules(ctx, service, &label, caller, peer);
+            let rules = stream_rules(ctx, service, &label, caller, peer, target.0);
             crate::http::serve_stream(
                 io,
                 conn,

@@ -32,6 +32,7 @@ pub const HTTP_MIRRORED: &str = "meshnode_http_mirrored_total";
 pub const HTTP_STREAMS: &str = "meshnode_http_streams_total";
 pub const HTTP_FAULTS: &str = "meshnode_http_faults_injected_total";
 pub const HTTP_RETRIES: &str = "meshnode_http_retries_total";
+pub const HTTP_RATE_LIMITED: &str = "meshnode_http_rate_limited_total";
 pub const HTTP_BUDGET_EXHAUSTED: &str = "meshnode_http_retry_budget_exhausted_total";
 
 /// Histogram buckets for connect latency, loopback to WAN.
@@ -62,6 +63,10 @@ pub fn describe() {
     describe_counter!(
         HTTP_MIRRORED,
         "Copies of HTTP requests sent by a route's mirror, by service and result"
+    );
+    describe_counter!(
+        HTTP_RATE_LIMITED,
+        "HTTP requests a destination instance's local rate limit answered with 429, by service"
     );
     describe_counter!(
         HTTP_RETRIES,

@@ -5,9 +5,10 @@
 //! the response head), `fault` (abort with a status, fixed delay, each for
 //! a percentage of requests, optionally only for requests carrying a
 //! header) and `retries` (conditions, attempts, per-try timeout, back-off
-//! with jitter, and a budget: [`Budget`]). `circuit_breaker` and
-//! `rate_limit` are validated and stored, and not enforced yet
-//! (`pending_keys` names them, so `policy apply` can say so).
+//! with jitter, and a budget: [`Budget`]); and at each destination
+//! instance's node `rate_limit` ([`TokenBucket`], 429 with `Retry-After`).
+//! `circuit_breaker` is validated and stored, and not enforced yet
+//! (`pending_keys` names it, so `policy apply` can say so).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use hyper::header::HeaderMap;
 
-use crate::policy::schema::{Body, Document, Fault, Resilience, Retries};
+use crate::policy::schema::{Body, Document, Fault, RateLimit, Resilience, Retries};
 use crate::policy::PolicyStore;
 
 /// What one request gets from its service's document.
@@ -34,6 +35,8 @@ pub struct Policy {
     pub timeout: Option<Duration>,
     fault: Option<Fault>,
     pub retries: Option<Retries>,
+    /// Per destination instance, enforced at its node.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Why an attempt failed, as `retries.on` names it.
@@ -65,6 +68,7 @@ impl Policy {
             timeout: r.timeout,
             fault: r.fault.clone(),
             retries: r.retries.clone(),
+            rate_limit: r.rate_limit.clone(),
         }
     }
 
@@ -187,14 +191,49 @@ impl Budget {
     }
 }
 
+/// A token bucket (Envoy's local rate limit): `burst` requests at once,
+/// refilled at `rps`; time is an argument (since any fixed origin).
+#[derive(Debug)]
+pub struct TokenBucket {
+    rps: f64,
+    burst: f64,
+    tokens: f64,
+    last: Duration,
+}
+
+impl TokenBucket {
+    pub fn new(limit: &RateLimit, now: Duration) -> Self {
+        TokenBucket {
+            rps: limit.rps,
+            burst: f64::from(limit.burst),
+            tokens: f64::from(limit.burst),
+            last: now,
+        }
+    }
+
+    /// Whether the bucket was made for `limit` (a new document resets it).
+    pub fn is_for(&self, limit: &RateLimit) -> bool {
+        self.rps == limit.rps && self.burst == f64::from(limit.burst)
+    }
+
+    /// Takes a token, or says how long until one is there.
+    pub fn try_take(&mut self, now: Duration) -> Result<(), Duration> {
+        let elapsed = now.saturating_sub(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed * self.rps).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rps))
+    }
+}
+
 /// The keys of a document this version validates but does not enforce yet.
 pub fn pending_keys(r: &Resilience) -> Vec<&'static str> {
     let mut keys = Vec::new();
     if r.circuit_breaker.is_some() {
         keys.push("circuit_breaker");
-    }
-    if r.rate_limit.is_some() {
-        keys.push("rate_limit");
     }
     keys
 }
@@ -281,7 +320,7 @@ fault = { abort = { status = 503, percent = 25 }, delay = { duration = "100ms", 
         let Body::Resilience(r) = &doc.body else {
             panic!()
         };
-        assert_eq!(pending_keys(r), vec!["rate_limit"]);
+        assert!(pending_keys(r).is_empty());
         let p = Policies::from_documents([doc]);
         assert!(p.get("api").is_some() && p.get("web").is_none());
     }
@@ -357,7 +396,62 @@ fault = { abort = { status = 503, percent = 25 }, delay = { duration = "100ms", 
         assert_eq!((0..1000).filter(|_| old.try_retry(20)).count(), 100);
     }
 
+    #[test]
+    fn the_bucket_gives_its_burst_then_its_rate() {
+        let limit = RateLimit {
+            rps: 50.0,
+            burst: 10,
+        };
+        let mut b = TokenBucket::new(&limit, Duration::ZERO);
+        let burst = (0..100)
+            .filter(|_| b.try_take(Duration::ZERO).is_ok())
+            .count();
+        assert_eq!(burst, 10);
+        assert_eq!(
+            b.try_take(Duration::ZERO),
+            Err(Duration::from_millis(20)),
+            "one token takes 1/50 s"
+        );
+        // Asked 1,000 times a second for 10 s: 500 more.
+        let mut granted = 0;
+        for ms in 1..=10_000u64 {
+            if b.try_take(Duration::from_millis(ms)).is_ok() {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, 500);
+        // A clock that steps back takes nothing and gives nothing.
+        assert!(b.try_take(Duration::from_millis(5)).is_err());
+        assert!(
+            b.is_for(&limit)
+                && !b.is_for(&RateLimit {
+                    rps: 50.0,
+                    burst: 11
+                })
+        );
+    }
+
     proptest! {
+        /// Over any run, a bucket grants at most burst + rps x elapsed.
+        #[test]
+        fn a_bucket_never_grants_more_than_burst_plus_rate(
+            rps in 0.5f64..1000.0,
+            burst in 1u32..100,
+            gaps in proptest::collection::vec(0u64..50, 1..300),
+        ) {
+            let limit = RateLimit { rps, burst };
+            let mut b = TokenBucket::new(&limit, Duration::ZERO);
+            let mut now = Duration::ZERO;
+            let mut granted = 0u64;
+            for g in gaps {
+                now += Duration::from_millis(g);
+                if b.try_take(now).is_ok() {
+                    granted += 1;
+                }
+            }
+            prop_assert!(granted as f64 <= f64::from(burst) + rps * now.as_secs_f64() + 1e-6);
+        }
+
         /// Whatever the pattern of requests and retry wishes over time,
         /// the retries granted in any window stay within the floor plus
         /// ratio x the requests of that window and the one before (a retry

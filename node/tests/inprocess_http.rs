@@ -364,6 +364,7 @@ impl Client {
             internal: h("x-seen-internal"),
             error: h("x-meshnode-error"),
             fault: h("x-meshnode-fault"),
+            retry_after: h("retry-after"),
         }
     }
 }
@@ -376,6 +377,7 @@ struct Answer {
     internal: String,
     error: String,
     fault: String,
+    retry_after: String,
 }
 
 /// (method, URI, headers, the instance that must answer)
@@ -711,5 +713,70 @@ async fn retries_hide_a_flaky_instance_and_stay_within_the_budget_when_all_fail(
     eprintln!(
         "retries: {} while 30 % of one instance failed, {failing} while all failed, {extra} of 700 allowed in the window",
         extra - failing
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_rate_limit_holds_its_rate_and_says_when_to_retry() {
+    let f = fleet(&[("a-v1", "v1")]).await;
+    f.mesh
+        .apply(
+            &f.caller,
+            "kind = \"resilience\"\nname = \"api\"\nrate_limit = { rps = 50, burst = 10 }\n",
+            1,
+        )
+        .await;
+    // The destination's node holds the document too (it enforces it).
+    let dest = &f._nodes[0];
+    wait(Duration::from_secs(5), || async {
+        client::get(dest.admin, "/v1/policy/resilience/api")
+            .await
+            .is_ok()
+    })
+    .await
+    .expect("the destination holds the document");
+    let up = f.caller.upstreams[0];
+    let run = Duration::from_secs(3);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(up, false).await;
+            let (mut ok, mut limited, mut retry_after) = (0u64, 0u64, true);
+            while t.elapsed() < run {
+                let a = c.call("GET", "/", &[]).await;
+                match (a.status, a.error.as_str()) {
+                    (200, _) => ok += 1,
+                    (429, "rate_limited") => {
+                        limited += 1;
+                        retry_after &= a.retry_after == "1";
+                    }
+                    other => panic!("unexpected {other:?}: {a:?}"),
+                }
+            }
+            (ok, limited, retry_after)
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for task in tasks {
+        let (o, l, r) = task.await.expect("client");
+        assert!(r, "a 429 without Retry-After: 1");
+        ok += o;
+        limited += l;
+    }
+    let elapsed = t.elapsed().as_secs_f64();
+    let rate = (ok as f64 - 10.0) / elapsed;
+    assert!(
+        (rate - 50.0).abs() <= 2.5,
+        "{ok} answered, {limited} limited in {elapsed:.2} s: {rate:.1}/s above the burst"
+    );
+    assert!(
+        limited > ok,
+        "the clients asked for far more than the limit"
+    );
+    assert_eq!(
+        f.apps[0].hits.load(Ordering::Relaxed),
+        ok,
+        "a limited request never reaches the application"
     );
 }

@@ -235,7 +235,7 @@ async fn apply(file: &Path, signer: &SignerArgs, admin: &AdminArgs) -> Result<()
         let pending = meshnode_node::resilience::pending_keys(r);
         if !pending.is_empty() {
             eprintln!(
-                "note: this version of meshnode validates and spreads {}, and does not enforce {} yet (timeout, retries and fault are enforced)",
+                "note: this version of meshnode validates and spreads {}, and does not enforce {} yet (timeout, retries, fault and rate_limit are enforced)",
                 pending.join(", "),
                 if pending.len() == 1 { "it" } else { "them" }
             );
