@@ -558,6 +558,11 @@ split = [{ subset = "c", weight = 100 }]
         assert_eq!(literal_prefix("/api/v2{0,1}"), "/api/v");
         assert_eq!(literal_prefix("/api/v2+"), "/api/v");
         assert_eq!(literal_prefix("ab+*"), "a");
+        // A pattern that would close the anchoring group is refused.
+        for escape in ["a)|(.*", "x)?(", "a)(b"] {
+            assert!(Pattern::compile(escape).is_err(), "{escape}");
+        }
+        assert!(Pattern::compile("(a)|(b)").is_ok());
         assert_eq!(literal_prefix("/a|/b"), "");
         assert_eq!(literal_prefix("(?i)/items"), "");
         assert_eq!(literal_prefix("é?"), "");

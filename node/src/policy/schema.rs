@@ -679,6 +679,13 @@ pub(crate) fn compile_regex(re: &str) -> Result<regex::Regex, String> {
     if re.len() > 1024 {
         return Err("a regular expression is at most 1024 bytes".into());
     }
+    // The pattern must stand on its own before it is wrapped: `a)|(.*`
+    // would otherwise close the wrapping group and escape the anchors.
+    regex::RegexBuilder::new(re)
+        .size_limit(1 << 20)
+        .dfa_size_limit(1 << 20)
+        .build()
+        .map_err(|err| format!("{re:?} is not a regular expression: {err}"))?;
     // Anchored: the whole path or value must match, as in Envoy's safe_regex.
     regex::RegexBuilder::new(&format!("^(?:{re})$"))
         .size_limit(1 << 20)
