@@ -582,6 +582,24 @@ async fn a_resilience_document_times_out_slow_requests_and_injects_faults() {
     let a = c.call("GET", "/slow", &[]).await;
     assert_eq!((a.status, a.instance.as_str()), (200, "a-v1"));
     f.mesh.apply(&f.caller, RESILIENCE, 1).await;
+    // explain shows the document as the node applies it.
+    let explained: serde_json::Value = serde_json::from_str(
+        &client::get(f.caller.admin, "/v1/explain?service=api")
+            .await
+            .expect("explain"),
+    )
+    .expect("JSON");
+    let r = &explained["resilience"];
+    assert_eq!(
+        (&r["version"], &r["timeout"], &r["fault"]["header"]),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!("100ms"),
+            &serde_json::json!("x-chaos")
+        ),
+        "{explained}"
+    );
+    assert_eq!(r["not_enforced"], serde_json::json!([]));
 
     // The timeout: 504 from the mesh at 100 ms (the application takes 300),
     // never early, and the median within 50 ms of it.

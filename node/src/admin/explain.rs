@@ -63,6 +63,19 @@ pub struct Explanation {
     /// For an HTTP request (`path`, `method`, `header` given): its route.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request: Option<RequestRoute>,
+    /// The service's `resilience` document, if this node holds one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resilience: Option<ResilienceView>,
+}
+
+/// A `resilience` document as this node applies it.
+#[derive(Debug, Serialize)]
+pub struct ResilienceView {
+    pub version: u64,
+    #[serde(flatten)]
+    pub settings: crate::policy::schema::Resilience,
+    /// Keys this version validates but does not enforce yet.
+    pub not_enforced: Vec<&'static str>,
 }
 
 /// Parses `key=value&...`; values are percent-decoded (`%XX`), and one
@@ -293,7 +306,19 @@ pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, 
     let authorization = Authorization { decision, source };
     let request = request_route(s, &up, query)?;
     let attempts = attempts(s.dialer.plan(&up));
+    let resilience = s.policy.store.get("resilience", &service).and_then(|held| {
+        let version = held.doc.header.version;
+        match held.parsed?.body {
+            crate::policy::schema::Body::Resilience(settings) => Some(ResilienceView {
+                version,
+                not_enforced: crate::resilience::pending_keys(&settings),
+                settings,
+            }),
+            _ => None,
+        }
+    });
     Ok(Explanation {
+        resilience,
         request,
         service: service.to_string(),
         from,
