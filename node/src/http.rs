@@ -597,7 +597,9 @@ async fn send(
     };
     let mut candidates = dialer.candidates(up, &want).map_err(Sent::Refused)?;
     // A retry goes to another instance first, when there is one.
-    candidates.sort_by_key(|t| avoid.contains(&t.name()));
+    if !avoid.is_empty() {
+        candidates.sort_by_cached_key(|t| avoid.contains(&t.name()));
+    }
     let pool = dialer.streams();
     let mut last = String::new();
     for (attempt, target) in candidates.into_iter().enumerate() {
@@ -918,7 +920,7 @@ pub(crate) struct StreamRules {
 /// address, so the limit holds per instance.
 #[derive(Default)]
 pub struct Limiters {
-    buckets: Mutex<HashMap<(String, SocketAddr), crate::resilience::TokenBucket>>,
+    buckets: Mutex<HashMap<String, HashMap<SocketAddr, crate::resilience::TokenBucket>>>,
     born: std::sync::OnceLock<tokio::time::Instant>,
 }
 
@@ -933,16 +935,20 @@ impl Limiters {
         let born = *self.born.get_or_init(meshnode_transport::clock::tokio_now);
         let now = meshnode_transport::clock::tokio_since(born);
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (service.to_string(), target);
-        match buckets.get_mut(&key) {
-            Some(b) if b.is_for(limit) => b.try_take(now),
-            _ => {
-                let mut b = crate::resilience::TokenBucket::new(limit, now);
-                let taken = b.try_take(now);
-                buckets.insert(key, b);
-                taken
-            }
+        if !buckets.contains_key(service) {
+            buckets.insert(service.to_string(), HashMap::new());
         }
+        let Some(of_service) = buckets.get_mut(service) else {
+            return Ok(());
+        };
+        let bucket = of_service
+            .entry(target)
+            .or_insert_with(|| crate::resilience::TokenBucket::new(limit, now));
+        if !bucket.is_for(limit) {
+            // A new document: a new bucket.
+            *bucket = crate::resilience::TokenBucket::new(limit, now);
+        }
+        bucket.try_take(now)
     }
 }
 

@@ -421,18 +421,9 @@ async fn serve_end_to_end(
     // instance and counts it towards this one's ejection (inside the
     // session only the caller would see it). A caller the session then
     // does not authorize leaves only a connection opened and closed.
-    let app = match open_app(ctx, &target, outer.http).await {
-        Ok(app) => app,
-        Err(e) => {
-            debug!(target = %target.0, error = %e, "local application refused the connection");
-            count("in", "connect_failed");
-            return tunnel::refuse(&mut send, Status::ConnectFailed).await;
-        }
-    };
-    if tunnel::respond(&mut send, Status::Ok).await.is_err() {
-        count("in", "peer_gone");
+    let Some(app) = take_app(ctx, &target, outer.http, &mut send, count).await else {
         return;
-    }
+    };
     let (mut session, peer, inner) = match ctx.e2e.accept(send, recv).await {
         Ok(x) => x,
         Err(e) => {
@@ -521,6 +512,32 @@ async fn serve_end_to_end(
     debug!(%caller, via = %via.identity, service = %outer.service, sent = stats.to_peer, received = stats.from_peer, "end-to-end stream closed");
 }
 
+/// Connects to the application and answers the stream's status: refused
+/// (`connect_failed`) when the application does not take the connection,
+/// else ok. `None`: the stream is done with (refused, or the peer left).
+async fn take_app(
+    ctx: &Inbound,
+    target: &Target,
+    http: bool,
+    send: &mut quinn::SendStream,
+    count: &impl Fn(&'static str, &'static str),
+) -> Option<App> {
+    let app = match open_app(ctx, target, http).await {
+        Ok(app) => app,
+        Err(e) => {
+            debug!(target = %target.0, error = %e, "local application refused the connection");
+            count("in", "connect_failed");
+            tunnel::refuse(send, Status::ConnectFailed).await;
+            return None;
+        }
+    };
+    if tunnel::respond(send, Status::Ok).await.is_err() {
+        count("in", "peer_gone");
+        return None;
+    }
+    Some(app)
+}
+
 /// Per-request checks of an HTTP stream that serves several requests.
 fn stream_rules(
     ctx: &Inbound,
@@ -592,18 +609,9 @@ async fn connect_local(
     count: &impl Fn(&'static str, &'static str),
 ) {
     let service = header.service.as_str();
-    let app = match open_app(ctx, &target, header.http).await {
-        Ok(app) => app,
-        Err(e) => {
-            debug!(target = %target.0, error = %e, "local application refused the connection");
-            count("in", "connect_failed");
-            return tunnel::refuse(&mut send, Status::ConnectFailed).await;
-        }
-    };
-    if tunnel::respond(&mut send, Status::Ok).await.is_err() {
-        count("in", "peer_gone");
+    let Some(app) = take_app(ctx, &target, header.http, &mut send, count).await else {
         return;
-    }
+    };
     let _guard = ctx.drain.enter();
     let tcp = match app {
         App::Tcp(tcp) => tcp,
