@@ -32,10 +32,12 @@ use tracing::debug;
 
 use crate::config::UpstreamConfig;
 use crate::metrics::{
-    LogLimit, HTTP_BUDGET_EXHAUSTED, HTTP_FAULTS, HTTP_MIRRORED, HTTP_RATE_LIMITED, HTTP_REQUESTS,
-    HTTP_RETRIES, HTTP_STREAMS, LABELS,
+    LogLimit, HTTP_BREAKER_OPEN, HTTP_BUDGET_EXHAUSTED, HTTP_FAULTS, HTTP_MIRRORED,
+    HTTP_RATE_LIMITED, HTTP_REQUESTS, HTTP_RETRIES, HTTP_STREAMS, LABELS,
 };
+use crate::policy::schema::CircuitBreaker;
 use crate::policy::schema::HOP_BY_HOP;
+use crate::resilience::{Admitted, Breaker, Limit};
 use crate::routes::{RequestView, Subset};
 use crate::upstream::{Dialer, Refusal, Tunnel, Want};
 
@@ -316,6 +318,21 @@ async fn forward(
             return fault_response(status);
         }
     }
+    let breaker = resilience
+        .as_ref()
+        .and_then(|p| Some((p.circuit_breaker.as_ref()?, dialer.breaker(&up.service))));
+    let limits = breaker.as_ref().map(|(cb, breaker)| Limits { cb, breaker });
+    // Held until the response body ends, and until the response head.
+    let (in_flight, pending) = match limits
+        .map(|l| Ok::<_, Limit>((l.enter(Limit::Requests)?, l.enter(Limit::Pending)?)))
+    {
+        Some(Err(limit)) => {
+            count(&up.service, "out", &subset, "breaker_open");
+            return breaker_open(&up.service, limit);
+        }
+        Some(Ok(held)) => held,
+        None => (None, None),
+    };
     for_tunnel(&mut parts);
     if let Some((protocol, _)) = &upgrade {
         keep_upgrade(&mut parts.headers, protocol);
@@ -342,6 +359,7 @@ async fn forward(
         body_once,
         safe,
         resilience.as_deref(),
+        limits,
     );
     let sent = match resilience.as_ref().and_then(|p| p.timeout) {
         Some(limit) => match tokio::time::timeout(limit, exchange).await {
@@ -357,6 +375,7 @@ async fn forward(
         },
         None => exchange.await,
     };
+    drop(pending);
     match sent {
         Ok((mut resp, target, active)) => {
             dialer.observe(&target, meshnode_transport::clock::tokio_since(started));
@@ -376,9 +395,10 @@ async fn forward(
             }
             let (mut rp, rb) = resp.into_parts();
             strip_hop_by_hop(&mut rp.headers, false);
-            // The instance stays busy until the body is done.
+            // The instance stays busy until the body is done, and the
+            // request counts towards `max_requests` until then.
             let rb = rb.map_frame(move |f| {
-                let _ = &active;
+                let _ = (&active, &in_flight);
                 f
             });
             Response::from_parts(rp, body(rb))
@@ -394,6 +414,10 @@ async fn forward(
                 tracing::warn!(service = %up.service, subset = %String::from(subset.clone()), refusal = ?refusal, "HTTP request refused by the mesh (logged at most once a second)");
             }
             error_response(status, why, format!("meshnode: {refusal:?}"))
+        }
+        Err(Sent::Breaker(limit)) => {
+            count(&up.service, "out", &subset, "breaker_open");
+            breaker_open(&up.service, limit)
         }
         Err(Sent::Timeout(limit)) => {
             count(&up.service, "out", &subset, "timeout");
@@ -432,11 +456,14 @@ async fn exchange(
     body_once: Option<Body>,
     safe: bool,
     policy: Option<&crate::resilience::Policy>,
+    limits: Option<Limits<'_>>,
 ) -> Result<Exchanged, Sent> {
     use crate::resilience::Failure;
     let Some((policy, retries)) = policy.and_then(|p| Some((p, p.retries.as_ref()?))) else {
-        return send(up, dialer, subset, parts, body_once, safe, &[]).await;
+        return send(up, dialer, subset, parts, body_once, safe, &[], limits).await;
     };
+    // The retry in flight, under `max_retries`.
+    let mut retrying: Option<Admitted> = None;
     let has_body = body_once.is_some();
     dialer.budget_request(&up.service, retries.budget);
     let mut body_once = body_once;
@@ -444,7 +471,16 @@ async fn exchange(
     let mut made = 0u32;
     loop {
         made += 1;
-        let attempt = send(up, dialer, subset, parts, body_once.take(), safe, &avoid);
+        let attempt = send(
+            up,
+            dialer,
+            subset,
+            parts,
+            body_once.take(),
+            safe,
+            &avoid,
+            limits,
+        );
         let result = match retries.per_try_timeout {
             Some(limit) => tokio::time::timeout(limit, attempt)
                 .await
@@ -459,11 +495,22 @@ async fn exchange(
             Err(Sent::Refused(Refusal::Failed(_))) => (Failure::Connect, None),
             Err(Sent::Exchange(name, _)) => (Failure::Reset, Some(name.clone())),
             Err(Sent::Timeout(_)) => (Failure::Reset, None),
-            Err(Sent::Refused(_)) => return result,
+            Err(Sent::Refused(_) | Sent::Breaker(_)) => return result,
         };
         if has_body || !policy.retryable(parts.method.as_str(), failure, made) {
             return result;
         }
+        // A retry over `max_retries` is not made: the failure goes back.
+        // (This request's previous retry is over.)
+        drop(retrying.take());
+        retrying = match limits.map(|l| l.enter(Limit::Retries)) {
+            Some(Err(limit)) => {
+                count_breaker(&up.service, limit);
+                return result;
+            }
+            Some(Ok(admitted)) => admitted,
+            None => None,
+        };
         if !dialer.try_retry(&up.service, retries.budget) {
             metrics::counter!(HTTP_BUDGET_EXHAUSTED, "service" => LABELS.value("service", &up.service, true))
                 .increment(1);
@@ -504,6 +551,45 @@ enum Sent {
     Exchange(String, hyper::Error),
     /// The last try's per-try timeout passed.
     Timeout(Duration),
+    /// A circuit-breaker limit was reached.
+    Breaker(Limit),
+}
+
+/// A service's circuit breaker as one request sees it.
+#[derive(Clone, Copy)]
+struct Limits<'a> {
+    cb: &'a CircuitBreaker,
+    breaker: &'a Arc<Breaker>,
+}
+
+impl Limits<'_> {
+    fn enter(&self, limit: Limit) -> Result<Option<Admitted>, Limit> {
+        self.breaker.try_enter(limit, limit.of(self.cb))
+    }
+}
+
+/// Names the limit in the header, as `x-envoy-overloaded` says Envoy's.
+pub const LIMIT_HEADER: &str = "x-meshnode-limit";
+
+fn count_breaker(service: &str, limit: Limit) {
+    metrics::counter!(HTTP_BREAKER_OPEN, "service" => LABELS.value("service", service, true), "limit" => limit.name())
+        .increment(1);
+}
+
+/// A request the circuit breaker turned away at once: 503, the limit named.
+fn breaker_open(service: &str, limit: Limit) -> Response<Body> {
+    count_breaker(service, limit);
+    let mut r = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "circuit_open",
+        format!(
+            "meshnode: {service}'s circuit breaker is open: {} reached",
+            limit.name()
+        ),
+    );
+    r.headers_mut()
+        .insert(LIMIT_HEADER, HeaderValue::from_static(limit.name()));
+    r
 }
 
 type Exchanged = (
@@ -588,6 +674,7 @@ async fn send(
     mut body_once: Option<Body>,
     safe: bool,
     avoid: &[String],
+    limits: Option<Limits<'_>>,
 ) -> Result<Exchanged, Sent> {
     let want = Want {
         subset,
@@ -626,6 +713,12 @@ async fn send(
                 },
             }
         }
+        // A new stream counts towards `max_connections` while it is open.
+        let stream = match limits.map(|l| l.enter(Limit::Connections)) {
+            Some(Err(limit)) => return Err(Sent::Breaker(limit)),
+            Some(Ok(admitted)) => admitted,
+            None => None,
+        };
         let tunnel = match dialer
             .try_target(
                 &up.service,
@@ -645,7 +738,7 @@ async fn send(
             }
         };
         let active = dialer.begin(&target);
-        let sent = match handshake(tunnel).await {
+        let sent = match handshake(tunnel, stream).await {
             Ok(mut sender) => sender
                 .send_request(rebuild(parts, &mut body_once))
                 .await
@@ -687,15 +780,16 @@ fn count_stream(service: &str, kind: &'static str) {
 
 /// An HTTP/1.1 client on an open tunnel; its connection task runs until
 /// the stream closes.
-async fn handshake(tunnel: Tunnel) -> Result<Sender, hyper::Error> {
+/// `stream`: its count under `max_connections`, held as long as it is open.
+async fn handshake(tunnel: Tunnel, stream: Option<Admitted>) -> Result<Sender, hyper::Error> {
     match tunnel {
-        Tunnel::Plain(send, recv) => handshake_on(tokio::io::join(recv, send)).await,
-        Tunnel::Pending(send, recv) => handshake_on(tokio::io::join(recv, send)).await,
-        Tunnel::Sealed(session) => handshake_on(*session).await,
+        Tunnel::Plain(send, recv) => handshake_on(tokio::io::join(recv, send), stream).await,
+        Tunnel::Pending(send, recv) => handshake_on(tokio::io::join(recv, send), stream).await,
+        Tunnel::Sealed(session) => handshake_on(*session, stream).await,
     }
 }
 
-async fn handshake_on<IO>(io: IO) -> Result<Sender, hyper::Error>
+async fn handshake_on<IO>(io: IO, stream: Option<Admitted>) -> Result<Sender, hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -703,6 +797,7 @@ where
         .handshake(TokioIo::new(io))
         .await?;
     tokio::spawn(async move {
+        let _open = stream;
         if let Err(e) = conn.with_upgrades().await {
             debug!(error = %e, "HTTP tunnel stream ended with an error");
         }
@@ -716,7 +811,7 @@ async fn send_mirror(
     dialer: Arc<Dialer>,
     subset: Subset,
 ) {
-    let result = match send(&up, &dialer, &subset, &parts, None, true, &[]).await {
+    let result = match send(&up, &dialer, &subset, &parts, None, true, &[], None).await {
         Ok((resp, _, _active)) => {
             // Read to the end so the stream can serve again, then dropped.
             let _ = resp.into_body().collect().await;
@@ -724,6 +819,7 @@ async fn send_mirror(
         }
         Err(Sent::Refused(r)) => r.label(),
         Err(Sent::Exchange(..) | Sent::Timeout(_)) => "failed",
+        Err(Sent::Breaker(_)) => "breaker_open",
     };
     metrics::counter!(HTTP_MIRRORED,
         "service" => LABELS.value("service", &up.service, true),

@@ -33,6 +33,8 @@ pub const HTTP_STREAMS: &str = "meshnode_http_streams_total";
 pub const HTTP_FAULTS: &str = "meshnode_http_faults_injected_total";
 pub const HTTP_RETRIES: &str = "meshnode_http_retries_total";
 pub const HTTP_RATE_LIMITED: &str = "meshnode_http_rate_limited_total";
+/// Requests (and retries) a circuit-breaker limit turned away, by `limit`.
+pub const HTTP_BREAKER_OPEN: &str = "meshnode_http_breaker_open_total";
 pub const HTTP_BUDGET_EXHAUSTED: &str = "meshnode_http_retry_budget_exhausted_total";
 
 /// Histogram buckets for connect latency, loopback to WAN.
@@ -67,6 +69,10 @@ pub fn describe() {
     describe_counter!(
         HTTP_RATE_LIMITED,
         "HTTP requests a destination instance's local rate limit answered with 429, by service"
+    );
+    describe_counter!(
+        HTTP_BREAKER_OPEN,
+        "HTTP requests a circuit breaker answered with 503 at once, and retries it did not make, by service and limit (max_connections, max_pending, max_requests, max_retries)"
     );
     describe_counter!(
         HTTP_RETRIES,

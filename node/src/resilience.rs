@@ -6,17 +6,20 @@
 //! a percentage of requests, optionally only for requests carrying a
 //! header) and `retries` (conditions, attempts, per-try timeout, back-off
 //! with jitter, and a budget: [`Budget`]); and at each destination
-//! instance's node `rate_limit` ([`TokenBucket`], 429 with `Retry-After`).
-//! `circuit_breaker` is validated and stored, and not enforced yet
-//! (`pending_keys` names it, so `policy apply` can say so).
+//! instance's node `rate_limit` ([`TokenBucket`], 429 with `Retry-After`);
+//! and at the caller's node `circuit_breaker` ([`Breaker`]: concurrency
+//! limits per service, 503 naming the limit).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::header::HeaderMap;
 
-use crate::policy::schema::{Body, Document, Fault, RateLimit, Resilience, Retries};
+use crate::policy::schema::{
+    Body, CircuitBreaker, Document, Fault, RateLimit, Resilience, Retries,
+};
 use crate::policy::PolicyStore;
 
 /// What one request gets from its service's document.
@@ -37,6 +40,8 @@ pub struct Policy {
     pub retries: Option<Retries>,
     /// Per destination instance, enforced at its node.
     pub rate_limit: Option<RateLimit>,
+    /// At the caller's node, per service.
+    pub circuit_breaker: Option<CircuitBreaker>,
 }
 
 /// Why an attempt failed, as `retries.on` names it.
@@ -69,6 +74,7 @@ impl Policy {
             fault: r.fault.clone(),
             retries: r.retries.clone(),
             rate_limit: r.rate_limit.clone(),
+            circuit_breaker: r.circuit_breaker.clone(),
         }
     }
 
@@ -229,13 +235,94 @@ impl TokenBucket {
     }
 }
 
-/// The keys of a document this version validates but does not enforce yet.
-pub fn pending_keys(r: &Resilience) -> Vec<&'static str> {
-    let mut keys = Vec::new();
-    if r.circuit_breaker.is_some() {
-        keys.push("circuit_breaker");
+/// One of a circuit breaker's limits (Envoy's thresholds): each bounds a
+/// count of things in flight from one caller node to one service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// Tunnel streams open to the service's instances, idle ones included.
+    Connections,
+    /// Requests waiting for their response head.
+    Pending,
+    /// Requests in flight, until their response body ends.
+    Requests,
+    /// Retries in flight.
+    Retries,
+}
+
+impl Limit {
+    /// The document's key, the `limit` label and the response header's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Connections => "max_connections",
+            Limit::Pending => "max_pending",
+            Limit::Requests => "max_requests",
+            Limit::Retries => "max_retries",
+        }
     }
-    keys
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// This limit's value in `cb`.
+    pub fn of(self, cb: &CircuitBreaker) -> Option<u32> {
+        match self {
+            Limit::Connections => cb.max_connections,
+            Limit::Pending => cb.max_pending,
+            Limit::Requests => cb.max_requests,
+            Limit::Retries => cb.max_retries,
+        }
+    }
+}
+
+/// A circuit breaker's counts for one service at one caller node. Nothing
+/// opens or closes on a timer: a limit admits again as soon as what it
+/// counts drops below it (so the breaker recovers with the load).
+#[derive(Debug, Default)]
+pub struct Breaker {
+    counts: [AtomicU32; 4],
+}
+
+/// One admitted unit of a [`Limit`]; its count drops with it.
+#[derive(Debug)]
+pub struct Admitted {
+    breaker: Arc<Breaker>,
+    limit: Limit,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.breaker.counts[self.limit.index()].fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Breaker {
+    /// Counts one more of `limit` if that stays within `max`; `Ok(None)`
+    /// when the document sets no such limit (nothing is counted then).
+    pub fn try_enter(
+        self: &Arc<Self>,
+        limit: Limit,
+        max: Option<u32>,
+    ) -> Result<Option<Admitted>, Limit> {
+        let Some(max) = max else {
+            return Ok(None);
+        };
+        let count = &self.counts[limit.index()];
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| limit)?;
+        Ok(Some(Admitted {
+            breaker: self.clone(),
+            limit,
+        }))
+    }
+
+    /// How many of `limit` are in flight (counted only while it is set).
+    pub fn count(&self, limit: Limit) -> u32 {
+        self.counts[limit.index()].load(Ordering::Acquire)
+    }
 }
 
 /// Every service's policy, rebuilt on each adopted document.
@@ -282,6 +369,56 @@ mod tests {
     }
 
     #[test]
+    fn a_breaker_admits_up_to_its_limit_and_again_as_soon_as_one_ends() {
+        let b = Arc::new(Breaker::default());
+        assert!(matches!(b.try_enter(Limit::Requests, None), Ok(None)));
+        assert_eq!(b.count(Limit::Requests), 0, "no limit: nothing counted");
+        let first = b.try_enter(Limit::Requests, Some(2));
+        let second = b.try_enter(Limit::Requests, Some(2));
+        assert!(matches!((&first, &second), (Ok(Some(_)), Ok(Some(_)))));
+        assert_eq!(
+            b.try_enter(Limit::Requests, Some(2)).err(),
+            Some(Limit::Requests)
+        );
+        // The limits count apart.
+        let pending = b.try_enter(Limit::Pending, Some(1));
+        assert!(matches!(pending, Ok(Some(_))));
+        assert_eq!(
+            b.try_enter(Limit::Pending, Some(1)).err(),
+            Some(Limit::Pending)
+        );
+        drop(first);
+        assert_eq!(b.count(Limit::Requests), 1);
+        assert!(matches!(b.try_enter(Limit::Requests, Some(2)), Ok(Some(_))));
+        drop((second, pending));
+        assert_eq!((b.count(Limit::Requests), b.count(Limit::Pending)), (0, 0));
+        assert_eq!(Limit::Retries.name(), "max_retries");
+    }
+
+    #[test]
+    fn a_breaker_never_admits_more_than_its_limit_from_many_threads() {
+        let b = Arc::new(Breaker::default());
+        let peak = Arc::new(AtomicU32::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (b, peak) = (b.clone(), peak.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..2_000 {
+                        if let Ok(Some(_held)) = b.try_enter(Limit::Connections, Some(3)) {
+                            peak.fetch_max(b.count(Limit::Connections), Ordering::AcqRel);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert!(peak.load(Ordering::Acquire) <= 3);
+        assert_eq!(b.count(Limit::Connections), 0);
+    }
+
+    #[test]
     fn faults_fire_below_their_percentage_and_only_with_the_header() {
         let p = policy(
             r#"
@@ -312,7 +449,7 @@ fault = { abort = { status = 503, percent = 25 }, delay = { duration = "100ms", 
     }
 
     #[test]
-    fn keys_not_enforced_yet_are_named() {
+    fn policies_are_kept_by_service() {
         let doc = schema::parse(
             "kind = \"resilience\"\nname = \"api\"\ntimeout = \"1s\"\nrate_limit = { rps = 10 }\nretries = { attempts = 2 }",
         )
@@ -320,7 +457,7 @@ fault = { abort = { status = 503, percent = 25 }, delay = { duration = "100ms", 
         let Body::Resilience(r) = &doc.body else {
             panic!()
         };
-        assert!(pending_keys(r).is_empty());
+        assert!(r.rate_limit.is_some());
         let p = Policies::from_documents([doc]);
         assert!(p.get("api").is_some() && p.get("web").is_none());
     }

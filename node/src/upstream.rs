@@ -74,6 +74,9 @@ pub struct Dialer {
     resilience: watch::Receiver<Arc<crate::resilience::Policies>>,
     /// Retry budgets by service, and the origin of their clock.
     budgets: Mutex<HashMap<String, crate::resilience::Budget>>,
+    /// Circuit-breaker counts by service (kept across documents, so a new
+    /// document's limits apply to what is already in flight).
+    breakers: Mutex<HashMap<String, Arc<crate::resilience::Breaker>>>,
     born: tokio::time::Instant,
     /// Idle HTTP exchanges on tunnel streams, for the next request.
     streams: Arc<crate::http::StreamPool>,
@@ -166,6 +169,7 @@ impl Dialer {
             routes: watch::channel(Arc::new(crate::routes::Routes::default())).1,
             resilience: watch::channel(Arc::new(crate::resilience::Policies::default())).1,
             budgets: Mutex::new(HashMap::new()),
+            breakers: Mutex::new(HashMap::new()),
             born: meshnode_transport::clock::tokio_now(),
             streams: Arc::default(),
         }
@@ -202,6 +206,15 @@ impl Dialer {
             .entry(service.to_string())
             .or_insert_with(|| crate::resilience::Budget::new(ratio));
         f(b, now)
+    }
+
+    /// `service`'s circuit-breaker counts at this node.
+    pub(crate) fn breaker(&self, service: &str) -> Arc<crate::resilience::Breaker> {
+        let mut all = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = all.get(service) {
+            return b.clone();
+        }
+        all.entry(service.to_string()).or_default().clone()
     }
 
     /// A request of `service` deposits into its retry budget.

@@ -303,21 +303,10 @@ pub async fn explain(
     if let Some(r) = v.get("resilience").filter(|r| !r.is_null()) {
         let mut settings = r.clone();
         let version = field(r, "version");
-        let pending: Vec<String> = r
-            .get("not_enforced")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| k.as_str().map(str::to_string))
-            .collect();
         if let Some(o) = settings.as_object_mut() {
             o.remove("version");
-            o.remove("not_enforced");
         }
         println!("resilience (version {version}): {settings}");
-        if !pending.is_empty() {
-            println!("  not enforced yet by this node: {}", pending.join(", "));
-        }
     }
     if let Some(r) = v.get("request").filter(|r| !r.is_null()) {
         println!(

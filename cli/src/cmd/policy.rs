@@ -231,16 +231,6 @@ async fn apply(file: &Path, signer: &SignerArgs, admin: &AdminArgs) -> Result<()
             lines.join("\n")
         ))
     })?;
-    if let schema::Body::Resilience(r) = &doc.body {
-        let pending = meshnode_node::resilience::pending_keys(r);
-        if !pending.is_empty() {
-            eprintln!(
-                "note: this version of meshnode validates and spreads {}, and does not enforce {} yet (timeout, retries, fault and rate_limit are enforced)",
-                pending.join(", "),
-                if pending.len() == 1 { "it" } else { "them" }
-            );
-        }
-    }
     let key = Key::load(signer)?;
     let version = held_version(admin, &doc.kind, &doc.name)
         .await?

@@ -74,8 +74,6 @@ pub struct ResilienceView {
     pub version: u64,
     #[serde(flatten)]
     pub settings: crate::policy::schema::Resilience,
-    /// Keys this version validates but does not enforce yet.
-    pub not_enforced: Vec<&'static str>,
 }
 
 /// Parses `key=value&...`; values are percent-decoded (`%XX`), and one
@@ -309,11 +307,9 @@ pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, 
     let resilience = s.policy.store.get("resilience", &service).and_then(|held| {
         let version = held.doc.header.version;
         match held.parsed?.body {
-            crate::policy::schema::Body::Resilience(settings) => Some(ResilienceView {
-                version,
-                not_enforced: crate::resilience::pending_keys(&settings),
-                settings,
-            }),
+            crate::policy::schema::Body::Resilience(settings) => {
+                Some(ResilienceView { version, settings })
+            }
             _ => None,
         }
     });

@@ -268,9 +268,18 @@ pub struct Retries {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitBreaker {
+    /// Requests waiting for their response head.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_pending: Option<u32>,
+    /// Requests in flight, until their response body ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
+    /// Tunnel streams open to the service's instances, idle ones included.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    /// Retries in flight at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -835,6 +844,7 @@ fn resilience(e: &mut Errors, raw: &Raw) -> Resilience {
             ("max_pending", cb.max_pending),
             ("max_requests", cb.max_requests),
             ("max_connections", cb.max_connections),
+            ("max_retries", cb.max_retries),
         ] {
             if v == Some(0) {
                 e.push(format!("circuit_breaker.{k}"), "at least 1");
