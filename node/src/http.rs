@@ -351,16 +351,15 @@ async fn forward(
             hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
         );
     let body_once = (!hyper::body::Body::is_end_stream(&req_body)).then(|| body(req_body));
-    let exchange = exchange(
-        &up,
-        &dialer,
-        &subset,
-        &parts,
-        body_once,
+    let call = Call {
+        up: &up,
+        dialer: &dialer,
+        subset: &subset,
+        parts: &parts,
         safe,
-        resilience.as_deref(),
         limits,
-    );
+    };
+    let exchange = exchange(call, body_once, resilience.as_deref());
     let sent = match resilience.as_ref().and_then(|p| p.timeout) {
         Some(limit) => match tokio::time::timeout(limit, exchange).await {
             Ok(sent) => sent,
@@ -449,19 +448,21 @@ async fn forward(
 /// jittered back-off, while attempts and the retry budget last. Requests
 /// with a body go once (their body is not held).
 async fn exchange(
-    up: &UpstreamConfig,
-    dialer: &Dialer,
-    subset: &Subset,
-    parts: &hyper::http::request::Parts,
+    call: Call<'_>,
     body_once: Option<Body>,
-    safe: bool,
     policy: Option<&crate::resilience::Policy>,
-    limits: Option<Limits<'_>>,
 ) -> Result<Exchanged, Sent> {
     use crate::resilience::Failure;
     let Some((policy, retries)) = policy.and_then(|p| Some((p, p.retries.as_ref()?))) else {
-        return send(up, dialer, subset, parts, body_once, safe, &[], limits).await;
+        return send(call, body_once, &[]).await;
     };
+    let Call {
+        up,
+        dialer,
+        parts,
+        limits,
+        ..
+    } = call;
     // The retry in flight, under `max_retries`.
     let mut retrying: Option<Admitted> = None;
     let has_body = body_once.is_some();
@@ -471,16 +472,7 @@ async fn exchange(
     let mut made = 0u32;
     loop {
         made += 1;
-        let attempt = send(
-            up,
-            dialer,
-            subset,
-            parts,
-            body_once.take(),
-            safe,
-            &avoid,
-            limits,
-        );
+        let attempt = send(call, body_once.take(), &avoid);
         let result = match retries.per_try_timeout {
             Some(limit) => tokio::time::timeout(limit, attempt)
                 .await
@@ -553,6 +545,18 @@ enum Sent {
     Timeout(Duration),
     /// A circuit-breaker limit was reached.
     Breaker(Limit),
+}
+
+/// One request on its way: where to, and under which limits. `safe`: see
+/// [`send`].
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    up: &'a UpstreamConfig,
+    dialer: &'a Dialer,
+    subset: &'a Subset,
+    parts: &'a hyper::http::request::Parts,
+    safe: bool,
+    limits: Option<Limits<'a>>,
 }
 
 /// A service's circuit breaker as one request sees it.
@@ -667,15 +671,18 @@ fn rebuild(parts: &hyper::http::request::Parts, body_once: &mut Option<Body>) ->
 /// may be sent again after a refusal or a broken stream; any other request
 /// waits for the status and goes out once. `body_once`: its body, if any.
 async fn send(
-    up: &UpstreamConfig,
-    dialer: &Dialer,
-    subset: &Subset,
-    parts: &hyper::http::request::Parts,
+    call: Call<'_>,
     mut body_once: Option<Body>,
-    safe: bool,
     avoid: &[String],
-    limits: Option<Limits<'_>>,
 ) -> Result<Exchanged, Sent> {
+    let Call {
+        up,
+        dialer,
+        subset,
+        parts,
+        safe,
+        limits,
+    } = call;
     let want = Want {
         subset,
         http: true,
@@ -811,7 +818,15 @@ async fn send_mirror(
     dialer: Arc<Dialer>,
     subset: Subset,
 ) {
-    let result = match send(&up, &dialer, &subset, &parts, None, true, &[], None).await {
+    let call = Call {
+        up: &up,
+        dialer: &dialer,
+        subset: &subset,
+        parts: &parts,
+        safe: true,
+        limits: None,
+    };
+    let result = match send(call, None, &[]).await {
         Ok((resp, _, _active)) => {
             // Read to the end so the stream can serve again, then dropped.
             let _ = resp.into_body().collect().await;
