@@ -63,6 +63,11 @@ impl Latencies {
             .map_or(DEFAULT_RTT.as_nanos() as f64, |e| e.ewma)
     }
 
+    /// The estimate for `key` in nanoseconds, if it has one.
+    pub fn known(&self, key: &Key) -> Option<f64> {
+        self.map.get(key).map(|e| e.ewma)
+    }
+
     /// The balancer's cost of sending one more request: the estimate times
     /// the requests in flight plus this one.
     pub fn cost(&self, key: &Key, outstanding: u64) -> u64 {

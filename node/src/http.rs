@@ -269,7 +269,6 @@ async fn forward(
     up: Arc<UpstreamConfig>,
     dialer: Arc<Dialer>,
 ) -> Response<Body> {
-    let started = meshnode_transport::clock::tokio_now();
     // An upgrade (WebSocket) is routed like any request; once the instance
     // answers 101, the two connections are spliced.
     let upgrade = upgrade_of(req.headers())
@@ -376,8 +375,7 @@ async fn forward(
     };
     drop(pending);
     match sent {
-        Ok((mut resp, target, active)) => {
-            dialer.observe(&target, meshnode_transport::clock::tokio_since(started));
+        Ok((mut resp, _target, active)) => {
             count(&up.service, "out", &subset, class(resp.status()));
             if let Some((_, client)) = upgrade {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -699,6 +697,7 @@ async fn send(
     for (attempt, target) in candidates.into_iter().enumerate() {
         dialer.count_retry(up, attempt);
         let key = (target.key(), subset.as_header());
+        let tried = meshnode_transport::clock::tokio_now();
         while let Some(mut sender) = pool.take(&key) {
             let active = dialer.begin(&target);
             match sender
@@ -706,6 +705,8 @@ async fn send(
                 .await
             {
                 Ok(resp) => {
+                    let rtt = meshnode_transport::clock::tokio_since(tried);
+                    dialer.observe(&up.service, &target, rtt, resp.status());
                     count_stream(&up.service, "reused");
                     pool.put(key, sender);
                     return Ok((resp, target, active));
@@ -755,6 +756,8 @@ async fn send(
         match sent {
             Ok((resp, sender)) => {
                 dialer.succeeded(&target);
+                let rtt = meshnode_transport::clock::tokio_since(tried);
+                dialer.observe(&up.service, &target, rtt, resp.status());
                 count_stream(&up.service, "opened");
                 pool.put(key, sender);
                 return Ok((resp, target, active));

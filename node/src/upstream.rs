@@ -253,11 +253,49 @@ impl Dialer {
         lock_load(&self.state)
     }
 
-    /// One HTTP response from `target`, `rtt` after its request started.
-    pub(crate) fn observe(&self, target: &Target, rtt: std::time::Duration) {
+    /// One HTTP response of `service` from `target`, `rtt` after its
+    /// attempt started: its latency estimate, and for an instance of this
+    /// cluster the 5xx and latency outlier counts.
+    pub(crate) fn observe(
+        &self,
+        service: &str,
+        target: &Target,
+        rtt: std::time::Duration,
+        status: hyper::StatusCode,
+    ) {
         let now = meshnode_transport::clock::tokio_now();
+        let k = target.key();
         let mut load = self.lock();
-        load.latencies.observe(&target.key(), rtt, now);
+        if let Target::Local(i) = target {
+            let catalog = std::cell::OnceCell::new();
+            let peers = || {
+                catalog
+                    .get_or_init(|| self.gossip.catalog())
+                    .instances(service)
+                    .iter()
+                    .filter(|p| p.cluster == i.cluster)
+                    .map(key)
+                    .collect::<Vec<Key>>()
+            };
+            // Only a response above the floor asks for the peers' estimates.
+            let slow = rtt >= crate::outlier::SLOW_FLOOR && {
+                let mut estimates: Vec<f64> = peers()
+                    .iter()
+                    .filter(|p| **p != k)
+                    .filter_map(|p| load.latencies.known(p))
+                    .collect();
+                crate::outlier::is_slow(rtt, &mut estimates)
+            };
+            let ejected =
+                load.outliers
+                    .handle_response(&k, status.is_server_error(), slow, now, peers);
+            if let Some((period, cause)) = ejected {
+                warn!(service = %service, target = %target.name(), ?period, cause = cause.label(), "ejecting instance after repeated bad responses");
+                metrics::counter!(OUTLIER_EJECTIONS, "service" => service.to_string(), "cause" => cause.label())
+                    .increment(1);
+            }
+        }
+        load.latencies.observe(&k, rtt, now);
         load.since_prune += 1;
         if load.since_prune >= 1024 {
             load.since_prune = 0;
@@ -490,7 +528,7 @@ impl Dialer {
                     .handle_failure(&target.key(), meshnode_transport::clock::tokio_now())
                 {
                     warn!(service = %service, target = %target.name(), ?period, "ejecting instance after repeated failures");
-                    metrics::counter!(OUTLIER_EJECTIONS, "service" => service.to_string())
+                    metrics::counter!(OUTLIER_EJECTIONS, "service" => service.to_string(), "cause" => crate::outlier::Cause::Connect.label())
                         .increment(1);
                 }
                 *last = format!("{}: {e}", target.name());

@@ -219,7 +219,14 @@ async fn app(ip: Ipv4Addr, name: &'static str) -> App {
                 // `/fail`: 503 always; `/flaky`: 503 for 3 of every 10
                 // requests at an instance whose name ends in `-flaky`.
                 let hit = counter.load(Ordering::Relaxed);
-                let fail = req.uri().path() == "/fail"
+                // `/sick`: 503 always at an instance named `*-bad`, and
+                // 400 ms at one named `*-slow`.
+                let sick = req.uri().path() == "/sick";
+                let slow = slow.or_else(|| {
+                    (sick && name.ends_with("-slow")).then(|| Duration::from_millis(400))
+                });
+                let fail = (sick && name.ends_with("-bad"))
+                    || req.uri().path() == "/fail"
                     || (req.uri().path() == "/flaky" && name.ends_with("-flaky") && hit % 10 < 3);
                 let mut resp = resp;
                 if fail {
@@ -894,4 +901,62 @@ async fn a_circuit_breaker_answers_503_at_once_at_its_limit_and_recovers_when_lo
         let mut c = Client::connect(up, false).await;
         assert_eq!(c.call("GET", "/", &[]).await.status, 200);
     }
+}
+
+/// The caller's count of ejected instances in its own cluster (explain).
+async fn ejected(f: &Fleet) -> u64 {
+    let explained: serde_json::Value = serde_json::from_str(
+        &client::get(f.caller.admin, "/v1/explain?service=api")
+            .await
+            .expect("explain"),
+    )
+    .expect("JSON");
+    explained["clusters"][0]["ejected"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_5xx_eject_an_instance_and_never_more_than_half_of_them() {
+    let f = fleet(&[("a-v1", "v1"), ("b-slow", "v1"), ("c-bad", "v1")]).await;
+    let up = f.caller.upstreams[0];
+    let mut c = Client::connect(up, false).await;
+    // c-bad answers 503 to every /sick request: after 5 in a row it is
+    // ejected, and every further request goes to the others. b-slow takes
+    // 400 ms: the balancer's peak-EWMA keeps it out of the choice after
+    // its first slow answer (and it cannot be ejected beside c-bad: one of
+    // three is the bound), so a-v1 takes the rest.
+    let (mut failed, mut slow, mut by) = (0, 0, std::collections::BTreeMap::new());
+    for _ in 0..60 {
+        let t = Instant::now();
+        let a = c.call("GET", "/sick", &[]).await;
+        if a.status != 200 {
+            failed += 1;
+        }
+        if t.elapsed() >= Duration::from_millis(400) {
+            slow += 1;
+        }
+        *by.entry(a.instance).or_insert(0) += 1;
+    }
+    assert_eq!(failed, 5, "503s before c-bad was ejected: {by:?}");
+    assert!(
+        slow <= 6,
+        "{slow} slow answers before b-slow was ejected: {by:?}"
+    );
+    assert_eq!(ejected(&f).await, 1, "the half of 3 instances: one");
+    // The last 20 all came from a-v1.
+    let mut last = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        *last
+            .entry(c.call("GET", "/sick", &[]).await.instance)
+            .or_insert(0) += 1;
+    }
+    assert_eq!(last.get("a-v1"), Some(&20), "{last:?}");
+
+    // Every instance fails: at most one of three is ejected by it, so the
+    // cluster is never emptied by a failure they all share.
+    for _ in 0..60 {
+        c.call("GET", "/fail", &[]).await;
+    }
+    assert!(ejected(&f).await <= 1);
 }
