@@ -36,6 +36,21 @@ pub struct Caller<'a> {
     pub service: Option<&'a str>,
 }
 
+/// What is being authorized: rules with HTTP conditions (L7) need the
+/// request to match.
+#[derive(Clone, Copy, Debug)]
+pub enum Request<'a> {
+    /// A TCP stream: no request to see. A rule with HTTP conditions that
+    /// allows does not match, one that denies does (fail closed).
+    Stream,
+    /// An HTTP stream being opened, before its requests: a conditional
+    /// allow matches and a conditional deny does not, because each request
+    /// is then decided on its own ([`Snapshot::has_conditions`]).
+    HttpStream,
+    /// One HTTP request.
+    Http { method: &'a str, path: &'a str },
+}
+
 /// Why a decision was made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "by", rename_all = "snake_case")]
@@ -158,9 +173,28 @@ impl Snapshot {
         self.default == Some(Action::Deny)
     }
 
-    /// May `caller` reach `service` here? `loaded`: this node has loaded the
-    /// mesh's policy since it started.
+    /// Whether `service`'s intentions have a rule with HTTP conditions, so
+    /// each request of an HTTP stream is decided on its own.
+    pub fn has_conditions(&self, service: &str) -> bool {
+        self.intentions
+            .get(service)
+            .is_some_and(|rules| rules.iter().any(|r| !r.http.is_empty()))
+    }
+
+    /// May `caller` open a TCP stream to `service` here? `loaded`: this
+    /// node has loaded the mesh's policy since it started.
     pub fn decide(&self, service: &str, caller: Caller<'_>, loaded: bool) -> Decision {
+        self.decide_for(service, caller, loaded, Request::Stream)
+    }
+
+    /// [`Snapshot::decide`] for what `request` says is asked.
+    pub fn decide_for(
+        &self,
+        service: &str,
+        caller: Caller<'_>,
+        loaded: bool,
+        request: Request<'_>,
+    ) -> Decision {
         if !loaded && self.default != Some(Action::Allow) {
             return Decision {
                 action: Action::Deny,
@@ -171,7 +205,7 @@ impl Snapshot {
             if let Some((index, rule)) = rules
                 .iter()
                 .enumerate()
-                .find(|(_, r)| matches(&r.source, caller))
+                .find(|(_, r)| matches(&r.source, caller) && applies(r, request))
             {
                 return Decision {
                     action: rule.action,
@@ -185,6 +219,18 @@ impl Snapshot {
                 explicit: self.default.is_some(),
             },
         }
+    }
+}
+
+/// Do `rule`'s HTTP conditions (if any) hold for `request`?
+fn applies(rule: &Rule, request: Request<'_>) -> bool {
+    if rule.http.is_empty() {
+        return true;
+    }
+    match request {
+        Request::Stream => rule.action == Action::Deny,
+        Request::HttpStream => rule.action == Action::Allow,
+        Request::Http { method, path } => rule.http.holds(method, path),
     }
 }
 
@@ -261,6 +307,48 @@ action = "allow"
 source = "spiffe://acme/cluster/east/node/ops-*"
 action = "deny"
 "#;
+
+    const L7: &str = r#"
+kind = "intentions"
+name = "api"
+[[rule]]
+source = "service:web"
+action = "deny"
+path_prefix = "/admin"
+[[rule]]
+source = "service:web"
+action = "allow"
+methods = ["GET", "HEAD"]
+[[rule]]
+source = "*"
+action = "deny"
+"#;
+
+    #[test]
+    fn http_conditions_decide_per_request_and_fail_closed_without_one() {
+        let s = snap(&[L7]);
+        assert!(s.has_conditions("api") && !s.has_conditions("db"));
+        let east = id("east", "vm-1");
+        let web = Caller {
+            identity: &east,
+            service: Some("web"),
+        };
+        let http = |method, path| Request::Http { method, path };
+        let d = |r| s.decide_for("api", web, true, r);
+        assert_eq!(d(http("GET", "/orders")).reason, Reason::Rule { index: 1 });
+        assert_eq!(d(http("GET", "/orders")).action, Action::Allow);
+        assert_eq!(d(http("POST", "/orders")).action, Action::Deny);
+        assert_eq!(
+            d(http("GET", "/admin/users")).reason,
+            Reason::Rule { index: 0 }
+        );
+        assert_eq!(d(http("GET", "/admin/users")).action, Action::Deny);
+        // An HTTP stream opens (its requests are decided one by one)...
+        assert_eq!(d(Request::HttpStream).action, Action::Allow);
+        // ...a TCP stream cannot meet the conditions: the deny applies.
+        assert_eq!(d(Request::Stream).action, Action::Deny);
+        assert_eq!(d(Request::Stream).reason, Reason::Rule { index: 0 });
+    }
 
     #[test]
     fn the_first_matching_rule_decides() {

@@ -1015,12 +1015,18 @@ async fn connect(target: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(tcp)
 }
 
-/// What the destination checks on every request of a stream after the
-/// first (the first was checked before the stream's status).
+/// `(method, path, first) -> Ok or the status to refuse with`.
+pub(crate) type Authorize =
+    dyn Fn(&str, &str, bool) -> Result<(), meshnode_transport::tunnel::Status> + Send + Sync;
+
+/// What the destination checks on the requests of a stream (the stream
+/// itself was authorized before its status).
 pub(crate) struct StreamRules {
-    /// The authorization decision, as for a new stream (policy may have
-    /// changed since the stream opened).
-    pub authorize: Box<dyn Fn() -> Result<(), meshnode_transport::tunnel::Status> + Send + Sync>,
+    /// The authorization decision for one request `(method, path, first)`:
+    /// the first request of a stream was decided with the stream, unless
+    /// the service's intentions have HTTP conditions; later ones are
+    /// decided again (policy may have changed since the stream opened).
+    pub authorize: Box<Authorize>,
     /// A draining node answers with `connection: close`, so callers stop
     /// reusing its streams.
     pub drain: crate::drain::Drain,
@@ -1113,10 +1119,14 @@ pub(crate) async fn serve_stream<IO>(
                 count(&service, "in", &Subset::Any, "rate_limited");
                 return Ok::<_, Infallible>(rate_limited(&service, wait));
             }
-            let conn = match taken {
-                Some(c) => Ok(c),
-                None => match (rules.authorize)() {
-                    Err(status) => Err(error_response(
+            let first = taken.is_some();
+            let conn = match (rules.authorize)(req.method().as_str(), req.uri().path(), first) {
+                Err(status) => {
+                    // A denied request leaves the stream's connection unused.
+                    if let Some(AppConn::H1(s)) = taken {
+                        pool.checkin(target.0, s);
+                    }
+                    Err(error_response(
                         if status == meshnode_transport::tunnel::Status::Denied {
                             StatusCode::FORBIDDEN
                         } else {
@@ -1124,8 +1134,11 @@ pub(crate) async fn serve_stream<IO>(
                         },
                         status.as_str(),
                         format!("meshnode: {status}"),
-                    )),
-                    Ok(()) => pool.checkout(target.0, target.1).await.map_err(|e| {
+                    ))
+                }
+                Ok(()) => match taken {
+                    Some(c) => Ok(c),
+                    None => pool.checkout(target.0, target.1).await.map_err(|e| {
                         error_response(
                             StatusCode::BAD_GATEWAY,
                             "app_failed",

@@ -266,7 +266,9 @@ async fn handle_stream(
             // caller learns nothing of what is hosted here; an end-to-end
             // one is authorized inside its session, on the proven identity.
             if !header.end_to_end {
-                if let Err(status) = authorize(&ctx, &service, &service_label, &caller, &peer) {
+                if let Err(status) =
+                    authorize(&ctx, &service, &service_label, &caller, &peer, header.http)
+                {
                     count("in", status.as_str());
                     return tunnel::refuse(&mut send, status).await;
                 }
@@ -294,7 +296,7 @@ async fn handle_stream(
                 if let Some(target) = local_target(&ctx.registry, &header) {
                     if !header.end_to_end {
                         if let Err(status) =
-                            authorize(&ctx, &service, &service_label, &caller, &peer)
+                            authorize(&ctx, &service, &service_label, &caller, &peer, header.http)
                         {
                             count("in", status.as_str());
                             return tunnel::refuse(&mut send, status).await;
@@ -347,35 +349,44 @@ async fn serve_here(
 
 /// The authorization decision for a stream to an instance here: counted,
 /// logged when it denies, and the status to refuse with.
+/// `http`: the stream carries HTTP requests (each is decided again when
+/// the service's intentions have HTTP conditions).
 fn authorize(
     ctx: &Inbound,
     service: &str,
     service_label: &str,
     caller: &CallerId,
     peer: &PeerCert,
+    http: bool,
 ) -> Result<(), Status> {
+    let request = if http {
+        crate::authz::Request::HttpStream
+    } else {
+        crate::authz::Request::Stream
+    };
     decide(
-        &ctx.authz,
+        &ctx.authz.snapshot(),
         &*ctx.policy_loaded,
         service,
         service_label,
         caller,
         peer,
+        request,
     )
 }
 
 /// [`authorize`] from its parts (also for the later requests of an HTTP stream).
 fn decide(
-    authz: &Authorizer,
+    snapshot: &crate::authz::Snapshot,
     policy_loaded: &(dyn Fn() -> bool + Send + Sync),
     service: &str,
     service_label: &str,
     caller: &CallerId,
     peer: &PeerCert,
+    request: crate::authz::Request<'_>,
 ) -> Result<(), Status> {
     let loaded = policy_loaded();
-    let snapshot = authz.snapshot();
-    let decision = snapshot.decide(service, caller.as_caller(), loaded);
+    let decision = snapshot.decide_for(service, caller.as_caller(), loaded, request);
     crate::authz::count(service_label, &decision);
     let status = match decision.reason {
         crate::authz::Reason::PolicyPending => Status::PolicyPending,
@@ -470,7 +481,7 @@ async fn serve_end_to_end(
         let _ = tunnel::e2e::respond(&mut session, Status::Denied).await;
         return;
     }
-    if let Err(status) = authorize(ctx, &outer.service, service_label, &caller, via) {
+    if let Err(status) = authorize(ctx, &outer.service, service_label, &caller, via, outer.http) {
         count("in", status.as_str());
         let _ = tunnel::e2e::respond(&mut session, status).await;
         return;
@@ -556,7 +567,18 @@ fn stream_rules(
     let (authz, loaded) = (ctx.authz.clone(), ctx.policy_loaded.clone());
     let (dialer, limiters, svc) = (ctx.dialer.clone(), ctx.limiters.clone(), service.clone());
     crate::http::StreamRules {
-        authorize: Box::new(move || decide(&authz, &*loaded, &service, &label, &caller, &peer)),
+        authorize: Box::new(move |method, path, first| {
+            let snapshot = authz.snapshot();
+            // The stream's own decision covers its first request, unless
+            // the rules look at requests.
+            if first && !snapshot.has_conditions(&service) {
+                return Ok(());
+            }
+            let request = crate::authz::Request::Http { method, path };
+            decide(
+                &snapshot, &*loaded, &service, &label, &caller, &peer, request,
+            )
+        }),
         drain: ctx.drain.clone(),
         limit: Box::new(
             move || match dialer.resilience(&svc).and_then(|p| p.rate_limit.clone()) {

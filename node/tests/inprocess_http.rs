@@ -960,3 +960,82 @@ async fn consecutive_5xx_eject_an_instance_and_never_more_than_half_of_them() {
     }
     assert!(ejected(&f).await <= 1);
 }
+
+const L7: &str = r#"
+kind = "intentions"
+name = "api"
+[[rule]]
+source = "*"
+action = "deny"
+path_prefix = "/admin"
+[[rule]]
+source = "*"
+action = "allow"
+methods = ["GET", "HEAD"]
+[[rule]]
+source = "*"
+action = "deny"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_l7_intention_refuses_a_denied_path_or_method_and_serves_the_rest() {
+    let f = fleet(&[("a-v1", "v1")]).await;
+    f.mesh.apply(&f.caller, L7, 1).await;
+    let dest = &f._nodes[0];
+    wait(Duration::from_secs(5), || async {
+        client::get(dest.admin, "/v1/policy/intentions/api")
+            .await
+            .is_ok()
+    })
+    .await
+    .expect("the destination holds the intentions");
+    let hits = f.apps[0].hits.load(Ordering::Relaxed);
+    // One keep-alive client: the requests share pooled tunnel streams, and
+    // each is decided on its own, the first of a stream too.
+    let mut c = Client::connect(f.caller.upstreams[0], false).await;
+    let mut served = 0;
+    for round in 0..3 {
+        for (method, path, want) in [
+            ("GET", "/orders", 200),
+            ("GET", "/admin/users", 403),
+            ("POST", "/orders", 403),
+            ("HEAD", "/orders", 200),
+            ("DELETE", "/admin", 403),
+        ] {
+            let a = c.call(method, path, &[]).await;
+            assert_eq!(a.status, want, "round {round}: {method} {path}: {a:?}");
+            if want == 403 {
+                assert_eq!(a.error, "denied", "{a:?}");
+            } else {
+                served += 1;
+            }
+        }
+        // A fresh client opens fresh streams: its first request is a
+        // denied one.
+        let mut fresh = Client::connect(f.caller.upstreams[0], false).await;
+        assert_eq!(fresh.call("POST", "/x", &[]).await.status, 403);
+    }
+    assert_eq!(
+        f.apps[0].hits.load(Ordering::Relaxed) - hits,
+        served,
+        "a denied request never reaches the application"
+    );
+    // explain says the same for a request.
+    let explained: serde_json::Value = serde_json::from_str(
+        &client::get(
+            f.caller.admin,
+            "/v1/explain?service=api&method=POST&path=/orders",
+        )
+        .await
+        .expect("explain"),
+    )
+    .expect("JSON");
+    assert_eq!(
+        (
+            &explained["authorization"]["action"],
+            &explained["authorization"]["index"]
+        ),
+        (&serde_json::json!("deny"), &serde_json::json!(2)),
+        "{explained}"
+    );
+}

@@ -289,13 +289,28 @@ pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, 
     };
     let loaded = s.policy.loaded();
     let snapshot = s.authz.snapshot();
-    let decision = snapshot.decide(
+    // With --method or --path, the decision for that request (L7 rules);
+    // else for a stream, HTTP when the service is.
+    let (method, path) = (param(query, "method"), param(query, "path"));
+    let path_only = path.as_deref().map(|p| p.split('?').next().unwrap_or(p));
+    let request = if method.is_some() || path.is_some() {
+        crate::authz::Request::Http {
+            method: method.as_deref().unwrap_or("GET"),
+            path: path_only.unwrap_or("/"),
+        }
+    } else if s.dialer.is_http(&up) {
+        crate::authz::Request::HttpStream
+    } else {
+        crate::authz::Request::Stream
+    };
+    let decision = snapshot.decide_for(
         &service,
         Caller {
             identity: &from.identity,
             service: from.service.as_deref(),
         },
         loaded,
+        request,
     );
     let source = match decision.reason {
         crate::authz::Reason::Rule { index } => snapshot.rule_source(&service, index),

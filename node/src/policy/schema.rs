@@ -108,6 +108,40 @@ impl std::fmt::Display for Pattern {
 pub struct Rule {
     pub source: Source,
     pub action: Action,
+    /// HTTP conditions: the rule matches only requests that meet them.
+    #[serde(flatten)]
+    pub http: HttpCondition,
+}
+
+/// An intention rule's conditions on an HTTP request (L7): every one given
+/// must hold. Empty: the rule is about the caller alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HttpCondition {
+    /// Upper-case method names, one of which the request's must be.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_exact: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+}
+
+impl HttpCondition {
+    pub fn is_empty(&self) -> bool {
+        self.methods.is_none() && self.path_exact.is_none() && self.path_prefix.is_none()
+    }
+
+    /// Whether a request with `method` and `path` meets every condition.
+    pub fn holds(&self, method: &str, path: &str) -> bool {
+        self.methods
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|x| x == method))
+            && self.path_exact.as_ref().is_none_or(|p| p == path)
+            && self
+                .path_prefix
+                .as_ref()
+                .is_none_or(|p| path.starts_with(p.as_str()))
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,9 +389,13 @@ struct Raw {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRule {
     source: String,
     action: Action,
+    methods: Option<Vec<String>>,
+    path_exact: Option<String>,
+    path_prefix: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -504,14 +542,18 @@ pub fn parse(text: &str) -> Result<Document, Vec<ConfigError>> {
             let rule = rules
                 .into_iter()
                 .enumerate()
-                .filter_map(|(i, r)| match parse_source(&r.source) {
-                    Ok(source) => Some(Rule {
-                        source,
-                        action: r.action,
-                    }),
-                    Err(m) => {
-                        e.push(format!("rule[{i}].source"), m);
-                        None
+                .filter_map(|(i, r)| {
+                    let http = check_condition(&mut e, i, &r);
+                    match parse_source(&r.source) {
+                        Ok(source) => Some(Rule {
+                            source,
+                            action: r.action,
+                            http,
+                        }),
+                        Err(m) => {
+                            e.push(format!("rule[{i}].source"), m);
+                            None
+                        }
                     }
                 })
                 .collect();
@@ -684,6 +726,46 @@ fn check_value_match(e: &mut Errors, key: String, v: &ValueMatch) {
 
 /// Compiled like the data path compiles it (`routes`), so a document that
 /// validates also compiles there.
+/// A rule's HTTP conditions, checked: methods are HTTP tokens (kept upper
+/// case, as requests carry them), paths start with `/`.
+fn check_condition(e: &mut Errors, i: usize, r: &RawRule) -> HttpCondition {
+    if let Some(methods) = &r.methods {
+        if methods.is_empty() {
+            e.push(format!("rule[{i}].methods"), "at least one method");
+        }
+        for m in methods {
+            let token = !m.is_empty()
+                && m.len() <= 32
+                && m.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+            if !token {
+                e.push(
+                    format!("rule[{i}].methods"),
+                    format!("{m:?} is not an upper-case HTTP method (GET, POST, ...)"),
+                );
+            }
+        }
+    }
+    for (k, p) in [
+        ("path_exact", &r.path_exact),
+        ("path_prefix", &r.path_prefix),
+    ] {
+        if let Some(p) = p {
+            if !p.starts_with('/') || p.len() > 1024 || p.chars().any(char::is_control) {
+                e.push(
+                    format!("rule[{i}].{k}"),
+                    "a path starting with / (at most 1,024 bytes, no control characters)",
+                );
+            }
+        }
+    }
+    HttpCondition {
+        methods: r.methods.clone(),
+        path_exact: r.path_exact.clone(),
+        path_prefix: r.path_prefix.clone(),
+    }
+}
+
 pub(crate) fn compile_regex(re: &str) -> Result<regex::Regex, String> {
     if re.len() > 1024 {
         return Err("a regular expression is at most 1024 bytes".into());
@@ -900,6 +982,34 @@ mod tests {
             .into_iter()
             .map(|e| format!("{}: {}", e.key, e.message))
             .collect()
+    }
+
+    #[test]
+    fn intention_rules_take_http_conditions_and_refuse_unknown_keys() {
+        let ok = parse(
+            "kind = \"intentions\"\nname = \"api\"\n[[rule]]\nsource = \"*\"\naction = \"allow\"\nmethods = [\"GET\"]\npath_prefix = \"/v1/\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let Body::Intentions { rule } = &ok.body else {
+            panic!("not intentions")
+        };
+        assert!(rule[0].http.holds("GET", "/v1/x") && !rule[0].http.holds("PUT", "/v1/x"));
+        for (bad, key) in [
+            ("methods = [\"get\"]", "rule[0].methods"),
+            ("methods = []", "rule[0].methods"),
+            ("path_exact = \"admin\"", "rule[0].path_exact"),
+            ("path_prefix = \"/a\\u0000\"", "rule[0].path_prefix"),
+        ] {
+            let text = format!(
+                "kind = \"intentions\"\nname = \"api\"\n[[rule]]\nsource = \"*\"\naction = \"allow\"\n{bad}\n"
+            );
+            let errs = parse(&text).expect_err(bad);
+            assert!(errs.iter().any(|e| e.key == key), "{bad}: {errs:?}");
+        }
+        // A key this version does not know is an error, never ignored (an
+        // ignored condition would widen an allow).
+        let unknown = "kind = \"intentions\"\nname = \"api\"\n[[rule]]\nsource = \"*\"\naction = \"allow\"\nheaders = { x = \"1\" }\n";
+        assert!(parse(unknown).is_err());
     }
 
     #[test]
