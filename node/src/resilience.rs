@@ -42,6 +42,10 @@ pub struct Policy {
     pub rate_limit: Option<RateLimit>,
     /// At the caller's node, per service.
     pub circuit_breaker: Option<CircuitBreaker>,
+    /// The document as written, and its version (what `explain` shows:
+    /// the settings the data path applies, not merely the store's).
+    pub settings: Resilience,
+    pub version: u64,
 }
 
 /// Why an attempt failed, as `retries.on` names it.
@@ -75,6 +79,8 @@ impl Policy {
             retries: r.retries.clone(),
             rate_limit: r.rate_limit.clone(),
             circuit_breaker: r.circuit_breaker.clone(),
+            settings: r.clone(),
+            version: 0,
         }
     }
 
@@ -332,11 +338,16 @@ pub struct Policies {
 }
 
 impl Policies {
-    pub fn from_documents(docs: impl IntoIterator<Item = Document>) -> Self {
+    /// Every service's policy from `(version, document)` pairs.
+    pub fn from_documents(docs: impl IntoIterator<Item = (u64, Document)>) -> Self {
         let by_service = docs
             .into_iter()
-            .filter_map(|d| match &d.body {
-                Body::Resilience(r) => Some((d.name.clone(), Arc::new(Policy::compile(r)))),
+            .filter_map(|(version, d)| match &d.body {
+                Body::Resilience(r) => {
+                    let mut p = Policy::compile(r);
+                    p.version = version;
+                    Some((d.name.clone(), Arc::new(p)))
+                }
                 _ => None,
             })
             .collect();
@@ -344,7 +355,12 @@ impl Policies {
     }
 
     pub fn from_store(store: &PolicyStore) -> Self {
-        Self::from_documents(store.all().into_iter().filter_map(|h| h.parsed))
+        Self::from_documents(
+            store
+                .all()
+                .into_iter()
+                .filter_map(|h| Some((h.doc.header.version, h.parsed?))),
+        )
     }
 
     pub fn get(&self, service: &str) -> Option<Arc<Policy>> {
@@ -458,7 +474,7 @@ fault = { abort = { status = 503, percent = 25 }, delay = { duration = "100ms", 
             panic!()
         };
         assert!(r.rate_limit.is_some());
-        let p = Policies::from_documents([doc]);
+        let p = Policies::from_documents([(1, doc)]);
         assert!(p.get("api").is_some() && p.get("web").is_none());
     }
 

@@ -125,6 +125,21 @@ impl Mesh {
         })
         .await
         .unwrap_or_else(|| panic!("{} never held version {version}", node.admin));
+        if doc.kind == "resilience" {
+            // The data path follows the store a moment later: explain
+            // shows the version it applies.
+            let path = format!("/v1/explain?service={}", doc.name);
+            wait(Duration::from_secs(5), || async {
+                client::get(node.admin, &path)
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v.pointer("/resilience/version").and_then(|v| v.as_u64()))
+                    == Some(version)
+            })
+            .await
+            .unwrap_or_else(|| panic!("{} never applied version {version}", node.admin));
+        }
     }
 }
 

@@ -319,14 +319,10 @@ pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, 
     let authorization = Authorization { decision, source };
     let request = request_route(s, &up, query)?;
     let attempts = attempts(s.dialer.plan(&up));
-    let resilience = s.policy.store.get("resilience", &service).and_then(|held| {
-        let version = held.doc.header.version;
-        match held.parsed?.body {
-            crate::policy::schema::Body::Resilience(settings) => {
-                Some(ResilienceView { version, settings })
-            }
-            _ => None,
-        }
+    // As the data path holds it (it follows the store a moment later).
+    let resilience = s.dialer.resilience(&service).map(|p| ResilienceView {
+        version: p.version,
+        settings: p.settings.clone(),
     });
     Ok(Explanation {
         resilience,

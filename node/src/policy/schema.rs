@@ -389,7 +389,6 @@ struct Raw {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRule {
     source: String,
     action: Action,
@@ -985,7 +984,7 @@ mod tests {
     }
 
     #[test]
-    fn intention_rules_take_http_conditions_and_refuse_unknown_keys() {
+    fn intention_rules_take_checked_http_conditions() {
         let ok = parse(
             "kind = \"intentions\"\nname = \"api\"\n[[rule]]\nsource = \"*\"\naction = \"allow\"\nmethods = [\"GET\"]\npath_prefix = \"/v1/\"\n",
         )
