@@ -104,6 +104,15 @@ impl Outliers {
             .is_some_and(|until| now < until)
     }
 
+    /// Ejected for connect failures: only such an ejection sends traffic
+    /// to another cluster before the instance (bad answers only move it
+    /// after its own cluster's other instances).
+    pub fn is_unreachable(&self, key: &Key, now: Instant) -> bool {
+        self.states
+            .get(key)
+            .is_some_and(|s| !s.by_responses && s.ejected_until.is_some_and(|until| now < until))
+    }
+
     /// Drops the state of instances whose ejection ended more than
     /// [`MAX_EJECTION`] ago and that failed no more since (gone or healed
     /// without a success seen here).

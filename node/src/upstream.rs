@@ -341,11 +341,11 @@ impl Dialer {
                 &chosen
             }
         };
-        balance::plan(
+        let mut picks = balance::plan(
             instances,
             catalog.remote_routes(&up.service),
             &scope(&self.cluster, up),
-            |p| load.outliers.is_ejected(&pick_key(p), now),
+            |p| load.outliers.is_unreachable(&pick_key(p), now),
             |i| {
                 let k = key(i);
                 let active = load.active.get(&k).copied().unwrap_or(0);
@@ -356,13 +356,21 @@ impl Dialer {
                 }
             },
             |n| rng.random_range(0..n),
-        )
-        .into_iter()
-        .map(|p| match p {
-            Pick::Local(i) => Target::Local(i.clone()),
-            Pick::Remote(r) => Target::Remote(r.clone()),
-        })
-        .collect()
+        );
+        // Instances ejected for bad answers go after the own cluster's
+        // others, and still before other clusters (see outlier.rs).
+        let locals = picks
+            .iter()
+            .position(|p| !matches!(p, Pick::Local(_)))
+            .unwrap_or(picks.len());
+        picks[..locals].sort_by_key(|p| load.outliers.is_ejected(&pick_key(p), now));
+        picks
+            .into_iter()
+            .map(|p| match p {
+                Pick::Local(i) => Target::Local(i.clone()),
+                Pick::Remote(r) => Target::Remote(r.clone()),
+            })
+            .collect()
     }
 
     /// The instances of this cluster a gateway forwards a stream for

@@ -5,7 +5,10 @@
 //!
 //! `demo --http` runs the HTTP act instead: api v2 starts beside v1 in east,
 //! and a canary moves 10 % -> 50 % -> 100 % of requests to it by signed
-//! `routes` documents applied with `meshnode policy apply`.
+//! `routes` documents applied with `meshnode policy apply`; then
+//! `resilience` documents open a circuit breaker on the slow canary, hide
+//! an instance failing 30 % of requests behind retries, rate-limit each
+//! instance and inject a fault, each with its counts.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -403,6 +406,18 @@ async fn canary(
             .with_file_name(meshnode_node::admin::SECRET_FILE),
     )
     .context("reading east-2's admin secret")?;
+    let signer = Signer {
+        exe,
+        op_dir: &op_dir,
+        dir,
+        admin: watcher.admin,
+        secret: secret.trim(),
+        followers: nodes
+            .iter()
+            .filter(|n| n.name == "east-1")
+            .map(|n| n.admin)
+            .collect(),
+    };
     for (version, v2) in [(1u64, 0u32), (2, 10), (3, 50), (4, 100)] {
         step(&format!(
             "{}: meshnode policy apply, then {CANARY_REQUESTS} requests",
@@ -412,50 +427,13 @@ async fn canary(
                 format!("canary at {v2} %")
             }
         ));
-        let file = dir.join(format!("canary-{v2}.toml"));
-        std::fs::write(
-            &file,
-            format!(
-                "kind = \"routes\"\nname = \"{SERVICE}\"\n\n[[route]]\nmatch = {{ path_prefix = \"/\" }}\nsplit = [{{ subset = \"version=v1\", weight = {v1} }}, {{ subset = \"version=v2\", weight = {v2} }}]\n",
-                v1 = 100 - v2
-            ),
-        )?;
-        for line in std::fs::read_to_string(&file)?.lines() {
-            println!("    | {line}");
-        }
-        let out = Command::new(exe)
-            .arg("policy")
-            .arg("apply")
-            .arg(&file)
-            .arg("--operator-cert")
-            .arg(op_dir.join("operator.pem"))
-            .arg("--operator-key")
-            .arg(op_dir.join("operator.key"))
-            .arg("--admin")
-            .arg(watcher.admin.to_string())
-            .env("MESHNODE_ADMIN_SECRET", secret.trim())
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .context("running meshnode policy apply")?;
-        if !out.status.success() {
-            bail!(
-                "policy apply failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        println!("    {}", String::from_utf8_lossy(&out.stdout).trim());
-        let path = format!("/v1/policy/routes/{SERVICE}");
-        wait_for(Duration::from_secs(10), || async {
-            client::get(watcher.admin, &path)
-                .await
-                .ok()
-                .and_then(|b| serde_json::from_str::<Value>(&b).ok())
-                .and_then(|v| v.pointer("/summary/version").and_then(Value::as_u64))
-                == Some(version)
-        })
-        .await
-        .with_context(|| format!("east-2 did not hold routes version {version} within 10 s"))?;
+        let text = format!(
+            "kind = \"routes\"\nname = \"{SERVICE}\"\n\n[[route]]\nmatch = {{ path_prefix = \"/\" }}\nsplit = [{{ subset = \"version=v1\", weight = {v1} }}, {{ subset = \"version=v2\", weight = {v2} }}]\n",
+            v1 = 100 - v2
+        );
+        signer
+            .apply(&format!("canary-{v2}.toml"), &text, "routes", version)
+            .await?;
         let t = traffic(upstream, CANARY_REQUESTS).await;
         print_tally(&t);
         phases.push((format!("canary {v2} %"), t));
@@ -502,6 +480,8 @@ async fn canary(
         bail!("the canary did not move as expected (see the table above)");
     }
     println!("every request answered; the v2 share followed each document as it was applied");
+
+    resilience(&signer, upstream).await?;
     if hold {
         step("holding the mesh up; press Ctrl-C to stop");
         println!("    upstream to api: curl http://{upstream}/");
@@ -510,6 +490,387 @@ async fn canary(
             watcher.admin
         );
         let _ = tokio::signal::ctrl_c().await;
+    }
+    Ok(())
+}
+
+/// Signs documents with the demo's operator certificate and applies them
+/// with `meshnode policy apply` at one node.
+struct Signer<'a> {
+    exe: &'a Path,
+    op_dir: &'a Path,
+    dir: &'a Path,
+    admin: SocketAddr,
+    secret: &'a str,
+    /// Other nodes that must hold a document before it counts as applied
+    /// (instance nodes: a rate limit is enforced there).
+    followers: Vec<SocketAddr>,
+}
+
+impl Signer<'_> {
+    /// Applies `text` (saved as `file`, printed) as `version` of its
+    /// `kind`, and waits until the node holds it (for `resilience`: until
+    /// its data path applies it).
+    async fn apply(&self, file: &str, text: &str, kind: &str, version: u64) -> anyhow::Result<()> {
+        let file = self.dir.join(file);
+        std::fs::write(&file, text)?;
+        for line in text.lines() {
+            println!("    | {line}");
+        }
+        let out = Command::new(self.exe)
+            .arg("policy")
+            .arg("apply")
+            .arg(&file)
+            .arg("--operator-cert")
+            .arg(self.op_dir.join("operator.pem"))
+            .arg("--operator-key")
+            .arg(self.op_dir.join("operator.key"))
+            .arg("--admin")
+            .arg(self.admin.to_string())
+            .env("MESHNODE_ADMIN_SECRET", self.secret)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running meshnode policy apply")?;
+        if !out.status.success() {
+            bail!(
+                "policy apply failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        println!("    {}", String::from_utf8_lossy(&out.stdout).trim());
+        let (path, pointer) = if kind == "resilience" {
+            (
+                format!("/v1/explain?service={SERVICE}"),
+                "/resilience/version",
+            )
+        } else {
+            (format!("/v1/policy/{kind}/{SERVICE}"), "/summary/version")
+        };
+        wait_for(Duration::from_secs(10), || async {
+            client::get(self.admin, &path)
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+                .and_then(|v| v.pointer(pointer).and_then(Value::as_u64))
+                == Some(version)
+        })
+        .await
+        .with_context(|| format!("{CANARY} did not apply {kind} version {version} within 10 s"))?;
+        let path = format!("/v1/policy/{kind}/{SERVICE}");
+        for &node in &self.followers {
+            wait_for(Duration::from_secs(10), || async {
+                client::get(node, &path)
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+                    .and_then(|v| v.pointer("/summary/version").and_then(Value::as_u64))
+                    == Some(version)
+            })
+            .await
+            .with_context(|| format!("{node} did not hold {kind} version {version} within 10 s"))?;
+        }
+        Ok(())
+    }
+}
+
+/// What the mesh answered to a batch of requests.
+#[derive(Default)]
+struct Answers {
+    ok: usize,
+    /// Answers with 200, by the node that gave them.
+    by_node: BTreeMap<String, usize>,
+    /// Other statuses, by `status why` (`x-meshnode-error`, the limit or
+    /// the fault).
+    other: BTreeMap<String, usize>,
+    failed: usize,
+}
+
+impl Answers {
+    fn add(&mut self, r: anyhow::Result<Answer>) {
+        match r {
+            Ok(a) if a.status == 200 => {
+                self.ok += 1;
+                *self.by_node.entry(a.node.unwrap_or_default()).or_default() += 1;
+            }
+            Ok(a) => *self.other.entry(a.why()).or_default() += 1,
+            Err(_) => self.failed += 1,
+        }
+    }
+
+    fn count(&self, key: &str) -> usize {
+        self.other.get(key).copied().unwrap_or(0)
+    }
+
+    fn not_ok(&self) -> usize {
+        self.other.values().sum::<usize>() + self.failed
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = vec![format!("{} ok", self.ok)];
+        parts.extend(self.other.iter().map(|(k, n)| format!("{n} {k}")));
+        if self.failed > 0 {
+            parts.push(format!("{} without an answer", self.failed));
+        }
+        parts.join(", ")
+    }
+}
+
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    /// The node that answered (`hello from <node>`), when one did.
+    node: Option<String>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `503 circuit_open max_requests`, `429 rate_limited`, `503 fault abort`, `503`.
+    fn why(&self) -> String {
+        let mut why = self.status.to_string();
+        if let Some(f) = self.header("x-meshnode-fault") {
+            why.push_str(&format!(" fault {f}"));
+        } else if let Some(e) = self.header("x-meshnode-error") {
+            why.push_str(&format!(" {e}"));
+            if let Some(l) = self.header("x-meshnode-limit") {
+                why.push_str(&format!(" {l}"));
+            }
+        }
+        why
+    }
+}
+
+/// One request for `path` through the upstream, on its own connection.
+async fn call(upstream: SocketAddr, path: &str, header: Option<&str>) -> anyhow::Result<Answer> {
+    let work = async {
+        let mut s = TcpStream::connect(upstream).await?;
+        let extra = header.map(|h| format!("{h}\r\n")).unwrap_or_default();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: api\r\n{extra}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("no HTTP response"))?;
+        let node = body.trim().strip_prefix("hello from ").map(str::to_string);
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("no status line in {head:?}"))?;
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        anyhow::Ok(Answer {
+            status,
+            headers,
+            node,
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .map_err(|_| anyhow!("timed out"))?
+}
+
+/// The counter `name{..labels..}` in a node's metrics, summed over lines
+/// whose labels contain every one of `labels`.
+async fn metric(admin: SocketAddr, name: &str, labels: &[&str]) -> f64 {
+    let text = client::get(admin, "/metrics").await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The resilience act, on the canary's node: a circuit breaker opening on
+/// the slow canary, retries hiding an instance that fails 30 % of its
+/// requests, an instance rate limit, and an injected fault, each with the
+/// mesh's counts.
+async fn resilience(signer: &Signer<'_>, upstream: SocketAddr) -> anyhow::Result<()> {
+    let admin = signer.admin;
+    let head = format!("kind = \"resilience\"\nname = \"{SERVICE}\"\n");
+    let mut rows = Vec::new();
+
+    step("a circuit breaker: every request goes to v2 on east-2, which now takes 1 s for /slow; 20 at once");
+    signer
+        .apply(
+            "breaker.toml",
+            &format!("{head}circuit_breaker = {{ max_requests = 5 }}\n"),
+            "resilience",
+            1,
+        )
+        .await?;
+    let t = clock::now();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(async move { call(upstream, "/slow", None).await }))
+        .collect();
+    let mut burst = Answers::default();
+    for task in tasks {
+        burst.add(task.await.map_err(anyhow::Error::from).and_then(|r| r));
+    }
+    println!(
+        "    {} in {:.1} s",
+        burst.describe(),
+        clock::since(t).as_secs_f64()
+    );
+    let mut after = Answers::default();
+    for _ in 0..20 {
+        after.add(call(upstream, "/", None).await);
+    }
+    println!("    then, the load gone, 20 in a row: {}", after.describe());
+    let opened = burst.count("503 circuit_open max_requests");
+    rows.push(vec![
+        "breaker".to_string(),
+        "20 at once + 20".to_string(),
+        (burst.ok + after.ok).to_string(),
+        format!("{opened} turned away at once (max_requests = 5)"),
+    ]);
+    if burst.ok < 5 || opened < 10 || after.ok != 20 || burst.failed > 0 {
+        bail!(
+            "the breaker did not hold 5 requests and recover: {}",
+            burst.describe()
+        );
+    }
+
+    step("retries: the routes split api 50/50 again; east-1 answers 503 to 30 % of /flaky");
+    signer
+        .apply(
+            "split-50.toml",
+            &format!("kind = \"routes\"\nname = \"{SERVICE}\"\n\n[[route]]\nmatch = {{ path_prefix = \"/\" }}\nsplit = [{{ subset = \"version=v1\", weight = 50 }}, {{ subset = \"version=v2\", weight = 50 }}]\n"),
+            "routes",
+            5,
+        )
+        .await?;
+    let mut bare = Answers::default();
+    for _ in 0..200 {
+        bare.add(call(upstream, "/flaky", None).await);
+    }
+    println!("    without retries: {}", bare.describe());
+    signer
+        .apply(
+            "retries.toml",
+            &format!("{head}retries = {{ attempts = 3, on = [\"5xx\"], budget = 0.2 }}\ncircuit_breaker = {{ max_requests = 5 }}\n"),
+            "resilience",
+            2,
+        )
+        .await?;
+    let before = metric(admin, "meshnode_http_retries_total", &[]).await;
+    let mut retried = Answers::default();
+    for _ in 0..200 {
+        retried.add(call(upstream, "/flaky", None).await);
+    }
+    let retries = metric(admin, "meshnode_http_retries_total", &[]).await - before;
+    println!(
+        "    with retries: {} ({retries} retries, meshnode_http_retries_total)",
+        retried.describe()
+    );
+    rows.push(vec![
+        "retries".to_string(),
+        "200 + 200".to_string(),
+        format!("{} -> {}", bare.ok, retried.ok),
+        format!(
+            "{} failed without, {} with ({retries} retries)",
+            bare.not_ok(),
+            retried.not_ok()
+        ),
+    ]);
+    if bare.not_ok() == 0 || retried.not_ok() > 2 {
+        bail!(
+            "retries did not hide the flaky instance: {}",
+            retried.describe()
+        );
+    }
+
+    step("a rate limit: 20 requests a second per instance (burst 5), checked at each instance's node; 3 s as fast as one client goes");
+    signer
+        .apply(
+            "rate-limit.toml",
+            &format!("{head}retries = {{ attempts = 3, on = [\"5xx\"], budget = 0.2 }}\nrate_limit = {{ rps = 20, burst = 5 }}\n"),
+            "resilience",
+            3,
+        )
+        .await?;
+    let t = clock::now();
+    let mut limited = Answers::default();
+    while clock::since(t) < Duration::from_secs(3) {
+        limited.add(call(upstream, "/", None).await);
+    }
+    let took = clock::since(t).as_secs_f64();
+    let per_instance = 5.0 + 20.0 * took;
+    println!(
+        "    {} in {took:.1} s; answered by {:?} (each at most {per_instance:.0})",
+        limited.describe(),
+        limited.by_node
+    );
+    let too_many = limited.count("429 rate_limited");
+    rows.push(vec![
+        "rate limit".to_string(),
+        (limited.ok + limited.not_ok()).to_string(),
+        limited.ok.to_string(),
+        format!("{too_many} got 429 (20/s per instance)"),
+    ]);
+    // Per instance: the burst, then 20 a second.
+    let over = limited
+        .by_node
+        .values()
+        .any(|&n| n as f64 > per_instance * 1.05 + 1.0);
+    if too_many == 0 || over {
+        bail!("the rate limit did not hold: {}", limited.describe());
+    }
+
+    step("an injected fault: 10 % of requests carrying x-chaos are aborted with 503 by the caller's node");
+    signer
+        .apply(
+            "fault.toml",
+            &format!("{head}fault = {{ abort = {{ status = 503, percent = 10 }}, header = \"x-chaos\" }}\n"),
+            "resilience",
+            4,
+        )
+        .await?;
+    let mut chaos = Answers::default();
+    for _ in 0..200 {
+        chaos.add(call(upstream, "/", Some("x-chaos: 1")).await);
+    }
+    let mut calm = Answers::default();
+    for _ in 0..50 {
+        calm.add(call(upstream, "/", None).await);
+    }
+    println!(
+        "    with the header: {}; without: {}",
+        chaos.describe(),
+        calm.describe()
+    );
+    let aborted = chaos.count("503 fault abort");
+    rows.push(vec![
+        "fault".to_string(),
+        "200 + 50".to_string(),
+        (chaos.ok + calm.ok).to_string(),
+        format!("{aborted} aborted (10 % of those with x-chaos)"),
+    ]);
+    if !(5..=40).contains(&aborted) || calm.ok != 50 {
+        bail!("the fault did not hit about 10 %: {}", chaos.describe());
+    }
+
+    step("resilience summary (meshnode_http_* counters on east-2)");
+    println!("{}", table(&["ACT", "REQUESTS", "OK", "THE MESH"], &rows));
+    for (name, labels) in [
+        ("meshnode_http_breaker_open_total", &[][..]),
+        ("meshnode_http_retries_total", &[]),
+        ("meshnode_http_faults_injected_total", &[]),
+    ] {
+        println!("    {name} {}", metric(admin, name, labels).await);
     }
     Ok(())
 }
@@ -674,23 +1035,39 @@ impl Drop for App {
     }
 }
 
+/// `/slow` takes 1 s; `/flaky` gets 503 for 3 of every 10 requests at
+/// east-1 (the instance retries hide).
 async fn start_app(node: &str) -> anyhow::Result<App> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     let addr = listener.local_addr()?;
     let body = format!("hello from {node}\n");
+    let flaky = node == "east-1";
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let body = body.clone();
+            let hits = hits.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
-                        let text = if req.uri().path() == "/healthz" {
+                        let path = req.uri().path().to_string();
+                        let text = if path == "/healthz" {
                             "ok\n".to_string()
                         } else {
                             body.clone()
                         };
+                        let fail = flaky
+                            && path == "/flaky"
+                            && hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10 < 3;
                         async move {
-                            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
+                            if path == "/slow" {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                            let mut resp = hyper::Response::new(Full::new(Bytes::from(text)));
+                            if fail {
+                                *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                            }
+                            Ok::<_, Infallible>(resp)
                         }
                     },
                 );

@@ -435,6 +435,22 @@ fn demo_http_moves_a_canary_by_policy_apply() {
     assert_eq!(counts("canary 100 %"), ["200", "0", "0", "200"], "{t}");
     assert_eq!(counts("canary 0 %"), ["200", "0", "200", "0"], "{t}");
     assert!(t.contains("the v2 share followed each document"), "{t}");
+    // The resilience act: one summary row per mechanism, with the mesh's
+    // counts (the demo itself fails when a count is off).
+    for act in ["breaker ", "retries ", "rate limit ", "fault "] {
+        assert!(t.lines().any(|l| l.starts_with(act)), "no {act:?} row: {t}");
+    }
+    assert!(t.contains("503 circuit_open max_requests"), "{t}");
+    assert!(t.contains("429 rate_limited"), "{t}");
+    assert!(t.contains("503 fault abort"), "{t}");
+    let retried = t
+        .lines()
+        .find(|l| l.trim_start().starts_with("with retries:"))
+        .unwrap_or_default();
+    assert!(
+        retried.contains("retries, meshnode_http_retries_total"),
+        "{t}"
+    );
 }
 
 /// Runtime worker threads of a running process (tokio names them `tokio-rt-worker`).
