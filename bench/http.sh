@@ -9,6 +9,7 @@
 #   bash bench/http.sh                       # 5 s per run
 #   SECONDS_PER_RUN=10 CONNS="1 16 64" bash bench/http.sh
 #   ROUTE_COST=0 bash bench/http.sh          # skip the callgrind part
+#   THROUGHPUT=0 bash bench/http.sh          # only the callgrind part (route and resilience cost)
 #   PROFILE=/tmp/http.perf bash bench/http.sh   # perf-record both meshnode processes during
 #                                               # the wrk run at PROFILE_CONNS (16) connections
 #
@@ -29,6 +30,7 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
 CONNS=${CONNS:-"1 16 64"}
 ROUTE_COST=${ROUTE_COST:-1}
+THROUGHPUT=${THROUGHPUT:-1}
 K1=${K1:-300}
 K2=${K2:-1300}
 
@@ -196,6 +198,7 @@ run_h2() { # $1=label $2=port $3=conns $4..=pids
   R[$label.h2.$c.cpu]=$(awk -v a="$c0" -v b="$c1" -v n="$n" -v hz="$(getconf CLK_TCK)" 'BEGIN{ if (n > 0 && b > a) printf "%.3f", (b - a) / hz / n * 10000; else print "-" }')
 }
 
+if [ "$THROUGHPUT" = 1 ]; then
 echo "== load: ${SECONDS_PER_RUN}s per run, connections: $CONNS"
 for c in $CONNS; do
   run_wrk direct $APP "$c"
@@ -232,25 +235,30 @@ for proto in h1 h2; do
   done
 done
 
+fi # THROUGHPUT
+
 [ "$ROUTE_COST" = 1 ] || exit 0
 
 echo
 echo "== route cost (callgrind): node-a's instructions per request, $K1 and $K2 requests (h2load, 1 connection), against matching one request in a 100-rule table"
 kill "$MESH_A"; wait "$MESH_A" 2>/dev/null || true
 # A whole request at the caller node: the difference of two runs, so start-up and idle work cancel.
-total=()
-for k in $K1 $K2; do
-  MESHNODE_LOG=error valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.$k" \
-    "$MESHNODE" run --config "$WORK/node-a/config.toml" 2>/dev/null & pid=$!
-  for _ in $(seq 1 600); do
-    curl -fsS -o /dev/null --max-time 2 http://127.0.0.1:38080/ 2>/dev/null && break
-    sleep 0.2
+request_instr() { # $1: a label for the callgrind files
+  local total=() k pid
+  for k in $K1 $K2; do
+    MESHNODE_LOG=error valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.$1.$k" \
+      "$MESHNODE" run --config "$WORK/node-a/config.toml" 2>/dev/null & pid=$!
+    for _ in $(seq 1 600); do
+      curl -fsS -o /dev/null --max-time 2 http://127.0.0.1:38080/ 2>/dev/null && break
+      sleep 0.2
+    done
+    h2load -n "$k" -c1 -m1 "http://127.0.0.1:38080/" >/dev/null 2>&1
+    kill -INT "$pid"; wait "$pid" 2>/dev/null || true
+    total+=("$(awk '/^summary:/ {print $2}' "$WORK/cg.$1.$k")")
   done
-  h2load -n "$k" -c1 -m1 "http://127.0.0.1:38080/" >/dev/null 2>&1
-  kill -INT "$pid"; wait "$pid" 2>/dev/null || true
-  total+=("$(awk '/^summary:/ {print $2}' "$WORK/cg.$k")")
-done
-REQUEST=$(( (total[1] - total[0]) / (K2 - K1) ))
+  echo $(( (total[1] - total[0]) / (K2 - K1) ))
+}
+REQUEST=$(request_instr plain)
 # The routing work alone, 100 rules (the last one matches), and a lookup with no document.
 cargo build --release -q -p meshnode-bench --bin meshnode-route-bench
 route_instr() {
@@ -263,3 +271,44 @@ NONE=$(per_route none)
 echo "a proxied request at the caller node: $REQUEST instructions"
 echo "routing with 100 rules (last matches): $ROUTE instructions; with no routes document: $NONE"
 awk -v r="$ROUTE" -v n="$NONE" -v q="$REQUEST" 'BEGIN { printf "a 100-rule table adds %.1f%% per request (target <= 5%%)\n", (r - n) * 100 / q }'
+
+echo
+echo "== resilience cost (callgrind): node-a's instructions per request with a resilience document for web, against none (measured before and after it)"
+# Every caller-side key: a timeout and a per-try timeout (two timers per
+# request), retries with their budget, every circuit-breaker limit, and a
+# fault that needs a header the requests do not carry. (rate_limit is
+# enforced at node-b, not measured here.)
+cat >"$WORK/resilience.toml" <<EOF
+kind = "resilience"
+name = "web"
+timeout = "5s"
+retries = { attempts = 2, per_try_timeout = "2s", on = ["connect-failure", "5xx"], budget = 0.2 }
+circuit_breaker = { max_requests = 10000, max_pending = 10000, max_connections = 1000, max_retries = 100 }
+fault = { abort = { status = 503, percent = 50 }, delay = { duration = "1s", percent = 50 }, header = "x-chaos" }
+EOF
+with_node_a() { # $@: a command to run while node-a runs normally
+  MESHNODE_LOG=error "$MESHNODE" run --config "$WORK/node-a/config.toml" & local pid=$!
+  wait_http http://127.0.0.1:38080/
+  "$@"
+  kill -INT "$pid"; wait "$pid" 2>/dev/null || true
+}
+resilience_version() {
+  curl -fsS "http://127.0.0.71:9471/v1/explain?service=web" 2>/dev/null |
+    python3 -c 'import json, sys; print((json.load(sys.stdin).get("resilience") or {}).get("version", 0))' 2>/dev/null
+}
+policy() { # $@: apply FILE | delete KIND NAME
+  "$MESHNODE" policy "$@" --operator-cert "$WORK/op/operator.pem" --operator-key "$WORK/op/operator.key" --admin 127.0.0.71:9471 >/dev/null
+}
+until_version() { # $1: the version node-a's data path must apply
+  for _ in $(seq 1 100); do [ "$(resilience_version)" = "$1" ] && return 0; sleep 0.1; done
+  echo "node-a never applied resilience version $1" >&2; exit 1
+}
+with_node_a eval 'policy apply "$WORK/resilience.toml" && until_version 1'
+WITH=$(request_instr resilience)
+with_node_a eval 'policy delete resilience web && until_version 0'
+AFTER=$(request_instr after)
+echo "a proxied request: $REQUEST instructions without a document, $WITH with it, $AFTER without it again"
+awk -v a="$REQUEST" -v b="$AFTER" -v w="$WITH" 'BEGIN {
+  base = (a + b) / 2
+  printf "a resilience document adds %.1f%% per request (target <= 3%%); the two runs without one differ by %.1f%%\n", (w - base) * 100 / base, (a > b ? a - b : b - a) * 100 / base
+}'

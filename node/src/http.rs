@@ -1037,19 +1037,30 @@ pub(crate) struct StreamRules {
 
 /// Local rate limits of this node's instances (`rate_limit` of a
 /// resilience document): one token bucket per service and application
-/// address, so the limit holds per instance.
+/// address, so the limit holds per instance; with `per_source`, one per
+/// caller identity at each instance.
 #[derive(Default)]
 pub struct Limiters {
-    buckets: Mutex<HashMap<String, HashMap<SocketAddr, crate::resilience::TokenBucket>>>,
+    buckets: Mutex<HashMap<String, HashMap<BucketKey, crate::resilience::TokenBucket>>>,
     born: std::sync::OnceLock<tokio::time::Instant>,
 }
 
+/// An instance, and the caller when buckets are per source.
+type BucketKey = (SocketAddr, Option<Arc<str>>);
+
+/// Per-source buckets kept per service at most. Beyond it, full buckets
+/// (idle callers) are forgotten; if none is, a new caller shares the
+/// instance's own bucket, so a flood of identities cannot grow memory.
+const MAX_SOURCE_BUCKETS: usize = 4096;
+
 impl Limiters {
-    /// Takes a token for one request to `service` at `target` under `limit`.
+    /// Takes a token for one request to `service` at `target` under
+    /// `limit`; `source`: the caller, for `per_source` limits.
     pub(crate) fn take(
         &self,
         service: &str,
         target: SocketAddr,
+        source: &Arc<str>,
         limit: &crate::policy::schema::RateLimit,
     ) -> Result<(), Duration> {
         let born = *self.born.get_or_init(meshnode_transport::clock::tokio_now);
@@ -1061,8 +1072,18 @@ impl Limiters {
         let Some(of_service) = buckets.get_mut(service) else {
             return Ok(());
         };
+        let mut key = (target, limit.per_source.then(|| source.clone()));
+        if key.1.is_some()
+            && !of_service.contains_key(&key)
+            && of_service.len() >= MAX_SOURCE_BUCKETS
+        {
+            of_service.retain(|k, b| k.1.is_none() || !b.is_full(now));
+            if of_service.len() >= MAX_SOURCE_BUCKETS {
+                key.1 = None;
+            }
+        }
         let bucket = of_service
-            .entry(target)
+            .entry(key)
             .or_insert_with(|| crate::resilience::TokenBucket::new(limit, now));
         if !bucket.is_for(limit) {
             // A new document: a new bucket.
@@ -1308,5 +1329,52 @@ mod tests {
         strip_hop_by_hop(&mut h2, true);
         assert_eq!(h2.get("te").unwrap(), "trailers");
         assert!(h2.get("x-private").is_none());
+    }
+}
+
+#[cfg(test)]
+mod limiter_tests {
+    use super::*;
+    use crate::policy::schema::RateLimit;
+
+    fn limit(per_source: bool) -> RateLimit {
+        RateLimit {
+            rps: 0.001,
+            burst: 2,
+            per_source,
+        }
+    }
+
+    #[test]
+    fn per_source_buckets_are_apart_and_bounded() {
+        let l = Limiters::default();
+        let target: SocketAddr = ([127, 0, 0, 1], 8080).into();
+        let (a, b): (Arc<str>, Arc<str>) =
+            (Arc::from("spiffe://m/cluster/c/node/a"), Arc::from("b"));
+        let per = limit(true);
+        assert!(l.take("api", target, &a, &per).is_ok());
+        assert!(l.take("api", target, &a, &per).is_ok());
+        assert!(
+            l.take("api", target, &a, &per).is_err(),
+            "a's burst is used up"
+        );
+        assert!(
+            l.take("api", target, &b, &per).is_ok(),
+            "b has its own bucket"
+        );
+        // Without per_source, one bucket for the instance.
+        let shared = limit(false);
+        assert!(l.take("web", target, &a, &shared).is_ok());
+        assert!(l.take("web", target, &b, &shared).is_ok());
+        assert!(l.take("web", target, &b, &shared).is_err());
+        // A flood of identities: memory stays bounded, and the newcomers
+        // share the instance's bucket once the table is full of callers
+        // that are not idle.
+        for i in 0..MAX_SOURCE_BUCKETS + 100 {
+            let s: Arc<str> = Arc::from(format!("caller-{i}"));
+            let _ = l.take("api", target, &s, &per);
+        }
+        let held = l.buckets.lock().map(|b| b["api"].len()).unwrap_or(0);
+        assert!(held <= MAX_SOURCE_BUCKETS + 1, "{held} buckets");
     }
 }

@@ -566,6 +566,7 @@ fn stream_rules(
     );
     let (authz, loaded) = (ctx.authz.clone(), ctx.policy_loaded.clone());
     let (dialer, limiters, svc) = (ctx.dialer.clone(), ctx.limiters.clone(), service.clone());
+    let source: Arc<str> = Arc::from(caller.to_string());
     crate::http::StreamRules {
         authorize: Box::new(move |method, path, first| {
             let snapshot = authz.snapshot();
@@ -582,7 +583,7 @@ fn stream_rules(
         drain: ctx.drain.clone(),
         limit: Box::new(
             move || match dialer.resilience(&svc).and_then(|p| p.rate_limit.clone()) {
-                Some(limit) => limiters.take(&svc, target, &limit),
+                Some(limit) => limiters.take(&svc, target, &source, &limit),
                 None => Ok(()),
             },
         ),

@@ -228,6 +228,13 @@ impl TokenBucket {
         self.rps == limit.rps && self.burst == f64::from(limit.burst)
     }
 
+    /// Whether the bucket would be full at `now`: forgetting it changes
+    /// nothing (a new one starts full).
+    pub fn is_full(&self, now: Duration) -> bool {
+        let elapsed = now.saturating_sub(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rps >= self.burst
+    }
+
     /// Takes a token, or says how long until one is there.
     pub fn try_take(&mut self, now: Duration) -> Result<(), Duration> {
         let elapsed = now.saturating_sub(self.last).as_secs_f64();
@@ -552,6 +559,7 @@ fault = { abort = { status = 503, percent = 25 }, delay = { duration = "100ms", 
     #[test]
     fn the_bucket_gives_its_burst_then_its_rate() {
         let limit = RateLimit {
+            per_source: false,
             rps: 50.0,
             burst: 10,
         };
@@ -578,6 +586,7 @@ fault = { abort = { status = 503, percent = 25 }, delay = { duration = "100ms", 
         assert!(
             b.is_for(&limit)
                 && !b.is_for(&RateLimit {
+                    per_source: false,
                     rps: 50.0,
                     burst: 11
                 })
@@ -592,7 +601,7 @@ fault = { abort = { status = 503, percent = 25 }, delay = { duration = "100ms", 
             burst in 1u32..100,
             gaps in proptest::collection::vec(0u64..50, 1..300),
         ) {
-            let limit = RateLimit { rps, burst };
+            let limit = RateLimit { rps, burst, per_source: false };
             let mut b = TokenBucket::new(&limit, Duration::ZERO);
             let mut now = Duration::ZERO;
             let mut granted = 0u64;

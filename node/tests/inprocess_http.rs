@@ -1054,3 +1054,61 @@ async fn an_l7_intention_refuses_a_denied_path_or_method_and_serves_the_rest() {
         "{explained}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_source_rate_limit_gives_each_caller_its_own_rate() {
+    let f = fleet(&[("a-v1", "v1")]).await;
+    let other = f
+        .mesh
+        .node("caller-2", 30, &[f.caller.quic], UPSTREAM)
+        .await;
+    wait(Duration::from_secs(20), || async {
+        client::get(other.admin, "/v1/services")
+            .await
+            .is_ok_and(|b| b.contains("passing"))
+    })
+    .await
+    .expect("the second caller sees api");
+    f.mesh
+        .apply(
+            &f.caller,
+            "kind = \"resilience\"\nname = \"api\"\nrate_limit = { rps = 20, burst = 5, per_source = true }\n",
+            1,
+        )
+        .await;
+    let dest = &f._nodes[0];
+    wait(Duration::from_secs(5), || async {
+        client::get(dest.admin, "/v1/policy/resilience/api")
+            .await
+            .is_ok()
+    })
+    .await
+    .expect("the destination holds the document");
+    let run = Duration::from_secs(3);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for up in [f.caller.upstreams[0], other.upstreams[0]] {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(up, false).await;
+            let (mut ok, mut limited) = (0u64, 0u64);
+            while t.elapsed() < run {
+                match c.call("GET", "/", &[]).await.status {
+                    200 => ok += 1,
+                    429 => limited += 1,
+                    s => panic!("unexpected {s}"),
+                }
+            }
+            (ok, limited)
+        }));
+    }
+    let elapsed = run.as_secs_f64();
+    for task in tasks {
+        let (ok, limited) = task.await.expect("client");
+        // Each caller its own 20/s after its own burst of 5.
+        let rate = (ok as f64 - 5.0) / elapsed;
+        assert!(
+            (rate - 20.0).abs() <= 2.0 && limited > ok,
+            "{ok} answered, {limited} limited: {rate:.1}/s"
+        );
+    }
+}

@@ -320,6 +320,10 @@ pub struct CircuitBreaker {
 pub struct RateLimit {
     pub rps: f64,
     pub burst: u32,
+    /// One bucket per caller identity (node, and the service it acts as)
+    /// at each instance, instead of one per instance.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub per_source: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -419,6 +423,8 @@ struct RawRetries {
 struct RawRateLimit {
     rps: f64,
     burst: Option<u32>,
+    #[serde(default)]
+    per_source: bool,
 }
 
 #[derive(Deserialize)]
@@ -942,7 +948,11 @@ fn resilience(e: &mut Errors, raw: &Raw) -> Resilience {
         if burst == 0 {
             e.push("rate_limit.burst", "at least 1");
         }
-        r.rate_limit = Some(RateLimit { rps: rl.rps, burst });
+        r.rate_limit = Some(RateLimit {
+            rps: rl.rps,
+            burst,
+            per_source: rl.per_source,
+        });
     }
     if let Some(f) = &raw.fault {
         let mut fault = Fault::default();
