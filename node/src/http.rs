@@ -349,7 +349,18 @@ async fn forward(
             parts.method,
             hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
         );
-    let body_once = (!hyper::body::Body::is_end_stream(&req_body)).then(|| body(req_body));
+    let retried = resilience.as_ref().is_some_and(|p| p.retries.is_some());
+    let req_body = match request_body(req_body, retried).await {
+        Ok(b) => b,
+        Err(e) => {
+            count(&up.service, "out", &subset, "bad_request");
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("meshnode: reading the request body: {e}"),
+            );
+        }
+    };
     let call = Call {
         up: &up,
         dialer: &dialer,
@@ -358,7 +369,7 @@ async fn forward(
         safe,
         limits,
     };
-    let exchange = exchange(call, body_once, resilience.as_deref());
+    let exchange = exchange(call, req_body, resilience.as_deref());
     let sent = match resilience.as_ref().and_then(|p| p.timeout) {
         Some(limit) => match tokio::time::timeout(limit, exchange).await {
             Ok(sent) => sent,
@@ -394,11 +405,14 @@ async fn forward(
             strip_hop_by_hop(&mut rp.headers, false);
             // The instance stays busy until the body is done, and the
             // request counts towards `max_requests` until then.
-            let rb = rb.map_frame(move |f| {
+            let rb = body(rb.map_frame(move |f| {
                 let _ = (&active, &in_flight);
                 f
-            });
-            Response::from_parts(rp, body(rb))
+            }));
+            match resilience.as_ref().and_then(|p| p.settings.idle_timeout) {
+                Some(idle) => Response::from_parts(rp, body(IdleBody::new(rb, idle))),
+                None => Response::from_parts(rp, rb),
+            }
         }
         Err(Sent::Refused(refusal)) => {
             count(&up.service, "out", &subset, refusal.label());
@@ -441,18 +455,122 @@ async fn forward(
     }
 }
 
+/// A response body cut with an error when no frame arrives for `idle`
+/// (`idle_timeout`): a stalled instance does not hold the client, the
+/// stream and the breaker's count forever.
+struct IdleBody {
+    inner: Body,
+    idle: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleBody {
+    fn new(inner: Body, idle: Duration) -> Self {
+        IdleBody {
+            inner,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl hyper::body::Body for IdleBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = meshnode_transport::clock::tokio_now() + this.idle;
+                this.sleep.as_mut().reset(next);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    debug!(idle = ?this.idle, "HTTP response body idle: cut");
+                    Poll::Ready(Some(Err(format!(
+                        "no data for {:?} (idle_timeout)",
+                        this.idle
+                    )
+                    .into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Request bodies up to this size are held while retries may need them.
+pub const RETRY_BODY_CAP: u64 = 64 * 1024;
+
+/// A request's body as the exchange sees it.
+enum ReqBody {
+    None,
+    /// Streamed through, once.
+    Once(Body),
+    /// Held in full (a retried request's body under [`RETRY_BODY_CAP`]).
+    Held(Bytes),
+}
+
+impl ReqBody {
+    /// The body for the next attempt.
+    fn for_attempt(&mut self) -> Option<Body> {
+        match std::mem::replace(self, ReqBody::None) {
+            ReqBody::None => None,
+            ReqBody::Once(b) => Some(b),
+            ReqBody::Held(bytes) => {
+                *self = ReqBody::Held(bytes.clone());
+                Some(body(Full::new(bytes)))
+            }
+        }
+    }
+}
+
+/// Holds a body whose size is known and at most [`RETRY_BODY_CAP`] when
+/// `retried` (so a retry can send it again); streams any other.
+async fn request_body(b: Incoming, retried: bool) -> Result<ReqBody, BoxError> {
+    use hyper::body::Body as _;
+    if b.is_end_stream() {
+        return Ok(ReqBody::None);
+    }
+    let small = b.size_hint().upper().is_some_and(|n| n <= RETRY_BODY_CAP);
+    if !(retried && small) {
+        return Ok(ReqBody::Once(body(b)));
+    }
+    // The limit holds even if the peer sends more than it declared.
+    let held = http_body_util::Limited::new(b, RETRY_BODY_CAP as usize)
+        .collect()
+        .await?
+        .to_bytes();
+    Ok(ReqBody::Held(held))
+}
+
 /// One request under its service's `retries` (if any): a failed attempt
 /// the document lists goes again, to another instance first, after a
-/// jittered back-off, while attempts and the retry budget last. Requests
-/// with a body go once (their body is not held).
+/// jittered back-off, while attempts and the retry budget last. A request
+/// whose body is streamed (not held: see [`request_body`]) goes once.
 async fn exchange(
     call: Call<'_>,
-    body_once: Option<Body>,
+    mut req_body: ReqBody,
     policy: Option<&crate::resilience::Policy>,
 ) -> Result<Exchanged, Sent> {
     use crate::resilience::Failure;
     let Some((policy, retries)) = policy.and_then(|p| Some((p, p.retries.as_ref()?))) else {
-        return send(call, body_once, &[]).await;
+        return send(call, req_body.for_attempt(), &[]).await;
     };
     let Call {
         up,
@@ -463,14 +581,14 @@ async fn exchange(
     } = call;
     // The retry in flight, under `max_retries`.
     let mut retrying: Option<Admitted> = None;
-    let has_body = body_once.is_some();
+    // A body that is not held cannot go twice.
+    let has_body = matches!(req_body, ReqBody::Once(_));
     dialer.budget_request(&up.service, retries.budget);
-    let mut body_once = body_once;
     let mut avoid = Vec::new();
     let mut made = 0u32;
     loop {
         made += 1;
-        let attempt = send(call, body_once.take(), &avoid);
+        let attempt = send(call, req_body.for_attempt(), &avoid);
         let result = match retries.per_try_timeout {
             Some(limit) => tokio::time::timeout(limit, attempt)
                 .await

@@ -94,7 +94,7 @@ impl Policy {
         let idempotent = matches!(
             method,
             "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
-        );
+        ) || r.methods.iter().any(|m| m == method);
         let listed = r.on.iter().any(|on| match (on.as_str(), failure) {
             ("connect-failure" | "refused-stream", Failure::Connect) => true,
             ("reset", Failure::Reset) => true,

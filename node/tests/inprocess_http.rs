@@ -247,10 +247,19 @@ async fn app(ip: Ipv4Addr, name: &'static str) -> App {
                 if fail {
                     *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                 }
+                let body = req.into_body();
                 Box::pin(async move {
                     if let Some(d) = slow {
                         tokio::time::sleep(d).await;
                     }
+                    // What arrived of the request's body.
+                    let got = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes().len())
+                        .unwrap_or(0);
+                    resp.headers_mut()
+                        .insert("x-body-len", hyper::header::HeaderValue::from(got));
                     Ok::<_, Infallible>(resp)
                 }) as AppFuture
             });
@@ -1109,6 +1118,181 @@ async fn a_per_source_rate_limit_gives_each_caller_its_own_rate() {
         assert!(
             (rate - 20.0).abs() <= 2.0 && limited > ok,
             "{ok} answered, {limited} limited: {rate:.1}/s"
+        );
+    }
+}
+
+/// A POST with `body` on its own connection, written by hand: (status,
+/// the body length the instance saw).
+async fn post(up: SocketAddr, path: &str, body: &[u8]) -> (u16, String) {
+    let mut tcp = TcpStream::connect(up).await.expect("connect upstream");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: api\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.expect("write");
+    tcp.write_all(body).await.expect("write body");
+    let mut buf = Vec::new();
+    tcp.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let len = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-body-len: "))
+        .unwrap_or("-")
+        .trim()
+        .to_string();
+    (status, len)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_body_is_retried_whole_and_only_for_methods_the_document_allows() {
+    // Both instances answer 503 to 3 of every 10 requests (never 5 in a
+    // row: not ejected), so at most 3 tries in a row fail anywhere.
+    let f = fleet(&[("b-flaky", "v1"), ("c-flaky", "v1")]).await;
+    let up = f.caller.upstreams[0];
+    let hits = |f: &Fleet| -> u64 { f.apps.iter().map(|a| a.hits.load(Ordering::Relaxed)).sum() };
+    let failures = |n: usize, body: Vec<u8>| async move {
+        let mut failed = Vec::new();
+        for _ in 0..n {
+            let (status, len) = post(up, "/flaky", &body).await;
+            if (status, len.as_str()) != (200, body.len().to_string().as_str()) {
+                failed.push((status, len));
+            }
+        }
+        failed
+    };
+    // POST is not idempotent: without `methods`, a 503 goes back.
+    f.mesh
+        .apply(
+            &f.caller,
+            "kind = \"resilience\"\nname = \"api\"\nretries = { attempts = 5, on = [\"5xx\"] }\n",
+            1,
+        )
+        .await;
+    let failed = failures(40, b"hello".to_vec()).await;
+    assert!(!failed.is_empty(), "the 503s reach the client");
+    f.mesh
+        .apply(
+            &f.caller,
+            "kind = \"resilience\"\nname = \"api\"\nretries = { attempts = 5, on = [\"5xx\"], methods = [\"POST\"] }\n",
+            2,
+        )
+        .await;
+    let before = hits(&f);
+    let failed = failures(40, vec![b'x'; 10_000]).await;
+    assert_eq!(failed, [], "every retry carried the whole held body");
+    let tries = hits(&f) - before;
+    assert!(
+        tries > 40,
+        "{tries} tries for 40 requests: some were retries"
+    );
+    // Over the 64 KiB cap a body is streamed, not held, so never sent twice.
+    let before = hits(&f);
+    let failed = failures(40, vec![b'x'; 100_000]).await;
+    assert!(!failed.is_empty(), "a streamed body is not retried");
+    assert!(failed.iter().all(|(s, _)| *s == 503), "{failed:?}");
+    assert_eq!(hits(&f) - before, 40, "one try per request");
+}
+
+/// A body that sends one chunk, then nothing, never ending.
+struct Stalled(bool);
+
+impl hyper::body::Body for Stalled {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if self.0 {
+            return std::task::Poll::Pending;
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            b"first",
+        )))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_timeout_cuts_a_response_body_that_stalls() {
+    let mesh = Mesh::new();
+    let caller = mesh.node("caller", 1, &[], UPSTREAM).await;
+    // An application whose every answer stalls after its first chunk.
+    let listener = TcpListener::bind((mesh.ip(10), 0)).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                Ok::<_, Infallible>(Response::new(Stalled(false)))
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let stall = App {
+        addr,
+        hits: Arc::new(AtomicU64::new(0)),
+        _task: task,
+    };
+    let _node = mesh
+        .node("s-1", 10, &[caller.quic], &service(&stall, "v1"))
+        .await;
+    wait(Duration::from_secs(20), || async {
+        client::get(caller.admin, "/v1/services")
+            .await
+            .is_ok_and(|b| b.contains("passing"))
+    })
+    .await
+    .expect("the instance passes");
+    mesh.apply(
+        &caller,
+        "kind = \"resilience\"\nname = \"api\"\nidle_timeout = \"300ms\"\n",
+        1,
+    )
+    .await;
+    // The head and the first chunk arrive; then the body is cut 300 ms
+    // after the last data, with an error (not a clean end).
+    for _ in 0..3 {
+        let io = TokioIo::new(
+            TcpStream::connect(caller.upstreams[0])
+                .await
+                .expect("connect"),
+        );
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("http://api/")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let resp = send.send_request(req).await.expect("head");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().ok().as_deref(), Some(&b"first"[..]));
+        let t = Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("cut well before 5 s");
+        let took = t.elapsed();
+        assert!(
+            !matches!(end, Some(Ok(_))),
+            "no more data, and no clean end: {end:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(250) && took <= Duration::from_millis(800),
+            "cut after {took:?}"
         );
     }
 }

@@ -276,6 +276,12 @@ pub struct Resilience {
         serialize_with = "ser_duration_opt"
     )]
     pub timeout: Option<Duration>,
+    /// A response body that brings nothing for this long is cut.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_duration_opt"
+    )]
+    pub idle_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retries: Option<Retries>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -297,6 +303,10 @@ pub struct Retries {
     pub on: Vec<String>,
     /// Retries may add at most this fraction of the requests.
     pub budget: f64,
+    /// Methods retried besides the idempotent ones (GET, HEAD, OPTIONS,
+    /// PUT, DELETE, TRACE): the service says a POST may go twice.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -385,6 +395,7 @@ struct Raw {
     rule: Option<Vec<RawRule>>,
     route: Option<Vec<RawRoute>>,
     timeout: Option<String>,
+    idle_timeout: Option<String>,
     retries: Option<RawRetries>,
     circuit_breaker: Option<CircuitBreaker>,
     rate_limit: Option<RawRateLimit>,
@@ -417,6 +428,8 @@ struct RawRetries {
     #[serde(default)]
     on: Vec<String>,
     budget: Option<f64>,
+    #[serde(default)]
+    methods: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -495,6 +508,7 @@ pub fn parse(text: &str) -> Result<Document, Vec<ConfigError>> {
         "rule" => raw.rule.is_some(),
         "route" => raw.route.is_some(),
         "timeout" => raw.timeout.is_some(),
+        "idle_timeout" => raw.idle_timeout.is_some(),
         "retries" => raw.retries.is_some(),
         "circuit_breaker" => raw.circuit_breaker.is_some(),
         "rate_limit" => raw.rate_limit.is_some(),
@@ -507,6 +521,7 @@ pub fn parse(text: &str) -> Result<Document, Vec<ConfigError>> {
         "routes" => &["route"],
         "resilience" => &[
             "timeout",
+            "idle_timeout",
             "retries",
             "circuit_breaker",
             "rate_limit",
@@ -527,6 +542,7 @@ pub fn parse(text: &str) -> Result<Document, Vec<ConfigError>> {
             "rule",
             "route",
             "timeout",
+            "idle_timeout",
             "retries",
             "circuit_breaker",
             "rate_limit",
@@ -890,6 +906,10 @@ fn resilience(e: &mut Errors, raw: &Raw) -> Resilience {
             .timeout
             .as_deref()
             .and_then(|t| duration(e, "timeout", t)),
+        idle_timeout: raw
+            .idle_timeout
+            .as_deref()
+            .and_then(|t| duration(e, "idle_timeout", t)),
         circuit_breaker: raw.circuit_breaker.clone(),
         ..Resilience::default()
     };
@@ -924,7 +944,20 @@ fn resilience(e: &mut Errors, raw: &Raw) -> Resilience {
                 rt.on.clone()
             },
             budget,
+            methods: rt.methods.clone(),
         });
+        for (i, m) in rt.methods.iter().enumerate() {
+            let token = !m.is_empty()
+                && m.len() <= 32
+                && m.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+            if !token {
+                e.push(
+                    format!("retries.methods[{i}]"),
+                    format!("{m:?} is not an upper-case HTTP method (POST, PATCH, ...)"),
+                );
+            }
+        }
     }
     if let Some(cb) = &raw.circuit_breaker {
         for (k, v) in [
