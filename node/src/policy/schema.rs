@@ -29,6 +29,9 @@ pub struct Document {
     pub body: Body,
 }
 
+// A document's body is built once per adopted document and held once per
+// kind and name: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Body {
