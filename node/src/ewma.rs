@@ -63,15 +63,25 @@ impl Latencies {
             .map_or(DEFAULT_RTT.as_nanos() as f64, |e| e.ewma)
     }
 
-    /// The estimate for `key` in nanoseconds, if it has one.
-    pub fn known(&self, key: &Key) -> Option<f64> {
-        self.map.get(key).map(|e| e.ewma)
+    /// The estimate for `key` at `now`, if it has one: it decays towards
+    /// zero while no sample comes (as tower's and Finagle's peak-EWMA), so
+    /// an instance the balancer stopped choosing after a slow answer is
+    /// tried again, instead of waiting for [`FORGET_AFTER`].
+    pub fn known(&self, key: &Key, now: Instant) -> Option<f64> {
+        self.map.get(key).map(|e| {
+            let idle = now.saturating_duration_since(e.at).as_secs_f64();
+            e.ewma * (-idle / DECAY.as_secs_f64()).exp()
+        })
     }
 
-    /// The balancer's cost of sending one more request: the estimate times
+    /// The balancer's cost at `now` of sending one more request: the
+    /// decayed estimate ([`Latencies::known`], else [`DEFAULT_RTT`]) times
     /// the requests in flight plus this one.
-    pub fn cost(&self, key: &Key, outstanding: u64) -> u64 {
-        (self.estimate(key) * (outstanding + 1) as f64).min(u64::MAX as f64) as u64
+    pub fn cost(&self, key: &Key, outstanding: u64, now: Instant) -> u64 {
+        let estimate = self
+            .known(key, now)
+            .unwrap_or(DEFAULT_RTT.as_nanos() as f64);
+        (estimate * (outstanding + 1) as f64).min(u64::MAX as f64) as u64
     }
 
     /// Drops estimates not updated for [`FORGET_AFTER`] (instances gone).
@@ -137,9 +147,13 @@ mod tests {
         let mut l = Latencies::default();
         l.observe(&key("fast"), Duration::from_millis(1), t0);
         l.observe(&key("slow"), Duration::from_millis(10), t0);
-        assert!(l.cost(&key("fast"), 0) < l.cost(&key("slow"), 0));
+        assert!(l.cost(&key("fast"), 0, t0) < l.cost(&key("slow"), 0, t0));
         // Nine requests waiting on the fast one make it as costly as the slow one.
-        assert_eq!(l.cost(&key("fast"), 9), l.cost(&key("slow"), 0));
+        assert_eq!(l.cost(&key("fast"), 9, t0), l.cost(&key("slow"), 0, t0));
+        // Left alone, the slow one's estimate decays: after 3 decay
+        // constants without a sample it costs less than the fast one did.
+        let later = t0 + DECAY * 3;
+        assert!(l.cost(&key("slow"), 0, later) < l.cost(&key("fast"), 0, t0));
         l.observe(
             &key("fast"),
             Duration::from_millis(1),

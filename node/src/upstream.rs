@@ -282,7 +282,7 @@ impl Dialer {
                 let mut estimates: Vec<f64> = peers()
                     .iter()
                     .filter(|p| **p != k)
-                    .filter_map(|p| load.latencies.known(p))
+                    .filter_map(|p| load.latencies.known(p, now))
                     .collect();
                 crate::outlier::is_slow(rtt, &mut estimates)
             };
@@ -350,7 +350,7 @@ impl Dialer {
                 let k = key(i);
                 let active = load.active.get(&k).copied().unwrap_or(0);
                 if by_latency {
-                    load.latencies.cost(&k, active)
+                    load.latencies.cost(&k, active, now)
                 } else {
                     active
                 }
