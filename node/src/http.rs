@@ -461,6 +461,10 @@ async fn forward(
 struct IdleBody {
     inner: Body,
     idle: Duration,
+    /// When the last frame came. The timer is not moved per frame (a
+    /// timer-wheel update each): when it fires early, it is set again
+    /// from here.
+    last: tokio::time::Instant,
     sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -469,6 +473,7 @@ impl IdleBody {
         IdleBody {
             inner,
             idle,
+            last: meshnode_transport::clock::tokio_now(),
             sleep: Box::pin(tokio::time::sleep(idle)),
         }
     }
@@ -485,23 +490,25 @@ impl hyper::body::Body for IdleBody {
         use std::future::Future;
         use std::task::Poll;
         let this = &mut *self;
-        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let next = meshnode_transport::clock::tokio_now() + this.idle;
-                this.sleep.as_mut().reset(next);
-                Poll::Ready(frame)
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            this.last = meshnode_transport::clock::tokio_now();
+            return Poll::Ready(frame);
+        }
+        loop {
+            if this.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    debug!(idle = ?this.idle, "HTTP response body idle: cut");
-                    Poll::Ready(Some(Err(format!(
-                        "no data for {:?} (idle_timeout)",
-                        this.idle
-                    )
-                    .into())))
-                }
-                Poll::Pending => Poll::Pending,
-            },
+            let due = this.last + this.idle;
+            if meshnode_transport::clock::tokio_now() >= due {
+                debug!(idle = ?this.idle, "HTTP response body idle: cut");
+                return Poll::Ready(Some(Err(format!(
+                    "no data for {:?} (idle_timeout)",
+                    this.idle
+                )
+                .into())));
+            }
+            // Data came since the timer was set: wait from the last frame.
+            this.sleep.as_mut().reset(due);
         }
     }
 

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::header::HeaderMap;
@@ -37,6 +37,8 @@ pub struct Policy {
     /// Until the response head; the mesh answers 504 after it.
     pub timeout: Option<Duration>,
     fault: Option<Fault>,
+    /// `fault.header`, parsed once (not per request).
+    fault_header: Option<hyper::header::HeaderName>,
     pub retries: Option<Retries>,
     /// Per destination instance, enforced at its node.
     pub rate_limit: Option<RateLimit>,
@@ -76,6 +78,13 @@ impl Policy {
         Policy {
             timeout: r.timeout,
             fault: r.fault.clone(),
+            // Validated as a header name by the schema; one that did not
+            // parse would make the fault never fire.
+            fault_header: r
+                .fault
+                .as_ref()
+                .and_then(|f| f.header.as_deref())
+                .and_then(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).ok()),
             retries: r.retries.clone(),
             rate_limit: r.rate_limit.clone(),
             circuit_breaker: r.circuit_breaker.clone(),
@@ -112,9 +121,11 @@ impl Policy {
         let Some(f) = &self.fault else {
             return Faults::default();
         };
-        if f.header
-            .as_deref()
-            .is_some_and(|h| !headers.contains_key(h))
+        if f.header.is_some()
+            && self
+                .fault_header
+                .as_ref()
+                .is_none_or(|h| !headers.contains_key(h))
         {
             return Faults::default();
         }
@@ -164,6 +175,10 @@ impl Budget {
             ratio,
             buckets: std::collections::VecDeque::new(),
         }
+    }
+
+    pub fn set_ratio(&mut self, ratio: f64) {
+        self.ratio = ratio;
     }
 
     fn bucket(&mut self, now: u64) -> &mut (u64, u64, u64) {
@@ -245,6 +260,49 @@ impl TokenBucket {
             return Ok(());
         }
         Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rps))
+    }
+}
+
+/// What a caller node keeps per service across requests and documents:
+/// retry budgets and circuit-breaker counts (kept across documents, so a
+/// new document's limits and ratio apply to what is already counted).
+/// `now`: whole seconds since any fixed origin.
+#[derive(Default)]
+pub struct Ledger {
+    budgets: Mutex<HashMap<String, Budget>>,
+    breakers: Mutex<HashMap<String, Arc<Breaker>>>,
+}
+
+impl Ledger {
+    fn budget<T>(&self, service: &str, ratio: f64, f: impl FnOnce(&mut Budget) -> T) -> T {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        // No key allocation per request once the service has a budget.
+        if let Some(b) = budgets.get_mut(service) {
+            b.set_ratio(ratio);
+            return f(b);
+        }
+        f(budgets
+            .entry(service.to_string())
+            .or_insert_with(|| Budget::new(ratio)))
+    }
+
+    /// A request of `service` deposits into its retry budget.
+    pub fn request(&self, service: &str, ratio: f64, now: u64) {
+        self.budget(service, ratio, |b| b.request(now));
+    }
+
+    /// Takes a retry from `service`'s budget, if one is left.
+    pub fn try_retry(&self, service: &str, ratio: f64, now: u64) -> bool {
+        self.budget(service, ratio, |b| b.try_retry(now))
+    }
+
+    /// `service`'s circuit-breaker counts.
+    pub fn breaker(&self, service: &str) -> Arc<Breaker> {
+        let mut all = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = all.get(service) {
+            return b.clone();
+        }
+        all.entry(service.to_string()).or_default().clone()
     }
 }
 

@@ -72,11 +72,9 @@ pub struct Dialer {
     routes: watch::Receiver<Arc<crate::routes::Routes>>,
     /// The resilience settings of HTTP services, following the policy store.
     resilience: watch::Receiver<Arc<crate::resilience::Policies>>,
-    /// Retry budgets by service, and the origin of their clock.
-    budgets: Mutex<HashMap<String, crate::resilience::Budget>>,
-    /// Circuit-breaker counts by service (kept across documents, so a new
-    /// document's limits apply to what is already in flight).
-    breakers: Mutex<HashMap<String, Arc<crate::resilience::Breaker>>>,
+    /// Retry budgets and circuit-breaker counts by service, and the
+    /// origin of the budgets' clock.
+    ledger: crate::resilience::Ledger,
     born: tokio::time::Instant,
     /// Idle HTTP exchanges on tunnel streams, for the next request.
     streams: Arc<crate::http::StreamPool>,
@@ -168,8 +166,7 @@ impl Dialer {
             state: Arc::new(Mutex::new(Load::default())),
             routes: watch::channel(Arc::new(crate::routes::Routes::default())).1,
             resilience: watch::channel(Arc::new(crate::resilience::Policies::default())).1,
-            budgets: Mutex::new(HashMap::new()),
-            breakers: Mutex::new(HashMap::new()),
+            ledger: crate::resilience::Ledger::default(),
             born: meshnode_transport::clock::tokio_now(),
             streams: Arc::default(),
         }
@@ -194,37 +191,23 @@ impl Dialer {
         self.resilience.borrow().get(service)
     }
 
-    fn budget<T>(
-        &self,
-        service: &str,
-        ratio: f64,
-        f: impl FnOnce(&mut crate::resilience::Budget, u64) -> T,
-    ) -> T {
-        let now = meshnode_transport::clock::tokio_since(self.born).as_secs();
-        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        let b = budgets
-            .entry(service.to_string())
-            .or_insert_with(|| crate::resilience::Budget::new(ratio));
-        f(b, now)
+    fn since_born(&self) -> u64 {
+        meshnode_transport::clock::tokio_since(self.born).as_secs()
     }
 
     /// `service`'s circuit-breaker counts at this node.
     pub(crate) fn breaker(&self, service: &str) -> Arc<crate::resilience::Breaker> {
-        let mut all = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = all.get(service) {
-            return b.clone();
-        }
-        all.entry(service.to_string()).or_default().clone()
+        self.ledger.breaker(service)
     }
 
     /// A request of `service` deposits into its retry budget.
     pub(crate) fn budget_request(&self, service: &str, ratio: f64) {
-        self.budget(service, ratio, |b, now| b.request(now));
+        self.ledger.request(service, ratio, self.since_born());
     }
 
     /// Takes a retry from `service`'s budget, if one is left.
     pub(crate) fn try_retry(&self, service: &str, ratio: f64) -> bool {
-        self.budget(service, ratio, |b, now| b.try_retry(now))
+        self.ledger.try_retry(service, ratio, self.since_born())
     }
 
     pub(crate) fn streams(&self) -> &Arc<crate::http::StreamPool> {
