@@ -1296,3 +1296,41 @@ async fn an_idle_timeout_cuts_a_response_body_that_stalls() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_delay_hits_its_percentage_within_3_points_over_2000_requests() {
+    let f = fleet(&[("a-v1", "v1")]).await;
+    f.mesh
+        .apply(
+            &f.caller,
+            "kind = \"resilience\"\nname = \"api\"\nfault = { delay = { duration = \"100ms\", percent = 30 } }\n",
+            1,
+        )
+        .await;
+    let up = f.caller.upstreams[0];
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(up, false).await;
+            let mut delayed = 0u64;
+            for _ in 0..100 {
+                let t = Instant::now();
+                let a = c.call("GET", "/", &[]).await;
+                assert_eq!(a.status, 200, "{a:?}");
+                // A delayed request waits at least the 100 ms; the others
+                // take a millisecond or two.
+                if t.elapsed() >= Duration::from_millis(100) {
+                    delayed += 1;
+                }
+            }
+            delayed
+        }));
+    }
+    let mut delayed = 0;
+    for t in tasks {
+        delayed += t.await.expect("client");
+    }
+    let share = 100.0 * delayed as f64 / 2000.0;
+    assert!((share - 30.0).abs() <= 3.0, "delayed {share:.1} %");
+    eprintln!("measure: {share:.1} % of 2,000 requests delayed at percent = 30");
+}
