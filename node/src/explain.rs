@@ -31,11 +31,14 @@ pub struct ClusterRow {
 
 /// Every cluster the catalog knows for the service, candidates first in the
 /// order they are tried, then the others with the reason they are not.
+/// `ejected`: any ejection; `unreachable`: an ejection for connect
+/// failures, the only kind that puts other clusters first (see outlier.rs).
 pub fn clusters(
     instances: &[Instance],
     routes: &[RemoteRoute],
     scope: &Scope<'_>,
     ejected: impl Fn(&Pick<'_>) -> bool,
+    unreachable: impl Fn(&Pick<'_>) -> bool,
 ) -> Vec<ClusterRow> {
     let mut rows = Vec::new();
     let own = scope.own_cluster;
@@ -49,9 +52,13 @@ pub fn clusters(
         .filter(|i| i.health != Health::Critical)
         .collect();
     let ejected_n = healthy.iter().filter(|i| ejected(&Pick::Local(i))).count() as u32;
+    let unreachable_n = healthy
+        .iter()
+        .filter(|i| unreachable(&Pick::Local(i)))
+        .count() as u32;
     let healthy_n = healthy.len() as u32;
     let local_ok = scope.pinned.is_none_or(|c| c == own);
-    let fresh_local = healthy_n > ejected_n;
+    let fresh_local = healthy_n > unreachable_n;
     let mut own_row = ClusterRow {
         cluster: own.to_string(),
         order: None,
@@ -75,6 +82,9 @@ pub fn clusters(
         }
     } else if !fresh_local {
         "own cluster: every healthy instance is ejected (tried after the other clusters)"
+            .to_string()
+    } else if ejected_n == healthy_n {
+        "own cluster: every healthy instance is ejected for bad answers (still tried before other clusters)"
             .to_string()
     } else {
         "own cluster: local instances come first".to_string()
@@ -193,7 +203,7 @@ mod tests {
             route("north", "gw", 1, Some(10)),
             route("south", "gw", 0, Some(5)),
         ];
-        let rows = clusters(&instances, &routes, &scope(&[], None), |_| false);
+        let rows = clusters(&instances, &routes, &scope(&[], None), |_| false, |_| false);
         let names: Vec<_> = rows.iter().map(|r| (r.cluster.as_str(), r.order)).collect();
         assert_eq!(
             names,
@@ -217,21 +227,30 @@ mod tests {
             route("north", "gw", 1, Some(10)),
         ];
         let fo = vec!["west".to_string()];
-        let rows = clusters(&instances, &routes, &scope(&fo, None), |_| false);
+        let rows = clusters(&instances, &routes, &scope(&fo, None), |_| false, |_| false);
         assert_eq!(rows[1].cluster, "west");
         assert!(rows[1].why.starts_with("failover[0]"));
         assert_eq!(rows[2].order, None);
         assert!(rows[2].why.contains("failover list"));
         // Every local instance ejected: other clusters come first.
-        let rows = clusters(&instances, &routes, &scope(&[], None), |p| {
-            matches!(p, Pick::Local(_))
-        });
+        let local = |p: &Pick<'_>| matches!(p, Pick::Local(_));
+        let rows = clusters(&instances, &routes, &scope(&[], None), local, local);
         assert_eq!(rows[0].cluster, "north");
         let east = rows.iter().find(|r| r.cluster == "east").unwrap();
         assert_eq!(east.order, Some(3));
         assert!(east.why.contains("ejected"));
+        // Ejected for bad answers only: still tried before other clusters.
+        let rows = clusters(&instances, &routes, &scope(&[], None), local, |_| false);
+        assert_eq!(rows[0].cluster, "east");
+        assert!(rows[0].why.contains("bad answers"), "{}", rows[0].why);
         // Pinned to west: east and north are not tried.
-        let rows = clusters(&instances, &routes, &scope(&[], Some("west")), |_| false);
+        let rows = clusters(
+            &instances,
+            &routes,
+            &scope(&[], Some("west")),
+            |_| false,
+            |_| false,
+        );
         assert_eq!(rows[0].cluster, "west");
         assert_eq!(rows[0].order, Some(1));
         assert!(rows[1..].iter().all(|r| r.order.is_none()));

@@ -405,6 +405,7 @@ impl Dialer {
             catalog.remote_routes(&up.service),
             &scope(&self.cluster, up),
             |p| load.outliers.is_ejected(&pick_key(p), now),
+            |p| load.outliers.is_unreachable(&pick_key(p), now),
         )
     }
 
