@@ -291,6 +291,9 @@ async fn forward(
     let table = dialer.routes().table(&up.service);
     let mut subset = Subset::Any;
     let mut mirror = None;
+    // The matched route's own timeouts and retries (the table lives as
+    // long as the request, so they are borrowed, not copied).
+    let mut on_route = None;
     if let Some(t) = &table {
         let view = RequestView {
             method: parts.method.as_str(),
@@ -301,6 +304,7 @@ async fn forward(
         if let Some(sel) = t.select(&view, split_roll, mirror_roll) {
             subset = sel.subset.clone();
             mirror = sel.mirror.cloned();
+            on_route = Some(sel.resilience);
             let rule = sel.rule;
             t.rewrite(rule, &mut parts.headers);
         }
@@ -349,7 +353,17 @@ async fn forward(
             parts.method,
             hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
         );
-    let retried = resilience.as_ref().is_some_and(|p| p.retries.is_some());
+    // A route's settings take the place of the service document's.
+    let retries = on_route
+        .and_then(|r| r.retries.as_ref())
+        .or_else(|| resilience.as_ref().and_then(|p| p.retries.as_ref()));
+    let timeout = on_route
+        .and_then(|r| r.timeout)
+        .or_else(|| resilience.as_ref().and_then(|p| p.timeout));
+    let idle_timeout = on_route
+        .and_then(|r| r.idle_timeout)
+        .or_else(|| resilience.as_ref().and_then(|p| p.settings.idle_timeout));
+    let retried = retries.is_some();
     let req_body = match request_body(req_body, retried).await {
         Ok(b) => b,
         Err(e) => {
@@ -369,8 +383,8 @@ async fn forward(
         safe,
         limits,
     };
-    let exchange = exchange(call, req_body, resilience.as_deref());
-    let sent = match resilience.as_ref().and_then(|p| p.timeout) {
+    let exchange = exchange(call, req_body, retries);
+    let sent = match timeout {
         Some(limit) => match tokio::time::timeout(limit, exchange).await {
             Ok(sent) => sent,
             Err(_) => {
@@ -409,7 +423,7 @@ async fn forward(
                 let _ = (&active, &in_flight);
                 f
             }));
-            match resilience.as_ref().and_then(|p| p.settings.idle_timeout) {
+            match idle_timeout {
                 Some(idle) => Response::from_parts(rp, body(IdleBody::new(rb, idle))),
                 None => Response::from_parts(rp, rb),
             }
@@ -573,10 +587,10 @@ async fn request_body(b: Incoming, retried: bool) -> Result<ReqBody, BoxError> {
 async fn exchange(
     call: Call<'_>,
     mut req_body: ReqBody,
-    policy: Option<&crate::resilience::Policy>,
+    retries: Option<&crate::policy::schema::Retries>,
 ) -> Result<Exchanged, Sent> {
     use crate::resilience::Failure;
-    let Some((policy, retries)) = policy.and_then(|p| Some((p, p.retries.as_ref()?))) else {
+    let Some(retries) = retries else {
         return send(call, req_body.for_attempt(), &[]).await;
     };
     let Call {
@@ -612,7 +626,8 @@ async fn exchange(
             Err(Sent::Timeout(_)) => (Failure::Reset, None),
             Err(Sent::Refused(_) | Sent::Breaker(_)) => return result,
         };
-        if has_body || !policy.retryable(parts.method.as_str(), failure, made) {
+        if has_body || !crate::resilience::retryable(retries, parts.method.as_str(), failure, made)
+        {
             return result;
         }
         // A retry over `max_retries` is not made: the failure goes back.

@@ -93,25 +93,11 @@ impl Policy {
         }
     }
 
-    /// Whether a failed attempt of a request with `method` may go again:
-    /// the document lists the condition, the method is idempotent, and the
-    /// attempts are not used up (`attempts` counts the first try).
+    /// [`retryable`] under this service's own `retries`.
     pub fn retryable(&self, method: &str, failure: Failure, attempts_made: u32) -> bool {
-        let Some(r) = &self.retries else {
-            return false;
-        };
-        let idempotent = matches!(
-            method,
-            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
-        ) || r.methods.iter().any(|m| m == method);
-        let listed = r.on.iter().any(|on| match (on.as_str(), failure) {
-            ("connect-failure" | "refused-stream", Failure::Connect) => true,
-            ("reset", Failure::Reset) => true,
-            ("5xx", Failure::Status(s)) => (500..600).contains(&s),
-            ("gateway-error", Failure::Status(s)) => matches!(s, 502..=504),
-            _ => false,
-        });
-        idempotent && listed && attempts_made < r.attempts
+        self.retries
+            .as_ref()
+            .is_some_and(|r| retryable(r, method, failure, attempts_made))
     }
 
     /// The faults for one request; `abort_roll` and `delay_roll` are
@@ -142,6 +128,25 @@ impl Policy {
                 .map(|d| d.duration),
         }
     }
+}
+
+/// Whether a failed attempt of a request with `method` may go again
+/// under `r`: it lists the condition, the method is idempotent (or one `r`
+/// adds), and the attempts are not used up (`attempts` counts the first
+/// try).
+pub fn retryable(r: &Retries, method: &str, failure: Failure, attempts_made: u32) -> bool {
+    let idempotent = matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+    ) || r.methods.iter().any(|m| m == method);
+    let listed = r.on.iter().any(|on| match (on.as_str(), failure) {
+        ("connect-failure" | "refused-stream", Failure::Connect) => true,
+        ("reset", Failure::Reset) => true,
+        ("5xx", Failure::Status(s)) => (500..600).contains(&s),
+        ("gateway-error", Failure::Status(s)) => matches!(s, 502..=504),
+        _ => false,
+    });
+    idempotent && listed && attempts_made < r.attempts
 }
 
 /// The wait before retry number `n` (1, 2, ...): exponential from 25 ms,

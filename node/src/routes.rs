@@ -133,6 +133,7 @@ struct Rule {
     add: Vec<(HeaderName, HeaderValue)>,
     remove: Vec<HeaderName>,
     mirror: Option<(Subset, f64)>,
+    resilience: RouteResilience,
 }
 
 /// The compiled `routes` document of one service: its rules in order.
@@ -152,6 +153,17 @@ pub struct Selection<'a> {
     pub subset: &'a Subset,
     /// A copy goes to this subset too.
     pub mirror: Option<&'a Subset>,
+    /// The rule's own timeouts and retries, over the service's document.
+    pub resilience: &'a RouteResilience,
+}
+
+/// A route's `timeout`, `idle_timeout` and `retries`, each `None` when the
+/// route leaves it to the service's resilience document.
+#[derive(Debug, Default, PartialEq)]
+pub struct RouteResilience {
+    pub timeout: Option<std::time::Duration>,
+    pub idle_timeout: Option<std::time::Duration>,
+    pub retries: Option<schema::Retries>,
 }
 
 fn value(v: &ValueMatch) -> Result<Value, String> {
@@ -268,6 +280,11 @@ impl Rule {
                 .mirror
                 .as_ref()
                 .map(|m| (Subset::parse(&m.subset), m.percent)),
+            resilience: RouteResilience {
+                timeout: r.timeout,
+                idle_timeout: r.idle_timeout,
+                retries: r.retries.clone(),
+            },
         })
     }
 
@@ -353,6 +370,7 @@ impl Table {
             rule: index,
             subset,
             mirror,
+            resilience: &rule.resilience,
         })
     }
 

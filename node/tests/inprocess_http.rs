@@ -1334,3 +1334,63 @@ async fn an_injected_delay_hits_its_percentage_within_3_points_over_2000_request
     assert!((share - 30.0).abs() <= 3.0, "delayed {share:.1} %");
     eprintln!("measure: {share:.1} % of 2,000 requests delayed at percent = 30");
 }
+
+const PER_ROUTE: &str = r#"
+kind = "routes"
+name = "api"
+[[route]]
+match = { path_prefix = "/slow" }
+split = [{ subset = "version=v1", weight = 100 }]
+timeout = "100ms"
+[[route]]
+match = { path_exact = "/flaky", method = "GET" }
+split = [{ subset = "version=v1", weight = 100 }]
+retries = { attempts = 3, on = ["5xx"] }
+[[route]]
+match = { path_prefix = "/" }
+split = [{ subset = "version=v1", weight = 100 }]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_sets_its_own_timeout_and_retries_over_the_service_document() {
+    let f = fleet(&[("a-v1", "v1"), ("b-v1", "v1"), ("c-flaky", "v1")]).await;
+    let up = f.caller.upstreams[0];
+    // The service's document: a long timeout, no retries.
+    f.mesh
+        .apply(
+            &f.caller,
+            "kind = \"resilience\"\nname = \"api\"\ntimeout = \"5s\"\n",
+            1,
+        )
+        .await;
+    f.mesh.apply(&f.caller, PER_ROUTE, 1).await;
+    // /slow takes 300 ms: its route's 100 ms timeout applies, not the 5 s.
+    let mut c = Client::connect(up, false).await;
+    let t = Instant::now();
+    let a = c.call("GET", "/slow", &[]).await;
+    let took = t.elapsed();
+    assert_eq!((a.status, a.error.as_str()), (504, "timeout"), "{a:?}");
+    assert!(
+        took < Duration::from_millis(250),
+        "timed out after {took:?}"
+    );
+    // HEAD /flaky takes the catch-all route, which has no retries (nor has
+    // the document): c-flaky's 503s reach the client. Sent one at a time,
+    // so c-flaky never answers 5 503s in a row and is not ejected.
+    let mut failed_heads = 0;
+    let mut by = std::collections::BTreeMap::new();
+    for _ in 0..300 {
+        let a = c.call("HEAD", "/flaky", &[]).await;
+        if a.status != 200 {
+            failed_heads += 1;
+        }
+        *by.entry((a.instance, a.status)).or_insert(0) += 1;
+    }
+    assert!(
+        failed_heads > 5,
+        "{failed_heads} of 300 HEADs failed without retries: {by:?}"
+    );
+    // GET /flaky is retried by its own route.
+    let (ok, failed) = load(up, "/flaky", 1000).await;
+    assert!(ok >= 999, "{ok} of 1,000 GETs succeeded, {failed} failed");
+}

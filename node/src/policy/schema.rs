@@ -270,6 +270,20 @@ pub struct Route {
     pub request_headers: Option<HeaderOps>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Mirror>,
+    /// The route's own `timeout`, `idle_timeout` and `retries`: they take
+    /// the place of the service's resilience document's for its requests.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_duration_opt"
+    )]
+    pub timeout: Option<Duration>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_duration_opt"
+    )]
+    pub idle_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -422,6 +436,9 @@ struct RawRoute {
     split: Vec<Split>,
     request_headers: Option<HeaderOps>,
     mirror: Option<Mirror>,
+    timeout: Option<String>,
+    idle_timeout: Option<String>,
+    retries: Option<RawRetries>,
 }
 
 #[derive(Deserialize)]
@@ -603,11 +620,26 @@ pub fn parse(text: &str) -> Result<Document, Vec<ConfigError>> {
                         }
                         percent(&mut e, &format!("route[{i}].mirror.percent"), m.percent);
                     }
+                    let timeout = r
+                        .timeout
+                        .as_deref()
+                        .and_then(|t| duration(&mut e, &format!("route[{i}].timeout"), t));
+                    let idle_timeout = r
+                        .idle_timeout
+                        .as_deref()
+                        .and_then(|t| duration(&mut e, &format!("route[{i}].idle_timeout"), t));
+                    let retries = r
+                        .retries
+                        .as_ref()
+                        .map(|rt| parse_retries(&mut e, &format!("route[{i}].retries"), rt));
                     Route {
                         matches: r.matches,
                         split: r.split,
                         request_headers: r.request_headers,
                         mirror: r.mirror,
+                        timeout,
+                        idle_timeout,
+                        retries,
                     }
                 })
                 .collect();
@@ -903,6 +935,61 @@ fn percent(e: &mut Errors, key: &str, p: f64) {
     }
 }
 
+/// A `retries` table (of a resilience document, or of a route), checked;
+/// `key` names it in errors.
+fn parse_retries(e: &mut Errors, key: &str, rt: &RawRetries) -> Retries {
+    if !(1..=10).contains(&rt.attempts) {
+        e.push(
+            format!("{key}.attempts"),
+            "1-10 attempts (the first try counts)",
+        );
+    }
+    for (i, on) in rt.on.iter().enumerate() {
+        if !RETRY_ON.contains(&on.as_str()) {
+            e.push(
+                format!("{key}.on[{i}]"),
+                format!(
+                    "{on:?} is not a retry condition: one of {}",
+                    RETRY_ON.join(", ")
+                ),
+            );
+        }
+    }
+    let budget = rt.budget.unwrap_or(0.2);
+    if !(0.0..=1.0).contains(&budget) {
+        e.push(
+            format!("{key}.budget"),
+            "a fraction 0.0-1.0 of the requests",
+        );
+    }
+    for (i, m) in rt.methods.iter().enumerate() {
+        let token = !m.is_empty()
+            && m.len() <= 32
+            && m.bytes()
+                .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+        if !token {
+            e.push(
+                format!("{key}.methods[{i}]"),
+                format!("{m:?} is not an upper-case HTTP method (POST, PATCH, ...)"),
+            );
+        }
+    }
+    Retries {
+        attempts: rt.attempts,
+        per_try_timeout: rt
+            .per_try_timeout
+            .as_deref()
+            .and_then(|t| duration(e, &format!("{key}.per_try_timeout"), t)),
+        on: if rt.on.is_empty() {
+            vec!["connect-failure".into()]
+        } else {
+            rt.on.clone()
+        },
+        budget,
+        methods: rt.methods.clone(),
+    }
+}
+
 fn resilience(e: &mut Errors, raw: &Raw) -> Resilience {
     let mut r = Resilience {
         timeout: raw
@@ -917,50 +1004,7 @@ fn resilience(e: &mut Errors, raw: &Raw) -> Resilience {
         ..Resilience::default()
     };
     if let Some(rt) = &raw.retries {
-        if !(1..=10).contains(&rt.attempts) {
-            e.push("retries.attempts", "1-10 attempts (the first try counts)");
-        }
-        for (i, on) in rt.on.iter().enumerate() {
-            if !RETRY_ON.contains(&on.as_str()) {
-                e.push(
-                    format!("retries.on[{i}]"),
-                    format!(
-                        "{on:?} is not a retry condition: one of {}",
-                        RETRY_ON.join(", ")
-                    ),
-                );
-            }
-        }
-        let budget = rt.budget.unwrap_or(0.2);
-        if !(0.0..=1.0).contains(&budget) {
-            e.push("retries.budget", "a fraction 0.0-1.0 of the requests");
-        }
-        r.retries = Some(Retries {
-            attempts: rt.attempts,
-            per_try_timeout: rt
-                .per_try_timeout
-                .as_deref()
-                .and_then(|t| duration(e, "retries.per_try_timeout", t)),
-            on: if rt.on.is_empty() {
-                vec!["connect-failure".into()]
-            } else {
-                rt.on.clone()
-            },
-            budget,
-            methods: rt.methods.clone(),
-        });
-        for (i, m) in rt.methods.iter().enumerate() {
-            let token = !m.is_empty()
-                && m.len() <= 32
-                && m.bytes()
-                    .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
-            if !token {
-                e.push(
-                    format!("retries.methods[{i}]"),
-                    format!("{m:?} is not an upper-case HTTP method (POST, PATCH, ...)"),
-                );
-            }
-        }
+        r.retries = Some(parse_retries(e, "retries", rt));
     }
     if let Some(cb) = &raw.circuit_breaker {
         for (k, v) in [
@@ -1027,6 +1071,31 @@ mod tests {
             .into_iter()
             .map(|e| format!("{}: {}", e.key, e.message))
             .collect()
+    }
+
+    #[test]
+    fn a_route_takes_its_own_checked_timeouts_and_retries() {
+        let doc = parse(
+            "kind = \"routes\"\nname = \"api\"\n[[route]]\nsplit = [{ subset = \"*\", weight = 100 }]\ntimeout = \"250ms\"\nretries = { attempts = 2, on = [\"5xx\"] }\n",
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let Body::Routes { route } = &doc.body else {
+            panic!("not routes")
+        };
+        assert_eq!(route[0].timeout, Some(Duration::from_millis(250)));
+        assert_eq!(route[0].retries.as_ref().map(|r| r.attempts), Some(2));
+        let errs = parse(
+            "kind = \"routes\"\nname = \"api\"\n[[route]]\nsplit = [{ subset = \"*\", weight = 100 }]\ntimeout = \"soon\"\nretries = { attempts = 0, on = [\"sometimes\"] }\n",
+        )
+        .expect_err("bad values");
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        for want in [
+            "route[0].timeout",
+            "route[0].retries.attempts",
+            "route[0].retries.on[0]",
+        ] {
+            assert!(keys.contains(&want), "{want}: {keys:?}");
+        }
     }
 
     #[test]
