@@ -290,6 +290,17 @@ fn service(app: &App, version: &str) -> String {
 const UPSTREAM: &str =
     "\n[[upstream]]\nservice = \"api\"\nlisten = \"@UP:0\"\nprotocol = \"http\"\n";
 
+/// Waits until `node` holds the `kind` document for api (documents spread
+/// by gossip; a destination enforces rate limits and intentions).
+async fn holds(node: &Node, kind: &str) {
+    let path = format!("/v1/policy/{kind}/api");
+    wait(Duration::from_secs(5), || async {
+        client::get(node.admin, &path).await.is_ok()
+    })
+    .await
+    .unwrap_or_else(|| panic!("{} never held {kind}/api", node.admin));
+}
+
 /// One caller (upstream to api) and one node per version of api.
 struct Fleet {
     mesh: Mesh,
@@ -781,14 +792,7 @@ async fn an_instance_rate_limit_holds_its_rate_and_says_when_to_retry() {
         )
         .await;
     // The destination's node holds the document too (it enforces it).
-    let dest = &f._nodes[0];
-    wait(Duration::from_secs(5), || async {
-        client::get(dest.admin, "/v1/policy/resilience/api")
-            .await
-            .is_ok()
-    })
-    .await
-    .expect("the destination holds the document");
+    holds(&f._nodes[0], "resilience").await;
     let up = f.caller.upstreams[0];
     let run = Duration::from_secs(3);
     let t = Instant::now();
@@ -1005,14 +1009,7 @@ action = "deny"
 async fn an_l7_intention_refuses_a_denied_path_or_method_and_serves_the_rest() {
     let f = fleet(&[("a-v1", "v1")]).await;
     f.mesh.apply(&f.caller, L7, 1).await;
-    let dest = &f._nodes[0];
-    wait(Duration::from_secs(5), || async {
-        client::get(dest.admin, "/v1/policy/intentions/api")
-            .await
-            .is_ok()
-    })
-    .await
-    .expect("the destination holds the intentions");
+    holds(&f._nodes[0], "intentions").await;
     let hits = f.apps[0].hits.load(Ordering::Relaxed);
     // One keep-alive client: the requests share pooled tunnel streams, and
     // each is decided on its own, the first of a stream too.
@@ -1085,14 +1082,7 @@ async fn a_per_source_rate_limit_gives_each_caller_its_own_rate() {
             1,
         )
         .await;
-    let dest = &f._nodes[0];
-    wait(Duration::from_secs(5), || async {
-        client::get(dest.admin, "/v1/policy/resilience/api")
-            .await
-            .is_ok()
-    })
-    .await
-    .expect("the destination holds the document");
+    holds(&f._nodes[0], "resilience").await;
     let run = Duration::from_secs(3);
     let t = Instant::now();
     let mut tasks = Vec::new();
@@ -1343,7 +1333,7 @@ match = { path_prefix = "/slow" }
 split = [{ subset = "version=v1", weight = 100 }]
 timeout = "100ms"
 [[route]]
-match = { path_exact = "/flaky", method = "GET" }
+match = { path_prefix = "/f", method = "GET" }
 split = [{ subset = "version=v1", weight = 100 }]
 retries = { attempts = 3, on = ["5xx"] }
 [[route]]
@@ -1374,22 +1364,20 @@ async fn a_route_sets_its_own_timeout_and_retries_over_the_service_document() {
         took < Duration::from_millis(250),
         "timed out after {took:?}"
     );
-    // HEAD /flaky takes the catch-all route, which has no retries (nor has
-    // the document): c-flaky's 503s reach the client. Sent one at a time,
-    // so c-flaky never answers 5 503s in a row and is not ejected.
-    let mut failed_heads = 0;
-    let mut by = std::collections::BTreeMap::new();
-    for _ in 0..300 {
-        let a = c.call("HEAD", "/flaky", &[]).await;
-        if a.status != 200 {
-            failed_heads += 1;
-        }
-        *by.entry((a.instance, a.status)).or_insert(0) += 1;
+    // /fail answers 503 everywhere. HEAD takes the catch-all route, which
+    // has no retries (nor has the document): one try per request. GET
+    // takes the retrying route: three tries per request.
+    let hits = |f: &Fleet| -> u64 { f.apps.iter().map(|a| a.hits.load(Ordering::Relaxed)).sum() };
+    let before = hits(&f);
+    for _ in 0..20 {
+        assert_eq!(c.call("HEAD", "/fail", &[]).await.status, 503);
     }
-    assert!(
-        failed_heads > 5,
-        "{failed_heads} of 300 HEADs failed without retries: {by:?}"
-    );
+    assert_eq!(hits(&f) - before, 20, "HEAD: one try each");
+    let before = hits(&f);
+    for _ in 0..20 {
+        assert_eq!(c.call("GET", "/fail", &[]).await.status, 503);
+    }
+    assert_eq!(hits(&f) - before, 60, "GET: the route's 3 attempts each");
     // GET /flaky is retried by its own route.
     let (ok, failed) = load(up, "/flaky", 1000).await;
     assert!(ok >= 999, "{ok} of 1,000 GETs succeeded, {failed} failed");
