@@ -561,12 +561,14 @@ fn stream_rules(
     let (service, label, caller, peer) = (
         service.to_string(),
         service_label.to_string(),
-        caller.clone(),
+        Arc::new(caller.clone()),
         peer.clone(),
     );
     let (authz, loaded) = (ctx.authz.clone(), ctx.policy_loaded.clone());
     let (dialer, limiters, svc) = (ctx.dialer.clone(), ctx.limiters.clone(), service.clone());
-    let source: Arc<str> = Arc::from(caller.to_string());
+    // The caller as a per-source bucket key: rendered once per stream, and
+    // only when a limit is per source.
+    let (source, whom) = (std::sync::OnceLock::<Arc<str>>::new(), caller.clone());
     crate::http::StreamRules {
         authorize: Box::new(move |method, path, first| {
             let snapshot = authz.snapshot();
@@ -583,7 +585,10 @@ fn stream_rules(
         drain: ctx.drain.clone(),
         limit: Box::new(
             move || match dialer.resilience(&svc).and_then(|p| p.rate_limit.clone()) {
-                Some(limit) => limiters.take(&svc, target, &source, &limit),
+                Some(limit) => {
+                    let source = source.get_or_init(|| Arc::from(whom.to_string()));
+                    limiters.take(&svc, target, source, &limit)
+                }
                 None => Ok(()),
             },
         ),

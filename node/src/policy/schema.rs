@@ -710,6 +710,15 @@ fn check_path(e: &mut Errors, key: String, p: &str) {
     }
 }
 
+/// An upper-case HTTP method name, as requests carry them (`GET`,
+/// `POST`, ...): what intention conditions and `retries.methods` compare.
+fn is_method(m: &str) -> bool {
+    !m.is_empty()
+        && m.len() <= 32
+        && m.bytes()
+            .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+}
+
 fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
@@ -790,11 +799,7 @@ fn check_condition(e: &mut Errors, i: usize, r: &RawRule) -> HttpCondition {
             e.push(format!("rule[{i}].methods"), "at least one method");
         }
         for m in methods {
-            let token = !m.is_empty()
-                && m.len() <= 32
-                && m.bytes()
-                    .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
-            if !token {
+            if !is_method(m) {
                 e.push(
                     format!("rule[{i}].methods"),
                     format!("{m:?} is not an upper-case HTTP method (GET, POST, ...)"),
@@ -963,11 +968,7 @@ fn parse_retries(e: &mut Errors, key: &str, rt: &RawRetries) -> Retries {
         );
     }
     for (i, m) in rt.methods.iter().enumerate() {
-        let token = !m.is_empty()
-            && m.len() <= 32
-            && m.bytes()
-                .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
-        if !token {
+        if !is_method(m) {
             e.push(
                 format!("{key}.methods[{i}]"),
                 format!("{m:?} is not an upper-case HTTP method (POST, PATCH, ...)"),
