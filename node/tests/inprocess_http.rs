@@ -125,6 +125,18 @@ impl Mesh {
         })
         .await
         .unwrap_or_else(|| panic!("{} never held version {version}", node.admin));
+        if doc.kind == "routes" {
+            // The data path follows the store a moment later: explain
+            // routes a request with the table the data path holds.
+            let path = format!("/v1/explain?service={}&path=/", doc.name);
+            wait(Duration::from_secs(5), || async {
+                client::get(node.admin, &path)
+                    .await
+                    .is_ok_and(|b| !b.contains("no routes document"))
+            })
+            .await
+            .unwrap_or_else(|| panic!("{} never applied routes", node.admin));
+        }
         if doc.kind == "resilience" {
             // The data path follows the store a moment later: explain
             // shows the version it applies.
