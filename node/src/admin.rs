@@ -192,6 +192,9 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
             ),
         },
         (&Method::GET, "/v1/revocations") => json(StatusCode::OK, &revocation_list(s)),
+        // Cumulative counts by who called whom (`meshnode top` turns two
+        // of these into rates).
+        (&Method::GET, "/v1/top") => json(StatusCode::OK, &s.dialer.telemetry().top()),
         (&Method::GET, "/v1/explain") => match explain::explain(s, query).await {
             Ok(e) => json(StatusCode::OK, &e),
             Err(m) => error(StatusCode::BAD_REQUEST, &m),
@@ -230,7 +233,7 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
             _,
             "/v1/health" | "/v1/members" | "/v1/services" | "/v1/status" | "/metrics" | "/v1/leave"
             | "/v1/reload" | "/v1/revocations" | "/v1/ca/tokens" | "/v1/ca/revoke" | "/v1/policy"
-            | "/v1/explain",
+            | "/v1/explain" | "/v1/top",
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     }

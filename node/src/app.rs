@@ -393,6 +393,15 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
         .with_resilience(crate::policy::follow(
             policy.store.clone(),
             crate::resilience::Policies::from_store,
+        ))
+        .with_telemetry(Arc::new(
+            crate::telemetry::Telemetry::new(
+                &cfg.node,
+                &cfg.cluster,
+                cfg.telemetry.access_log,
+                cfg.telemetry.access_log_rate,
+            )
+            .with_identity(me.identity.to_string()),
         )),
     );
     tasks.push(tokio::spawn(inbound::serve(

@@ -56,7 +56,29 @@ pub struct Config {
     pub gossip: GossipSettings,
     /// Set on CA nodes: the node holds the CA key and signs joins and renewals.
     pub ca: Option<CaSettings>,
+    pub telemetry: TelemetrySettings,
 }
+
+/// `[telemetry]`: the access log.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TelemetrySettings {
+    /// `off`, `sampled` (default: errors and denials always, the rest at
+    /// most `access_log_rate` lines a second) or `all`.
+    pub access_log: crate::telemetry::AccessMode,
+    pub access_log_rate: u32,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            access_log: crate::telemetry::AccessMode::Sampled,
+            access_log_rate: DEFAULT_ACCESS_LOG_RATE,
+        }
+    }
+}
+
+/// Access lines a second (not errors) at `access_log = "sampled"`.
+pub const DEFAULT_ACCESS_LOG_RATE: u32 = 100;
 
 /// The agent's `log_level` when the config has none.
 pub const DEFAULT_LOG_LEVEL: &str = "info";

@@ -11,6 +11,7 @@
 //! connection in the protocol the service declares (`http`: HTTP/1.1,
 //! `http2`: h2c).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshnode_gossip::Protocol;
@@ -39,7 +41,9 @@ use crate::policy::schema::CircuitBreaker;
 use crate::policy::schema::HOP_BY_HOP;
 use crate::resilience::{Admitted, Breaker, Limit};
 use crate::routes::{RequestView, Subset};
+use crate::telemetry::{Access, Kind};
 use crate::upstream::{Dialer, Refusal, Tunnel, Want};
+use crate::uri_path::BadPath;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every response body this module hands to hyper.
@@ -262,12 +266,86 @@ pub(crate) async fn serve_caller(tcp: TcpStream, up: Arc<UpstreamConfig>, dialer
     }
 }
 
-/// One request: route it, open a tunnel stream to an instance of the
-/// chosen subset, exchange it there.
+/// Where a request went, for its telemetry.
+#[derive(Default)]
+struct Landed {
+    /// The instance (node, or gateway and cluster) that answered.
+    instance: Option<String>,
+    cluster: Option<String>,
+    traceparent: Option<HeaderValue>,
+}
+
+/// A response's result label: the mesh's refusal when the mesh made it
+/// (its error header: only meshnode sets it, applications' are removed
+/// at the destination), a fault this node injected, else the status class.
+fn result_of(resp: &Response<Body>) -> &'static str {
+    if let Some(e) = resp.headers().get(ERROR_HEADER) {
+        let e = e.as_bytes();
+        return crate::telemetry::RESULTS
+            .iter()
+            .find(|r| r.as_bytes() == e)
+            .copied()
+            .unwrap_or("other");
+    }
+    if resp.headers().contains_key(FAULT_HEADER) {
+        return "fault";
+    }
+    class(resp.status())
+}
+
+/// An error for `top` and the access log: a 5xx or any refusal by the
+/// mesh (denials and rate limits included).
+fn is_error(resp: &Response<Body>) -> bool {
+    resp.status().is_server_error()
+        || resp.headers().contains_key(ERROR_HEADER)
+        || resp.headers().contains_key(FAULT_HEADER)
+}
+
+/// One request from a local application: forwarded, then recorded
+/// (golden metrics, `top`, the access log) with its latency to the
+/// response head.
 async fn forward(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     up: Arc<UpstreamConfig>,
     dialer: Arc<Dialer>,
+) -> Response<Body> {
+    let started = meshnode_transport::clock::tokio_now();
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let mut landed = Landed::default();
+    let resp = route_and_send(req, &up, &dialer, &mut landed).await;
+    let took = meshnode_transport::clock::tokio_since(started);
+    let telemetry = dialer.telemetry();
+    let (result, error) = (result_of(&resp), is_error(&resp));
+    let cluster = landed.cluster.as_deref().unwrap_or("-");
+    telemetry
+        .out_pair(Kind::Http, up.as_service.as_deref(), &up.service, cluster)
+        .record(result, error, took, None);
+    telemetry.access.log(error, || Access {
+        direction: "out",
+        kind: "http",
+        source: telemetry.identity.clone(),
+        source_service: up.as_service.clone().unwrap_or_else(|| "-".into()),
+        service: up.service.clone(),
+        cluster: cluster.to_string(),
+        instance: landed.instance.unwrap_or_else(|| "-".into()),
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        result: result.to_string(),
+        status: resp.status().as_u16(),
+        duration: took,
+        trace_id: crate::telemetry::trace_id(landed.traceparent.as_ref()),
+        ..Access::default()
+    });
+    resp
+}
+
+/// Routes one request, opens a tunnel stream to an instance of the
+/// chosen subset, exchanges it there.
+async fn route_and_send(
+    mut req: Request<Incoming>,
+    up: &Arc<UpstreamConfig>,
+    dialer: &Arc<Dialer>,
+    landed: &mut Landed,
 ) -> Response<Body> {
     // An upgrade (WebSocket) is routed like any request; once the instance
     // answers 101, the two connections are spliced.
@@ -275,6 +353,11 @@ async fn forward(
         .filter(|_| req.version() == hyper::Version::HTTP_11)
         .map(|p| (p, hyper::upgrade::on(&mut req)));
     let (mut parts, req_body) = req.into_parts();
+    // Routes see the path the destination will authorize and serve.
+    if let Err(e) = normalize_target(&mut parts.uri) {
+        count(&up.service, "out", &Subset::Any, "bad_path");
+        return bad_path(e);
+    }
     let (split_roll, mirror_roll, ids, fault_rolls) = {
         let mut rng = rand::rng();
         (
@@ -342,6 +425,7 @@ async fn forward(
         mirror = None;
     }
     trace_context(&mut parts.headers, ids);
+    landed.traceparent = parts.headers.get("traceparent").cloned();
     if let Some(m) = mirror {
         // Only a request without a body can be copied without holding it.
         if hyper::body::Body::is_end_stream(&req_body) {
@@ -376,8 +460,8 @@ async fn forward(
         }
     };
     let call = Call {
-        up: &up,
-        dialer: &dialer,
+        up,
+        dialer,
         subset: &subset,
         parts: &parts,
         safe,
@@ -400,7 +484,9 @@ async fn forward(
     };
     drop(pending);
     match sent {
-        Ok((mut resp, _target, active)) => {
+        Ok((mut resp, target, active)) => {
+            landed.instance = Some(target.name());
+            landed.cluster = Some(target.cluster().to_string());
             count(&up.service, "out", &subset, class(resp.status()));
             if let Some((_, client)) = upgrade {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -417,6 +503,9 @@ async fn forward(
             }
             let (mut rp, rb) = resp.into_parts();
             strip_hop_by_hop(&mut rp.headers, false);
+            // Only this node injects faults: a fault header from over the
+            // tunnel would make a real failure look like a rehearsal.
+            rp.headers.remove(FAULT_HEADER);
             // The instance stays busy until the body is done, and the
             // request counts towards `max_requests` until then.
             let rb = body(rb.map_frame(move |f| {
@@ -457,6 +546,7 @@ async fn forward(
         }
         Err(Sent::Exchange(target, e)) => {
             count(&up.service, "out", &subset, "failed");
+            landed.instance = Some(target.clone());
             if ERROR_LOG.allow() {
                 tracing::warn!(service = %up.service, target = %target, error = %e, "HTTP exchange over the mesh failed (logged at most once a second)");
             }
@@ -653,6 +743,36 @@ async fn exchange(
         let jitter = rand::rng().random_range(0.0..1.0f64);
         tokio::time::sleep(crate::resilience::backoff(made, jitter)).await;
     }
+}
+
+/// Sets the request target's path to its canonical form
+/// ([`crate::uri_path`]), keeping the query; `Err`: it has none.
+fn normalize_target(uri: &mut Uri) -> Result<(), BadPath> {
+    let Some(pq) = uri.path_and_query() else {
+        return Ok(());
+    };
+    let path = match crate::uri_path::normalize(pq.path())? {
+        Cow::Borrowed(_) => return Ok(()),
+        Cow::Owned(p) => p,
+    };
+    let pq = match pq.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    // The canonical path holds only characters the old one had (or their
+    // decoded unreserved forms), so it parses; refused if it ever did not.
+    parts.path_and_query = Some(PathAndQuery::try_from(pq).map_err(|_| BadPath::BadEscape)?);
+    *uri = Uri::from_parts(parts).map_err(|_| BadPath::BadEscape)?;
+    Ok(())
+}
+
+fn bad_path(e: BadPath) -> Response<Body> {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        "bad_path",
+        format!("meshnode: the request path has no canonical form: {e}"),
+    )
 }
 
 fn count_fault(service: &str, fault: &'static str) {
@@ -1173,6 +1293,17 @@ pub(crate) struct StreamRules {
     /// The instance's rate limit, checked for every request (the first
     /// too): `Err` says when a token will be there.
     pub limit: Box<dyn Fn() -> Result<(), Duration> + Send + Sync>,
+    /// Who the stream's requests come from, for telemetry.
+    pub seen: Seen,
+}
+
+/// A stream's caller as telemetry records it: the pair (resolved once per
+/// stream), the caller's identity and the service it acts as.
+pub(crate) struct Seen {
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
+    pub pair: Arc<crate::telemetry::PairStats>,
+    pub source: Arc<str>,
+    pub source_service: Arc<str>,
 }
 
 /// Local rate limits of this node's instances (`rate_limit` of a
@@ -1265,58 +1396,36 @@ pub(crate) async fn serve_stream<IO>(
 {
     let first = Arc::new(Mutex::new(Some(conn)));
     let rules = Arc::new(rules);
-    let h2 = target.1 == Protocol::Http2;
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let taken = first.lock().unwrap_or_else(|e| e.into_inner()).take();
         let pool = pool.clone();
         let service = service.clone();
         let rules = rules.clone();
         async move {
-            if let Err(wait) = (rules.limit)() {
-                // The stream's first connection goes back unused.
-                if let Some(AppConn::H1(s)) = taken {
-                    pool.checkin(target.0, s);
-                }
-                count(&service, "in", &Subset::Any, "rate_limited");
-                return Ok::<_, Infallible>(rate_limited(&service, wait));
-            }
-            let first = taken.is_some();
-            let conn = match (rules.authorize)(req.method().as_str(), req.uri().path(), first) {
-                Err(status) => {
-                    // A denied request leaves the stream's connection unused.
-                    if let Some(AppConn::H1(s)) = taken {
-                        pool.checkin(target.0, s);
-                    }
-                    Err(error_response(
-                        if status == meshnode_transport::tunnel::Status::Denied {
-                            StatusCode::FORBIDDEN
-                        } else {
-                            StatusCode::SERVICE_UNAVAILABLE
-                        },
-                        status.as_str(),
-                        format!("meshnode: {status}"),
-                    ))
-                }
-                Ok(()) => match taken {
-                    Some(c) => Ok(c),
-                    None => pool.checkout(target.0, target.1).await.map_err(|e| {
-                        error_response(
-                            StatusCode::BAD_GATEWAY,
-                            "app_failed",
-                            format!("meshnode: the application at {} refused: {e}", target.0),
-                        )
-                    }),
-                },
-            };
-            let mut resp = match conn {
-                Ok(c) => to_app(req, c, &pool, target.0, h2).await,
-                Err(r) => r,
-            };
-            if rules.drain.is_draining() {
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            count(&service, "in", &Subset::Any, class(resp.status()));
+            let started = meshnode_transport::clock::tokio_now();
+            let method = req.method().clone();
+            let mut asked = Asked::default();
+            let resp = serve_request(req, taken, &pool, target, &service, &rules, &mut asked).await;
+            let took = meshnode_transport::clock::tokio_since(started);
+            let (result, error) = (result_of(&resp), is_error(&resp));
+            let seen = &rules.seen;
+            seen.pair.record(result, error, took, None);
+            seen.telemetry.access.log(error, || Access {
+                direction: "in",
+                kind: "http",
+                source: seen.source.to_string(),
+                source_service: seen.source_service.to_string(),
+                service: service.clone(),
+                cluster: seen.telemetry.cluster.clone(),
+                instance: seen.telemetry.node.clone(),
+                method: method.to_string(),
+                path: asked.path,
+                result: result.to_string(),
+                status: resp.status().as_u16(),
+                duration: took,
+                trace_id: crate::telemetry::trace_id(asked.traceparent.as_ref()),
+                ..Access::default()
+            });
             Ok::<_, Infallible>(resp)
         }
     });
@@ -1329,6 +1438,81 @@ pub(crate) async fn serve_stream<IO>(
     if let Err(e) = served {
         debug!(error = %e, "HTTP tunnel stream served with an error");
     }
+}
+
+/// What a request asked for, for its access line.
+#[derive(Default)]
+struct Asked {
+    path: String,
+    traceparent: Option<HeaderValue>,
+}
+
+/// One request of a tunnel stream: the instance's rate limit, the
+/// canonical path, authorization, then the application.
+async fn serve_request(
+    mut req: Request<Incoming>,
+    taken: Option<AppConn>,
+    pool: &Arc<AppPool>,
+    target: (SocketAddr, Protocol),
+    service: &str,
+    rules: &StreamRules,
+    asked: &mut Asked,
+) -> Response<Body> {
+    // A refused request leaves the stream's first connection unused.
+    let unused = |taken: Option<AppConn>| {
+        if let Some(AppConn::H1(s)) = taken {
+            pool.checkin(target.0, s);
+        }
+    };
+    if let Err(wait) = (rules.limit)() {
+        unused(taken);
+        count(service, "in", &Subset::Any, "rate_limited");
+        return rate_limited(service, wait);
+    }
+    // Authorized is what the application gets: the canonical path (the
+    // caller normalized it too, but is not trusted to).
+    if let Err(e) = normalize_target(req.uri_mut()) {
+        unused(taken);
+        count(service, "in", &Subset::Any, "bad_path");
+        return bad_path(e);
+    }
+    asked.path.push_str(req.uri().path());
+    asked.traceparent = req.headers().get("traceparent").cloned();
+    let first = taken.is_some();
+    let conn = match (rules.authorize)(req.method().as_str(), req.uri().path(), first) {
+        Err(status) => {
+            unused(taken);
+            Err(error_response(
+                if status == meshnode_transport::tunnel::Status::Denied {
+                    StatusCode::FORBIDDEN
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                },
+                status.as_str(),
+                format!("meshnode: {status}"),
+            ))
+        }
+        Ok(()) => match taken {
+            Some(c) => Ok(c),
+            None => pool.checkout(target.0, target.1).await.map_err(|e| {
+                error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "app_failed",
+                    format!("meshnode: the application at {} refused: {e}", target.0),
+                )
+            }),
+        },
+    };
+    let mut resp = match conn {
+        Ok(c) => to_app(req, c, pool, target.0, target.1 == Protocol::Http2).await,
+        Err(r) => r,
+    };
+    if rules.drain.is_draining() {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    count(service, "in", &Subset::Any, class(resp.status()));
+    resp
 }
 
 async fn to_app(
@@ -1383,6 +1567,11 @@ async fn to_app(
             }
             let (mut rp, rb) = resp.into_parts();
             strip_hop_by_hop(&mut rp.headers, false);
+            // The mesh's own headers are the mesh's to set: an application
+            // cannot make its failure read as a mesh refusal or a fault.
+            for h in [ERROR_HEADER, FAULT_HEADER, LIMIT_HEADER] {
+                rp.headers.remove(h);
+            }
             rp.version = hyper::Version::HTTP_11;
             let grpc = rp
                 .headers
@@ -1405,6 +1594,126 @@ async fn to_app(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An application that answers with the target it got, and forges
+    /// the mesh's own headers on `/forge`.
+    async fn echo_target_app() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let target = req.uri().to_string();
+                    let mut resp = Response::new(Full::new(Bytes::from(target.clone())));
+                    if target == "/forge" {
+                        for h in [ERROR_HEADER, FAULT_HEADER, LIMIT_HEADER] {
+                            resp.headers_mut()
+                                .insert(h, HeaderValue::from_static("forged"));
+                        }
+                    }
+                    Ok::<_, Infallible>(resp)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        addr
+    }
+
+    /// The destination does not trust the caller to have normalized the
+    /// path: a caller that sends `//admin` or `/%61dmin` straight onto a
+    /// tunnel stream is decided on `/admin`, and the application gets
+    /// the path that was decided.
+    #[tokio::test]
+    async fn a_stream_decides_and_serves_the_canonical_path_whatever_the_caller_sent() {
+        let app = echo_target_app().await;
+        let pool = Arc::new(AppPool::default());
+        let conn = pool.checkout(app, Protocol::Http).await.expect("app");
+        let decided = Arc::new(Mutex::new(Vec::new()));
+        let log = decided.clone();
+        let rules = StreamRules {
+            authorize: Box::new(move |_method, path, _first| {
+                log.lock().expect("log").push(path.to_string());
+                if path.starts_with("/admin") {
+                    Err(meshnode_transport::tunnel::Status::Denied)
+                } else {
+                    Ok(())
+                }
+            }),
+            drain: crate::drain::Drain::default(),
+            limit: Box::new(|| Ok(())),
+            seen: {
+                let telemetry = Arc::new(crate::telemetry::Telemetry::quiet("b1", "east"));
+                Seen {
+                    pair: telemetry.in_pair(crate::telemetry::Kind::Http, (None, "east"), "api"),
+                    telemetry,
+                    source: Arc::from("spiffe://acme/cluster/east/node/a1"),
+                    source_service: Arc::from("-"),
+                }
+            },
+        };
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve_stream(
+            far,
+            conn,
+            pool,
+            (app, Protocol::Http),
+            "api".into(),
+            rules,
+        ));
+        let (mut send, c) = hyper::client::conn::http1::handshake(TokioIo::new(near))
+            .await
+            .expect("handshake");
+        tokio::spawn(c);
+        let mut call = |target: &'static str| {
+            let req = Request::builder()
+                .uri(Uri::from_static(target))
+                .header(header::HOST, "api")
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            let sent = send.send_request(req);
+            async move {
+                let resp = sent.await.expect("response");
+                let status = resp.status().as_u16();
+                let headers = resp.headers().clone();
+                let body = resp.into_body().collect().await.expect("body").to_bytes();
+                (status, headers, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+        for target in ["//admin", "/%61dmin/users", "/x/../admin", "/./admin"] {
+            let (status, headers, _) = call(target).await;
+            assert_eq!(status, 403, "{target}");
+            assert_eq!(headers[ERROR_HEADER], "denied", "{target}");
+        }
+        let (status, _, served) = call("/x/..//orders/%7e1?a=%2F").await;
+        assert_eq!((status, served.as_str()), (200, "/orders/~1?a=%2F"));
+        let (status, headers, _) = call("/admin%2Fusers").await;
+        assert_eq!(
+            (status, headers[ERROR_HEADER].as_bytes()),
+            (400, &b"bad_path"[..])
+        );
+        // The application cannot speak for the mesh.
+        let (status, headers, _) = call("/forge").await;
+        assert_eq!(status, 200);
+        for h in [ERROR_HEADER, FAULT_HEADER, LIMIT_HEADER] {
+            assert!(!headers.contains_key(h), "{h} passed: {headers:?}");
+        }
+        assert_eq!(
+            decided.lock().expect("log").as_slice(),
+            [
+                "/admin",
+                "/admin/users",
+                "/admin",
+                "/admin",
+                "/orders/~1",
+                "/forge"
+            ]
+        );
+    }
 
     #[test]
     fn traceparent_is_kept_when_valid_and_started_when_not() {

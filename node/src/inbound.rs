@@ -364,7 +364,7 @@ fn authorize(
     } else {
         crate::authz::Request::Stream
     };
-    decide(
+    let decided = decide(
         &ctx.authz.snapshot(),
         &*ctx.policy_loaded,
         service,
@@ -372,7 +372,11 @@ fn authorize(
         caller,
         peer,
         request,
-    )
+    );
+    if let Err(status) = decided {
+        record_refusal(ctx, caller, service_label, http, status);
+    }
+    decided
 }
 
 /// [`authorize`] from its parts (also for the later requests of an HTTP stream).
@@ -513,14 +517,83 @@ async fn serve_end_to_end(
     };
     let active = metrics::gauge!(TUNNEL_ACTIVE, "direction" => "in");
     active.increment(1.0);
+    let started = meshnode_transport::clock::tokio_now();
     let stats = tunnel::e2e::splice_session(tcp, session).await;
     active.decrement(1.0);
+    record_tcp(ctx, &caller, service_label, started, &stats);
     metrics::counter!(TUNNEL_BYTES, "service" => service_label.to_string(), "direction" => "in")
         .increment(stats.from_peer);
     metrics::counter!(TUNNEL_BYTES, "service" => service_label.to_string(), "direction" => "out")
         .increment(stats.to_peer);
     count("in", stats.ending.as_str());
     debug!(%caller, via = %via.identity, service = %outer.service, sent = stats.to_peer, received = stats.from_peer, "end-to-end stream closed");
+}
+
+/// One proxied connection served here, ended: golden metrics, `top` and
+/// the access log. The caller's bytes arrive from the peer.
+fn record_tcp(
+    ctx: &Inbound,
+    caller: &CallerId,
+    service_label: &str,
+    started: tokio::time::Instant,
+    stats: &tunnel::SpliceStats,
+) {
+    let took = meshnode_transport::clock::tokio_since(started);
+    let telemetry = ctx.dialer.telemetry();
+    let (result, error) = (stats.ending.as_str(), stats.ending != tunnel::Ending::Done);
+    let source = (caller.service.as_deref(), caller.identity.cluster());
+    telemetry
+        .in_pair(crate::telemetry::Kind::Tcp, source, service_label)
+        .record(result, error, took, Some((stats.from_peer, stats.to_peer)));
+    telemetry.access.log(error, || crate::telemetry::Access {
+        direction: "in",
+        kind: "tcp",
+        source: caller.identity.to_string(),
+        source_service: caller.service.clone().unwrap_or_else(|| "-".into()),
+        service: service_label.to_string(),
+        cluster: telemetry.cluster.clone(),
+        instance: telemetry.node.clone(),
+        result: result.to_string(),
+        bytes_sent: stats.from_peer,
+        bytes_received: stats.to_peer,
+        duration: took,
+        ..Default::default()
+    });
+}
+
+/// A stream refused here (authorization, or no such service): golden
+/// metrics and an access line, as for a request that got an answer.
+fn record_refusal(
+    ctx: &Inbound,
+    caller: &CallerId,
+    service_label: &str,
+    http: bool,
+    status: Status,
+) {
+    let telemetry = ctx.dialer.telemetry();
+    let kind = if http {
+        crate::telemetry::Kind::Http
+    } else {
+        crate::telemetry::Kind::Tcp
+    };
+    let source = (caller.service.as_deref(), caller.identity.cluster());
+    telemetry.in_pair(kind, source, service_label).record(
+        status.as_str(),
+        true,
+        Duration::ZERO,
+        None,
+    );
+    telemetry.access.log(true, || crate::telemetry::Access {
+        direction: "in",
+        kind: if http { "http" } else { "tcp" },
+        source: caller.identity.to_string(),
+        source_service: caller.service.clone().unwrap_or_else(|| "-".into()),
+        service: service_label.to_string(),
+        cluster: telemetry.cluster.clone(),
+        instance: telemetry.node.clone(),
+        result: status.as_str().to_string(),
+        ..Default::default()
+    });
 }
 
 /// Connects to the application and answers the stream's status: refused
@@ -569,7 +642,19 @@ fn stream_rules(
     // The caller as a per-source bucket key: rendered once per stream, and
     // only when a limit is per source.
     let (source, whom) = (std::sync::OnceLock::<Arc<str>>::new(), caller.clone());
+    let telemetry = ctx.dialer.telemetry().clone();
+    let seen = crate::http::Seen {
+        pair: telemetry.in_pair(
+            crate::telemetry::Kind::Http,
+            (caller.service.as_deref(), caller.identity.cluster()),
+            service_label,
+        ),
+        telemetry,
+        source: Arc::from(caller.identity.to_string()),
+        source_service: Arc::from(caller.service.as_deref().unwrap_or("-")),
+    };
     crate::http::StreamRules {
+        seen,
         authorize: Box::new(move |method, path, first| {
             let snapshot = authz.snapshot();
             // The stream's own decision covers its first request, unless
@@ -662,8 +747,16 @@ async fn connect_local(
     };
     let active = metrics::gauge!(TUNNEL_ACTIVE, "direction" => "in");
     active.increment(1.0);
+    let started = meshnode_transport::clock::tokio_now();
     let stats = tunnel::splice(tcp, send, recv).await;
     active.decrement(1.0);
+    record_tcp(
+        ctx,
+        caller,
+        &LABELS.value("service", service, true),
+        started,
+        &stats,
+    );
     // The caller's bytes arrive from the peer; ours go out to it.
     metrics::counter!(TUNNEL_BYTES, "service" => LABELS.value("service", service, true), "direction" => "in")
         .increment(stats.from_peer);

@@ -28,7 +28,9 @@ mod replicate;
 pub mod resilience;
 mod revocations;
 pub mod routes;
+pub mod telemetry;
 mod upstream;
+pub mod uri_path;
 
 pub use app::{build, check_credentials, AppError, Bound, Hooks};
 pub use config::Config;

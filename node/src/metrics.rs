@@ -37,8 +37,8 @@ pub const HTTP_RATE_LIMITED: &str = "meshnode_http_rate_limited_total";
 pub const HTTP_BREAKER_OPEN: &str = "meshnode_http_breaker_open_total";
 pub const HTTP_BUDGET_EXHAUSTED: &str = "meshnode_http_retry_budget_exhausted_total";
 
-/// Histogram buckets for connect latency, loopback to WAN.
-const CONNECT_BUCKETS: [f64; 12] = [
+/// Histogram buckets for connect and request latency, loopback to WAN.
+pub const LATENCY_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0,
 ];
 
@@ -152,12 +152,23 @@ pub fn describe() {
     );
     meshnode_transport::metrics::describe();
     meshnode_gossip::metrics::describe();
+    crate::telemetry::describe();
 }
+
+/// Histogram buckets for the lifetime of proxied TCP connections.
+const LIFETIME_BUCKETS: [f64; 10] = [
+    0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0,
+];
 
 /// Installs the process-wide Prometheus recorder. Call once, from the binary.
 pub fn install(node: &str) -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &CONNECT_BUCKETS)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+        .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(
+            Matcher::Full(crate::telemetry::CONNECTION_SECONDS.into()),
+            &LIFETIME_BUCKETS,
+        )
         .map_err(|e| e.to_string())?
         .add_global_label("node", node)
         .install_recorder()

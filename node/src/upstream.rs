@@ -84,6 +84,8 @@ pub struct Dialer {
     gossip: GossipHandle,
     cluster: String,
     state: Arc<Mutex<Load>>,
+    /// Golden metrics, `top`'s table and the access log.
+    telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 #[derive(Default)]
@@ -169,7 +171,18 @@ impl Dialer {
             ledger: crate::resilience::Ledger::default(),
             born: meshnode_transport::clock::tokio_now(),
             streams: Arc::default(),
+            telemetry: Arc::new(crate::telemetry::Telemetry::quiet("-", cluster)),
         }
+    }
+
+    /// Records into this node's telemetry (the default writes no access log).
+    pub fn with_telemetry(mut self, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
+
+    pub fn telemetry(&self) -> &Arc<crate::telemetry::Telemetry> {
+        &self.telemetry
     }
 
     /// Routes HTTP requests by these tables (the policy store's `routes`).
@@ -834,6 +847,7 @@ async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
                 }
             }
             metrics::counter!(TUNNEL_STREAMS, "service" => up.service.clone(), "direction" => "out", "result" => refusal.label()).increment(1);
+            record_tcp(dialer, up, None, refusal.label(), true, started, (0, 0));
             // A reset, not a clean close: the application sees the refusal.
             let _ = tcp.set_zero_linger();
             return;
@@ -858,5 +872,53 @@ async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
     metrics::counter!(TUNNEL_BYTES, "service" => up.service.clone(), "direction" => "in")
         .increment(stats.from_peer);
     metrics::counter!(TUNNEL_STREAMS, "service" => up.service.clone(), "direction" => "out", "result" => stats.ending.as_str()).increment(1);
+    let ending = stats.ending;
+    record_tcp(
+        dialer,
+        up,
+        Some(&target),
+        ending.as_str(),
+        ending != tunnel::Ending::Done,
+        started,
+        (stats.to_peer, stats.from_peer),
+    );
     debug!(service = %up.service, target = %target.name(), cluster = %target.cluster(), sent = stats.to_peer, received = stats.from_peer, "tunnel closed");
+}
+
+/// One proxied connection at the caller's node, ended: golden metrics,
+/// `top` and the access log. `bytes`: sent by the application, received.
+fn record_tcp(
+    dialer: &Dialer,
+    up: &UpstreamConfig,
+    target: Option<&Target>,
+    result: &'static str,
+    error: bool,
+    started: tokio::time::Instant,
+    bytes: (u64, u64),
+) {
+    let took = meshnode_transport::clock::tokio_since(started);
+    let telemetry = dialer.telemetry();
+    let cluster = target.map_or("-", |t| t.cluster());
+    telemetry
+        .out_pair(
+            crate::telemetry::Kind::Tcp,
+            up.as_service.as_deref(),
+            &up.service,
+            cluster,
+        )
+        .record(result, error, took, Some(bytes));
+    telemetry.access.log(error, || crate::telemetry::Access {
+        direction: "out",
+        kind: "tcp",
+        source: telemetry.identity.clone(),
+        source_service: up.as_service.clone().unwrap_or_else(|| "-".into()),
+        service: up.service.clone(),
+        cluster: cluster.to_string(),
+        instance: target.map_or_else(|| "-".into(), |t| t.name()),
+        result: result.to_string(),
+        bytes_sent: bytes.0,
+        bytes_received: bytes.1,
+        duration: took,
+        ..Default::default()
+    });
 }

@@ -235,6 +235,10 @@ async fn app(ip: Ipv4Addr, name: &'static str) -> App {
                     .header("x-instance", name)
                     .header("x-seen-routed", seen("x-routed"))
                     .header("x-seen-internal", seen("x-internal"))
+                    .header(
+                        "x-seen-path",
+                        req.uri().path_and_query().map_or("-", |p| p.as_str()),
+                    )
                     .body(Full::new(Bytes::from(name)))
                     .expect("response");
                 // `/slow...`: the answer takes 300 ms; `/hang`: 2 s.
@@ -424,6 +428,7 @@ impl Client {
             fault: h("x-meshnode-fault"),
             retry_after: h("retry-after"),
             limit: h("x-meshnode-limit"),
+            path: h("x-seen-path"),
         }
     }
 }
@@ -438,6 +443,8 @@ struct Answer {
     fault: String,
     retry_after: String,
     limit: String,
+    /// The request target the application got.
+    path: String,
 }
 
 /// (method, URI, headers, the instance that must answer)
@@ -1034,11 +1041,20 @@ async fn an_l7_intention_refuses_a_denied_path_or_method_and_serves_the_rest() {
             ("POST", "/orders", 403),
             ("HEAD", "/orders", 200),
             ("DELETE", "/admin", 403),
+            // The ways around a path rule that an application which
+            // normalizes paths would serve as /admin.
+            ("GET", "//admin/users", 403),
+            ("GET", "/%61dmin", 403),
+            ("GET", "/x/../admin", 403),
+            ("GET", "/./admin/", 403),
+            ("GET", "/admin%2Fusers", 400),
         ] {
             let a = c.call(method, path, &[]).await;
             assert_eq!(a.status, want, "round {round}: {method} {path}: {a:?}");
             if want == 403 {
                 assert_eq!(a.error, "denied", "{a:?}");
+            } else if want == 400 {
+                assert_eq!(a.error, "bad_path", "{a:?}");
             } else {
                 served += 1;
             }
@@ -1047,6 +1063,14 @@ async fn an_l7_intention_refuses_a_denied_path_or_method_and_serves_the_rest() {
         // denied one.
         let mut fresh = Client::connect(f.caller.upstreams[0], false).await;
         assert_eq!(fresh.call("POST", "/x", &[]).await.status, 403);
+        // What is allowed arrives in the form it was decided in.
+        let a = c.call("GET", "/v1//orders/../%6Frders?q=%2F", &[]).await;
+        assert_eq!(
+            (a.status, a.path.as_str()),
+            (200, "/v1/orders?q=%2F"),
+            "{a:?}"
+        );
+        served += 1;
     }
     assert_eq!(
         f.apps[0].hits.load(Ordering::Relaxed) - hits,

@@ -161,16 +161,41 @@ fn attempts(targets: Vec<Target>) -> Vec<Attempt> {
         .collect()
 }
 
+/// The `path` parameter (a path with an optional query) with its path in
+/// the canonical form requests get ([`crate::uri_path`]), or why a
+/// request with it would be refused.
+fn canonical_target(query: &str) -> Result<Option<String>, String> {
+    let Some(target) = param(query, "path") else {
+        return Ok(None);
+    };
+    if target.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(format!(
+            "path {target:?}: starts with '/' and has no spaces"
+        ));
+    }
+    let (path, q) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target.as_ref(), None),
+    };
+    let path = crate::uri_path::normalize(path).map_err(|e| {
+        format!("path {target:?}: a request with it is refused (400 bad_path): {e}")
+    })?;
+    Ok(Some(match q {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    }))
+}
+
 /// The route an HTTP request to `up` takes, from the query's `method`,
 /// `path` and `header=K=V` parameters; `None` when none is given.
 fn request_route(
     s: &AdminState,
     up: &UpstreamConfig,
     query: &str,
+    path: Option<&str>,
 ) -> Result<Option<RequestRoute>, String> {
     use hyper::header::{HeaderMap, HeaderName, HeaderValue};
     let method = param(query, "method");
-    let path = param(query, "path");
     let headers: Vec<_> = params(query, "header").collect();
     if method.is_none() && path.is_none() && headers.is_empty() {
         return Ok(None);
@@ -183,12 +208,7 @@ fn request_route(
             "method {method:?}: an HTTP method in upper case, e.g. GET"
         ));
     }
-    let target = path.map(|p| p.to_string()).unwrap_or_else(|| "/".into());
-    if !target.starts_with('/') || target.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(format!(
-            "path {target:?}: starts with '/' and has no spaces"
-        ));
-    }
+    let target = path.unwrap_or("/").to_string();
     let mut map = HeaderMap::new();
     for h in &headers {
         let (k, v) = h
@@ -290,8 +310,9 @@ pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, 
     let loaded = s.policy.loaded();
     let snapshot = s.authz.snapshot();
     // With --method or --path, the decision for that request (L7 rules);
-    // else for a stream, HTTP when the service is.
-    let (method, path) = (param(query, "method"), param(query, "path"));
+    // else for a stream, HTTP when the service is. The path as the data
+    // path sees it: in its canonical form.
+    let (method, path) = (param(query, "method"), canonical_target(query)?);
     let path_only = path.as_deref().map(|p| p.split('?').next().unwrap_or(p));
     let request = if method.is_some() || path.is_some() {
         crate::authz::Request::Http {
@@ -317,7 +338,7 @@ pub(super) async fn explain(s: &AdminState, query: &str) -> Result<Explanation, 
         _ => None,
     };
     let authorization = Authorization { decision, source };
-    let request = request_route(s, &up, query)?;
+    let request = request_route(s, &up, query, path.as_deref())?;
     let attempts = attempts(s.dialer.plan(&up));
     // As the data path holds it (it follows the store a moment later).
     let resilience = s.dialer.resilience(&service).map(|p| ResilienceView {

@@ -7,9 +7,11 @@ use std::time::Duration;
 use meshnode_gossip::Protocol;
 use serde::Deserialize;
 
+use crate::telemetry::AccessMode;
+
 use super::{
     CaSettings, CheckConfig, CheckTarget, Config, ConfigError, GossipSettings, LoadError,
-    LogFormat, ServiceConfig, TlsPaths, UpstreamConfig, UpstreamProtocol,
+    LogFormat, ServiceConfig, TelemetrySettings, TlsPaths, UpstreamConfig, UpstreamProtocol,
 };
 
 // Defaults, each with its reason.
@@ -63,6 +65,14 @@ pub struct RawConfig {
     upstream: Vec<RawUpstream>,
     gossip: Option<RawGossip>,
     ca: Option<RawCa>,
+    telemetry: Option<RawTelemetry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawTelemetry {
+    access_log: Option<String>,
+    access_log_rate: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -377,6 +387,39 @@ impl RawConfig {
                 super::CrossClusterIdentity::EndToEnd
             }
         };
+        let telemetry = {
+            let raw = self.telemetry.unwrap_or_default();
+            let access_log = match raw.access_log.as_deref() {
+                None | Some("sampled") => AccessMode::Sampled,
+                Some("all") => AccessMode::All,
+                Some("off") => AccessMode::Off,
+                Some(other) => {
+                    e.push(
+                        "telemetry.access_log",
+                        format!("{other:?} is not one of \"off\", \"sampled\", \"all\""),
+                    );
+                    AccessMode::Sampled
+                }
+            };
+            let access_log_rate = match raw.access_log_rate {
+                None => super::DEFAULT_ACCESS_LOG_RATE,
+                Some(n) if (1..=100_000).contains(&n) => n as u32,
+                Some(n) => {
+                    e.push(
+                        "telemetry.access_log_rate",
+                        format!(
+                            "{n} is out of range: lines per second, 1 to 100000 (default {})",
+                            super::DEFAULT_ACCESS_LOG_RATE
+                        ),
+                    );
+                    super::DEFAULT_ACCESS_LOG_RATE
+                }
+            };
+            TelemetrySettings {
+                access_log,
+                access_log_rate,
+            }
+        };
         let ca = self.ca.map(|ca| {
             let cert_ttl = e.duration("ca.cert_ttl", ca.cert_ttl.as_deref(), DEFAULT_CERT_TTL);
             if !(MIN_CERT_TTL..=MAX_CERT_TTL).contains(&cert_ttl) {
@@ -419,6 +462,7 @@ impl RawConfig {
                 upstreams,
                 gossip,
                 ca,
+                telemetry,
             }),
             _ => Err(e.0),
         }

@@ -707,6 +707,25 @@ fn check_path(e: &mut Errors, key: String, p: &str) {
             key,
             format!("{p:?} is not a path: it starts with '/' and has no spaces"),
         );
+    } else {
+        check_canonical(e, key, p);
+    }
+}
+
+/// Requests are matched by their canonical path ([`crate::uri_path`]):
+/// a rule path in another form could never match, so it is an error
+/// that names the form to write.
+fn check_canonical(e: &mut Errors, key: String, p: &str) {
+    match crate::uri_path::normalize(p) {
+        Ok(n) if n == p => {}
+        Ok(n) => e.push(
+            key,
+            format!("{p:?} is not a canonical path (requests are matched as {n:?}: write that)"),
+        ),
+        Err(why) => e.push(
+            key,
+            format!("{p:?} can never match: requests with {why} are refused"),
+        ),
     }
 }
 
@@ -817,6 +836,8 @@ fn check_condition(e: &mut Errors, i: usize, r: &RawRule) -> HttpCondition {
                     format!("rule[{i}].{k}"),
                     "a path starting with / (at most 1,024 bytes, no control characters)",
                 );
+            } else {
+                check_canonical(e, format!("rule[{i}].{k}"), p);
             }
         }
     }
@@ -1114,6 +1135,10 @@ mod tests {
             ("methods = []", "rule[0].methods"),
             ("path_exact = \"admin\"", "rule[0].path_exact"),
             ("path_prefix = \"/a\\u0000\"", "rule[0].path_prefix"),
+            // Requests are matched in their canonical form: these never would.
+            ("path_prefix = \"//admin\"", "rule[0].path_prefix"),
+            ("path_exact = \"/%61dmin\"", "rule[0].path_exact"),
+            ("path_prefix = \"/a%2Fb\"", "rule[0].path_prefix"),
         ] {
             let text = format!(
                 "kind = \"intentions\"\nname = \"api\"\n[[rule]]\nsource = \"*\"\naction = \"allow\"\n{bad}\n"
@@ -1225,6 +1250,18 @@ fault = { abort = { status = 503, percent = 1.0 } }
         assert!(e[0].starts_with("rule[0].action"), "{e:?}");
         let e = errors("kind = [\nbroken");
         assert_eq!(e.len(), 1);
+    }
+
+    #[test]
+    fn route_paths_are_written_in_the_canonical_form_requests_are_matched_in() {
+        let e = errors(
+            "kind = \"routes\"\nname = \"api\"\n[[route]]\nmatch = { path_exact = \"/x/../y\" }\nsplit = [{ subset = \"*\", weight = 100 }]\n",
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("route[0].match.path_exact") && m.contains("\"/y\"")),
+            "{e:?}"
+        );
     }
 
     #[test]
