@@ -8,6 +8,7 @@ mod docs;
 mod join;
 mod policy;
 mod run;
+mod top;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -149,6 +150,23 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A live view of the busiest callers and callees through this node:
+    /// requests (or connections) per second, errors, p50/p99 latency and
+    /// bytes, by source and destination service and cluster, refreshed
+    /// every interval (Ctrl-C quits). With --json, one JSON object per frame.
+    Top {
+        /// Time between frames; each frame's rates are over it.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Stop after this many frames (default: until interrupted).
+        #[arg(long)]
+        count: Option<u32>,
+        /// Rows shown, busiest first.
+        #[arg(long, default_value_t = 20)]
+        rows: usize,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Leave the pool gracefully: instances are withdrawn at once, streams drain, the agent exits.
     Leave {
         /// The node's data_dir (holds the admin secret; or set MESHNODE_ADMIN_SECRET).
@@ -265,6 +283,7 @@ impl Cli {
             | Command::Explain { admin, .. }
             | Command::Endpoints { admin, .. }
             | Command::Status { admin, .. }
+            | Command::Top { admin, .. }
             | Command::Leave { admin, .. }
             | Command::Reload { admin, .. }
             | Command::Cert(CertCommand::Revoke { admin, .. })
@@ -416,6 +435,12 @@ impl Cli {
             }
             Command::Status { admin, check } => admin::status(&admin, check).await,
             Command::Leave { admin, data_dir } => admin::leave(&admin, &data_dir).await,
+            Command::Top {
+                interval,
+                count,
+                rows,
+                admin,
+            } => top::run(&admin, interval, count, rows).await,
         }
     }
 }

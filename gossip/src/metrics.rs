@@ -9,11 +9,17 @@ pub const REFUSED: &str = "meshnode_gossip_refused_total";
 pub const PUSHES: &str = "meshnode_gossip_pushes_total";
 pub const SYNS_HELD: &str = "meshnode_gossip_syns_held_total";
 pub const PROBES: &str = "meshnode_gossip_probes_total";
+pub const PROBE_RTT: &str = "meshnode_gossip_probe_rtt_seconds";
 pub const SUSPICIONS: &str = "meshnode_gossip_suspicions_total";
 pub const LOCAL_HEALTH: &str = "meshnode_gossip_local_health";
 pub const PAUSES: &str = "meshnode_gossip_pauses_total";
 
 pub fn describe() {
+    metrics::describe_histogram!(
+        PROBE_RTT,
+        metrics::Unit::Seconds,
+        "Round-trip time of direct liveness probes answered, by pool"
+    );
     metrics::describe_gauge!(
         MEMBERS,
         "Members of the gossip pool by state (alive, dead, left)"

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::gate::Guard;
 use crate::keys::{self, ALIVE_KEY, LEAVING_KEY, SUSPECT_KEY};
-use crate::metrics::{LOCAL_HEALTH, PAUSES, PROBES, SUSPICIONS};
+use crate::metrics::{LOCAL_HEALTH, PAUSES, PROBES, PROBE_RTT, SUSPICIONS};
 use crate::plane::{Datagram, Plane};
 use crate::signed;
 use crate::swim::{Action, Detector, Health, MemberView, SwimConfig};
@@ -329,6 +329,10 @@ fn handle(
             // Only the transport makes these (a datagram claiming to be one
             // is a peer's own word for its liveness, which is as good as
             // the ACK that carried it): on the connection of `from_id`.
+            if let Some(sent) = det.direct_probe_sent(&d.from_id, seq) {
+                metrics::histogram!(PROBE_RTT, "pool" => ctx.pool)
+                    .record(now.saturating_sub(sent).as_secs_f64());
+            }
             det.on_ack(&d.from_id, seq);
         }
         Msg::PingReq { seq, target, nonce } => {

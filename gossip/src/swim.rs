@@ -451,6 +451,15 @@ impl Detector {
 
     /// An answer to probe `seq` from `target` (direct, or relayed by a helper
     /// and proven by the target's signature: the shell checks that).
+    /// When the direct probe `seq` of `target` went out, while it is still
+    /// direct (no helpers asked): an ACK now gives its round-trip time.
+    pub fn direct_probe_sent(&self, target: &str, seq: u32) -> Option<Duration> {
+        self.probe
+            .as_ref()
+            .filter(|p| p.seq == seq && p.target == target && p.helpers == 0)
+            .map(|p| p.started)
+    }
+
     pub fn on_ack(&mut self, target: &str, seq: u32) {
         if self
             .revival

@@ -15,6 +15,7 @@ mod reload;
 mod scale;
 mod second_cluster;
 mod systemd;
+mod telemetry;
 mod tunnel;
 
 use std::time::Duration;

@@ -1,0 +1,542 @@
+//! Telemetry through real nodes: after known traffic (HTTP requests that
+//! succeed and fail, TCP connections), the golden series on both nodes
+//! count exactly that traffic by caller and callee, every series is
+//! described and passes `promtool check metrics`, the access log has one
+//! line per request and connection at `all` and at most the sampled rate
+//! (and every error) at `sampled`, and `meshnode top` shows the busiest
+//! pair first, rendered live under tmux.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use meshnode_transport::Role;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{
+    echo_server, echo_service, free_tcp, http_get, meshnode_bin, subnet, upstream, wait_until,
+    NodeProc, NodeSpec, Pki, CLUSTER,
+};
+
+/// HTTP/1.1: 503 on `/fail`, 200 with `ok` otherwise.
+async fn app(ip: Ipv4Addr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
+                if req.uri().path() == "/fail" {
+                    *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                Ok::<_, Infallible>(resp)
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    (addr, task)
+}
+
+fn http_service(name: &str, app: SocketAddr) -> String {
+    format!(
+        "\n[[service]]\nname = \"{name}\"\naddress = \"{}\"\nport = {}\nprotocol = \"http\"\ncheck = {{ tcp = \"{app}\", interval = \"200ms\", timeout = \"150ms\" }}\n",
+        app.ip(),
+        app.port()
+    )
+}
+
+fn http_upstream(service: &str, listen: SocketAddr) -> String {
+    format!("\n[[upstream]]\nservice = \"{service}\"\nlisten = \"{listen}\"\nprotocol = \"http\"\n")
+}
+
+/// One sample of the exposition format: name, labels, value.
+type Sample = (String, BTreeMap<String, String>, f64);
+
+fn samples(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let mut map = BTreeMap::new();
+            // Values here hold no `",`: names, clusters, results.
+            for kv in labels.split("\",").filter(|s| !s.is_empty()) {
+                let (k, v) = kv.split_once('=')?;
+                map.insert(k.to_string(), v.trim_matches('"').to_string());
+            }
+            Some((name.to_string(), map, value))
+        })
+        .collect()
+}
+
+/// The sum of the samples named `name` whose labels include `want`.
+fn sum(all: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
+    all.iter()
+        .filter(|(n, labels, _)| {
+            n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+/// The access lines of a node's JSON log: their fields.
+fn access_lines(node: &NodeProc) -> Vec<serde_json::Value> {
+    node.log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "meshnode::access")
+        .map(|v| v["fields"].clone())
+        .collect()
+}
+
+/// A TCP connection through an upstream: `hello` there and back.
+async fn echo_once(addr: SocketAddr) {
+    let mut s = TcpStream::connect(addr).await.expect("connect upstream");
+    s.write_all(b"hello").await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.expect("read");
+    assert_eq!(back, b"hello");
+}
+
+/// promtool: `MESHNODE_PROMTOOL`, else on PATH; required under `CI=true`.
+fn promtool() -> Option<String> {
+    let p = std::env::var("MESHNODE_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let found = Command::new(&p)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "promtool is required under CI=true (bash deploy/prometheus/promtool.sh fetches it)"
+    );
+    eprintln!("SKIPPED promtool check metrics: no promtool (bash deploy/prometheus/promtool.sh)");
+    None
+}
+
+struct Fleet {
+    api: NodeProc,
+    web: NodeProc,
+    up_http: SocketAddr,
+    up_tcp: SocketAddr,
+    _tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// api-1 hosts `api` (HTTP) and `echo` (TCP); web-1 (acting as `web`)
+/// has an upstream for each. Both log JSON, with `telemetry` as given.
+async fn fleet(pki: &Pki, telemetry: &str) -> Fleet {
+    let net = subnet();
+    let ip = |h: u8| Ipv4Addr::new(127, net[0], net[1], h);
+    let (app_addr, app_task) = app(ip(1)).await;
+    let (echo, echo_task) = echo_server(ip(1)).await;
+    let mut s1 = NodeSpec::new(net, 1, "api-1");
+    s1.top = "log_format = \"json\"\n".into();
+    s1.extra = format!(
+        "\n[telemetry]\n{telemetry}\n{}{}",
+        http_service("api", app_addr),
+        echo_service("echo", echo)
+    );
+    let api = NodeProc::start(s1.clone(), &pki.issue(CLUSTER, "api-1"));
+    let mut s2 = NodeSpec::new(net, 2, "web-1");
+    s2.seeds = vec![s1.quic];
+    s2.top = "log_format = \"json\"\n".into();
+    let (up_http, up_tcp) = (free_tcp(s2.ip), free_tcp(s2.ip));
+    s2.extra = format!(
+        "\n[telemetry]\n{telemetry}\n{}{}",
+        http_upstream("api", up_http),
+        upstream("echo", up_tcp)
+    );
+    let web = NodeProc::start(
+        s2,
+        &pki.issue_acting(CLUSTER, "web-1", Role::Node, &["web"]),
+    );
+    wait_until(Duration::from_secs(20), || async {
+        let (a, e) = (web.instances("api").await, web.instances("echo").await);
+        a.iter().any(|(_, h)| h == "passing") && e.iter().any(|(_, h)| h == "passing")
+    })
+    .await
+    .expect("web-1 sees api and echo passing");
+    Fleet {
+        api,
+        web,
+        up_http,
+        up_tcp,
+        _tasks: vec![app_task, echo_task],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_metrics_and_the_access_log_count_known_traffic_by_caller_and_callee() {
+    let pki = Pki::new();
+    let f = fleet(&pki, "access_log = \"all\"").await;
+    for i in 0..50 {
+        let path = if i % 5 == 4 { "/fail" } else { "/ok" };
+        http_get(f.up_http, path).await.expect("an answer");
+    }
+    for _ in 0..3 {
+        echo_once(f.up_tcp).await;
+    }
+    let pair = |direction: &'static str, service: &'static str| {
+        [
+            ("direction", direction),
+            ("source_service", "web"),
+            ("source_cluster", CLUSTER),
+            ("destination_service", service),
+            ("destination_cluster", CLUSTER),
+        ]
+    };
+    // The destination records a TCP connection once its splice ends,
+    // a moment after the caller's application saw the echo.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let texts = loop {
+        let texts = (
+            f.web.get_text("/metrics").await.unwrap_or_default(),
+            f.api.get_text("/metrics").await.unwrap_or_default(),
+        );
+        let m = samples(&texts.1);
+        if sum(&m, "meshnode_connections_total", &pair("in", "echo")) >= 3.0 {
+            break texts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "api-1 counted the three connections: {}",
+            texts.1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for (node, text, direction) in [("web-1", &texts.0, "out"), ("api-1", &texts.1, "in")] {
+        let m = samples(text);
+        let with = |extra: (&'static str, &'static str), service| {
+            let mut w = pair(direction, service).to_vec();
+            w.push(extra);
+            w
+        };
+        let requests = |result| {
+            sum(
+                &m,
+                "meshnode_requests_total",
+                &with(("result", result), "api"),
+            )
+        };
+        assert_eq!(
+            (requests("2xx"), requests("5xx")),
+            (40.0, 10.0),
+            "{node}: {text}"
+        );
+        assert_eq!(
+            sum(
+                &m,
+                "meshnode_request_duration_seconds_count",
+                &pair(direction, "api")
+            ),
+            50.0,
+            "{node}"
+        );
+        assert_eq!(
+            sum(
+                &m,
+                "meshnode_connections_total",
+                &with(("result", "ok"), "echo")
+            ),
+            3.0,
+            "{node}: {text}"
+        );
+        for flow in ["sent", "received"] {
+            assert_eq!(
+                sum(
+                    &m,
+                    "meshnode_connection_bytes_total",
+                    &with(("flow", flow), "echo")
+                ),
+                15.0,
+                "{node}: 3 x 5 bytes {flow}"
+            );
+        }
+        // Every series of ours is described.
+        for (name, _, _) in m.iter().filter(|(n, _, _)| n.starts_with("meshnode_")) {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            assert!(
+                text.contains(&format!("# HELP {base} ")),
+                "{node}: {base} has no HELP"
+            );
+        }
+    }
+    if let Some(promtool) = promtool() {
+        for text in [&texts.0, &texts.1] {
+            let mut child = Command::new(&promtool)
+                .args(["check", "metrics"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("promtool");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("feed promtool");
+            let out = child.wait_with_output().expect("promtool");
+            assert!(
+                out.status.success(),
+                "promtool check metrics: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    // One access line per request and per connection on each side.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let lines = (access_lines(&f.web), access_lines(&f.api));
+        if lines.0.len() >= 53 && lines.1.len() >= 53 {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "53 access lines on each side: {lines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for (node, lines, direction) in [("web-1", &lines.0, "out"), ("api-1", &lines.1, "in")] {
+        let of = |kind: &str, result: &str| {
+            lines
+                .iter()
+                .filter(|l| {
+                    l["direction"] == direction && l["kind"] == kind && l["result"] == result
+                })
+                .count()
+        };
+        assert_eq!(
+            (
+                of("http", "2xx"),
+                of("http", "5xx"),
+                of("tcp", "ok"),
+                lines.len()
+            ),
+            (40, 10, 3, 53),
+            "{node}: {lines:?}"
+        );
+        for l in lines {
+            assert_eq!(
+                l["service"].as_str().map(|s| s != "api" && s != "echo"),
+                Some(false),
+                "{l}"
+            );
+            assert_eq!(l["source_service"], "web", "{l}");
+            assert!(
+                l["source"]
+                    .as_str()
+                    .is_some_and(|s| s.ends_with("/node/web-1")),
+                "{l}"
+            );
+            assert_eq!(l["instance"], "api-1", "{l}");
+            if l["kind"] == "http" {
+                let id = l["trace_id"].as_str().unwrap_or_default();
+                assert!(
+                    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "{l}"
+                );
+            } else {
+                assert_eq!(
+                    (l["bytes_sent"].as_u64(), l["bytes_received"].as_u64()),
+                    (Some(5), Some(5)),
+                    "{l}"
+                );
+            }
+        }
+    }
+    // The two sides of one request share its trace id.
+    let ids = |lines: &[serde_json::Value]| -> std::collections::BTreeSet<String> {
+        lines
+            .iter()
+            .filter_map(|l| {
+                l["trace_id"]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+            })
+            .collect()
+    };
+    assert_eq!(ids(&lines.0), ids(&lines.1));
+    assert_eq!(ids(&lines.0).len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sampled_access_log_keeps_every_error_and_at_most_its_rate_of_the_rest() {
+    let pki = Pki::new();
+    let f = fleet(&pki, "access_log_rate = 5").await;
+    let started = Instant::now();
+    for i in 0..200 {
+        let path = if i % 20 == 19 { "/fail" } else { "/ok" };
+        http_get(f.up_http, path).await.expect("an answer");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lines = access_lines(&f.web);
+    let why = |w: &str| lines.iter().filter(|l| l["why"] == w).count();
+    assert_eq!(why("error"), 10, "every failed request: {lines:?}");
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l["why"] == "error")
+            .all(|l| l["result"] == "5xx"),
+        "{lines:?}"
+    );
+    // A burst of one second's worth, then 5 a second.
+    let bound = 5.0 + 5.0 * secs.ceil() + 1.0;
+    assert!(
+        (why("sampled") as f64) <= bound,
+        "{} sampled in {secs:.2} s (bound {bound})",
+        why("sampled")
+    );
+    assert!(
+        why("sampled") >= 5,
+        "the burst is logged: {}",
+        why("sampled")
+    );
+    let m = samples(&f.web.get_text("/metrics").await.unwrap_or_default());
+    assert_eq!(
+        sum(
+            &m,
+            "meshnode_requests_total",
+            &[("direction", "out"), ("destination_service", "api")]
+        ),
+        200.0,
+        "the metrics count every request, sampled or not"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_shows_the_busiest_pair_first_live_under_tmux() {
+    let pki = Pki::new();
+    let f = fleet(&pki, "access_log = \"off\"").await;
+    let tmux = Command::new("tmux").arg("-V").output();
+    if !tmux.is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "tmux is required under CI=true"
+        );
+        eprintln!("SKIPPED top under tmux: no tmux");
+        return;
+    }
+    let socket = format!("meshnode-top-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &socket])
+            .args(args)
+            .output()
+            .expect("tmux")
+    };
+    let bin = std::fs::canonicalize(meshnode_bin()).expect("meshnode binary");
+    let cmd = format!(
+        "{} top --admin {} --interval 1s",
+        bin.display(),
+        f.web.spec.admin
+    );
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "200",
+        "-y",
+        "40",
+        &cmd,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    // About 40 HTTP requests and 4 TCP connections a second, for 4 s.
+    let load = async {
+        let until = Instant::now() + Duration::from_secs(4);
+        let mut i = 0u32;
+        while Instant::now() < until {
+            http_get(f.up_http, "/ok").await;
+            if i.is_multiple_of(10) {
+                echo_once(f.up_tcp).await;
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    // `top --json` for one frame beside it.
+    let json = tokio::task::spawn_blocking({
+        let admin = f.web.spec.admin.to_string();
+        let bin = bin.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            Command::new(bin)
+                .args([
+                    "top",
+                    "--admin",
+                    &admin,
+                    "--interval",
+                    "1s",
+                    "--count",
+                    "1",
+                    "--json",
+                ])
+                .output()
+                .expect("top --json")
+        }
+    });
+    load.await;
+    let screen =
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "top"]).stdout).into_owned();
+    tmux(&["kill-server"]);
+    let rows: Vec<&str> = screen
+        .lines()
+        .skip_while(|l| !l.starts_with("SOURCE"))
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(screen.contains("meshnode top: node web-1"), "{screen}");
+    assert!(rows.len() >= 2, "both pairs shown: {screen}");
+    let cells: Vec<&str> = rows[0].split_whitespace().collect();
+    assert_eq!(
+        &cells[..4],
+        [
+            &*format!("web@{CLUSTER}"),
+            &*format!("api@{CLUSTER}"),
+            "out",
+            "http"
+        ],
+        "the busiest pair first: {screen}"
+    );
+    assert!(
+        rows.iter().any(|r| r.contains(&format!("echo@{CLUSTER}"))),
+        "{screen}"
+    );
+    let out = json.await.expect("join");
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON frame");
+    assert_eq!(v["rows"][0]["destination"], format!("api@{CLUSTER}"), "{v}");
+    assert!(
+        v["rows"][0]["per_second"].as_f64().is_some_and(|r| r > 5.0),
+        "{v}"
+    );
+}
