@@ -9,7 +9,7 @@
 #   bash bench/http.sh                       # 5 s per run
 #   SECONDS_PER_RUN=10 CONNS="1 16 64" bash bench/http.sh
 #   ROUTE_COST=0 bash bench/http.sh          # skip the callgrind part
-#   THROUGHPUT=0 bash bench/http.sh          # only the callgrind part (route and resilience cost)
+#   THROUGHPUT=0 bash bench/http.sh          # only the callgrind part (route, resilience and telemetry cost)
 #   CALLGRIND_KEEP=/tmp/cg bash bench/http.sh # keep the callgrind files (callgrind_annotate them)
 #   PROFILE=/tmp/http.perf bash bench/http.sh   # perf-record both meshnode processes during
 #                                               # the wrk run at PROFILE_CONNS (16) connections
@@ -286,6 +286,20 @@ RES_DOC=$(per_res document)
 RES_NONE=$(per_res none)
 echo "a request's resilience work with every caller-side key: $RES_DOC instructions; for a service without a document: $RES_NONE"
 awk -v d="$RES_DOC" -v n="$RES_NONE" -v q="$REQUEST" 'BEGIN { printf "a resilience document adds %.1f%% per request (target <= 3%%)\n", (d - n) * 100 / q }'
+
+echo
+echo "== telemetry cost (callgrind): what golden metrics, top's table and the sampled access log add per request at both ends (meshnode-telemetry-bench)"
+cargo build --release -q -p meshnode-bench --bin meshnode-telemetry-bench
+tel_instr() {
+  valgrind --tool=callgrind --callgrind-out-file="$WORK/tb.$1.$2" "$BIN/meshnode-telemetry-bench" "$1" "$2" 2>/dev/null
+  awk '/^summary:/ {print $2}' "$WORK/tb.$1.$2"
+}
+# 200,000 iterations: start-up (the writer thread, the recorder) varies by a few million instructions.
+per_tel() { echo $(( ($(tel_instr "$1" 200001) - $(tel_instr "$1" 1)) / 200000 )); }
+TEL=$(per_tel record)
+TEL_NONE=$(per_tel none)
+echo "telemetry of one request, caller and destination together: $TEL instructions; the loop alone: $TEL_NONE"
+awk -v d="$TEL" -v n="$TEL_NONE" -v q="$REQUEST" 'BEGIN { printf "telemetry adds %.1f%% of a proxied request at one node, for both ends together (target <= 5%%)\n", (d - n) * 100 / q }'
 
 echo
 echo "== the same end to end (callgrind): node-a's instructions per request with the document, against none before and after it"

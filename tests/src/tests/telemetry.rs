@@ -540,3 +540,42 @@ async fn top_shows_the_busiest_pair_first_live_under_tmux() {
         "{v}"
     );
 }
+
+/// Every metric name the code declares is listed (and so described) in
+/// the README's table.
+#[test]
+fn every_metric_is_listed_in_the_readme() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let mut names = Vec::new();
+    for krate in ["node", "gossip", "transport"] {
+        let mut dirs = vec![root.join(krate).join("src")];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).expect("src dir").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    let text = std::fs::read_to_string(&p).expect("source");
+                    for line in text.lines() {
+                        let line = line.trim();
+                        if line.starts_with("pub const ") && line.contains(": &str = \"meshnode_") {
+                            if let Some(name) = line.split('"').nth(1) {
+                                names.push(name.to_string());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(names.len() > 40, "found {names:?}");
+    let missing: Vec<_> = names
+        .iter()
+        .filter(|n| !readme.contains(&format!("| `{n}` |")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in the README's metric table: {missing:?}"
+    );
+}
