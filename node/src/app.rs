@@ -401,7 +401,15 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
                 cfg.telemetry.access_log,
                 cfg.telemetry.access_log_rate,
             )
-            .with_identity(me.identity.to_string()),
+            .with_identity(me.identity.to_string())
+            .with_tracer(match cfg.telemetry.otlp_endpoint.as_deref() {
+                // Validated with the config; a URL that fails here exports nothing.
+                Some(e) => match crate::trace::traces_url(e) {
+                    Ok(url) => crate::trace::Tracer::start(url, &cfg.node, &cfg.cluster),
+                    Err(_) => crate::trace::Tracer::disabled(),
+                },
+                None => crate::trace::Tracer::disabled(),
+            }),
         )),
     );
     tasks.push(tokio::spawn(inbound::serve(

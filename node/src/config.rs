@@ -66,6 +66,9 @@ pub struct TelemetrySettings {
     /// most `access_log_rate` lines a second) or `all`.
     pub access_log: crate::telemetry::AccessMode,
     pub access_log_rate: u32,
+    /// An OTLP/HTTP collector (`http://host:4318`) to export trace spans
+    /// to; none: no spans.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for TelemetrySettings {
@@ -73,6 +76,7 @@ impl Default for TelemetrySettings {
         TelemetrySettings {
             access_log: crate::telemetry::AccessMode::Sampled,
             access_log_rate: DEFAULT_ACCESS_LOG_RATE,
+            otlp_endpoint: None,
         }
     }
 }

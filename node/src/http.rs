@@ -273,6 +273,12 @@ struct Landed {
     instance: Option<String>,
     cluster: Option<String>,
     traceparent: Option<HeaderValue>,
+    /// This node's span when it exports traces: the trace context as the
+    /// application sent it (or a new trace), this hop's span id, and
+    /// whether it is the trace's root (the application sent none).
+    span: Option<(meshnode_transport::tunnel::TraceContext, [u8; 8], bool)>,
+    /// The request target as sent on: its path canonical.
+    uri: Option<Uri>,
 }
 
 /// A response's result label: the mesh's refusal when the mesh made it
@@ -310,6 +316,7 @@ async fn forward(
     dialer: Arc<Dialer>,
 ) -> Response<Body> {
     let started = meshnode_transport::clock::tokio_now();
+    let wall = meshnode_transport::clock::wall();
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let mut landed = Landed::default();
     let resp = route_and_send(req, &up, &dialer, &mut landed).await;
@@ -329,13 +336,45 @@ async fn forward(
         cluster: cluster.to_string(),
         instance: landed.instance.unwrap_or_else(|| "-".into()),
         method: method.to_string(),
-        path: uri.path().to_string(),
+        path: landed.uri.as_ref().unwrap_or(&uri).path().to_string(),
         result: result.to_string(),
         status: resp.status().as_u16(),
         duration: took,
         trace_id: crate::telemetry::trace_id(landed.traceparent.as_ref()),
         ..Access::default()
     });
+    if let Some((context, span_id, root)) = landed.span {
+        use crate::trace::Value::{Int, Str};
+        telemetry.tracer.export(crate::trace::SpanRecord {
+            context,
+            span_id,
+            root,
+            name: format!("{} {}", method, up.service),
+            kind: crate::trace::Kind::Client,
+            start: wall,
+            end: meshnode_transport::clock::wall(),
+            error,
+            attributes: vec![
+                ("meshnode.direction", Str("out".into())),
+                ("meshnode.service", Str(up.service.clone())),
+                (
+                    "meshnode.source_service",
+                    Str(up.as_service.clone().unwrap_or_else(|| "-".into())),
+                ),
+                ("meshnode.cluster", Str(cluster.to_string())),
+                ("meshnode.result", Str(result.into())),
+                ("http.request.method", Str(method.to_string())),
+                (
+                    "url.path",
+                    Str(landed.uri.as_ref().unwrap_or(&uri).path().to_string()),
+                ),
+                (
+                    "http.response.status_code",
+                    Int(i64::from(resp.status().as_u16())),
+                ),
+            ],
+        });
+    }
     resp
 }
 
@@ -358,6 +397,7 @@ async fn route_and_send(
         count(&up.service, "out", &Subset::Any, "bad_path");
         return bad_path(e);
     }
+    landed.uri = Some(parts.uri.clone());
     let (split_roll, mirror_roll, ids, fault_rolls) = {
         let mut rng = rand::rng();
         (
@@ -424,7 +464,31 @@ async fn route_and_send(
         keep_upgrade(&mut parts.headers, protocol);
         mirror = None;
     }
+    let app_traced = parts
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(valid_traceparent);
     trace_context(&mut parts.headers, ids);
+    if dialer.telemetry().tracer.enabled() {
+        let context = parts
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::trace::parse_traceparent);
+        if let Some(context) = context {
+            // The hops after this one see this node's span as the parent.
+            let mine = crate::trace::span_id();
+            let onward = crate::trace::traceparent(&meshnode_transport::tunnel::TraceContext {
+                parent_id: mine,
+                ..context
+            });
+            if let Ok(v) = HeaderValue::from_str(&onward) {
+                parts.headers.insert("traceparent", v);
+                landed.span = Some((context, mine, !app_traced));
+            }
+        }
+    }
     landed.traceparent = parts.headers.get("traceparent").cloned();
     if let Some(m) = mirror {
         // Only a request without a body can be copied without holding it.
@@ -941,11 +1005,26 @@ async fn send(
         safe,
         limits,
     } = call;
+    // A traced request's `traceparent` names this node's span: a new
+    // stream carries it in its header, for the gateways on the way.
+    let trace = dialer
+        .telemetry()
+        .tracer
+        .enabled()
+        .then(|| {
+            parts
+                .headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::trace::parse_traceparent)
+        })
+        .flatten();
     let want = Want {
         subset,
         http: true,
         early_from: None,
         pipeline: safe,
+        trace,
     };
     let mut candidates = dialer.candidates(up, &want).map_err(Sent::Refused)?;
     // A retry goes to another instance first, when there is one.
@@ -1304,6 +1383,8 @@ pub(crate) struct Seen {
     pub pair: Arc<crate::telemetry::PairStats>,
     pub source: Arc<str>,
     pub source_service: Arc<str>,
+    /// The trace context of the stream's header (the last traced hop's).
+    pub stream_trace: Option<meshnode_transport::tunnel::TraceContext>,
 }
 
 /// Local rate limits of this node's instances (`rate_limit` of a
@@ -1403,6 +1484,7 @@ pub(crate) async fn serve_stream<IO>(
         let rules = rules.clone();
         async move {
             let started = meshnode_transport::clock::tokio_now();
+            let wall = meshnode_transport::clock::wall();
             let method = req.method().clone();
             let mut asked = Asked::default();
             let resp = serve_request(req, taken, &pool, target, &service, &rules, &mut asked).await;
@@ -1426,6 +1508,34 @@ pub(crate) async fn serve_stream<IO>(
                 trace_id: crate::telemetry::trace_id(asked.traceparent.as_ref()),
                 ..Access::default()
             });
+            if let Some((context, span_id)) = asked.span {
+                use crate::trace::Value::{Int, Str};
+                seen.telemetry.tracer.export(crate::trace::SpanRecord {
+                    context,
+                    span_id,
+                    root: false,
+                    name: format!("{method} {service}"),
+                    kind: crate::trace::Kind::Server,
+                    start: wall,
+                    end: meshnode_transport::clock::wall(),
+                    error,
+                    attributes: vec![
+                        ("meshnode.direction", Str("in".into())),
+                        ("meshnode.service", Str(service.clone())),
+                        ("meshnode.source", Str(seen.source.to_string())),
+                        (
+                            "meshnode.source_service",
+                            Str(seen.source_service.to_string()),
+                        ),
+                        ("meshnode.result", Str(result.into())),
+                        ("http.request.method", Str(method.to_string())),
+                        (
+                            "http.response.status_code",
+                            Int(i64::from(resp.status().as_u16())),
+                        ),
+                    ],
+                });
+            }
             Ok::<_, Infallible>(resp)
         }
     });
@@ -1445,6 +1555,9 @@ pub(crate) async fn serve_stream<IO>(
 struct Asked {
     path: String,
     traceparent: Option<HeaderValue>,
+    /// This node's span when it exports traces: the context (its parent
+    /// the caller's span, or the last gateway's) and the span's id.
+    span: Option<(meshnode_transport::tunnel::TraceContext, [u8; 8])>,
 }
 
 /// One request of a tunnel stream: the instance's rate limit, the
@@ -1477,8 +1590,35 @@ async fn serve_request(
         return bad_path(e);
     }
     asked.path.push_str(req.uri().path());
-    asked.traceparent = req.headers().get("traceparent").cloned();
     let first = taken.is_some();
+    if rules.seen.telemetry.tracer.enabled() {
+        let context = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::trace::parse_traceparent);
+        if let Some(mut context) = context {
+            // The stream's first request came through the gateways that
+            // carried the stream: their last span is its parent.
+            if let Some(t) = rules
+                .seen
+                .stream_trace
+                .filter(|t| first && t.trace_id == context.trace_id)
+            {
+                context.parent_id = t.parent_id;
+            }
+            let mine = crate::trace::span_id();
+            let onward = crate::trace::traceparent(&meshnode_transport::tunnel::TraceContext {
+                parent_id: mine,
+                ..context
+            });
+            if let Ok(v) = HeaderValue::from_str(&onward) {
+                req.headers_mut().insert("traceparent", v);
+                asked.span = Some((context, mine));
+            }
+        }
+    }
+    asked.traceparent = req.headers().get("traceparent").cloned();
     let conn = match (rules.authorize)(req.method().as_str(), req.uri().path(), first) {
         Err(status) => {
             unused(taken);
@@ -1653,6 +1793,7 @@ mod tests {
                     telemetry,
                     source: Arc::from("spiffe://acme/cluster/east/node/a1"),
                     source_service: Arc::from("-"),
+                    stream_trace: None,
                 }
             },
         };

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use meshnode_gossip::federation::WanView;
 use meshnode_gossip::GossipHandle;
-use meshnode_transport::tunnel::{self, Header, Status, TunnelError, ANY_PORT};
+use meshnode_transport::tunnel::{self, Header, Status, TraceContext, TunnelError, ANY_PORT};
 use meshnode_transport::{Accepted, Endpoint, Identity, PeerCert};
 use rand::seq::SliceRandom;
 use tokio::net::TcpStream;
@@ -501,7 +501,15 @@ async fn serve_end_to_end(
     let tcp = match app {
         App::Tcp(tcp) => tcp,
         App::Http(conn) => {
-            let rules = stream_rules(ctx, &outer.service, service_label, &caller, via, target.0);
+            let rules = stream_rules(
+                ctx,
+                &outer.service,
+                service_label,
+                &caller,
+                via,
+                target.0,
+                outer.trace,
+            );
             crate::http::serve_stream(
                 session,
                 conn,
@@ -518,9 +526,12 @@ async fn serve_end_to_end(
     let active = metrics::gauge!(TUNNEL_ACTIVE, "direction" => "in");
     active.increment(1.0);
     let started = meshnode_transport::clock::tokio_now();
+    let wall = meshnode_transport::clock::wall();
     let stats = tunnel::e2e::splice_session(tcp, session).await;
     active.decrement(1.0);
-    record_tcp(ctx, &caller, service_label, started, &stats);
+    // The outer header's context: each gateway on the way put its span.
+    let trace = outer.trace.map(|t| (t, wall));
+    record_tcp(ctx, &caller, service_label, started, &stats, trace);
     metrics::counter!(TUNNEL_BYTES, "service" => service_label.to_string(), "direction" => "in")
         .increment(stats.from_peer);
     metrics::counter!(TUNNEL_BYTES, "service" => service_label.to_string(), "direction" => "out")
@@ -537,6 +548,7 @@ fn record_tcp(
     service_label: &str,
     started: tokio::time::Instant,
     stats: &tunnel::SpliceStats,
+    trace: Option<(TraceContext, std::time::SystemTime)>,
 ) {
     let took = meshnode_transport::clock::tokio_since(started);
     let telemetry = ctx.dialer.telemetry();
@@ -557,8 +569,36 @@ fn record_tcp(
         bytes_sent: stats.from_peer,
         bytes_received: stats.to_peer,
         duration: took,
+        trace_id: trace
+            .map(|(t, _)| crate::trace::hex(&t.trace_id))
+            .unwrap_or_default(),
         ..Default::default()
     });
+    if let Some((context, start)) = trace {
+        use crate::trace::Value::{Int, Str};
+        telemetry.tracer.export(crate::trace::SpanRecord {
+            context,
+            span_id: crate::trace::span_id(),
+            root: false,
+            name: format!("tcp {service_label}"),
+            kind: crate::trace::Kind::Server,
+            start,
+            end: meshnode_transport::clock::wall(),
+            error,
+            attributes: vec![
+                ("meshnode.direction", Str("in".into())),
+                ("meshnode.service", Str(service_label.to_string())),
+                ("meshnode.source", Str(caller.identity.to_string())),
+                (
+                    "meshnode.source_service",
+                    Str(caller.service.clone().unwrap_or_else(|| "-".into())),
+                ),
+                ("meshnode.result", Str(result.into())),
+                ("meshnode.bytes_sent", Int(stats.from_peer as i64)),
+                ("meshnode.bytes_received", Int(stats.to_peer as i64)),
+            ],
+        });
+    }
 }
 
 /// A stream refused here (authorization, or no such service): golden
@@ -630,6 +670,7 @@ fn stream_rules(
     caller: &CallerId,
     peer: &PeerCert,
     target: std::net::SocketAddr,
+    stream_trace: Option<TraceContext>,
 ) -> crate::http::StreamRules {
     let (service, label, caller, peer) = (
         service.to_string(),
@@ -652,6 +693,7 @@ fn stream_rules(
         telemetry,
         source: Arc::from(caller.identity.to_string()),
         source_service: Arc::from(caller.service.as_deref().unwrap_or("-")),
+        stream_trace,
     };
     crate::http::StreamRules {
         seen,
@@ -731,7 +773,7 @@ async fn connect_local(
         App::Http(conn) => {
             let io = tokio::io::join(recv, send);
             let label = LABELS.value("service", service, true);
-            let rules = stream_rules(ctx, service, &label, caller, peer, target.0);
+            let rules = stream_rules(ctx, service, &label, caller, peer, target.0, header.trace);
             crate::http::serve_stream(
                 io,
                 conn,
@@ -748,6 +790,7 @@ async fn connect_local(
     let active = metrics::gauge!(TUNNEL_ACTIVE, "direction" => "in");
     active.increment(1.0);
     let started = meshnode_transport::clock::tokio_now();
+    let wall = meshnode_transport::clock::wall();
     let stats = tunnel::splice(tcp, send, recv).await;
     active.decrement(1.0);
     record_tcp(
@@ -756,6 +799,7 @@ async fn connect_local(
         &LABELS.value("service", service, true),
         started,
         &stats,
+        header.trace.map(|t| (t, wall)),
     );
     // The caller's bytes arrive from the peer; ours go out to it.
     metrics::counter!(TUNNEL_BYTES, "service" => LABELS.value("service", service, true), "direction" => "in")
@@ -798,6 +842,7 @@ fn wan_hops(ctx: &Inbound, header: &Header, cluster: &str) -> Vec<Hop> {
                 end_to_end: header.end_to_end,
                 http: header.http,
                 subset: header.subset.clone(),
+                trace: header.trace,
                 ..Header::new(header.service.clone(), header.port)
             },
             wait: WAN_STATUS_TIMEOUT,
@@ -827,6 +872,7 @@ fn lan_hops(ctx: &Inbound, header: &Header) -> Vec<Hop> {
             header: Header {
                 end_to_end: header.end_to_end,
                 http: header.http,
+                trace: header.trace,
                 ..Header::new(header.service.clone(), i.port)
             },
             wait: STATUS_TIMEOUT,
@@ -850,11 +896,30 @@ async fn forward(
         return tunnel::refuse(&mut send, Status::NoSuchService).await;
     }
     let mut status = Status::ConnectFailed;
+    // A traced stream gets this gateway's span: the next hop's parent.
+    let tracer = &ctx.dialer.telemetry().tracer;
+    let span = hops
+        .first()
+        .and_then(|h| h.header.trace)
+        .filter(|_| tracer.enabled())
+        .map(|t| {
+            (
+                t,
+                crate::trace::span_id(),
+                meshnode_transport::clock::wall(),
+            )
+        });
     for hop in hops {
         let mut header = hop.header;
         // The original caller travels with every forwarded stream.
         header.caller = Some(caller.identity.clone());
         header.source_service = caller.service.clone();
+        if let Some((t, mine, _)) = span {
+            header.trace = Some(TraceContext {
+                parent_id: mine,
+                ..t
+            });
+        }
         match open_to(
             &ctx.endpoint,
             hop.addr,
@@ -885,6 +950,29 @@ async fn forward(
                 metrics::counter!(TUNNEL_BYTES, "service" => LABELS.value("service", service, true), "direction" => "forward")
                     .increment(stats.to_peer + stats.from_peer);
                 count("forward", stats.ending.as_str());
+                if let Some((context, span_id, start)) = span {
+                    use crate::trace::Value::{Int, Str};
+                    tracer.export(crate::trace::SpanRecord {
+                        context,
+                        span_id,
+                        root: false,
+                        name: format!("gateway {service}"),
+                        kind: crate::trace::Kind::Internal,
+                        start,
+                        end: meshnode_transport::clock::wall(),
+                        error: stats.ending != tunnel::Ending::Done,
+                        attributes: vec![
+                            ("meshnode.direction", Str("forward".into())),
+                            ("meshnode.service", Str(service.to_string())),
+                            ("meshnode.source", Str(caller.identity.to_string())),
+                            ("meshnode.next_hop", Str(hop.node.clone())),
+                            ("meshnode.cluster", Str(hop.cluster.clone())),
+                            ("meshnode.result", Str(stats.ending.as_str().into())),
+                            ("meshnode.bytes_sent", Int(stats.to_peer as i64)),
+                            ("meshnode.bytes_received", Int(stats.from_peer as i64)),
+                        ],
+                    });
+                }
                 debug!(%caller, %service, to = %hop.node, cluster = %hop.cluster, sent = stats.to_peer, received = stats.from_peer, "forwarded stream closed");
                 return;
             }

@@ -29,6 +29,7 @@ pub mod resilience;
 mod revocations;
 pub mod routes;
 pub mod telemetry;
+pub mod trace;
 mod upstream;
 pub mod uri_path;
 

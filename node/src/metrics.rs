@@ -153,6 +153,7 @@ pub fn describe() {
     meshnode_transport::metrics::describe();
     meshnode_gossip::metrics::describe();
     crate::telemetry::describe();
+    crate::trace::describe();
 }
 
 /// Histogram buckets for the lifetime of proxied TCP connections.

@@ -536,6 +536,8 @@ pub struct Telemetry {
     pub identity: String,
     pub table: Table,
     pub access: AccessLog,
+    /// Trace spans (disabled unless `otlp_endpoint` is set).
+    pub tracer: crate::trace::Tracer,
     /// The caller side's pairs by destination service, then by kind,
     /// service acted as and destination cluster: found per request
     /// without building a key (upstreams and clusters are few).
@@ -558,9 +560,16 @@ impl Telemetry {
             identity: format!("{node}.{cluster}"),
             table: Table::new(MAX_PAIRS),
             access: AccessLog::start(mode, rate),
+            tracer: crate::trace::Tracer::disabled(),
             out: Mutex::new(HashMap::new()),
             born: meshnode_transport::clock::now(),
         }
+    }
+
+    /// Exports spans through `tracer`.
+    pub fn with_tracer(mut self, tracer: crate::trace::Tracer) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     /// Names this node's identity in its access lines.

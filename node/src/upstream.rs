@@ -573,6 +573,7 @@ impl Dialer {
             ),
         };
         header.http = want.http;
+        header.trace = want.trace;
         match (target, &self.e2e) {
             (Target::Remote(r), Some(e2e)) => {
                 // The caller's own word goes inside the session; the outer
@@ -757,6 +758,9 @@ pub(crate) struct Want<'a> {
     /// Send at once, not waiting for the status, on a plain stream
     /// ([`Tunnel::Pending`]); sessions through gateways still wait.
     pub pipeline: bool,
+    /// The call's trace context, carried in the stream's header (a new
+    /// stream's: a pooled HTTP stream keeps the one it was opened with).
+    pub trace: Option<tunnel::TraceContext>,
 }
 
 impl Drop for ActiveGuard {
@@ -827,11 +831,26 @@ pub async fn serve(
 
 async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
     let started = meshnode_transport::clock::tokio_now();
+    let wall = meshnode_transport::clock::wall();
+    // A traced node starts a trace per connection; its span is the
+    // parent of every hop's.
+    let trace = dialer
+        .telemetry()
+        .tracer
+        .enabled()
+        .then(|| crate::trace::new_trace(crate::trace::span_id()));
     let want = Want {
         subset: &Subset::Any,
         http: false,
         early_from: Some(&tcp),
         pipeline: false,
+        trace,
+    };
+    let mut call = TcpCall {
+        up,
+        dialer,
+        started: (started, wall),
+        trace,
     };
     let (tunnel, target, _active) = match dialer.open(up, want).await {
         Ok(x) => x,
@@ -847,7 +866,7 @@ async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
                 }
             }
             metrics::counter!(TUNNEL_STREAMS, "service" => up.service.clone(), "direction" => "out", "result" => refusal.label()).increment(1);
-            record_tcp(dialer, up, None, refusal.label(), true, started, (0, 0));
+            call.ended(None, refusal.label(), true, (0, 0));
             // A reset, not a clean close: the application sees the refusal.
             let _ = tcp.set_zero_linger();
             return;
@@ -873,52 +892,91 @@ async fn proxy(tcp: TcpStream, up: &UpstreamConfig, dialer: &Dialer) {
         .increment(stats.from_peer);
     metrics::counter!(TUNNEL_STREAMS, "service" => up.service.clone(), "direction" => "out", "result" => stats.ending.as_str()).increment(1);
     let ending = stats.ending;
-    record_tcp(
-        dialer,
-        up,
+    call.ended(
         Some(&target),
         ending.as_str(),
         ending != tunnel::Ending::Done,
-        started,
         (stats.to_peer, stats.from_peer),
     );
     debug!(service = %up.service, target = %target.name(), cluster = %target.cluster(), sent = stats.to_peer, received = stats.from_peer, "tunnel closed");
 }
 
-/// One proxied connection at the caller's node, ended: golden metrics,
-/// `top` and the access log. `bytes`: sent by the application, received.
-fn record_tcp(
-    dialer: &Dialer,
-    up: &UpstreamConfig,
-    target: Option<&Target>,
-    result: &'static str,
-    error: bool,
-    started: tokio::time::Instant,
-    bytes: (u64, u64),
-) {
-    let took = meshnode_transport::clock::tokio_since(started);
-    let telemetry = dialer.telemetry();
-    let cluster = target.map_or("-", |t| t.cluster());
-    telemetry
-        .out_pair(
-            crate::telemetry::Kind::Tcp,
-            up.as_service.as_deref(),
-            &up.service,
-            cluster,
-        )
-        .record(result, error, took, Some(bytes));
-    telemetry.access.log(error, || crate::telemetry::Access {
-        direction: "out",
-        kind: "tcp",
-        source: telemetry.identity.clone(),
-        source_service: up.as_service.clone().unwrap_or_else(|| "-".into()),
-        service: up.service.clone(),
-        cluster: cluster.to_string(),
-        instance: target.map_or_else(|| "-".into(), |t| t.name()),
-        result: result.to_string(),
-        bytes_sent: bytes.0,
-        bytes_received: bytes.1,
-        duration: took,
-        ..Default::default()
-    });
+/// One proxied connection at the caller's node, for its telemetry.
+struct TcpCall<'a> {
+    up: &'a UpstreamConfig,
+    dialer: &'a Dialer,
+    /// When it was accepted: for durations, and the span's wall-clock start.
+    started: (tokio::time::Instant, std::time::SystemTime),
+    /// Its trace, when this node exports spans (the span's id is the
+    /// context's `parent_id`: this is the first hop).
+    trace: Option<tunnel::TraceContext>,
+}
+
+impl TcpCall<'_> {
+    /// The connection ended (or was refused): golden metrics, `top`, the
+    /// access log and its span. `bytes`: sent by the application, received.
+    fn ended(
+        &mut self,
+        target: Option<&Target>,
+        result: &'static str,
+        error: bool,
+        bytes: (u64, u64),
+    ) {
+        let (up, telemetry) = (self.up, self.dialer.telemetry());
+        let took = meshnode_transport::clock::tokio_since(self.started.0);
+        let cluster = target.map_or("-", |t| t.cluster());
+        telemetry
+            .out_pair(
+                crate::telemetry::Kind::Tcp,
+                up.as_service.as_deref(),
+                &up.service,
+                cluster,
+            )
+            .record(result, error, took, Some(bytes));
+        let instance = || target.map_or_else(|| "-".into(), |t| t.name());
+        telemetry.access.log(error, || crate::telemetry::Access {
+            direction: "out",
+            kind: "tcp",
+            source: telemetry.identity.clone(),
+            source_service: up.as_service.clone().unwrap_or_else(|| "-".into()),
+            service: up.service.clone(),
+            cluster: cluster.to_string(),
+            instance: instance(),
+            result: result.to_string(),
+            bytes_sent: bytes.0,
+            bytes_received: bytes.1,
+            duration: took,
+            trace_id: self
+                .trace
+                .map(|t| crate::trace::hex(&t.trace_id))
+                .unwrap_or_default(),
+            ..Default::default()
+        });
+        if let Some(context) = self.trace.take() {
+            use crate::trace::Value::{Int, Str};
+            telemetry.tracer.export(crate::trace::SpanRecord {
+                context,
+                span_id: context.parent_id,
+                root: true,
+                name: format!("tcp {}", up.service),
+                kind: crate::trace::Kind::Client,
+                start: self.started.1,
+                end: meshnode_transport::clock::wall(),
+                error,
+                attributes: vec![
+                    ("meshnode.direction", Str("out".into())),
+                    ("meshnode.service", Str(up.service.clone())),
+                    (
+                        "meshnode.source_service",
+                        Str(up.as_service.clone().unwrap_or_else(|| "-".into())),
+                    ),
+                    ("meshnode.cluster", Str(cluster.to_string())),
+                    ("meshnode.instance", Str(instance())),
+                    ("meshnode.result", Str(result.into())),
+                    ("meshnode.bytes_sent", Int(bytes.0 as i64)),
+                    ("meshnode.bytes_received", Int(bytes.1 as i64)),
+                ],
+            });
+        }
+    }
 }

@@ -9,8 +9,8 @@ mod header;
 mod splice;
 
 pub use header::{
-    decode_frame, decode_header, encode_header, Header, HeaderError, Status, ANY_PORT,
-    MAX_HEADER_LEN,
+    decode_frame, decode_header, encode_header, Header, HeaderError, Status, TraceContext,
+    ANY_PORT, MAX_HEADER_LEN,
 };
 pub use splice::{relay, splice, Ending, SpliceStats};
 

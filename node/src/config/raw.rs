@@ -73,6 +73,7 @@ pub struct RawConfig {
 struct RawTelemetry {
     access_log: Option<String>,
     access_log_rate: Option<i64>,
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -415,9 +416,15 @@ impl RawConfig {
                     super::DEFAULT_ACCESS_LOG_RATE
                 }
             };
+            let otlp_endpoint = raw.otlp_endpoint.filter(|v| {
+                crate::trace::traces_url(v)
+                    .map_err(|m| e.push("telemetry.otlp_endpoint", m))
+                    .is_ok()
+            });
             TelemetrySettings {
                 access_log,
                 access_log_rate,
+                otlp_endpoint,
             }
         };
         let ca = self.ca.map(|ca| {

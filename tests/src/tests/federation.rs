@@ -155,7 +155,7 @@ impl Mesh {
     }
 
     /// One request through a1's upstream; returns the instance that answered.
-    async fn request(&self, payload: &[u8], limit: Duration) -> Result<String, String> {
+    pub(crate) async fn request(&self, payload: &[u8], limit: Duration) -> Result<String, String> {
         self.request_via(UPSTREAM_PORT, payload, limit).await
     }
 

@@ -27,7 +27,8 @@ use crate::{
     NodeProc, NodeSpec, Pki, CLUSTER,
 };
 
-/// HTTP/1.1: 503 on `/fail`, 200 with `ok` otherwise.
+/// HTTP/1.1: 503 on `/fail`, 200 with `ok` otherwise; says the
+/// `traceparent` it got in `x-seen-traceparent`.
 async fn app(ip: Ipv4Addr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind((ip, 0)).await.expect("bind app");
     let addr = listener.local_addr().expect("addr");
@@ -35,6 +36,9 @@ async fn app(ip: Ipv4Addr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         while let Ok((tcp, _)) = listener.accept().await {
             let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                 let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
+                if let Some(tp) = req.headers().get("traceparent") {
+                    resp.headers_mut().insert("x-seen-traceparent", tp.clone());
+                }
                 if req.uri().path() == "/fail" {
                     *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                 }
@@ -578,4 +582,184 @@ fn every_metric_is_listed_in_the_readme() {
         missing.is_empty(),
         "not in the README's metric table: {missing:?}"
     );
+}
+
+/// Spans an OTLP receiver got: the exporting node (its resource's
+/// `meshnode.node`) and the span.
+pub(crate) type Received =
+    std::sync::Arc<std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>;
+
+/// A small OTLP/HTTP receiver: decodes each `POST /v1/traces` body as an
+/// `ExportTraceServiceRequest` and keeps its spans in `got`.
+pub(crate) fn otlp_receiver(listener: TcpListener, got: Received) -> tokio::task::JoinHandle<()> {
+    use http_body_util::BodyExt;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use prost::Message;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let got = got.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let got = got.clone();
+                async move {
+                    let ok = req.uri().path() == "/v1/traces"
+                        && req
+                            .headers()
+                            .get("content-type")
+                            .is_some_and(|v| v == "application/x-protobuf");
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let decoded = ExportTraceServiceRequest::decode(body);
+                    let status = match (ok, decoded) {
+                        (true, Ok(export)) => {
+                            let mut got = got.lock().expect("spans");
+                            for rs in export.resource_spans {
+                                let node = rs
+                                    .resource
+                                    .iter()
+                                    .flat_map(|r| &r.attributes)
+                                    .find(|kv| kv.key == "meshnode.node")
+                                    .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                                        Value::StringValue(s) => Some(s.clone()),
+                                        _ => None,
+                                    })
+                                    .unwrap_or_default();
+                                for ss in rs.scope_spans {
+                                    for s in ss.spans {
+                                        got.push((node.clone(), s));
+                                    }
+                                }
+                            }
+                            200
+                        }
+                        _ => 400,
+                    };
+                    let mut resp = Response::new(Full::new(Bytes::new()));
+                    *resp.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc),
+            );
+        }
+    })
+}
+
+/// The spans of `got` by trace id.
+pub(crate) fn traces(
+    got: &Received,
+) -> BTreeMap<Vec<u8>, Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>> {
+    let mut by: BTreeMap<Vec<u8>, Vec<_>> = BTreeMap::new();
+    for (node, s) in got.lock().expect("spans").iter() {
+        by.entry(s.trace_id.clone())
+            .or_default()
+            .push((node.clone(), s.clone()));
+    }
+    by
+}
+
+/// An HTTP request with the application's own `traceparent`: the caller
+/// node's span is its child, the destination node's span the caller's,
+/// and the application behind the destination gets the destination's span
+/// as its parent. A TCP connection starts a trace at the caller; the
+/// destination's span is its child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_of_both_ends_join_the_applications_trace() {
+    let pki = Pki::new();
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind receiver");
+    let collector = listener.local_addr().expect("addr");
+    let got = Received::default();
+    let _receiver = otlp_receiver(listener, got.clone());
+    let f = fleet(&pki, &format!("otlp_endpoint = \"http://{collector}\"")).await;
+    // The application's trace: 4bf9.., its span 00f0...
+    let app_parent = "00f067aa0ba902b7";
+    let tp = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{app_parent}-01");
+    let mut s = TcpStream::connect(f.up_http).await.expect("connect");
+    s.write_all(
+        format!("GET /ok HTTP/1.1\r\nhost: api\r\ntraceparent: {tp}\r\nconnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    echo_once(f.up_tcp).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let by = loop {
+        let by = traces(&got);
+        if by.values().map(Vec::len).sum::<usize>() >= 4 {
+            break by;
+        }
+        assert!(Instant::now() < deadline, "4 spans: {by:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let http = &by[&hex_bytes("4bf92f3577b34da6a3ce929d0e0e4736")];
+    let span = |node: &str| {
+        http.iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_else(|| panic!("no span of {node}: {http:?}"))
+    };
+    let (caller, callee) = (span("web-1"), span("api-1"));
+    assert_eq!(
+        hex(&caller.parent_span_id),
+        app_parent,
+        "the caller's span is the application's child"
+    );
+    assert_eq!(
+        callee.parent_span_id, caller.span_id,
+        "the destination's span is the caller's child"
+    );
+    assert_eq!(caller.kind, 3, "client");
+    assert_eq!(callee.kind, 2, "server");
+    assert!(caller.start_time_unix_nano <= callee.start_time_unix_nano);
+    let seen = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("x-seen-traceparent: "))
+        .unwrap_or_default();
+    assert_eq!(
+        seen,
+        format!(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01",
+            hex(&callee.span_id)
+        ),
+        "the application's parent is the destination node's span"
+    );
+    let tcp: Vec<_> = by
+        .iter()
+        .filter(|(id, _)| **id != hex_bytes("4bf92f3577b34da6a3ce929d0e0e4736"))
+        .collect();
+    assert_eq!(tcp.len(), 1, "one trace for the connection: {tcp:?}");
+    let spans = tcp[0].1;
+    let root = spans
+        .iter()
+        .find(|(n, _)| n == "web-1")
+        .expect("caller span");
+    let server = spans
+        .iter()
+        .find(|(n, _)| n == "api-1")
+        .expect("destination span");
+    assert!(
+        root.1.parent_span_id.is_empty(),
+        "the caller starts the connection's trace"
+    );
+    assert_eq!(server.1.parent_span_id, root.1.span_id);
+    let m = samples(&f.web.get_text("/metrics").await.unwrap_or_default());
+    assert!(sum(&m, "meshnode_trace_spans_exported_total", &[]) >= 2.0);
+}
+
+fn hex_bytes(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
 }

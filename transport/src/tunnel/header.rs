@@ -47,6 +47,21 @@ pub struct Header {
     /// (`key=value`, a tag, or absent: any). A receiver that picks the
     /// instance (a gateway, [`ANY_PORT`]) picks among these.
     pub subset: Option<String>,
+    /// W3C trace context of the call the stream belongs to: its trace id
+    /// and the sender's span (each traced hop puts its own), so the spans
+    /// of a connection at every node it crosses join one trace. Sent only
+    /// by nodes that export traces.
+    pub trace: Option<TraceContext>,
+}
+
+/// The ids of a W3C `traceparent`, as a tunnel header carries them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    /// The span of the hop that sent the stream on.
+    pub parent_id: [u8; 8],
+    /// W3C trace flags (bit 0: sampled).
+    pub flags: u8,
 }
 
 impl Header {
@@ -61,6 +76,7 @@ impl Header {
             end_to_end: false,
             http: false,
             subset: None,
+            trace: None,
         }
     }
 }
@@ -95,17 +111,31 @@ struct HeaderV3 {
     end_to_end: bool,
 }
 
+/// Version 4: HTTP and subsets, no trace context.
+#[derive(Serialize, Deserialize)]
+struct HeaderV4 {
+    service: String,
+    port: u16,
+    cluster: Option<String>,
+    caller: Option<Identity>,
+    source_service: Option<String>,
+    end_to_end: bool,
+    http: bool,
+    subset: Option<String>,
+}
+
 /// The versioned envelope. New versions are new variants; old ones stay
 /// decodable. Each header goes out in the oldest version that can carry
 /// it, so nodes of older releases understand every stream that does not
 /// use what they lack: V2 without a source service or a session, V3
-/// without HTTP, V4 for HTTP requests.
+/// without HTTP, V4 for HTTP requests, V5 for traced streams.
 #[derive(Serialize, Deserialize)]
 enum WireHeader {
     V1(HeaderV1),
     V2(HeaderV2),
     V3(HeaderV3),
-    V4(Header),
+    V4(HeaderV4),
+    V5(Header),
 }
 
 /// The receiver's one-byte answer.
@@ -146,6 +176,8 @@ pub enum HeaderError {
     BadSourceService(String),
     #[error("tunnel header names an invalid subset {0:?}")]
     BadSubset(String),
+    #[error("tunnel header carries an invalid trace context (an all-zero id)")]
+    BadTrace,
 }
 
 // === impl HeaderError ===
@@ -161,6 +193,7 @@ impl HeaderError {
             HeaderError::BadCluster(_) => "bad_cluster",
             HeaderError::BadSourceService(_) => "bad_source_service",
             HeaderError::BadSubset(_) => "bad_subset",
+            HeaderError::BadTrace => "bad_trace",
         }
     }
 }
@@ -229,14 +262,31 @@ fn check(h: &Header) -> Result<(), HeaderError> {
             return Err(HeaderError::BadSubset(s.chars().take(64).collect()));
         }
     }
+    if let Some(t) = &h.trace {
+        // All-zero ids are invalid in W3C trace context.
+        if t.trace_id == [0; 16] || t.parent_id == [0; 8] {
+            return Err(HeaderError::BadTrace);
+        }
+    }
     Ok(())
 }
 
 /// Encodes a header with its length prefix.
 pub fn encode_header(h: &Header) -> Result<Vec<u8>, HeaderError> {
     check(h)?;
-    let wire = if h.http || h.subset.is_some() {
-        WireHeader::V4(h.clone())
+    let wire = if h.trace.is_some() {
+        WireHeader::V5(h.clone())
+    } else if h.http || h.subset.is_some() {
+        WireHeader::V4(HeaderV4 {
+            service: h.service.clone(),
+            port: h.port,
+            cluster: h.cluster.clone(),
+            caller: h.caller.clone(),
+            source_service: h.source_service.clone(),
+            end_to_end: h.end_to_end,
+            http: h.http,
+            subset: h.subset.clone(),
+        })
     } else if h.source_service.is_some() || h.end_to_end {
         WireHeader::V3(HeaderV3 {
             service: h.service.clone(),
@@ -300,7 +350,25 @@ pub fn decode_header(body: &[u8]) -> Result<Header, HeaderError> {
             end_to_end,
             ..Header::new(service, port)
         },
-        WireHeader::V4(h) => h,
+        WireHeader::V4(HeaderV4 {
+            service,
+            port,
+            cluster,
+            caller,
+            source_service,
+            end_to_end,
+            http,
+            subset,
+        }) => Header {
+            cluster,
+            caller,
+            source_service,
+            end_to_end,
+            http,
+            subset,
+            ..Header::new(service, port)
+        },
+        WireHeader::V5(h) => h,
     };
     check(&h)?;
     Ok(h)
@@ -346,9 +414,15 @@ mod tests {
             end_to_end: bool,
             http: bool,
             subset in proptest::option::of("[a-z]{1,10}(=[a-z0-9.]{1,10})?"),
+            trace in proptest::option::of((1u128.., 1u64.., any::<u8>())),
         ) {
             let caller = caller.map(|n| Identity::new("acme", "west", &n).unwrap());
-            let h = Header { service, port, cluster, caller, source_service, end_to_end, http, subset };
+            let trace = trace.map(|(t, p, flags)| TraceContext {
+                trace_id: t.to_be_bytes(),
+                parent_id: p.to_be_bytes(),
+                flags,
+            });
+            let h = Header { service, port, cluster, caller, source_service, end_to_end, http, subset, trace };
             let frame = encode_header(&h).unwrap();
             prop_assert_eq!(decode_frame(&frame).unwrap(), h);
         }
@@ -438,6 +512,44 @@ mod tests {
         for bad in ["", "a b", &"x".repeat(300)] {
             h.subset = Some(bad.to_string());
             assert!(matches!(encode_header(&h), Err(HeaderError::BadSubset(_))));
+        }
+    }
+
+    #[test]
+    fn only_traced_streams_need_version_5_and_zero_ids_are_refused() {
+        let mut h = header("api", 8080);
+        h.http = true;
+        h.trace = Some(TraceContext {
+            trace_id: [7; 16],
+            parent_id: [9; 8],
+            flags: 1,
+        });
+        let frame = encode_header(&h).unwrap();
+        let wire: WireHeader = codec::decode(&frame[2..]).unwrap();
+        assert!(matches!(wire, WireHeader::V5(_)));
+        assert_eq!(decode_frame(&frame).unwrap(), h);
+        // A version-4 header (an older node's) still decodes, untraced.
+        let v4 = codec::encode(&WireHeader::V4(HeaderV4 {
+            service: "api".into(),
+            port: 8080,
+            cluster: None,
+            caller: None,
+            source_service: None,
+            end_to_end: false,
+            http: true,
+            subset: None,
+        }))
+        .unwrap();
+        assert_eq!(decode_header(&v4).unwrap().trace, None);
+        for t in [[0u8; 16], [1; 16]] {
+            h.trace = Some(TraceContext {
+                trace_id: t,
+                parent_id: if t == [0; 16] { [1; 8] } else { [0; 8] },
+                flags: 0,
+            });
+            assert_eq!(encode_header(&h), Err(HeaderError::BadTrace));
+            let wire = codec::encode(&WireHeader::V5(h.clone())).unwrap();
+            assert_eq!(decode_header(&wire), Err(HeaderError::BadTrace));
         }
     }
 
