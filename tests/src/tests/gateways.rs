@@ -194,3 +194,66 @@ async fn a_caller_is_authorized_by_its_own_identity_and_gateways_relay_only_ciph
         b1.log_text()
     );
 }
+
+/// A cross-cluster connection is one trace: a1's span (the root), then
+/// agw's, bgw's and b1's, each the child of the hop before, although the
+/// gateways relay only an end-to-end session (the trace context rides in
+/// the outer tunnel header). Each namespace has its own OTLP receiver on
+/// its loopback, all feeding one list.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cross_cluster_connection_is_one_trace_with_a_span_at_every_node() {
+    if !netns::available("a_cross_cluster_connection_is_one_trace") {
+        return;
+    }
+    let topo = federation::topology(&["bgw"]);
+    let got = super::telemetry::Received::default();
+    let mut receivers = Vec::new();
+    for h in topo.hosts.values() {
+        let l = netns::listen(&h.ns, "127.0.0.1:4318".parse().expect("addr")).expect("receiver");
+        receivers.push(super::telemetry::otlp_receiver(l, got.clone()));
+    }
+    let mesh = Mesh::start_with(topo, &["b1"], |spec| {
+        spec.extra
+            .push_str("\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n");
+    })
+    .await;
+    mesh.wait_remote_healthy(1).await;
+    wait_until(Duration::from_secs(20), || async {
+        mesh.request(b"traced", Duration::from_secs(5))
+            .await
+            .is_ok()
+    })
+    .await
+    .expect("a1 reached echo in cluster b");
+    // The trace of a call that reached b1 (earlier tries may not have).
+    let mut chain = Vec::new();
+    wait_until(Duration::from_secs(15), || {
+        let by = super::telemetry::traces(&got);
+        chain = by
+            .values()
+            .filter(|spans| spans.iter().any(|(n, _)| n == "b1"))
+            .map(|spans| spans.to_vec())
+            .find(|spans| spans.len() >= 4)
+            .unwrap_or_default();
+        std::future::ready(!chain.is_empty())
+    })
+    .await
+    .expect("a trace with 4 spans reached the receivers");
+    let span = |node: &str| {
+        chain
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_else(|| panic!("no span of {node}: {chain:?}"))
+    };
+    let (a1, agw, bgw, b1) = (span("a1"), span("agw"), span("bgw"), span("b1"));
+    assert!(a1.parent_span_id.is_empty(), "a1 starts the trace");
+    assert_eq!(agw.parent_span_id, a1.span_id, "agw is a1's child");
+    assert_eq!(bgw.parent_span_id, agw.span_id, "bgw is agw's child");
+    assert_eq!(b1.parent_span_id, bgw.span_id, "b1 is bgw's child");
+    assert_eq!((a1.kind, agw.kind, bgw.kind, b1.kind), (3, 1, 1, 2));
+    for s in [&agw, &bgw, &b1] {
+        assert_eq!(s.trace_id, a1.trace_id);
+        assert!(s.start_time_unix_nano >= a1.start_time_unix_nano, "{s:?}");
+    }
+}
