@@ -256,4 +256,32 @@ async fn a_cross_cluster_connection_is_one_trace_with_a_span_at_every_node() {
         assert_eq!(s.trace_id, a1.trace_id);
         assert!(s.start_time_unix_nano >= a1.start_time_unix_nano, "{s:?}");
     }
+    // The golden series name the other cluster at both ends.
+    let ok = |node: &'static str, direction: &'static str| {
+        let mesh = &mesh;
+        async move {
+            let text = mesh
+                .node(node)
+                .get_text("/metrics")
+                .await
+                .unwrap_or_default();
+            let m = super::telemetry::samples(&text);
+            super::telemetry::sum(
+                &m,
+                "meshnode_connections_total",
+                &[
+                    ("direction", direction),
+                    ("source_cluster", "a"),
+                    ("destination_service", "echo"),
+                    ("destination_cluster", "b"),
+                    ("result", "ok"),
+                ],
+            )
+        }
+    };
+    wait_until(Duration::from_secs(5), || async {
+        ok("a1", "out").await >= 1.0 && ok("b1", "in").await >= 1.0
+    })
+    .await
+    .expect("a1 counts the call out to b, b1 counts it in from a");
 }

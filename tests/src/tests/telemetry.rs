@@ -65,9 +65,9 @@ fn http_upstream(service: &str, listen: SocketAddr) -> String {
 }
 
 /// One sample of the exposition format: name, labels, value.
-type Sample = (String, BTreeMap<String, String>, f64);
+pub(crate) type Sample = (String, BTreeMap<String, String>, f64);
 
-fn samples(text: &str) -> Vec<Sample> {
+pub(crate) fn samples(text: &str) -> Vec<Sample> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .filter_map(|l| {
@@ -89,7 +89,7 @@ fn samples(text: &str) -> Vec<Sample> {
 }
 
 /// The sum of the samples named `name` whose labels include `want`.
-fn sum(all: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
+pub(crate) fn sum(all: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
     all.iter()
         .filter(|(n, labels, _)| {
             n == name
