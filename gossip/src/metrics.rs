@@ -27,9 +27,12 @@ pub fn describe() {
     metrics::describe_counter!(
         BYTES,
         metrics::Unit::Bytes,
-        "Gossip bytes by direction (sent, received)"
+        "Gossip bytes by pool (lan, wan) and direction (sent, received, probe_sent)"
     );
-    metrics::describe_counter!(MESSAGES, "Gossip messages by direction (sent, received)");
+    metrics::describe_counter!(
+        MESSAGES,
+        "Gossip messages by pool (lan, wan) and direction (sent, received)"
+    );
     metrics::describe_counter!(
         DROPPED,
         "Gossip frames dropped, by reason (queue_full, wrong_pool, oversized, malformed, dial)"

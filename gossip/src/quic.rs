@@ -165,6 +165,7 @@ impl Transport for QuicTransport {
             plane: parts.plane.clone(),
             endpoint: parts.endpoint.clone(),
             alpn: parts.kind.alpn(),
+            pool: parts.kind.as_str(),
         };
         tokio::spawn(accept_loop(
             parts.incoming,
@@ -232,6 +233,8 @@ struct Readers {
     plane: Arc<Plane>,
     endpoint: Endpoint,
     alpn: Alpn,
+    /// `lan` or `wan`, for metrics.
+    pool: &'static str,
 }
 
 impl Readers {
@@ -373,8 +376,8 @@ async fn read_frame(
     let Some((msg, fresh)) = checked else {
         return;
     };
-    metrics::counter!(MESSAGES, "direction" => "received").increment(1);
-    metrics::counter!(BYTES, "direction" => "received").increment(len);
+    metrics::counter!(MESSAGES, "pool" => readers.pool, "direction" => "received").increment(1);
+    metrics::counter!(BYTES, "pool" => readers.pool, "direction" => "received").increment(len);
     plane.incoming(from, &msg, fresh);
     if inbox.try_send((from, msg)).is_err() {
         metrics::counter!(DROPPED, "reason" => "queue_full").increment(1);
@@ -510,7 +513,7 @@ async fn send_probe(
         metrics::counter!(DROPPED, "reason" => "probe").increment(1);
         return;
     }
-    metrics::counter!(BYTES, "direction" => "probe_sent").increment(len);
+    metrics::counter!(BYTES, "pool" => kind.as_str(), "direction" => "probe_sent").increment(len);
     if let Some(seq) = seq {
         watch_ack(conn, acks, readers.plane.clone(), peer.identity.uri(), seq).await;
     }
@@ -596,8 +599,10 @@ fn spawn_peer(
             };
             match sent.await {
                 Ok(()) => {
-                    metrics::counter!(MESSAGES, "direction" => "sent").increment(1);
-                    metrics::counter!(BYTES, "direction" => "sent").increment(len);
+                    metrics::counter!(MESSAGES, "pool" => kind.as_str(), "direction" => "sent")
+                        .increment(1);
+                    metrics::counter!(BYTES, "pool" => kind.as_str(), "direction" => "sent")
+                        .increment(len);
                 }
                 Err(e) => {
                     trace!(%to, error = %e, "gossip send failed");

@@ -354,25 +354,26 @@ async fn forward(
             start: wall,
             end: meshnode_transport::clock::wall(),
             error,
-            attributes: vec![
-                ("meshnode.direction", Str("out".into())),
-                ("meshnode.service", Str(up.service.clone())),
-                (
-                    "meshnode.source_service",
-                    Str(up.as_service.clone().unwrap_or_else(|| "-".into())),
-                ),
-                ("meshnode.cluster", Str(cluster.to_string())),
-                ("meshnode.result", Str(result.into())),
-                ("http.request.method", Str(method.to_string())),
-                (
-                    "url.path",
-                    Str(landed.uri.as_ref().unwrap_or(&uri).path().to_string()),
-                ),
-                (
-                    "http.response.status_code",
-                    Int(i64::from(resp.status().as_u16())),
-                ),
-            ],
+            attributes: {
+                let mut a = crate::trace::caller_attributes(
+                    &up.service,
+                    up.as_service.as_deref(),
+                    cluster,
+                    result,
+                );
+                a.extend([
+                    ("http.request.method", Str(method.to_string())),
+                    (
+                        "url.path",
+                        Str(landed.uri.as_ref().unwrap_or(&uri).path().to_string()),
+                    ),
+                    (
+                        "http.response.status_code",
+                        Int(i64::from(resp.status().as_u16())),
+                    ),
+                ]);
+                a
+            },
         });
     }
     resp

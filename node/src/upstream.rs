@@ -963,19 +963,20 @@ impl TcpCall<'_> {
                 start: self.started.1,
                 end: meshnode_transport::clock::wall(),
                 error,
-                attributes: vec![
-                    ("meshnode.direction", Str("out".into())),
-                    ("meshnode.service", Str(up.service.clone())),
-                    (
-                        "meshnode.source_service",
-                        Str(up.as_service.clone().unwrap_or_else(|| "-".into())),
-                    ),
-                    ("meshnode.cluster", Str(cluster.to_string())),
-                    ("meshnode.instance", Str(instance())),
-                    ("meshnode.result", Str(result.into())),
-                    ("meshnode.bytes_sent", Int(bytes.0 as i64)),
-                    ("meshnode.bytes_received", Int(bytes.1 as i64)),
-                ],
+                attributes: {
+                    let mut a = crate::trace::caller_attributes(
+                        &up.service,
+                        up.as_service.as_deref(),
+                        cluster,
+                        result,
+                    );
+                    a.extend([
+                        ("meshnode.instance", Str(instance())),
+                        ("meshnode.bytes_sent", Int(bytes.0 as i64)),
+                        ("meshnode.bytes_received", Int(bytes.1 as i64)),
+                    ]);
+                    a
+                },
             });
         }
     }
