@@ -177,12 +177,15 @@ fn splice_upgrades(
     });
 }
 
+/// The W3C trace context header, parsed once.
+pub(crate) static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 /// W3C trace context: a valid `traceparent` is kept as it came; a missing
 /// or malformed one is replaced by a new trace (and `tracestate`, which
 /// means nothing without it, dropped). `ids`: a random trace and parent id.
 pub(crate) fn trace_context(headers: &mut HeaderMap, ids: (u128, u64)) {
     let valid = headers
-        .get("traceparent")
+        .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(valid_traceparent);
     if valid {
@@ -192,7 +195,7 @@ pub(crate) fn trace_context(headers: &mut HeaderMap, ids: (u128, u64)) {
     // All-zero ids are invalid; the chance is nil, but stay valid anyway.
     let (trace, parent) = (ids.0.max(1), ids.1.max(1));
     if let Ok(v) = HeaderValue::from_str(&format!("00-{trace:032x}-{parent:016x}-01")) {
-        headers.insert("traceparent", v);
+        headers.insert(TRACEPARENT.clone(), v);
     }
 }
 
@@ -281,30 +284,28 @@ struct Landed {
     uri: Option<Uri>,
 }
 
-/// A response's result label: the mesh's refusal when the mesh made it
-/// (its error header: only meshnode sets it, applications' are removed
-/// at the destination), a fault this node injected, else the status class.
-fn result_of(resp: &Response<Body>) -> &'static str {
-    if let Some(e) = resp.headers().get(ERROR_HEADER) {
+/// A response's result label and whether it is an error (for `top` and
+/// the access log): the mesh's refusal when the mesh made it (its error
+/// header: only meshnode sets it, applications' are removed at the
+/// destination; always an error, denials and rate limits included), a
+/// fault this node injected (an error), else the status class (an error
+/// when 5xx). Header names are static: no name is parsed per request.
+fn result_of(resp: &Response<Body>) -> (&'static str, bool) {
+    static ERROR: HeaderName = HeaderName::from_static(ERROR_HEADER);
+    static FAULT: HeaderName = HeaderName::from_static(FAULT_HEADER);
+    if let Some(e) = resp.headers().get(&ERROR) {
         let e = e.as_bytes();
-        return crate::telemetry::RESULTS
+        let result = crate::telemetry::RESULTS
             .iter()
             .find(|r| r.as_bytes() == e)
             .copied()
             .unwrap_or("other");
+        return (result, true);
     }
-    if resp.headers().contains_key(FAULT_HEADER) {
-        return "fault";
+    if resp.headers().contains_key(&FAULT) {
+        return ("fault", true);
     }
-    class(resp.status())
-}
-
-/// An error for `top` and the access log: a 5xx or any refusal by the
-/// mesh (denials and rate limits included).
-fn is_error(resp: &Response<Body>) -> bool {
-    resp.status().is_server_error()
-        || resp.headers().contains_key(ERROR_HEADER)
-        || resp.headers().contains_key(FAULT_HEADER)
+    (class(resp.status()), resp.status().is_server_error())
 }
 
 /// One request from a local application: forwarded, then recorded
@@ -319,10 +320,13 @@ async fn forward(
     let wall = meshnode_transport::clock::wall();
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let mut landed = Landed::default();
-    let resp = route_and_send(req, &up, &dialer, &mut landed).await;
+    // Boxed: the routing and exchange state is several KiB, and a future
+    // that holds it inline is copied whole each time hyper moves the
+    // request's task (callgrind: +63,000 instructions a request).
+    let resp = Box::pin(route_and_send(req, &up, &dialer, &mut landed)).await;
     let took = meshnode_transport::clock::tokio_since(started);
     let telemetry = dialer.telemetry();
-    let (result, error) = (result_of(&resp), is_error(&resp));
+    let (result, error) = result_of(&resp);
     let cluster = landed.cluster.as_deref().unwrap_or("-");
     telemetry
         .out_pair(Kind::Http, up.as_service.as_deref(), &up.service, cluster)
@@ -467,14 +471,14 @@ async fn route_and_send(
     }
     let app_traced = parts
         .headers
-        .get("traceparent")
+        .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(valid_traceparent);
     trace_context(&mut parts.headers, ids);
     if dialer.telemetry().tracer.enabled() {
         let context = parts
             .headers
-            .get("traceparent")
+            .get(&TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(crate::trace::parse_traceparent);
         if let Some(context) = context {
@@ -485,12 +489,12 @@ async fn route_and_send(
                 ..context
             });
             if let Ok(v) = HeaderValue::from_str(&onward) {
-                parts.headers.insert("traceparent", v);
+                parts.headers.insert(TRACEPARENT.clone(), v);
                 landed.span = Some((context, mine, !app_traced));
             }
         }
     }
-    landed.traceparent = parts.headers.get("traceparent").cloned();
+    landed.traceparent = parts.headers.get(&TRACEPARENT).cloned();
     if let Some(m) = mirror {
         // Only a request without a body can be copied without holding it.
         if hyper::body::Body::is_end_stream(&req_body) {
@@ -1015,7 +1019,7 @@ async fn send(
         .then(|| {
             parts
                 .headers
-                .get("traceparent")
+                .get(&TRACEPARENT)
                 .and_then(|v| v.to_str().ok())
                 .and_then(crate::trace::parse_traceparent)
         })
@@ -1490,7 +1494,7 @@ pub(crate) async fn serve_stream<IO>(
             let mut asked = Asked::default();
             let resp = serve_request(req, taken, &pool, target, &service, &rules, &mut asked).await;
             let took = meshnode_transport::clock::tokio_since(started);
-            let (result, error) = (result_of(&resp), is_error(&resp));
+            let (result, error) = result_of(&resp);
             let seen = &rules.seen;
             seen.pair.record(result, error, took, None);
             seen.telemetry.access.log(error, || Access {
@@ -1595,7 +1599,7 @@ async fn serve_request(
     if rules.seen.telemetry.tracer.enabled() {
         let context = req
             .headers()
-            .get("traceparent")
+            .get(&TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(crate::trace::parse_traceparent);
         if let Some(mut context) = context {
@@ -1614,12 +1618,12 @@ async fn serve_request(
                 ..context
             });
             if let Ok(v) = HeaderValue::from_str(&onward) {
-                req.headers_mut().insert("traceparent", v);
+                req.headers_mut().insert(TRACEPARENT.clone(), v);
                 asked.span = Some((context, mine));
             }
         }
     }
-    asked.traceparent = req.headers().get("traceparent").cloned();
+    asked.traceparent = req.headers().get(&TRACEPARENT).cloned();
     let conn = match (rules.authorize)(req.method().as_str(), req.uri().path(), first) {
         Err(status) => {
             unused(taken);
@@ -1865,7 +1869,7 @@ mod tests {
         h.insert("traceparent", HeaderValue::from_static(good));
         h.insert("tracestate", HeaderValue::from_static("a=b"));
         trace_context(&mut h, (7, 9));
-        assert_eq!(h.get("traceparent").unwrap(), good);
+        assert_eq!(h.get(&TRACEPARENT).unwrap(), good);
         assert_eq!(h.get("tracestate").unwrap(), "a=b");
         for bad in [
             "",
@@ -1885,7 +1889,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("tracestate", HeaderValue::from_static("a=b"));
         trace_context(&mut h, (0xabc, 0));
-        let started = h.get("traceparent").unwrap().to_str().unwrap();
+        let started = h.get(&TRACEPARENT).unwrap().to_str().unwrap();
         assert_eq!(
             started,
             "00-00000000000000000000000000000abc-0000000000000001-01"
