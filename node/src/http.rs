@@ -282,6 +282,55 @@ struct Landed {
     span: Option<(meshnode_transport::tunnel::TraceContext, [u8; 8], bool)>,
     /// The request target as sent on: its path canonical.
     uri: Option<Uri>,
+    /// The request body's bytes, as they stream through (none without a body).
+    sent: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+/// A response body that counts what passes, and when it ends or is
+/// dropped adds the exchange's bytes to its pair (the request body's are
+/// counted as they stream, so they are done by then, but for a request
+/// still streaming after its response).
+struct Counted {
+    inner: Body,
+    received: u64,
+    sent: Option<Arc<std::sync::atomic::AtomicU64>>,
+    pair: Arc<crate::telemetry::PairStats>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let sent = self
+            .sent
+            .as_ref()
+            .map_or(0, |s| s.load(std::sync::atomic::Ordering::Relaxed));
+        self.pair.add_bytes(sent, self.received);
+    }
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(f))) = &polled {
+            if let Some(d) = f.data_ref() {
+                self.received += d.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A response's result label and whether it is an error (for `top` and
@@ -328,9 +377,17 @@ async fn forward(
     let telemetry = dialer.telemetry();
     let (result, error) = result_of(&resp);
     let cluster = landed.cluster.as_deref().unwrap_or("-");
-    telemetry
-        .out_pair(Kind::Http, up.as_service.as_deref(), &up.service, cluster)
-        .record(result, error, took, None);
+    let pair = telemetry.out_pair(Kind::Http, up.as_service.as_deref(), &up.service, cluster);
+    pair.record(result, error, took, None);
+    let sent = landed.sent.take();
+    let resp = resp.map(|inner| {
+        body(Counted {
+            inner,
+            received: 0,
+            sent,
+            pair,
+        })
+    });
     telemetry.access.log(error, || Access {
         direction: "out",
         kind: "http",
@@ -517,7 +574,9 @@ async fn route_and_send(
         .and_then(|r| r.idle_timeout)
         .or_else(|| resilience.as_ref().and_then(|p| p.settings.idle_timeout));
     let retried = retries.is_some();
-    let req_body = match request_body(req_body, retried).await {
+    landed.sent = (!hyper::body::Body::is_end_stream(&req_body))
+        .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
+    let req_body = match request_body(req_body, retried, landed.sent.clone()).await {
         Ok(b) => b,
         Err(e) => {
             count(&up.service, "out", &subset, "bad_request");
@@ -722,20 +781,34 @@ impl ReqBody {
 
 /// Holds a body whose size is known and at most [`RETRY_BODY_CAP`] when
 /// `retried` (so a retry can send it again); streams any other.
-async fn request_body(b: Incoming, retried: bool) -> Result<ReqBody, BoxError> {
+async fn request_body(
+    b: Incoming,
+    retried: bool,
+    sent: Option<Arc<std::sync::atomic::AtomicU64>>,
+) -> Result<ReqBody, BoxError> {
     use hyper::body::Body as _;
+    use std::sync::atomic::Ordering;
     if b.is_end_stream() {
         return Ok(ReqBody::None);
     }
     let small = b.size_hint().upper().is_some_and(|n| n <= RETRY_BODY_CAP);
     if !(retried && small) {
-        return Ok(ReqBody::Once(body(b)));
+        return Ok(ReqBody::Once(body(b.map_frame(move |f| {
+            if let (Some(d), Some(sent)) = (f.data_ref(), &sent) {
+                sent.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+            f
+        }))));
     }
     // The limit holds even if the peer sends more than it declared.
     let held = http_body_util::Limited::new(b, RETRY_BODY_CAP as usize)
         .collect()
         .await?
         .to_bytes();
+    // Counted once, however many tries carry it.
+    if let Some(sent) = &sent {
+        sent.store(held.len() as u64, Ordering::Relaxed);
+    }
     Ok(ReqBody::Held(held))
 }
 

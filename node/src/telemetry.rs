@@ -39,6 +39,7 @@ pub const REQUEST_SECONDS: &str = "meshnode_request_duration_seconds";
 pub const CONNECTIONS: &str = "meshnode_connections_total";
 pub const CONNECTION_SECONDS: &str = "meshnode_connection_duration_seconds";
 pub const CONNECTION_BYTES: &str = "meshnode_connection_bytes_total";
+pub const REQUEST_BYTES: &str = "meshnode_request_bytes_total";
 pub const ACCESS_LINES: &str = "meshnode_access_log_lines_total";
 pub const ACCESS_DROPPED: &str = "meshnode_access_log_dropped_total";
 
@@ -75,6 +76,11 @@ pub fn describe() {
         CONNECTION_BYTES,
         Unit::Bytes,
         "Bytes of proxied TCP connections by direction, source, destination and flow (sent: from the source, received: to it)"
+    );
+    describe_counter!(
+        REQUEST_BYTES,
+        Unit::Bytes,
+        "HTTP body bytes at the caller's node by direction, source, destination and flow (sent: request bodies, received: response bodies), counted when the response body ends"
     );
     describe_counter!(
         ACCESS_LINES,
@@ -264,19 +270,28 @@ impl PairStats {
             })
             .increment(1);
         if let Some((sent, received)) = bytes {
-            self.sent.fetch_add(sent, Ordering::Relaxed);
-            self.received.fetch_add(received, Ordering::Relaxed);
-            let (s, r) = self.bytes.get_or_init(|| {
-                let with = |flow: &'static str| {
-                    let mut labels = self.key.labels();
-                    labels.push(metrics::Label::new("flow", flow));
-                    metrics::counter!(CONNECTION_BYTES, labels)
-                };
-                (with("sent"), with("received"))
-            });
-            s.increment(sent);
-            r.increment(received);
+            self.add_bytes(sent, received);
         }
+    }
+
+    /// Bytes from the source and to it: a TCP connection's, or an HTTP
+    /// exchange's bodies once the response body ended.
+    pub fn add_bytes(&self, sent: u64, received: u64) {
+        self.sent.fetch_add(sent, Ordering::Relaxed);
+        self.received.fetch_add(received, Ordering::Relaxed);
+        let (s, r) = self.bytes.get_or_init(|| {
+            let with = |flow: &'static str| {
+                let mut labels = self.key.labels();
+                labels.push(metrics::Label::new("flow", flow));
+                match self.key.kind {
+                    Kind::Http => metrics::counter!(REQUEST_BYTES, labels),
+                    Kind::Tcp => metrics::counter!(CONNECTION_BYTES, labels),
+                }
+            };
+            (with("sent"), with("received"))
+        });
+        s.increment(sent);
+        r.increment(received);
     }
 
     fn snapshot(&self) -> PairSnapshot {

@@ -166,10 +166,7 @@ fn latency(s: Option<f64>) -> String {
     }
 }
 
-fn bytes(per_sec: f64, kind: &str) -> String {
-    if kind != "tcp" {
-        return "-".into();
-    }
+fn bytes(per_sec: f64) -> String {
     match per_sec {
         b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
         b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
@@ -200,8 +197,8 @@ pub fn render(node: &str, interval: Duration, rows: &[Row], limit: usize) -> Str
                 format!("{:.1} %", r.error_share * 100.0),
                 latency(r.p50),
                 latency(r.p99),
-                bytes(r.sent_per_sec, &r.kind),
-                bytes(r.received_per_sec, &r.kind),
+                bytes(r.sent_per_sec),
+                bytes(r.received_per_sec),
             ]
         })
         .collect();

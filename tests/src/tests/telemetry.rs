@@ -313,16 +313,39 @@ async fn golden_metrics_and_the_access_log_count_known_traffic_by_caller_and_cal
             );
         }
     }
-    // One access line per request and per connection on each side.
+    // HTTP bodies at the caller: 50 answers of 2 bytes, then a POST of 5.
+    let bytes = |m: &[Sample], flow: &'static str| {
+        let mut w = pair("out", "api").to_vec();
+        w.push(("flow", flow));
+        sum(m, "meshnode_request_bytes_total", &w)
+    };
+    assert_eq!(bytes(&samples(&texts.0), "received"), 100.0, "{}", texts.0);
+    let mut s = TcpStream::connect(f.up_http).await.expect("connect");
+    s.write_all(
+        b"POST /ok HTTP/1.1\r\nhost: api\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+    )
+    .await
+    .expect("post");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    wait_until(Duration::from_secs(5), || async {
+        let m = samples(&f.web.get_text("/metrics").await.unwrap_or_default());
+        (bytes(&m, "sent"), bytes(&m, "received")) == (5.0, 102.0)
+    })
+    .await
+    .expect("the POST's 5 bytes sent and its 2-byte answer received");
+    // One access line per request (the POST's too) and per connection on
+    // each side.
     let deadline = Instant::now() + Duration::from_secs(5);
     let lines = loop {
         let lines = (access_lines(&f.web), access_lines(&f.api));
-        if lines.0.len() >= 53 && lines.1.len() >= 53 {
+        if lines.0.len() >= 54 && lines.1.len() >= 54 {
             break lines;
         }
         assert!(
             Instant::now() < deadline,
-            "53 access lines on each side: {lines:?}"
+            "54 access lines on each side: {lines:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -342,7 +365,7 @@ async fn golden_metrics_and_the_access_log_count_known_traffic_by_caller_and_cal
                 of("tcp", "ok"),
                 lines.len()
             ),
-            (40, 10, 3, 53),
+            (41, 10, 3, 54),
             "{node}: {lines:?}"
         );
         for l in lines {
@@ -387,7 +410,7 @@ async fn golden_metrics_and_the_access_log_count_known_traffic_by_caller_and_cal
             .collect()
     };
     assert_eq!(ids(&lines.0), ids(&lines.1));
-    assert_eq!(ids(&lines.0).len(), 50);
+    assert_eq!(ids(&lines.0).len(), 51);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
