@@ -261,15 +261,21 @@ request_instr() { # $1: a label for the callgrind files
   echo $(( (total[1] - total[0]) / (K2 - K1) ))
 }
 REQUEST=$(request_instr plain)
+# The microbenches (meshnode-route-bench, -resilience-bench, -telemetry-bench)
+# take MODE N: one iteration's instructions are the difference of N + 1 and
+# 1 iterations under callgrind, so start-up cancels.
+per_iter() { # $1: bench binary, $2: mode, $3: N
+  local i total=()
+  for i in 1 $(( $3 + 1 )); do
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/$1.$2.$i" "$BIN/$1" "$2" "$i" 2>/dev/null
+    total+=("$(awk '/^summary:/ {print $2}' "$WORK/$1.$2.$i")")
+  done
+  echo $(( (total[1] - total[0]) / $3 ))
+}
 # The routing work alone, 100 rules (the last one matches), and a lookup with no document.
 cargo build --release -q -p meshnode-bench --bin meshnode-route-bench
-route_instr() {
-  valgrind --tool=callgrind --callgrind-out-file="$WORK/rt.$1.$2" "$BIN/meshnode-route-bench" "$1" "$2" 2>/dev/null
-  awk '/^summary:/ {print $2}' "$WORK/rt.$1.$2"
-}
-per_route() { echo $(( ($(route_instr "$1" 20001) - $(route_instr "$1" 1)) / 20000 )); }
-ROUTE=$(per_route route)
-NONE=$(per_route none)
+ROUTE=$(per_iter meshnode-route-bench route 20000)
+NONE=$(per_iter meshnode-route-bench none 20000)
 echo "a proxied request at the caller node: $REQUEST instructions"
 echo "routing with 100 rules (last matches): $ROUTE instructions; with no routes document: $NONE"
 awk -v r="$ROUTE" -v n="$NONE" -v q="$REQUEST" 'BEGIN { printf "a 100-rule table adds %.1f%% per request (target <= 5%%)\n", (r - n) * 100 / q }'
@@ -277,27 +283,17 @@ awk -v r="$ROUTE" -v n="$NONE" -v q="$REQUEST" 'BEGIN { printf "a 100-rule table
 echo
 echo "== resilience cost (callgrind): the work a resilience document adds per request (meshnode-resilience-bench), against a whole proxied request"
 cargo build --release -q -p meshnode-bench --bin meshnode-resilience-bench
-res_instr() {
-  valgrind --tool=callgrind --callgrind-out-file="$WORK/rb.$1.$2" "$BIN/meshnode-resilience-bench" "$1" "$2" 2>/dev/null
-  awk '/^summary:/ {print $2}' "$WORK/rb.$1.$2"
-}
-per_res() { echo $(( ($(res_instr "$1" 20001) - $(res_instr "$1" 1)) / 20000 )); }
-RES_DOC=$(per_res document)
-RES_NONE=$(per_res none)
+RES_DOC=$(per_iter meshnode-resilience-bench document 20000)
+RES_NONE=$(per_iter meshnode-resilience-bench none 20000)
 echo "a request's resilience work with every caller-side key: $RES_DOC instructions; for a service without a document: $RES_NONE"
 awk -v d="$RES_DOC" -v n="$RES_NONE" -v q="$REQUEST" 'BEGIN { printf "a resilience document adds %.1f%% per request (target <= 3%%)\n", (d - n) * 100 / q }'
 
 echo
 echo "== telemetry cost (callgrind): what golden metrics, top's table and the sampled access log add per request at both ends (meshnode-telemetry-bench)"
 cargo build --release -q -p meshnode-bench --bin meshnode-telemetry-bench
-tel_instr() {
-  valgrind --tool=callgrind --callgrind-out-file="$WORK/tb.$1.$2" "$BIN/meshnode-telemetry-bench" "$1" "$2" 2>/dev/null
-  awk '/^summary:/ {print $2}' "$WORK/tb.$1.$2"
-}
 # 200,000 iterations: start-up (the writer thread, the recorder) varies by a few million instructions.
-per_tel() { echo $(( ($(tel_instr "$1" 200001) - $(tel_instr "$1" 1)) / 200000 )); }
-TEL=$(per_tel record)
-TEL_NONE=$(per_tel none)
+TEL=$(per_iter meshnode-telemetry-bench record 200000)
+TEL_NONE=$(per_iter meshnode-telemetry-bench none 200000)
 echo "telemetry of one request, caller and destination together: $TEL instructions; the loop alone: $TEL_NONE"
 awk -v d="$TEL" -v n="$TEL_NONE" -v q="$REQUEST" 'BEGIN { printf "telemetry adds %.1f%% of a proxied request at one node, for both ends together (target <= 5%%)\n", (d - n) * 100 / q }'
 

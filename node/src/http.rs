@@ -183,13 +183,14 @@ pub(crate) static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent
 /// W3C trace context: a valid `traceparent` is kept as it came; a missing
 /// or malformed one is replaced by a new trace (and `tracestate`, which
 /// means nothing without it, dropped). `ids`: a random trace and parent id.
-pub(crate) fn trace_context(headers: &mut HeaderMap, ids: (u128, u64)) {
+/// True when the request's own was kept.
+pub(crate) fn trace_context(headers: &mut HeaderMap, ids: (u128, u64)) -> bool {
     let valid = headers
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(valid_traceparent);
     if valid {
-        return;
+        return true;
     }
     headers.remove("tracestate");
     // All-zero ids are invalid; the chance is nil, but stay valid anyway.
@@ -197,6 +198,7 @@ pub(crate) fn trace_context(headers: &mut HeaderMap, ids: (u128, u64)) {
     if let Ok(v) = HeaderValue::from_str(&format!("00-{trace:032x}-{parent:016x}-01")) {
         headers.insert(TRACEPARENT.clone(), v);
     }
+    false
 }
 
 /// `version-traceid-parentid-flags`, lower-case hex, ids not all zero,
@@ -280,56 +282,38 @@ struct Landed {
     /// application sent it (or a new trace), this hop's span id, and
     /// whether it is the trace's root (the application sent none).
     span: Option<(meshnode_transport::tunnel::TraceContext, [u8; 8], bool)>,
-    /// The request target as sent on: its path canonical.
+    /// The request target as sent on: its path canonical (as it came when
+    /// it has no canonical form).
     uri: Option<Uri>,
     /// The request body's bytes, as they stream through (none without a body).
     sent: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
-/// A response body that counts what passes, and when it ends or is
-/// dropped adds the exchange's bytes to its pair (the request body's are
-/// counted as they stream, so they are done by then, but for a request
-/// still streaming after its response).
-struct Counted {
-    inner: Body,
+/// An exchange's body bytes, added to its pair when the response body
+/// ends or is dropped (the request body's are counted as they stream, so
+/// they are done by then, but for a request still streaming after its
+/// response).
+struct Bytes2Pair {
     received: u64,
     sent: Option<Arc<std::sync::atomic::AtomicU64>>,
     pair: Arc<crate::telemetry::PairStats>,
 }
 
-impl Drop for Counted {
+impl Bytes2Pair {
+    /// A method, so a closure that calls it owns the whole value (and its
+    /// `Drop`), not just the one field a field access would capture.
+    fn received(&mut self, n: usize) {
+        self.received += n as u64;
+    }
+}
+
+impl Drop for Bytes2Pair {
     fn drop(&mut self) {
         let sent = self
             .sent
             .as_ref()
             .map_or(0, |s| s.load(std::sync::atomic::Ordering::Relaxed));
         self.pair.add_bytes(sent, self.received);
-    }
-}
-
-impl hyper::body::Body for Counted {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(f))) = &polled {
-            if let Some(d) = f.data_ref() {
-                self.received += d.len() as u64;
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -366,8 +350,13 @@ async fn forward(
     dialer: Arc<Dialer>,
 ) -> Response<Body> {
     let started = meshnode_transport::clock::tokio_now();
-    let wall = meshnode_transport::clock::wall();
-    let (method, uri) = (req.method().clone(), req.uri().clone());
+    // Only a traced request needs the wall clock (its span's start).
+    let wall = dialer
+        .telemetry()
+        .tracer
+        .enabled()
+        .then(meshnode_transport::clock::wall);
+    let method = req.method().clone();
     let mut landed = Landed::default();
     // Boxed: the routing and exchange state is several KiB, and a future
     // that holds it inline is copied whole each time hyper moves the
@@ -379,14 +368,18 @@ async fn forward(
     let cluster = landed.cluster.as_deref().unwrap_or("-");
     let pair = telemetry.out_pair(Kind::Http, up.as_service.as_deref(), &up.service, cluster);
     pair.record(result, error, took, None);
-    let sent = landed.sent.take();
+    let mut bytes = Bytes2Pair {
+        received: 0,
+        sent: landed.sent.take(),
+        pair,
+    };
     let resp = resp.map(|inner| {
-        body(Counted {
-            inner,
-            received: 0,
-            sent,
-            pair,
-        })
+        body(inner.map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                bytes.received(d.len());
+            }
+            f
+        }))
     });
     telemetry.access.log(error, || Access {
         direction: "out",
@@ -397,14 +390,14 @@ async fn forward(
         cluster: cluster.to_string(),
         instance: landed.instance.unwrap_or_else(|| "-".into()),
         method: method.to_string(),
-        path: landed.uri.as_ref().unwrap_or(&uri).path().to_string(),
+        path: landed.uri.as_ref().map_or("-", |u| u.path()).to_string(),
         result: result.to_string(),
         status: resp.status().as_u16(),
         duration: took,
         trace_id: crate::telemetry::trace_id(landed.traceparent.as_ref()),
         ..Access::default()
     });
-    if let Some((context, span_id, root)) = landed.span {
+    if let (Some((context, span_id, root)), Some(wall)) = (landed.span, wall) {
         use crate::trace::Value::{Int, Str};
         telemetry.tracer.export(crate::trace::SpanRecord {
             context,
@@ -426,7 +419,7 @@ async fn forward(
                     ("http.request.method", Str(method.to_string())),
                     (
                         "url.path",
-                        Str(landed.uri.as_ref().unwrap_or(&uri).path().to_string()),
+                        Str(landed.uri.as_ref().map_or("-", |u| u.path()).to_string()),
                     ),
                     (
                         "http.response.status_code",
@@ -455,11 +448,12 @@ async fn route_and_send(
         .map(|p| (p, hyper::upgrade::on(&mut req)));
     let (mut parts, req_body) = req.into_parts();
     // Routes see the path the destination will authorize and serve.
-    if let Err(e) = normalize_target(&mut parts.uri) {
+    let normalized = normalize_target(&mut parts.uri);
+    landed.uri = Some(parts.uri.clone());
+    if let Err(e) = normalized {
         count(&up.service, "out", &Subset::Any, "bad_path");
         return bad_path(e);
     }
-    landed.uri = Some(parts.uri.clone());
     let (split_roll, mirror_roll, ids, fault_rolls) = {
         let mut rng = rand::rng();
         (
@@ -526,12 +520,7 @@ async fn route_and_send(
         keep_upgrade(&mut parts.headers, protocol);
         mirror = None;
     }
-    let app_traced = parts
-        .headers
-        .get(&TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(valid_traceparent);
-    trace_context(&mut parts.headers, ids);
+    let app_traced = trace_context(&mut parts.headers, ids);
     if dialer.telemetry().tracer.enabled() {
         let context = parts
             .headers
@@ -1562,7 +1551,13 @@ pub(crate) async fn serve_stream<IO>(
         let rules = rules.clone();
         async move {
             let started = meshnode_transport::clock::tokio_now();
-            let wall = meshnode_transport::clock::wall();
+            // Only a traced request needs the wall clock (its span's start).
+            let wall = rules
+                .seen
+                .telemetry
+                .tracer
+                .enabled()
+                .then(meshnode_transport::clock::wall);
             let method = req.method().clone();
             let mut asked = Asked::default();
             let resp = serve_request(req, taken, &pool, target, &service, &rules, &mut asked).await;
@@ -1579,14 +1574,14 @@ pub(crate) async fn serve_stream<IO>(
                 cluster: seen.telemetry.cluster.clone(),
                 instance: seen.telemetry.node.clone(),
                 method: method.to_string(),
-                path: asked.path,
+                path: asked.uri.as_ref().map_or("-", |u| u.path()).to_string(),
                 result: result.to_string(),
                 status: resp.status().as_u16(),
                 duration: took,
                 trace_id: crate::telemetry::trace_id(asked.traceparent.as_ref()),
                 ..Access::default()
             });
-            if let Some((context, span_id)) = asked.span {
+            if let (Some((context, span_id)), Some(wall)) = (asked.span, wall) {
                 use crate::trace::Value::{Int, Str};
                 seen.telemetry.tracer.export(crate::trace::SpanRecord {
                     context,
@@ -1631,7 +1626,8 @@ pub(crate) async fn serve_stream<IO>(
 /// What a request asked for, for its access line.
 #[derive(Default)]
 struct Asked {
-    path: String,
+    /// The target served: its path canonical (a clone shares its bytes).
+    uri: Option<Uri>,
     traceparent: Option<HeaderValue>,
     /// This node's span when it exports traces: the context (its parent
     /// the caller's span, or the last gateway's) and the span's id.
@@ -1667,7 +1663,7 @@ async fn serve_request(
         count(service, "in", &Subset::Any, "bad_path");
         return bad_path(e);
     }
-    asked.path.push_str(req.uri().path());
+    asked.uri = Some(req.uri().clone());
     let first = taken.is_some();
     if rules.seen.telemetry.tracer.enabled() {
         let context = req

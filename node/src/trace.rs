@@ -149,9 +149,11 @@ pub fn parse_traceparent(v: &str) -> Option<TraceContext> {
 
 /// Lower-case hex, as W3C ids are written.
 pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        s.push_str(&format!("{b:02x}"));
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{b:02x}");
     }
     s
 }
