@@ -102,6 +102,8 @@ pub struct Bound {
     pub quic_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub upstream_addrs: Vec<SocketAddr>,
+    /// The DNS interface's address (UDP and TCP), when `[dns]` is set.
+    pub dns_addr: Option<SocketAddr>,
     pub identity: PeerCert,
     endpoint: Endpoint,
     gossip: GossipHandle,
@@ -451,6 +453,7 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
     let has_seeds = !cfg.seeds.iter().all(|s| *s == advertise);
     let admin_bind = cfg.admin;
     let admin_allow_remote = cfg.admin_allow_remote;
+    let dns_settings = cfg.dns.clone();
     let reloader = crate::reload::Reloader::start(
         cfg,
         listeners,
@@ -463,6 +466,26 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
             log,
         },
     )?;
+
+    let dns_addr = match &dns_settings {
+        Some(d) => {
+            let running = crate::dns::server::start(
+                d,
+                gossip.clone(),
+                reloader.clone(),
+                me.identity.cluster().to_string(),
+            )
+            .await
+            .map_err(|source| AppError::Bind {
+                what: "DNS interface".into(),
+                addr: d.listen,
+                source,
+            })?;
+            tasks.extend(running.tasks);
+            Some(running.addr)
+        }
+        None => None,
+    };
 
     let admin_listener = TcpListener::bind(admin_bind)
         .await
@@ -503,6 +526,7 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
         quic_addr,
         admin_addr,
         upstream_addrs,
+        dns_addr,
         identity: me,
         endpoint,
         gossip,

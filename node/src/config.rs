@@ -57,7 +57,27 @@ pub struct Config {
     /// Set on CA nodes: the node holds the CA key and signs joins and renewals.
     pub ca: Option<CaSettings>,
     pub telemetry: TelemetrySettings,
+    /// `[dns]`: the DNS interface, when `listen` is set.
+    pub dns: Option<DnsSettings>,
 }
+
+/// `[dns]`: see [`crate::dns`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DnsSettings {
+    /// UDP and TCP, on a loopback address.
+    pub listen: SocketAddr,
+    pub mode: crate::dns::DnsMode,
+    /// Seconds, for answers and (as the SOA minimum) for negative answers.
+    pub ttl: u32,
+    /// The zone, lower case without the final dot (default `mesh`).
+    pub domain: String,
+}
+
+/// `[dns] ttl` when none is set: short, so a client that cached an
+/// instance (`mode = "instances"`) moves on within seconds of a failure.
+pub const DEFAULT_DNS_TTL: u32 = 5;
+/// `[dns] domain` when none is set.
+pub const DEFAULT_DNS_DOMAIN: &str = "mesh";
 
 /// `[telemetry]`: the access log.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -7,6 +7,7 @@ pub mod authz;
 pub mod balance;
 pub mod ca;
 pub mod config;
+pub mod dns;
 mod drain;
 pub mod ewma;
 pub mod explain;

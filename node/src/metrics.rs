@@ -36,6 +36,12 @@ pub const HTTP_RATE_LIMITED: &str = "meshnode_http_rate_limited_total";
 /// Requests (and retries) a circuit-breaker limit turned away, by `limit`.
 pub const HTTP_BREAKER_OPEN: &str = "meshnode_http_breaker_open_total";
 pub const HTTP_BUDGET_EXHAUSTED: &str = "meshnode_http_retry_budget_exhausted_total";
+/// DNS queries by transport (udp, tcp) and outcome (answer, nodata, nxdomain, ...).
+pub const DNS_QUERIES: &str = "meshnode_dns_queries_total";
+/// DNS TCP connections closed at accept (over the limit).
+pub const DNS_REFUSED: &str = "meshnode_dns_connections_refused_total";
+/// Names in the DNS zone.
+pub const DNS_NAMES: &str = "meshnode_dns_names";
 
 /// Histogram buckets for connect and request latency, loopback to WAN.
 pub const LATENCY_BUCKETS: [f64; 12] = [
@@ -119,6 +125,15 @@ pub fn describe() {
         AUTHZ_DECISIONS,
         "Authorization decisions at the destination, by service, decision (allow, deny) and reason (rule, default, policy_pending, identity)"
     );
+    describe_counter!(
+        DNS_QUERIES,
+        "DNS queries answered, by transport (udp, tcp) and outcome (answer, nodata, nxdomain, refused, formerr, notimp, dropped)"
+    );
+    describe_counter!(
+        DNS_REFUSED,
+        "DNS TCP connections closed at accept because the server had its limit of open connections"
+    );
+    describe_gauge!(DNS_NAMES, "Service names in the DNS zone");
     describe_counter!(
         ADMIN_REFUSED,
         "Admin API requests and connections refused, by reason (secret, host, origin, too_many_connections)"

@@ -66,6 +66,16 @@ pub struct RawConfig {
     gossip: Option<RawGossip>,
     ca: Option<RawCa>,
     telemetry: Option<RawTelemetry>,
+    dns: Option<RawDns>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawDns {
+    listen: Option<String>,
+    mode: Option<String>,
+    ttl: Option<String>,
+    domain: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -427,6 +437,9 @@ impl RawConfig {
                 otlp_endpoint,
             }
         };
+        let dns = self
+            .dns
+            .and_then(|raw| validate_dns(&mut e, raw, admin, bind, &upstreams));
         let ca = self.ca.map(|ca| {
             let cert_ttl = e.duration("ca.cert_ttl", ca.cert_ttl.as_deref(), DEFAULT_CERT_TTL);
             if !(MIN_CERT_TTL..=MAX_CERT_TTL).contains(&cert_ttl) {
@@ -470,6 +483,7 @@ impl RawConfig {
                 gossip,
                 ca,
                 telemetry,
+                dns,
             }),
             _ => Err(e.0),
         }
@@ -619,6 +633,97 @@ fn validate_services(e: &mut Errors, raw: Vec<RawService>) -> Vec<ServiceConfig>
         });
     }
     out
+}
+
+fn validate_dns(
+    e: &mut Errors,
+    raw: RawDns,
+    admin: Option<SocketAddr>,
+    bind: Option<SocketAddr>,
+    upstreams: &[UpstreamConfig],
+) -> Option<super::DnsSettings> {
+    let listen = match raw.listen.as_deref() {
+        None => {
+            e.push(
+                "dns.listen",
+                "missing: the address the DNS interface answers on, e.g. \"127.0.0.1:8600\" (remove [dns] to turn it off)",
+            );
+            None
+        }
+        Some(l) => e.addr("dns.listen", l),
+    };
+    if let Some(l) = listen {
+        if !l.ip().is_loopback() {
+            e.push(
+                "dns.listen",
+                format!("{l} is not a loopback address: the DNS interface answers anyone who reaches it with the catalog's names and addresses; keep it on 127.0.0.1"),
+            );
+        }
+        let same_port =
+            |o: SocketAddr| o.port() == l.port() && (o.ip() == l.ip() || o.ip().is_unspecified());
+        if admin.is_some_and(same_port) {
+            e.push("dns.listen", "collides with admin (DNS takes TCP too)");
+        }
+        if bind.is_some_and(same_port) {
+            e.push("dns.listen", "collides with bind (DNS takes UDP too)");
+        }
+        if upstreams.iter().any(|u| same_port(u.listen)) {
+            e.push(
+                "dns.listen",
+                "collides with an upstream's listen (DNS takes TCP too)",
+            );
+        }
+    }
+    let mode = match raw.mode.as_deref() {
+        None | Some("upstreams") => crate::dns::DnsMode::Upstreams,
+        Some("instances") => crate::dns::DnsMode::Instances,
+        Some(other) => {
+            e.push(
+                "dns.mode",
+                format!("{other:?} is not one of \"upstreams\" (answer this node's upstream addresses), \"instances\" (answer the own cluster's healthy instances)"),
+            );
+            crate::dns::DnsMode::Upstreams
+        }
+    };
+    let ttl = e.duration(
+        "dns.ttl",
+        raw.ttl.as_deref(),
+        std::time::Duration::from_secs(super::DEFAULT_DNS_TTL.into()),
+    );
+    if ttl > std::time::Duration::from_secs(3600) || ttl.subsec_nanos() != 0 {
+        e.push(
+            "dns.ttl",
+            format!(
+                "{} is out of range: whole seconds, 1s to 1h (default {}s)",
+                humantime::format_duration(ttl),
+                super::DEFAULT_DNS_TTL
+            ),
+        );
+    }
+    let domain = raw
+        .domain
+        .unwrap_or_else(|| super::DEFAULT_DNS_DOMAIN.to_string());
+    let domain_ok = !domain.is_empty()
+        && domain.len() <= 200
+        && domain.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if !domain_ok {
+        e.push(
+            "dns.domain",
+            format!("{domain:?} is not a lower-case domain name without a final dot (e.g. \"mesh\" or \"mesh.internal\")"),
+        );
+    }
+    Some(super::DnsSettings {
+        listen: listen?,
+        mode,
+        ttl: ttl.as_secs().min(3600) as u32,
+        domain,
+    })
 }
 
 fn validate_upstreams(

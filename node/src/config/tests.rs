@@ -231,3 +231,47 @@ fn exec_and_ttl_checks_are_validated() {
     let e = errors(&svc("{ ttl = \"soon\" }"));
     assert!(e[0].contains("service[0].check.ttl"), "{e:?}");
 }
+
+#[test]
+fn dns_section_defaults_bounds_and_loopback_only() {
+    let base = "cluster = \"c\"\nmesh = \"m\"\n[[upstream]]\nservice = \"db\"\nlisten = \"127.100.0.1:5432\"\n[dns]\n";
+    assert_eq!(
+        Config::from_toml_str("cluster = \"c\"\nmesh = \"m\"\n")
+            .unwrap()
+            .dns,
+        None
+    );
+    let c = Config::from_toml_str(&format!("{base}listen = \"127.0.0.1:8600\"\n")).unwrap();
+    assert_eq!(
+        c.dns,
+        Some(DnsSettings {
+            listen: "127.0.0.1:8600".parse().unwrap(),
+            mode: crate::dns::DnsMode::Upstreams,
+            ttl: DEFAULT_DNS_TTL,
+            domain: "mesh".into(),
+        })
+    );
+    let c = Config::from_toml_str(&format!(
+        "{base}listen = \"127.0.0.1:8600\"\nmode = \"instances\"\nttl = \"30s\"\ndomain = \"mesh.internal\"\n"
+    ))
+    .unwrap();
+    let d = c.dns.unwrap();
+    assert_eq!(
+        (d.mode, d.ttl, d.domain.as_str()),
+        (crate::dns::DnsMode::Instances, 30, "mesh.internal")
+    );
+    let errs = errors(&format!(
+        "{base}listen = \"10.0.0.5:53\"\nmode = \"all\"\nttl = \"2h\"\ndomain = \"Mesh.\"\n"
+    ));
+    for key in ["dns.listen:", "dns.mode:", "dns.ttl:", "dns.domain:"] {
+        assert!(errs.iter().any(|e| e.starts_with(key)), "{key} in {errs:?}");
+    }
+    assert!(
+        errs.iter().any(|e| e.contains("not a loopback address")),
+        "{errs:?}"
+    );
+    let errs = errors(&format!("{base}mode = \"instances\"\n"));
+    assert!(errs[0].starts_with("dns.listen: missing"), "{errs:?}");
+    let errs = errors(&format!("{base}listen = \"127.100.0.1:5432\"\n"));
+    assert!(errs[0].contains("collides with an upstream"), "{errs:?}");
+}
