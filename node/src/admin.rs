@@ -11,6 +11,7 @@ mod access;
 pub mod client;
 mod explain;
 mod types;
+mod ui;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -194,6 +195,9 @@ async fn route(req: Request<Incoming>, s: &AdminState) -> Response<Full<Bytes>> 
         (&Method::GET, "/v1/revocations") => json(StatusCode::OK, &revocation_list(s)),
         // Cumulative counts by who called whom (`meshnode top` turns two
         // of these into rates).
+        (&Method::GET | &Method::HEAD, path) if path == access::UI || path.starts_with("/ui/") => {
+            ui::serve(path)
+        }
         (&Method::GET, "/v1/top") => json(StatusCode::OK, &s.dialer.telemetry().top()),
         (&Method::GET, "/v1/explain") => match explain::explain(s, query).await {
             Ok(e) => json(StatusCode::OK, &e),

@@ -460,7 +460,7 @@ pub async fn http_get_in(ns: Option<&str>, addr: SocketAddr, path: &str) -> Opti
             .await
             .ok()?;
         s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await
         .ok()?;

@@ -1,5 +1,6 @@
 mod authz;
 mod cli;
+mod dashboard;
 mod dns;
 mod federation;
 mod flow;

@@ -1,9 +1,12 @@
 //! Who may do what on the admin API: a sans-IO decision over the method, the
 //! path and the headers.
 //!
-//! - Reads (`GET`, `HEAD`) are open on a loopback admin address. With
-//!   `admin_allow_remote = true` only `/v1/health` and `/metrics` stay open;
-//!   everything else needs the secret.
+//! - Reads (`GET`, `HEAD`) are open on a loopback admin address, if their
+//!   `Host` (when they send one) names the admin address: a page whose
+//!   name was rebound to 127.0.0.1 (DNS rebinding) could otherwise read the
+//!   catalog from a local browser. With `admin_allow_remote = true` only
+//!   `/v1/health`, `/metrics` and the dashboard's static files (`/ui`)
+//!   stay open; everything else needs the secret.
 //! - Every other method changes state (`leave`, tokens, revocations) and needs
 //!   the admin secret (`Authorization: Bearer`, compared in constant time),
 //!   except `POST /v1/policy` on a loopback address: a signed policy
@@ -22,6 +25,9 @@ use super::SECRET_FILE;
 
 /// Endpoints that stay open without the secret even on a remote admin address.
 const ALWAYS_OPEN: [&str; 2] = ["/v1/health", "/metrics"];
+/// The dashboard's static files: no data in them (it reads the API, which
+/// asks for the secret on a remote admin address).
+pub const UI: &str = "/ui";
 /// Writes whose body authorises itself: a policy document signed by an
 /// operator. On a loopback admin address they need no secret (the Host and
 /// Origin checks still apply); the agent verifies the signature.
@@ -48,7 +54,23 @@ pub struct Refused {
 impl Access {
     pub fn check(&self, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), Refused> {
         let read = method == Method::GET || method == Method::HEAD;
-        if read && (!self.remote || ALWAYS_OPEN.contains(&path)) {
+        let ui = path == UI || path.starts_with("/ui/");
+        if read && !self.remote {
+            let host = headers.get(HOST).map(|v| v.to_str().unwrap_or(""));
+            if host.is_some_and(|h| !self.names_me(h)) {
+                return Err(Refused {
+                    status: StatusCode::FORBIDDEN,
+                    reason: "host",
+                    message: format!(
+                        "the Host header must name the admin address {} (got {:?})",
+                        self.addr,
+                        host.unwrap_or("")
+                    ),
+                });
+            }
+            return Ok(());
+        }
+        if read && (ALWAYS_OPEN.contains(&path) || ui) {
             return Ok(());
         }
         if !read {
@@ -146,6 +168,43 @@ mod tests {
 
     fn reason(r: Result<(), Refused>) -> Option<&'static str> {
         r.err().map(|r| r.reason)
+    }
+
+    #[test]
+    fn a_read_whose_host_is_another_name_is_refused_on_loopback_dns_rebinding() {
+        for host in ["127.0.0.1:9471", "localhost:9471", "127.5.5.5:9471"] {
+            let h = headers(&[("host", host)]);
+            assert_eq!(
+                access(false).check(&Method::GET, "/v1/services", &h),
+                Ok(()),
+                "{host}"
+            );
+        }
+        let mut bad: Vec<HeaderMap> = ["evil.example:9471", "evil.example", "127.0.0.1:80"]
+            .iter()
+            .map(|h| headers(&[("host", h)]))
+            .collect();
+        let mut binary = HeaderMap::new();
+        binary.insert(HOST, HeaderValue::from_bytes(&[0xff, b':', b'1']).unwrap());
+        bad.push(binary);
+        for h in &bad {
+            for path in ["/v1/services", "/ui/"] {
+                assert_eq!(
+                    reason(access(false).check(&Method::GET, path, h)),
+                    Some("host"),
+                    "{h:?} {path}"
+                );
+            }
+        }
+        // The dashboard's files need no secret on a remote admin address.
+        let remote = access(true);
+        let none = HeaderMap::new();
+        assert_eq!(remote.check(&Method::GET, "/ui", &none), Ok(()));
+        assert_eq!(remote.check(&Method::GET, "/ui/app.js", &none), Ok(()));
+        assert_eq!(
+            reason(remote.check(&Method::GET, "/uix", &none)),
+            Some("secret")
+        );
     }
 
     #[test]
