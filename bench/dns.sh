@@ -131,7 +131,11 @@ for r in $(seq 1 "$ROUNDS"); do
     printf "%-6s %-9s %10s %8s %8s %8s %9s\n" "$r" "$s" "$q" "$p50" "$p99" "$p999" "$n"
   done
 done
-best() { tr ' ' '\n' <<<"$1" | sort -n | tail -1; }
+best() { tr ' ' '\n' <<<"$1" | grep . | sort -n | tail -1; }
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a/b}'; }
 m=$(best "${QPS[meshnode]}") u=$(best "${QPS[unbound]}")
-printf "\nbest q/s: meshnode %s, unbound %s: %s x unbound\n" "$m" "$u" "$(awk -v a="$m" -v b="$u" 'BEGIN {printf "%.2f", a/b}')"
+printf "\nbest q/s: meshnode %s, unbound %s: %s x unbound\n" "$m" "$u" "$(ratio "$m" "$u")"
+m=$(median "${QPS[meshnode]}") u=$(median "${QPS[unbound]}")
+printf "median q/s: meshnode %s, unbound %s: %s x unbound\n" "$m" "$u" "$(ratio "$m" "$u")"
 printf "RSS: meshnode %s MiB, unbound %s MiB\n" "$(rss_mib $MESH)" "$(rss_mib $UNB)"

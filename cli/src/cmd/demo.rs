@@ -358,6 +358,7 @@ async fn scenario(
             println!("    {}: meshnode members --admin {}", n.name, n.admin);
         }
         println!("    east-gw: meshnode members --wan --admin {east_gw}");
+        println!("    dashboard: http://{east_gw}/ui/ (the east gateway's view)");
         println!("    upstream to api: curl http://{upstream}/");
         let _ = tokio::signal::ctrl_c().await;
     }
@@ -485,6 +486,7 @@ async fn canary(
     if hold {
         step("holding the mesh up; press Ctrl-C to stop");
         println!("    upstream to api: curl http://{upstream}/");
+        println!("    dashboard: http://{}/ui/", watcher.admin);
         println!(
             "    meshnode explain {SERVICE} --path / --admin {}",
             watcher.admin

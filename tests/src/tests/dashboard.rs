@@ -70,7 +70,8 @@ fn wd(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Resul
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .ok_or_else(|| format!("no Content-Length: {head}"))?;
     let mut body = rest;
