@@ -568,6 +568,19 @@ pub async fn named_echo_once(
         .map_err(|_| "timed out".to_string())?
 }
 
+/// A TCP connection through an upstream to an echo service: `hello` there
+/// and back, or a panic.
+pub async fn echo_once(addr: SocketAddr) {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect upstream");
+    s.write_all(b"hello").await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.expect("read");
+    assert_eq!(back, b"hello");
+}
+
 /// TOML for an echo service entry.
 pub fn echo_service(name: &str, addr: SocketAddr) -> String {
     format!(

@@ -55,36 +55,20 @@ impl Access {
     pub fn check(&self, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), Refused> {
         let read = method == Method::GET || method == Method::HEAD;
         let ui = path == UI || path.starts_with("/ui/");
+        // A Host that is not text names nothing.
+        let host = headers.get(HOST).map(|v| v.to_str().unwrap_or(""));
         if read && !self.remote {
-            let host = headers.get(HOST).map(|v| v.to_str().unwrap_or(""));
-            if host.is_some_and(|h| !self.names_me(h)) {
-                return Err(Refused {
-                    status: StatusCode::FORBIDDEN,
-                    reason: "host",
-                    message: format!(
-                        "the Host header must name the admin address {} (got {:?})",
-                        self.addr,
-                        host.unwrap_or("")
-                    ),
-                });
-            }
-            return Ok(());
+            return match host {
+                Some(h) if !self.names_me(h) => Err(self.wrong_host(h)),
+                _ => Ok(()),
+            };
         }
         if read && (ALWAYS_OPEN.contains(&path) || ui) {
             return Ok(());
         }
         if !read {
-            let host = headers.get(HOST).and_then(|v| v.to_str().ok());
             if !host.is_some_and(|h| self.names_me(h)) {
-                return Err(Refused {
-                    status: StatusCode::FORBIDDEN,
-                    reason: "host",
-                    message: format!(
-                        "the Host header must name the admin address {} (got {:?})",
-                        self.addr,
-                        host.unwrap_or("")
-                    ),
-                });
+                return Err(self.wrong_host(host.unwrap_or("")));
             }
             if let Some(origin) = headers.get(ORIGIN) {
                 let ok = origin
@@ -124,6 +108,17 @@ impl Access {
                 "this needs the admin secret in <data_dir>/{SECRET_FILE}: run the command as the node's user or root, with --data-dir (or set MESHNODE_ADMIN_SECRET)"
             ),
         })
+    }
+
+    fn wrong_host(&self, host: &str) -> Refused {
+        Refused {
+            status: StatusCode::FORBIDDEN,
+            reason: "host",
+            message: format!(
+                "the Host header must name the admin address {} (got {host:?})",
+                self.addr
+            ),
+        }
     }
 
     /// A `host[:port]` that names the admin address: its IP, or `localhost`

@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
-    echo_server, echo_service, free_tcp, subnet, upstream, wait_until, NodeProc, NodeSpec, Pki,
-    CLUSTER,
+    echo_once, echo_server, echo_service, free_tcp, subnet, upstream, wait_until, NodeProc,
+    NodeSpec, Pki, CLUSTER,
 };
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -238,17 +237,6 @@ fn wait_page(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration
     None
 }
 
-async fn echo_through(addr: SocketAddr) {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect upstream");
-    s.write_all(b"hello").await.expect("write");
-    s.shutdown().await.expect("half-close");
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).await.expect("read");
-    assert_eq!(back, b"hello");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_mesh_in_chromium_and_follows_a_kill_9() {
     if !have_browser() {
@@ -281,7 +269,7 @@ async fn the_dashboard_shows_the_mesh_in_chromium_and_follows_a_kill_9() {
     .await
     .expect("web-1 sees api and db passing");
     for _ in 0..5 {
-        echo_through(up).await;
+        echo_once(up).await;
     }
 
     let url = format!("http://{}/ui/", s2.admin);

@@ -23,8 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
-    echo_server, echo_service, free_tcp, http_get, meshnode_bin, subnet, upstream, wait_until,
-    NodeProc, NodeSpec, Pki, CLUSTER,
+    echo_once, echo_server, echo_service, free_tcp, http_get, meshnode_bin, subnet, upstream,
+    wait_until, NodeProc, NodeSpec, Pki, CLUSTER,
 };
 
 /// HTTP/1.1: 503 on `/fail`, 200 with `ok` otherwise; says the
@@ -109,16 +109,6 @@ fn access_lines(node: &NodeProc) -> Vec<serde_json::Value> {
         .filter(|v| v["target"] == "meshnode::access")
         .map(|v| v["fields"].clone())
         .collect()
-}
-
-/// A TCP connection through an upstream: `hello` there and back.
-async fn echo_once(addr: SocketAddr) {
-    let mut s = TcpStream::connect(addr).await.expect("connect upstream");
-    s.write_all(b"hello").await.expect("write");
-    s.shutdown().await.expect("half-close");
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).await.expect("read");
-    assert_eq!(back, b"hello");
 }
 
 /// promtool: `MESHNODE_PROMTOOL`, else on PATH; required under `CI=true`.
