@@ -343,3 +343,88 @@ async fn the_dashboard_shows_the_mesh_in_chromium_and_follows_a_kill_9() {
     });
     drop(b);
 }
+
+/// A gateway's page: its own cluster and the other one with its gateway,
+/// the other cluster's service; after a kill -9 of that cluster's only
+/// gateway, the cluster unreachable and its service critical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateways_dashboard_shows_the_other_cluster_and_loses_it_on_kill_9() {
+    if !have_browser() {
+        return;
+    }
+    let pki = Pki::new();
+    let net = subnet();
+    let ip = |h: u8| Ipv4Addr::new(127, net[0], net[1], h);
+    let (db_app, _db_task) = echo_server(ip(4)).await;
+    let mut egw = NodeSpec::new(net, 1, "egw");
+    // One UDP port per node: the WAN pool rides on the gateway's QUIC address.
+    let egw_wan = egw.quic;
+    egw.wan = Some((egw_wan, vec![]));
+    let _egw = NodeProc::start(
+        egw.clone(),
+        &pki.issue_as(CLUSTER, "egw", meshnode_transport::Role::Gateway),
+    );
+    let mut wgw = NodeSpec::new(net, 3, "wgw");
+    wgw.cluster = "west".into();
+    wgw.wan = Some((wgw.quic, vec![egw_wan]));
+    let mut wgw_proc = NodeProc::start(
+        wgw.clone(),
+        &pki.issue_as("west", "wgw", meshnode_transport::Role::Gateway),
+    );
+    let mut w1 = NodeSpec::new(net, 4, "w1");
+    w1.cluster = "west".into();
+    w1.seeds = vec![wgw.quic];
+    w1.extra = echo_service("db", db_app);
+    let _w1 = NodeProc::start(w1, &pki.issue("west", "w1"));
+
+    let url = format!("http://{}/ui/", egw.admin);
+    let b = tokio::task::block_in_place(Browser::start);
+    tokio::task::block_in_place(|| {
+        b.open(&url);
+        let clusters = || {
+            pairs(&b.eval(
+                "return [...document.querySelectorAll('#clusters tr[data-cluster]')].map(r => [r.dataset.cluster, r.dataset.state + ' ' + r.cells[2].textContent]);",
+            ))
+        };
+        let db_west = || {
+            b.eval(
+                "const r = document.querySelector('#services tr[data-service=\"db\"][data-cluster=\"west\"]'); return r ? r.dataset.health : null;",
+            )
+        };
+        wait_page(Duration::from_secs(30), || {
+            let c = clusters();
+            c.len() == 2
+                && c[0] == ("east".to_string(), "local egw".to_string())
+                && c[1].0 == "west"
+                && c[1].1.starts_with("reachable wgw (alive)")
+                && db_west() == "passing"
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "both clusters and db in west: {:?} {}",
+                clusters(),
+                db_west()
+            )
+        });
+        b.screenshot("dashboard-gateway.png");
+
+        let killed = Instant::now();
+        wgw_proc.kill9();
+        wait_page(Duration::from_secs(30), || {
+            let c = clusters();
+            c.len() == 2 && c[1].1.starts_with("unreachable") && db_west() == "critical"
+        })
+        .unwrap_or_else(|| panic!("west not lost on the page: {:?} {}", clusters(), db_west()));
+        eprintln!(
+            "the page showed west unreachable {:?} after kill -9 of its gateway",
+            killed.elapsed()
+        );
+        let errors: Vec<Value> = b
+            .console()
+            .into_iter()
+            .filter(|e| e["level"] == "SEVERE")
+            .collect();
+        assert!(errors.is_empty(), "console errors: {errors:?}");
+    });
+    drop(b);
+}
