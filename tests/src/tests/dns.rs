@@ -181,3 +181,113 @@ async fn dig_gets_every_record_kind_and_an_app_connects_by_name() {
     assert!(answered("nodata") >= 1.0, "{metrics}");
     drop(web);
 }
+
+/// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` mounts over
+/// `/etc/resolv.conf` for what it starts there; removed on drop.
+struct NetnsResolvConf(std::path::PathBuf);
+
+impl NetnsResolvConf {
+    fn write(ns: &str, text: &str) -> NetnsResolvConf {
+        let dir = std::path::PathBuf::from("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir).expect("/etc/netns/<ns>");
+        std::fs::write(dir.join("resolv.conf"), text).expect("resolv.conf");
+        NetnsResolvConf(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A real application and the system resolver: in a namespace whose
+/// resolv.conf names the node's DNS interface (on 127.0.0.1:53 there),
+/// `getent hosts` (glibc's NSS) resolves `api.service.mesh` to the
+/// upstream's own loopback address, and curl fetches
+/// `http://api.service.mesh:<the service's port>/` through it, reaching the
+/// instance on the other host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_reaches_a_mesh_service_by_name_through_the_system_resolver() {
+    if !have_dig()
+        || !crate::netns::available(
+            "curl_reaches_a_mesh_service_by_name_through_the_system_resolver",
+        )
+    {
+        return;
+    }
+    let topo = crate::netns::Topology::build(&[crate::netns::ClusterSpec {
+        name: CLUSTER,
+        nodes: &["a1", "a2"],
+        gateways: &[],
+    }]);
+    let (a1, a2) = (topo.host("a1").clone(), topo.host("a2").clone());
+    let listener =
+        crate::netns::listen(&a1.ns, "127.0.0.1:0".parse().expect("addr")).expect("listen in a1");
+    let app = super::http::http_app_on(listener, "v1", false, Duration::ZERO);
+    let port = app.addr.port();
+    let pki = Pki::new();
+    let mut s1 = NodeSpec::in_topology(&a1, vec![]);
+    s1.extra = super::http::http_service("api", app.addr, "http", &[]);
+    let _n1 = NodeProc::start(s1, &pki.issue(CLUSTER, "a1"));
+    let mut s2 = NodeSpec::in_topology(&a2, vec![a1.quic()]);
+    s2.extra = format!(
+        "\n[[upstream]]\nservice = \"api\"\nlisten = \"127.100.0.7:{port}\"\n\n[dns]\nlisten = \"127.0.0.1:53\"\n"
+    );
+    let n2 = NodeProc::start(s2, &pki.issue(CLUSTER, "a2"));
+    let _resolv = NetnsResolvConf::write(
+        &a2.ns,
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:2\n",
+    );
+    wait_until(Duration::from_secs(30), || async {
+        n2.instances("api")
+            .await
+            .iter()
+            .any(|(_, h)| h == "passing")
+    })
+    .await
+    .expect("a2 sees api passing");
+
+    let getent = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &a2.ns,
+            "getent",
+            "ahostsv4",
+            "api.service.mesh",
+        ])
+        .output()
+        .expect("getent runs");
+    let said = String::from_utf8_lossy(&getent.stdout);
+    eprintln!("getent ahostsv4 api.service.mesh: {}", said.lines().next().unwrap_or(""));
+    assert!(
+        said.lines().any(|l| l.starts_with("127.100.0.7 ")),
+        "getent: {said} {}",
+        String::from_utf8_lossy(&getent.stderr)
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &a2.ns, "curl", "-sS", "--max-time", "10"])
+        .arg(format!("http://api.service.mesh:{port}/hello"))
+        .output()
+        .expect("curl runs");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && body.contains("v1"),
+        "curl: {body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A name the mesh does not know fails fast, as NXDOMAIN.
+    let missing = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &a2.ns,
+            "getent",
+            "hosts",
+            "nope.service.mesh",
+        ])
+        .output()
+        .expect("getent runs");
+    assert_eq!(missing.status.code(), Some(2), "getent's 'not found'");
+}

@@ -146,7 +146,7 @@ fn answer(name: &'static str, req: Request<Incoming>) -> Response<TestBody> {
         .expect("response")
 }
 
-fn http_service(name: &str, app: SocketAddr, protocol: &str, tags: &[&str]) -> String {
+pub(crate) fn http_service(name: &str, app: SocketAddr, protocol: &str, tags: &[&str]) -> String {
     let tags: Vec<String> = tags.iter().map(|t| format!("\"{t}\"")).collect();
     format!(
         "\n[[service]]\nname = \"{name}\"\naddress = \"{}\"\nport = {}\nprotocol = \"{protocol}\"\ntags = [{}]\ncheck = {{ tcp = \"{app}\", interval = \"200ms\", timeout = \"150ms\" }}\n",
