@@ -1,8 +1,9 @@
 //! The DNS interface through real nodes and Debian's `dig`: A, SRV (both
 //! forms), AAAA (no data), NXDOMAIN, TCP, names outside the zone; an
 //! application that knows only a name and the service's port reaches the
-//! service through its upstream; `mode = "instances"` answers the healthy
-//! instances and drops one within seconds of its check failing.
+//! service through its upstream; a reload's new upstream gets its name;
+//! `mode = "instances"` answers the healthy instances and drops one within
+//! seconds of its check failing.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -83,7 +84,7 @@ async fn dig_gets_every_record_kind_and_an_app_connects_by_name() {
     let up = SocketAddr::new(ip(77).into(), echo.port());
     let dns2 = free_udp(ip(2));
     s2.extra = format!("{}\n[dns]\nlisten = \"{dns2}\"\n", upstream("api", up));
-    let web = NodeProc::start(s2, &pki.issue(CLUSTER, "web-1"));
+    let web = NodeProc::start(s2.clone(), &pki.issue(CLUSTER, "web-1"));
     wait_until(Duration::from_secs(20), || async {
         web.instances("api")
             .await
@@ -145,6 +146,24 @@ async fn dig_gets_every_record_kind_and_an_app_connects_by_name() {
     let resolved = short(dns2, "api.service.mesh", "A");
     let addr: Ipv4Addr = resolved[0].parse().expect("an IPv4 address");
     echo_once(SocketAddr::new(addr.into(), echo.port())).await;
+
+    // A reload that adds an upstream adds its name (the zone looks at the
+    // running upstreams every second).
+    assert_eq!(status(dns2, "db.service.mesh", "A"), "NXDOMAIN");
+    let db_up = SocketAddr::new(ip(78).into(), 5432);
+    s2.extra = format!(
+        "{}{}\n[dns]\nlisten = \"{dns2}\"\n",
+        upstream("api", up),
+        upstream("db", db_up)
+    );
+    let dir = web.data_dir();
+    std::fs::write(dir.join("config.toml"), s2.config(&dir)).expect("rewrite config");
+    web.signal("HUP");
+    wait_until(Duration::from_secs(10), || async {
+        short(dns2, "db.service.mesh", "A") == vec![db_up.ip().to_string()]
+    })
+    .await
+    .expect("the reloaded upstream's name answers");
 
     // instances mode on api-1: the healthy instance, with its own port.
     assert_eq!(
@@ -260,7 +279,10 @@ async fn curl_reaches_a_mesh_service_by_name_through_the_system_resolver() {
         .output()
         .expect("getent runs");
     let said = String::from_utf8_lossy(&getent.stdout);
-    eprintln!("getent ahostsv4 api.service.mesh: {}", said.lines().next().unwrap_or(""));
+    eprintln!(
+        "getent ahostsv4 api.service.mesh: {}",
+        said.lines().next().unwrap_or("")
+    );
     assert!(
         said.lines().any(|l| l.starts_with("127.100.0.7 ")),
         "getent: {said} {}",
