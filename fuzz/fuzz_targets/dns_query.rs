@@ -27,6 +27,7 @@ fn zone() -> &'static Zone {
             catalog: &Catalog::default(),
             upstreams: &upstreams,
             cluster: "east",
+            node: "e1",
             mode: DnsMode::Upstreams,
             ttl: 5,
             domain: "mesh",

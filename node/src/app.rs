@@ -474,6 +474,7 @@ pub async fn build(cfg: Config, hooks: Hooks) -> Result<Bound, AppError> {
                 gossip.clone(),
                 reloader.clone(),
                 me.identity.cluster().to_string(),
+                me.identity.node().to_string(),
             )
             .await
             .map_err(|source| AppError::Bind {

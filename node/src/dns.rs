@@ -13,7 +13,9 @@
 //!   change when instances fail.
 //! - `mode = "instances"`: `SERVICE.service.mesh` and
 //!   `SERVICE.service.OWN_CLUSTER.mesh` answer the healthy instances of the
-//!   own cluster instead (what Consul's DNS does); other clusters' instances
+//!   own cluster instead (what Consul's DNS does), but for instances on
+//!   another node's loopback address, which nothing here can reach (the
+//!   mesh reaches them through that node); other clusters' instances
 //!   are reachable only through gateways, so their names answer as in
 //!   `upstreams` mode.
 //! - SRV records carry ports; their targets are `HEX.addr.DOMAIN` names
@@ -128,6 +130,8 @@ pub struct ZoneInput<'a> {
     pub catalog: &'a Catalog,
     pub upstreams: &'a [UpstreamConfig],
     pub cluster: &'a str,
+    /// This node's name: its own instances may listen on loopback.
+    pub node: &'a str,
     pub mode: DnsMode,
     pub ttl: u32,
     /// Lower-case, without the final dot (validated by the config).
@@ -178,9 +182,15 @@ impl Zone {
                     if i.cluster != input.cluster || i.health == Health::Critical {
                         continue;
                     }
-                    if let Ok(ip) = i.addr.parse::<IpAddr>() {
-                        push(&mut e, ip, i.port);
+                    let Ok(ip) = i.addr.parse::<IpAddr>() else {
+                        continue;
+                    };
+                    // Another node's loopback is not reachable from here;
+                    // the unspecified address from nowhere.
+                    if ip.is_unspecified() || (ip.is_loopback() && i.node != input.node) {
+                        continue;
                     }
+                    push(&mut e, ip, i.port);
                 }
                 e
             };

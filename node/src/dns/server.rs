@@ -75,13 +75,14 @@ pub async fn start(
     gossip: GossipHandle,
     reloader: Arc<crate::reload::Reloader>,
     cluster: String,
+    node: String,
 ) -> std::io::Result<Running> {
     let udp = std::net::UdpSocket::bind(settings.listen)?;
     let addr = udp.local_addr()?;
     udp.set_read_timeout(Some(UDP_POLL))?;
     let tcp = TcpListener::bind(addr).await?;
     let zone: Shared = Arc::new(RwLock::new(Arc::new(build(
-        settings, &gossip, &reloader, &cluster, 1,
+        settings, &gossip, &reloader, &cluster, &node, 1,
     ))));
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -102,6 +103,7 @@ pub async fn start(
         gossip,
         reloader,
         cluster,
+        node,
         zone,
     )));
     info!(%addr, mode = ?settings.mode, domain = %settings.domain, "DNS interface up");
@@ -113,6 +115,7 @@ fn build(
     gossip: &GossipHandle,
     reloader: &crate::reload::Reloader,
     cluster: &str,
+    node: &str,
     serial: u32,
 ) -> Zone {
     let catalog = gossip.catalog();
@@ -121,6 +124,7 @@ fn build(
         catalog: &catalog,
         upstreams: &upstreams,
         cluster,
+        node,
         mode: s.mode,
         ttl: s.ttl,
         domain: &s.domain,
@@ -137,6 +141,7 @@ async fn keep_zone(
     gossip: GossipHandle,
     reloader: Arc<crate::reload::Reloader>,
     cluster: String,
+    node: String,
     zone: Shared,
 ) {
     let mut catalog = gossip.watch_catalog();
@@ -159,7 +164,7 @@ async fn keep_zone(
             }
         }
         serial = serial.wrapping_add(1);
-        let next = Arc::new(build(&s, &gossip, &reloader, &cluster, serial));
+        let next = Arc::new(build(&s, &gossip, &reloader, &cluster, &node, serial));
         *zone.write().unwrap_or_else(|e| e.into_inner()) = next;
     }
 }

@@ -51,6 +51,7 @@ fn zone(mode: DnsMode) -> Zone {
         catalog: &catalog(),
         upstreams: &ups,
         cluster: "east",
+        node: "e1",
         mode,
         ttl: 5,
         domain: "mesh",
@@ -156,6 +157,48 @@ fn instances_mode_answers_healthy_own_instances_only() {
 }
 
 #[test]
+fn instances_on_another_nodes_loopback_are_not_answered_but_our_own_are() {
+    let mut c = Catalog::default();
+    let mut mine = inst("e1", "east", Health::Passing);
+    mine.addr = "127.0.0.1".into();
+    let mut theirs = inst("e2", "east", Health::Passing);
+    theirs.addr = "127.0.0.1".into();
+    theirs.port = 9090;
+    let mut anywhere = inst("e3", "east", Health::Passing);
+    anywhere.addr = "0.0.0.0".into();
+    let mut routable = inst("e4", "east", Health::Passing);
+    routable.addr = "10.0.0.4".into();
+    c.services
+        .insert("api".into(), vec![mine, theirs, anywhere, routable]);
+    let z = Zone::build(&ZoneInput {
+        catalog: &c,
+        upstreams: &[],
+        cluster: "east",
+        node: "e1",
+        mode: DnsMode::Instances,
+        ttl: 5,
+        domain: "mesh",
+        serial: 1,
+    });
+    let (m, _) = ask(&z, "api.service.mesh.", RecordType::SRV);
+    let got: Vec<(u16, String)> = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::SRV(s) => Some((s.port, s.target.to_ascii())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (8080, "7f000001.addr.mesh.".to_string()),
+            (8080, "0a000004.addr.mesh.".to_string())
+        ]
+    );
+}
+
+#[test]
 fn unknown_names_are_nxdomain_and_known_names_without_data_nodata_both_with_the_soa() {
     let z = zone(DnsMode::Upstreams);
     for name in [
@@ -212,6 +255,7 @@ fn a_custom_domain_is_the_apex() {
         catalog: &catalog(),
         upstreams: &ups,
         cluster: "east",
+        node: "e1",
         mode: DnsMode::Upstreams,
         ttl: 30,
         domain: "mesh.internal",
@@ -241,6 +285,7 @@ fn a_big_answer_is_truncated_over_udp_and_whole_over_tcp() {
         catalog: &c,
         upstreams: &[],
         cluster: "east",
+        node: "e1",
         mode: DnsMode::Instances,
         ttl: 5,
         domain: "mesh",
@@ -339,6 +384,7 @@ fn the_zone_follows_the_catalog() {
             catalog: c,
             upstreams: &ups,
             cluster: "east",
+            node: "e1",
             mode: DnsMode::Instances,
             ttl: 5,
             domain: "mesh",
