@@ -59,6 +59,20 @@ fn zone(mode: DnsMode) -> Zone {
     })
 }
 
+/// The zone of `c` in instances mode, as node e1 of east sees it.
+fn instances_of(c: &Catalog) -> Zone {
+    Zone::build(&ZoneInput {
+        catalog: c,
+        upstreams: &[],
+        cluster: "east",
+        node: "e1",
+        mode: DnsMode::Instances,
+        ttl: 5,
+        domain: "mesh",
+        serial: 1,
+    })
+}
+
 fn query(name: &str, qtype: RecordType) -> Vec<u8> {
     let mut m = Message::query();
     m.metadata.id = 4242;
@@ -170,16 +184,7 @@ fn instances_on_another_nodes_loopback_are_not_answered_but_our_own_are() {
     routable.addr = "10.0.0.4".into();
     c.services
         .insert("api".into(), vec![mine, theirs, anywhere, routable]);
-    let z = Zone::build(&ZoneInput {
-        catalog: &c,
-        upstreams: &[],
-        cluster: "east",
-        node: "e1",
-        mode: DnsMode::Instances,
-        ttl: 5,
-        domain: "mesh",
-        serial: 1,
-    });
+    let z = instances_of(&c);
     let (m, _) = ask(&z, "api.service.mesh.", RecordType::SRV);
     let got: Vec<(u16, String)> = m
         .answers
@@ -281,16 +286,7 @@ fn a_big_answer_is_truncated_over_udp_and_whole_over_tcp() {
         })
         .collect();
     c.services.insert("api".into(), list);
-    let z = Zone::build(&ZoneInput {
-        catalog: &c,
-        upstreams: &[],
-        cluster: "east",
-        node: "e1",
-        mode: DnsMode::Instances,
-        ttl: 5,
-        domain: "mesh",
-        serial: 1,
-    });
+    let z = instances_of(&c);
     let q = query("api.service.mesh.", RecordType::SRV);
     let (udp, _) = respond(&z, &q, Transport::Udp);
     let udp = udp.unwrap();
@@ -378,19 +374,7 @@ fn responses_and_runts_get_nothing_and_garbage_with_a_header_gets_formerr() {
 #[test]
 fn the_zone_follows_the_catalog() {
     let mut c = catalog();
-    let ups = [];
-    let build = |c: &Catalog| {
-        Zone::build(&ZoneInput {
-            catalog: c,
-            upstreams: &ups,
-            cluster: "east",
-            node: "e1",
-            mode: DnsMode::Instances,
-            ttl: 5,
-            domain: "mesh",
-            serial: 1,
-        })
-    };
+    let build = instances_of;
     let (m, _) = ask(&build(&c), "api.service.mesh.", RecordType::A);
     assert_eq!(m.answers.len(), 2);
     for i in c.services.get_mut("api").unwrap() {
