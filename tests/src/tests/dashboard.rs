@@ -1,7 +1,9 @@
 //! The dashboard in a real browser: Debian's headless Chromium driven by
 //! chromedriver over the W3C WebDriver protocol. The page loads with no
 //! console errors, shows every member and service of a running mesh and
-//! the traffic between them, and follows a kill -9 within seconds.
+//! the traffic between them, and follows a kill -9 within seconds; a
+//! gateway's page shows the other cluster; on a remote admin address the
+//! page asks for the secret.
 //! Screenshots go to `target/dashboard*.png`.
 
 use std::io::{Read, Write};
@@ -157,10 +159,15 @@ impl Browser {
 
     /// Runs `script` (a function body) in the page and returns its value.
     fn eval(&self, script: &str) -> Value {
+        self.eval_with(script, json!([]))
+    }
+
+    /// [`Browser::eval`] with `arguments[..]` for the script.
+    fn eval_with(&self, script: &str, args: Value) -> Value {
         self.call(
             "POST",
             "/execute/sync",
-            Some(&json!({ "script": script, "args": [] })),
+            Some(&json!({ "script": script, "args": args })),
         )
     }
 
@@ -423,6 +430,51 @@ async fn a_gateways_dashboard_shows_the_other_cluster_and_loses_it_on_kill_9() {
             .console()
             .into_iter()
             .filter(|e| e["level"] == "SEVERE")
+            .collect();
+        assert!(errors.is_empty(), "console errors: {errors:?}");
+    });
+    drop(b);
+}
+
+/// On a remote admin address (`admin_allow_remote`) the API needs the
+/// secret: the page loads, asks for it, and with it shows the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_remote_admin_address_the_page_asks_for_the_secret_then_shows_the_node() {
+    if !have_browser() {
+        return;
+    }
+    let pki = Pki::new();
+    let mut spec = NodeSpec::new(subnet(), 1, "solo-1");
+    spec.top = "admin_allow_remote = true\n".into();
+    let node = NodeProc::start(spec.clone(), &pki.issue(CLUSTER, "solo-1"));
+    let url = format!("http://{}/ui/", spec.admin);
+    let b = tokio::task::block_in_place(Browser::start);
+    tokio::task::block_in_place(|| {
+        b.open(&url);
+        wait_page(Duration::from_secs(20), || {
+            b.eval("return !document.getElementById('secret').hidden;") == Value::Bool(true)
+        })
+        .expect("the page asks for the secret");
+        assert!(b.members().is_empty(), "nothing shown without the secret");
+        let secret = std::fs::read_to_string(node.data_dir().join("admin.secret")).expect("secret");
+        b.eval_with(
+            "document.getElementById('secret-input').value = arguments[0]; document.getElementById('secret-form').requestSubmit(); return true;",
+            json!([secret.trim()]),
+        );
+        wait_page(Duration::from_secs(20), || {
+            b.members() == vec![("solo-1".to_string(), "alive".to_string())]
+        })
+        .unwrap_or_else(|| panic!("the node shown with the secret: {:?}", b.members()));
+        assert_eq!(
+            b.eval("return document.getElementById('secret').hidden;"),
+            Value::Bool(true)
+        );
+        // The only errors are the refused reads before the secret.
+        let errors: Vec<Value> = b
+            .console()
+            .into_iter()
+            .filter(|e| e["level"] == "SEVERE")
+            .filter(|e| !e["message"].as_str().unwrap_or("").contains("401"))
             .collect();
         assert!(errors.is_empty(), "console errors: {errors:?}");
     });
