@@ -84,23 +84,9 @@ pub struct AdminState {
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNS));
-    let mut backoff = Duration::from_millis(10);
     let full_log = crate::metrics::LogLimit::new(Duration::from_secs(10));
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff = Duration::from_millis(10);
-                stream
-            }
-            Err(e) => {
-                // EMFILE and friends: the socket stays readable, so retrying at
-                // once would spin. Wait, longer each time, up to a second.
-                warn!(error = %e, retry_in = ?backoff, "admin API cannot accept a connection");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
+        let stream = accept(&listener, "admin API").await;
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics::counter!(crate::metrics::ADMIN_REFUSED, "reason" => "too_many_connections")
                 .increment(1);
@@ -128,6 +114,24 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
                 Err(_) => debug!("admin connection closed at its maximum lifetime"),
             }
         });
+    }
+}
+
+/// The next connection on `listener`. On an error (EMFILE and friends) the
+/// socket stays readable, so retrying at once would spin: it waits, longer
+/// each time (10 ms doubling to 1 s), and tries again. Shared by the TCP
+/// listeners the node serves itself (admin API, DNS).
+pub(crate) async fn accept(listener: &TcpListener, what: &str) -> tokio::net::TcpStream {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => return stream,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff, "{what} cannot accept a connection");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
     }
 }
 

@@ -92,6 +92,7 @@ impl Outcome {
         }
     }
 
+    /// Every outcome, in declaration order (`o as usize` indexes it).
     pub const ALL: [Outcome; 7] = [
         Outcome::Answer,
         Outcome::NoData,

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::{respond, Outcome, Transport, Zone, ZoneInput};
 use crate::config::DnsSettings;
@@ -54,9 +54,8 @@ impl Counters {
     }
 
     fn count(&self, o: Outcome) {
-        if let Some(i) = Outcome::ALL.iter().position(|x| *x == o) {
-            self.0[i].increment(1);
-        }
+        // `ALL` lists the variants in declaration order.
+        self.0[o as usize].increment(1);
     }
 }
 
@@ -264,20 +263,8 @@ fn send_all(
 async fn serve_tcp(listener: TcpListener, zone: Shared) {
     let permits = Arc::new(Semaphore::new(MAX_TCP_CONNS));
     let counters = Arc::new(Counters::new("tcp"));
-    let mut backoff = Duration::from_millis(10);
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => {
-                backoff = Duration::from_millis(10);
-                s
-            }
-            Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "DNS cannot accept a TCP connection");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
+        let stream = crate::admin::accept(&listener, "DNS (TCP)").await;
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics::counter!(crate::metrics::DNS_REFUSED).increment(1);
             drop(stream);

@@ -435,3 +435,11 @@ fn a_mixed_case_question_is_answered_and_keeps_its_case() {
     assert_eq!(m.queries[0].name().to_ascii(), "api.SeRvIcE.mesh.");
     assert_eq!(addrs(&m), vec![ip("127.100.0.7")]);
 }
+
+/// The UDP and TCP counters are indexed by `outcome as usize`.
+#[test]
+fn the_outcome_list_is_in_declaration_order() {
+    for (i, o) in Outcome::ALL.iter().enumerate() {
+        assert_eq!(*o as usize, i, "{o:?}");
+    }
+}

@@ -15,7 +15,6 @@ function h(tag, attrs, ...children) {
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null || v === false) continue;
     if (k === "class") el.className = v;
-    else if (k.startsWith("data-")) el.setAttribute(k, String(v));
     else el.setAttribute(k, String(v));
   }
   for (const c of children.flat()) {
