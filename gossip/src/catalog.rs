@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -17,7 +18,8 @@ pub struct NodeSnapshot {
     pub gossip_addr: SocketAddr,
     /// The failure detector's verdict.
     pub live: bool,
-    pub kvs: BTreeMap<String, String>,
+    /// Shared: a snapshot is kept between rebuilds while its version holds.
+    pub kvs: Arc<BTreeMap<String, String>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -288,14 +290,14 @@ mod tests {
             generation,
             gossip_addr: addr,
             live,
-            kvs,
+            kvs: Arc::new(kvs),
         }
     }
 
     #[test]
     fn live_nodes_contribute_instances_dead_and_leaving_do_not() {
         let mut leaving = node("c", 1, true, &[("api", 3, Health::Passing)]);
-        leaving.kvs.insert(LEAVING_KEY.into(), "1".into());
+        Arc::make_mut(&mut leaving.kvs).insert(LEAVING_KEY.into(), "1".into());
         let nodes = vec![
             node(
                 "a",
@@ -345,12 +347,12 @@ mod tests {
     #[test]
     fn garbage_records_are_skipped_and_counted() {
         let mut n = node("a", 1, true, &[("api", 1, Health::Passing)]);
-        n.kvs.insert("svc:evil:1".into(), "!!not base64!!".into());
+        Arc::make_mut(&mut n.kvs).insert("svc:evil:1".into(), "!!not base64!!".into());
         let cat = Catalog::derive(&[n]);
         assert_eq!(cat.instances("api").len(), 1);
         assert_eq!(cat.bad_records, 1);
         let mut no_info = node("b", 1, true, &[("api", 2, Health::Passing)]);
-        no_info.kvs.remove(NODE_KEY);
+        Arc::make_mut(&mut no_info.kvs).remove(NODE_KEY);
         assert_eq!(Catalog::derive(&[no_info]).services.len(), 0);
     }
 
@@ -369,12 +371,11 @@ mod tests {
         let mut gw = node("gw", 1, true, &[]);
         let mut info = keys::decode_node(&gw.kvs[NODE_KEY]).unwrap();
         info.gateway = true;
-        gw.kvs
-            .insert(NODE_KEY.into(), keys::encode_node(&info).unwrap());
-        gw.kvs.insert(remote_key(&r), encode_remote(&r).unwrap());
+        Arc::make_mut(&mut gw.kvs).insert(NODE_KEY.into(), keys::encode_node(&info).unwrap());
+        Arc::make_mut(&mut gw.kvs).insert(remote_key(&r), encode_remote(&r).unwrap());
         // A plain node publishing the same key is ignored: only gateways forward.
         let mut liar = node("liar", 2, true, &[]);
-        liar.kvs.insert(remote_key(&r), encode_remote(&r).unwrap());
+        Arc::make_mut(&mut liar.kvs).insert(remote_key(&r), encode_remote(&r).unwrap());
         let cat = Catalog::derive(&[gw, liar]);
         let routes = cat.remote_routes("api");
         assert_eq!(routes.len(), 1);

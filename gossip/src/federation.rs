@@ -301,7 +301,7 @@ mod tests {
             generation: gen,
             gossip_addr: addr,
             live,
-            kvs,
+            kvs: std::sync::Arc::new(kvs),
         }
     }
 

@@ -548,7 +548,7 @@ impl Gate {
             {
                 return Err("bad_role");
             }
-        } else if key == keys::SUSPECT_KEY {
+        } else if key == keys::SUSPECT_KEY || key == keys::ACCUSE_KEY {
             keys::decode_accusations(payload).map_err(|_| "bad_record")?;
         } else if key.starts_with(ROLE_PREFIX)
             || (key.starts_with(REMOTE_PREFIX) && !cert.is_gateway())

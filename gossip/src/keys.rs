@@ -47,10 +47,14 @@ pub const CA_ROLE_KEY: &str = "role:ca";
 pub const CA_VIA_KEY: &str = "ca_via";
 /// `rev:<id>`: a CA-signed revocation, re-published by every node that verified it.
 pub const REVOCATION_PREFIX: &str = "rev:";
-/// This node's accusations (see [`crate::swim`]).
+/// This node's accusations, each naming the accused's incarnation (see
+/// [`crate::swim`]).
+pub const ACCUSE_KEY: &str = "accuse";
+/// Accusations in the earlier shape, naming the accused's state version.
+/// No longer published; read only to refute those naming this node, so a
+/// pool mixing both shapes does not declare a live new node dead.
 pub const SUSPECT_KEY: &str = "suspect";
-/// A counter bumped to refute an accusation: any newer signed value would do,
-/// this one carries nothing else.
+/// The node's incarnation: a counter raised only to refute an accusation.
 pub const ALIVE_KEY: &str = "alive";
 /// Cap on one encoded value.
 pub const MAX_VALUE_LEN: usize = 8 * 1024;

@@ -1,6 +1,6 @@
 //! A running gossip pool: chitchat over QUIC, plus the derived catalog.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -258,7 +258,9 @@ impl GossipHandle {
                 // prior.
                 FailureDetectorConfig {
                     phi_threshold: cfg.tuning.phi_threshold,
-                    sampling_window_size: 200,
+                    // chitchat allocates the window per member up front;
+                    // 20 intervals of anti-entropy are minutes of history.
+                    sampling_window_size: 20,
                     max_interval: Duration::from_secs(3600),
                     initial_interval: Duration::from_secs(5),
                     dead_node_grace_period: cfg.tuning.dead_node_grace,
@@ -679,29 +681,75 @@ fn to_snapshot(
         generation: id.generation_id,
         gossip_addr: id.gossip_advertise_addr,
         live,
-        kvs: state
-            .key_values()
-            .filter_map(|(k, v)| Some((k.to_string(), signed::payload(v)?.to_string())))
-            .collect(),
+        kvs: Arc::new(
+            state
+                .key_values()
+                // The certificate is the gate's business (it checked every
+                // value against it); a copy per member here would be the
+                // largest value each snapshot keeps.
+                .filter(|(k, _)| *k != CERT_KEY)
+                .filter_map(|(k, v)| Some((k.to_string(), signed::payload(v)?.to_string())))
+                .collect(),
+        ),
     })
 }
 
 /// Every node; live per the prober's verdicts when there are any, else per chitchat.
 fn snapshot(cc: &Chitchat, kind: &PoolKind, verdicts: Option<&Verdicts>) -> Vec<NodeSnapshot> {
-    let live: HashSet<&ChitchatId> = cc.live_nodes().collect();
-    let me = cc.self_chitchat_id();
-    cc.node_states()
-        .iter()
-        .filter_map(|(id, state)| {
+    SnapshotCache::default().snapshot(cc, kind, verdicts)
+}
+
+/// Each node's snapshot as of its state version, kept between catalog
+/// rebuilds: a node's values are copied out of chitchat's state (and its id
+/// parsed) only when its version moved, so a rebuild costs a pass over the
+/// members rather than a copy of every value of every member.
+#[derive(Default)]
+struct SnapshotCache {
+    nodes: HashMap<ChitchatId, (u64, NodeSnapshot)>,
+}
+
+impl SnapshotCache {
+    fn snapshot(
+        &mut self,
+        cc: &Chitchat,
+        kind: &PoolKind,
+        verdicts: Option<&Verdicts>,
+    ) -> Vec<NodeSnapshot> {
+        let live: HashSet<&ChitchatId> = cc.live_nodes().collect();
+        let me = cc.self_chitchat_id();
+        let states = cc.node_states();
+        self.nodes.retain(|id, _| states.contains_key(id));
+        let mut out = Vec::with_capacity(states.len());
+        for (id, state) in states {
             let alive = match verdicts.and_then(|v| v.judged(&id.node_id, id.generation_id)) {
                 _ if id == me => true,
                 Some(dead) => !dead,
                 None => live.contains(id),
             };
-            to_snapshot(id, state, alive, kind)
-        })
-        .collect()
+            let version = state.max_version();
+            let mut snap = match self.nodes.get(id) {
+                Some((v, snap)) if *v == version => snap.clone(),
+                _ => {
+                    let Some(snap) = to_snapshot(id, state, alive, kind) else {
+                        continue;
+                    };
+                    self.nodes.insert(id.clone(), (version, snap.clone()));
+                    snap
+                }
+            };
+            snap.live = alive;
+            out.push(snap);
+        }
+        out
+    }
 }
+
+/// Catalog rebuilds are at most this frequent. The first change after a quiet
+/// spell is applied at once; a burst (a pool forming, a death's accusations)
+/// is applied in one rebuild per gap instead of one per signal. The prober
+/// signals at most once per 50 ms tick anyway; a longer gap (100 ms was
+/// tried) cost the simulation a hop of propagation now and then.
+const CATALOG_MIN_GAP: Duration = Duration::from_millis(50);
 
 async fn catalog_loop(
     mut watcher: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
@@ -711,39 +759,27 @@ async fn catalog_loop(
     kind: PoolKind,
     verdicts: Option<Arc<Verdicts>>,
 ) {
+    let mut cache = SnapshotCache::default();
     loop {
-        let live: Vec<NodeSnapshot> = match &verdicts {
-            // The prober's view: every node it does not hold dead.
-            Some(v) => {
-                watcher.borrow_and_update();
-                changed.borrow_and_update();
-                snapshot(&*chitchat.lock().await, &kind, Some(v))
-                    .into_iter()
-                    .filter(|n| n.live)
-                    .collect()
-            }
-            None => watcher
-                .borrow_and_update()
-                .iter()
-                .filter_map(|(id, s)| to_snapshot(id, s, true, &kind))
-                .collect(),
-        };
-        let cat = Catalog::derive(&live);
-        if matches!(kind, PoolKind::Lan { .. }) {
-            metrics::gauge!(BAD_RECORDS).set(cat.bad_records as f64);
-        }
-        // For the WAN pool the "catalog" is empty: the watch is only a change signal.
-        tx.send_replace(Arc::new(cat));
-        let members = catalog::members(&snapshot(
-            &*chitchat.lock().await,
-            &kind,
-            verdicts.as_deref(),
-        ));
+        watcher.borrow_and_update();
+        changed.borrow_and_update();
+        // Live per the prober when there is one, else per chitchat (its
+        // live set is what the watcher carries).
+        let mut nodes = cache.snapshot(&*chitchat.lock().await, &kind, verdicts.as_deref());
+        let members = catalog::members(&nodes);
         for state in [MemberState::Alive, MemberState::Dead, MemberState::Left] {
             let n = members.iter().filter(|m| m.state == state).count();
             metrics::gauge!(MEMBERS, "pool" => kind.as_str(), "state" => state.as_str())
                 .set(n as f64);
         }
+        nodes.retain(|n| n.live);
+        let cat = Catalog::derive(&nodes);
+        if matches!(kind, PoolKind::Lan { .. }) {
+            metrics::gauge!(BAD_RECORDS).set(cat.bad_records as f64);
+        }
+        // For the WAN pool the "catalog" is empty: the watch is only a change signal.
+        tx.send_replace(Arc::new(cat));
+        tokio::time::sleep(CATALOG_MIN_GAP).await;
         let ok = if verdicts.is_some() {
             tokio::select! {
                 r = watcher.changed() => r.is_ok(),

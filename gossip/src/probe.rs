@@ -28,11 +28,11 @@ use tokio::sync::{watch, Mutex};
 use tracing::{debug, info, warn};
 
 use crate::gate::Guard;
-use crate::keys::{self, ALIVE_KEY, LEAVING_KEY, SUSPECT_KEY};
+use crate::keys::{self, ACCUSE_KEY, ALIVE_KEY, LEAVING_KEY, SUSPECT_KEY};
 use crate::metrics::{LOCAL_HEALTH, PAUSES, PROBES, PROBE_RTT, SUSPICIONS};
 use crate::plane::{Datagram, Plane};
 use crate::signed;
-use crate::swim::{Action, Detector, Health, MemberView, SwimConfig};
+use crate::swim::{Action, Detector, Health, MemberView, Own, SwimConfig};
 
 /// The prober's clock: often enough for 200 ms probe timeouts.
 const TICK: Duration = Duration::from_millis(50);
@@ -178,7 +178,7 @@ pub(crate) async fn run(ctx: ProbeCtx) {
         let mut state_changed = false;
         if dirty_ticks > 0 || now.saturating_sub(last_sync) >= RESYNC {
             dirty_ticks = dirty_ticks.saturating_sub(1);
-            let (views, my_version, fp, lagging) = {
+            let (views, mine, fp, lagging) = {
                 let cc = ctx.chitchat.lock().await;
                 let fp = state_fingerprint(&cc);
                 let (views, mine) = member_views(&cc, &me);
@@ -188,7 +188,7 @@ pub(crate) async fn run(ctx: ProbeCtx) {
                 ctx.plane.hurry();
                 dirty_ticks = dirty_ticks.max(1);
             }
-            det.sync(&views, my_version, now);
+            det.sync(&views, mine, now);
             last_sync = now;
             state_changed = fp != fingerprint;
             fingerprint = fp;
@@ -241,22 +241,18 @@ pub(crate) async fn run(ctx: ProbeCtx) {
             };
             debug!(pool = ctx.pool, accused = list.len(), "accusations changed");
             crate::pool::change_own(&ctx.chitchat, &ctx.signing, Some(&ctx.plane), |st, s| {
-                s.put(st, SUSPECT_KEY, &payload)
+                s.put(st, ACCUSE_KEY, &payload)
             })
             .await;
         }
         if det.take_refute() {
             info!(
                 pool = ctx.pool,
-                "accused of being dead; refuting with a newer signed state"
+                "accused of being dead; refuting with a higher signed incarnation"
             );
             crate::pool::change_own(&ctx.chitchat, &ctx.signing, Some(&ctx.plane), |st, s| {
-                let n = st
-                    .get(ALIVE_KEY)
-                    .and_then(signed::payload)
-                    .and_then(|p| p.parse::<u64>().ok())
-                    .unwrap_or(0);
-                s.put(st, ALIVE_KEY, &(n + 1).to_string());
+                let n = incarnation(st);
+                s.put(st, ALIVE_KEY, &n.saturating_add(1).to_string());
             })
             .await;
         }
@@ -445,13 +441,16 @@ fn state_fingerprint(cc: &Chitchat) -> u64 {
 }
 
 /// The newest generation of every node, as the detector sees members.
-fn member_views(cc: &Chitchat, me: &str) -> (Vec<MemberView>, u64) {
+fn member_views(cc: &Chitchat, me: &str) -> (Vec<MemberView>, Own) {
     let mut newest: HashMap<&str, (&ChitchatId, &NodeState)> = HashMap::new();
-    let mut mine = 0;
+    let mut mine = Own::default();
     for (id, st) in cc.node_states() {
         if &*id.node_id == me {
             if *id == *cc.self_chitchat_id() {
-                mine = st.max_version();
+                mine = Own {
+                    incarnation: incarnation(st),
+                    state_version: st.max_version(),
+                };
             }
             continue;
         }
@@ -462,6 +461,13 @@ fn member_views(cc: &Chitchat, me: &str) -> (Vec<MemberView>, u64) {
             }
         }
     }
+    let accusations = |st: &NodeState, key: &str| {
+        st.get(key)
+            .and_then(signed::payload)
+            .filter(|p| !p.is_empty())
+            .and_then(|p| keys::decode_accusations(p).ok())
+            .unwrap_or_default()
+    };
     let views = newest
         .into_values()
         // Only members that answer probes (see `ALIVE_KEY`).
@@ -470,13 +476,10 @@ fn member_views(cc: &Chitchat, me: &str) -> (Vec<MemberView>, u64) {
             id: id.node_id.to_string(),
             generation: id.generation_id,
             addr: id.gossip_advertise_addr,
-            version: st.max_version(),
-            accuses: st
-                .get(SUSPECT_KEY)
-                .and_then(signed::payload)
-                .filter(|p| !p.is_empty())
-                .and_then(|p| keys::decode_accusations(p).ok())
-                .unwrap_or_default(),
+            incarnation: incarnation(st),
+            state_version: st.max_version(),
+            accuses: accusations(st, ACCUSE_KEY),
+            legacy_accuses: accusations(st, SUSPECT_KEY),
             leaving: st
                 .get(LEAVING_KEY)
                 .and_then(signed::payload)
@@ -484,6 +487,14 @@ fn member_views(cc: &Chitchat, me: &str) -> (Vec<MemberView>, u64) {
         })
         .collect();
     (views, mine)
+}
+
+/// A member's incarnation: its signed `alive` counter (0 when unreadable).
+fn incarnation(st: &NodeState) -> u64 {
+    st.get(ALIVE_KEY)
+        .and_then(signed::payload)
+        .and_then(|p| p.parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -7,9 +7,14 @@
 //! of the interval is *accused*: the accusation is published in this node's
 //! own signed gossip state ([`Accusation`]), so it is attributable and only
 //! its author can make it. Every node that sees an accusation naming a
-//! member's current version starts a suspicion timer; the member *refutes* it
-//! by publishing a newer version of its own state (a new signed value, which
-//! no one else can forge), and a timer that runs out marks the member dead.
+//! member's current *incarnation* starts a suspicion timer; the member
+//! *refutes* it by publishing a higher incarnation (its signed `alive` value,
+//! which no one else can forge), and a timer that runs out marks the member
+//! dead. The incarnation moves only to refute, as in SWIM: the member's other
+//! changes (services, health, its own accusations) neither refute nor revive.
+//! An earlier shape took the member's state version for this, so a change the
+//! member made just before dying, reaching some observers after the
+//! accusations, cancelled them there (and revived a member already dead).
 //!
 //! Lifeguard's refinements:
 //! - Suspicion timeouts start long and shrink with independent accusers
@@ -79,14 +84,14 @@ impl SwimConfig {
     }
 }
 
-/// "`id` at `generation` did not answer my probes while its state was at `version`."
+/// "`id` at `generation` did not answer my probes while at `incarnation`."
 #[derive(
     Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 pub struct Accusation {
     pub id: String,
     pub generation: u64,
-    pub version: u64,
+    pub incarnation: u64,
 }
 
 /// One member as the gossip state shows it (newest generation of each node id).
@@ -95,12 +100,26 @@ pub struct MemberView {
     pub id: String,
     pub generation: u64,
     pub addr: SocketAddr,
-    /// The member's own state version: grows with every value it signs.
-    pub version: u64,
-    /// What the member accuses others of (its signed `suspect` value).
+    /// The member's incarnation: its signed `alive` value, raised only to refute.
+    pub incarnation: u64,
+    /// The member's state version: grows with every value it signs. Only
+    /// for accusations in the earlier shape (`legacy_accuses`).
+    pub state_version: u64,
+    /// What the member accuses others of (its signed `accuse` value).
     pub accuses: Vec<Accusation>,
+    /// Accusations in the earlier shape (its `suspect` value, published by
+    /// nodes from before the incarnation), naming state versions: read only
+    /// to refute the ones naming this node.
+    pub legacy_accuses: Vec<Accusation>,
     /// Gracefully leaving: not probed, not accused.
     pub leaving: bool,
+}
+
+/// This node's own incarnation and state version, for [`Detector::sync`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Own {
+    pub incarnation: u64,
+    pub state_version: u64,
 }
 
 /// What the detector wants sent. Indirect probes name the target by id:
@@ -139,7 +158,7 @@ pub enum Health {
 struct Peer {
     generation: u64,
     addr: SocketAddr,
-    version: u64,
+    incarnation: u64,
     leaving: bool,
     health: Health,
 }
@@ -159,7 +178,7 @@ pub struct Detector {
     cfg: SwimConfig,
     me: String,
     my_generation: u64,
-    my_version: u64,
+    my_incarnation: u64,
     peers: BTreeMap<String, Peer>,
     /// Probe order: a shuffled list of ids, consumed from the back.
     order: Vec<String>,
@@ -198,7 +217,7 @@ impl Detector {
             cfg,
             me,
             my_generation,
-            my_version: 0,
+            my_incarnation: 0,
             peers: BTreeMap::new(),
             order: Vec::new(),
             urgent: Vec::new(),
@@ -219,10 +238,11 @@ impl Detector {
         }
     }
 
-    /// Updates the membership from the gossip state. `my_version` is this
-    /// node's own state version.
-    pub fn sync(&mut self, members: &[MemberView], my_version: u64, now: Duration) {
-        self.my_version = my_version;
+    /// Updates the membership from the gossip state: `mine` is this node's
+    /// own incarnation and state version.
+    pub fn sync(&mut self, members: &[MemberView], mine: Own, now: Duration) {
+        let my_incarnation = mine.incarnation;
+        self.my_incarnation = my_incarnation;
         let mut seen = BTreeSet::new();
         for m in members {
             if m.id == self.me {
@@ -231,9 +251,9 @@ impl Detector {
             seen.insert(m.id.clone());
             match self.peers.get_mut(&m.id) {
                 Some(p) if p.generation == m.generation => {
-                    if m.version > p.version {
-                        p.version = m.version;
-                        // A newer signed state refutes every accusation of an older one.
+                    if m.incarnation > p.incarnation {
+                        p.incarnation = m.incarnation;
+                        // A higher signed incarnation refutes every accusation of a lower one.
                         if !matches!(p.health, Health::Alive) {
                             p.health = Health::Alive;
                             self.verdicts_changed = true;
@@ -253,7 +273,7 @@ impl Detector {
                         Peer {
                             generation: m.generation,
                             addr: m.addr,
-                            version: m.version,
+                            incarnation: m.incarnation,
                             leaving: m.leaving,
                             health: Health::Alive,
                         },
@@ -272,12 +292,12 @@ impl Detector {
         let before = self.accusing.len();
         self.accusing.retain(|id, a| {
             peers.get(id).is_some_and(|p| {
-                p.generation == a.generation && p.version <= a.version && !p.leaving
+                p.generation == a.generation && p.incarnation <= a.incarnation && !p.leaving
             })
         });
         self.accusing_changed |= self.accusing.len() != before;
 
-        // Accusations by live members against a member's current version.
+        // Accusations by live members against a member's current incarnation.
         let mut accusers: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         for m in members {
             if m.id == self.me {
@@ -287,10 +307,19 @@ impl Detector {
             let credible = self.peers.get(&m.id).is_some_and(|p| {
                 p.generation == m.generation && !matches!(p.health, Health::Dead { .. })
             });
+            // Nodes from before the incarnation accuse a state version;
+            // any newer state of ours refutes them, as it did there.
+            if m.legacy_accuses.iter().any(|a| {
+                a.id == self.me
+                    && a.generation == self.my_generation
+                    && a.incarnation >= mine.state_version
+            }) {
+                self.refute = true;
+            }
             for a in &m.accuses {
                 if a.id == self.me {
                     // Refuted by any newer state of ours, whoever accuses.
-                    if a.generation == self.my_generation && a.version >= my_version {
+                    if a.generation == self.my_generation && a.incarnation >= my_incarnation {
                         self.refute = true;
                     }
                     continue;
@@ -299,7 +328,8 @@ impl Detector {
                     continue;
                 }
                 if let Some(p) = self.peers.get(&a.id) {
-                    if a.generation == p.generation && a.version >= p.version && !p.leaving {
+                    if a.generation == p.generation && a.incarnation >= p.incarnation && !p.leaving
+                    {
                         accusers
                             .entry(a.id.as_str())
                             .or_default()
@@ -309,7 +339,11 @@ impl Detector {
             }
         }
         for (id, a) in &self.accusing {
-            if self.peers.get(id).is_some_and(|p| p.version <= a.version) {
+            if self
+                .peers
+                .get(id)
+                .is_some_and(|p| p.incarnation <= a.incarnation)
+            {
                 accusers
                     .entry(id.as_str())
                     .or_default()
@@ -621,7 +655,7 @@ impl Detector {
         let a = Accusation {
             id: probe.target.clone(),
             generation: p.generation,
-            version: p.version,
+            incarnation: p.incarnation,
         };
         // Enough independent accusers already bring the timeout to its
         // minimum: one more published accusation would only cost the pool a
@@ -704,14 +738,23 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], 9000 + i))
     }
 
-    fn view(i: u16, version: u64, accuses: Vec<Accusation>) -> MemberView {
+    fn view(i: u16, incarnation: u64, accuses: Vec<Accusation>) -> MemberView {
         MemberView {
             id: format!("n{i}"),
             generation: 1,
             addr: addr(i),
-            version,
+            incarnation,
+            state_version: incarnation,
             accuses,
+            legacy_accuses: vec![],
             leaving: false,
+        }
+    }
+
+    fn own(incarnation: u64) -> Own {
+        Own {
+            incarnation,
+            state_version: incarnation,
         }
     }
 
@@ -722,7 +765,7 @@ mod tests {
     fn detector(n: u16) -> (Detector, Vec<MemberView>) {
         let mut d = Detector::new(SwimConfig::default(), "n0".into(), 1);
         let members: Vec<_> = (0..n).map(|i| view(i, 5, vec![])).collect();
-        d.sync(&members, 5, Duration::ZERO);
+        d.sync(&members, own(5), Duration::ZERO);
         (d, members)
     }
 
@@ -785,10 +828,10 @@ mod tests {
             vec![Accusation {
                 id: "n3".into(),
                 generation: 1,
-                version: 5
+                incarnation: 5
             }]
         );
-        d.sync(&members, 5, ms(6_000));
+        d.sync(&members, own(5), ms(6_000));
         // n = 10: min 1.5 s, max 6 s; a lone accuser takes the max.
         assert!(
             matches!(d.health("n3", 1), Some(Health::Suspect { .. })),
@@ -808,12 +851,12 @@ mod tests {
         let acc = Accusation {
             id: "n4".into(),
             generation: 1,
-            version: 5,
+            incarnation: 5,
         };
         for i in [1, 2, 3] {
             members[i].accuses = vec![acc.clone()];
         }
-        d.sync(&members, 5, ms(0));
+        d.sync(&members, own(5), ms(0));
         match d.health("n4", 1) {
             Some(Health::Suspect { accusers, .. }) => assert_eq!(accusers.len(), 3),
             other => panic!("{other:?}"),
@@ -830,24 +873,81 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_version_refutes_and_brings_a_dead_member_back() {
+    fn a_higher_incarnation_refutes_and_brings_a_dead_member_back() {
         let (mut d, mut members) = detector(5);
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
         members[1].accuses = vec![Accusation {
             id: "n2".into(),
             generation: 1,
-            version: 5,
+            incarnation: 5,
         }];
-        d.sync(&members, 5, ms(0));
+        d.sync(&members, own(5), ms(0));
         run(&mut d, 0, 10_000, &mut rng, |t| t != "n2");
         assert!(matches!(d.health("n2", 1), Some(Health::Dead { .. })));
-        members[2].version = 6;
-        d.sync(&members, 5, ms(10_000));
+        members[2].incarnation = 6;
+        d.sync(&members, own(5), ms(10_000));
         assert_eq!(d.health("n2", 1), Some(&Health::Alive));
         assert!(d.take_verdicts_changed());
-        // Our own accusation of the old version is withdrawn.
+        // Our own accusation of the old incarnation is withdrawn.
         d.take_accusations();
         assert!(!d.accusing.contains_key("n2"));
+    }
+
+    /// The N = 100 bench's stuck detection: the dead member's last change
+    /// (a newer state version) reached this observer after the accusations.
+    /// Under state versions it cancelled them here, and revived the member
+    /// after its death; only a higher incarnation may.
+    #[test]
+    fn other_changes_of_the_accused_neither_refute_nor_revive() {
+        let (mut d, mut members) = detector(5);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let accusation = Accusation {
+            id: "n2".into(),
+            generation: 1,
+            incarnation: 5,
+        };
+        members[1].accuses = vec![accusation.clone()];
+        members[3].accuses = vec![accusation];
+        d.sync(&members, own(5), ms(0));
+        assert!(matches!(d.health("n2", 1), Some(Health::Suspect { .. })));
+        // A late change of n2's (its services, its own accusations).
+        members[2].state_version = 9;
+        d.sync(&members, own(5), ms(100));
+        assert!(matches!(d.health("n2", 1), Some(Health::Suspect { .. })));
+        run(&mut d, 100, 10_000, &mut rng, |t| t != "n2");
+        assert!(matches!(d.health("n2", 1), Some(Health::Dead { .. })));
+        members[2].state_version = 10;
+        d.sync(&members, own(5), ms(10_000));
+        assert!(matches!(d.health("n2", 1), Some(Health::Dead { .. })));
+    }
+
+    /// A node from before the incarnation accuses a state version: any
+    /// newer state of ours answers it, and we refute what names ours.
+    #[test]
+    fn accusations_in_the_earlier_shape_ask_for_a_refutation() {
+        let (mut d, mut members) = detector(4);
+        let mine = Own {
+            incarnation: 0,
+            state_version: 7,
+        };
+        members[1].legacy_accuses = vec![Accusation {
+            id: "n0".into(),
+            generation: 1,
+            incarnation: 6,
+        }];
+        d.sync(&members, mine, ms(0));
+        assert!(!d.take_refute(), "state version 7 already answers 6");
+        members[1].legacy_accuses[0].incarnation = 7;
+        d.sync(&members, mine, ms(0));
+        assert!(d.take_refute());
+        // They are not counted as accusations of others.
+        members[1].legacy_accuses = vec![Accusation {
+            id: "n2".into(),
+            generation: 1,
+            incarnation: 99,
+        }];
+        d.sync(&members, mine, ms(0));
+        assert_eq!(d.health("n2", 1), Some(&Health::Alive));
     }
 
     #[test]
@@ -856,25 +956,25 @@ mod tests {
         members[1].accuses = vec![Accusation {
             id: "n0".into(),
             generation: 1,
-            version: 4,
+            incarnation: 4,
         }];
-        d.sync(&members, 5, ms(0));
-        assert!(!d.take_refute(), "already refuted by version 5");
+        d.sync(&members, own(5), ms(0));
+        assert!(!d.take_refute(), "already refuted by incarnation 5");
         members[1].accuses = vec![Accusation {
             id: "n0".into(),
             generation: 1,
-            version: 5,
+            incarnation: 5,
         }];
-        d.sync(&members, 5, ms(0));
+        d.sync(&members, own(5), ms(0));
         assert!(d.take_refute());
         assert_eq!(d.local_health(), 1);
         // Another generation of this node is not this node.
         members[1].accuses = vec![Accusation {
             id: "n0".into(),
             generation: 0,
-            version: 9,
+            incarnation: 9,
         }];
-        d.sync(&members, 5, ms(0));
+        d.sync(&members, own(5), ms(0));
         assert!(!d.take_refute());
     }
 
@@ -886,9 +986,9 @@ mod tests {
         members[2].accuses = vec![Accusation {
             id: "n1".into(),
             generation: 1,
-            version: 5,
+            incarnation: 5,
         }];
-        d.sync(&members, 5, ms(0));
+        d.sync(&members, own(5), ms(0));
         run(&mut d, 0, 8_000, &mut rng, |t| t != "n1");
         assert!(matches!(d.health("n1", 1), Some(Health::Dead { .. })));
         // Now the dead n1 "accuses" n3, and someone names an old generation of n4.
@@ -896,14 +996,14 @@ mod tests {
         members[1].accuses = vec![Accusation {
             id: "n3".into(),
             generation: 1,
-            version: 5,
+            incarnation: 5,
         }];
         members[3].accuses = vec![Accusation {
             id: "n4".into(),
             generation: 0,
-            version: 5,
+            incarnation: 5,
         }];
-        d.sync(&members, 5, ms(8_000));
+        d.sync(&members, own(5), ms(8_000));
         assert_eq!(d.health("n3", 1), Some(&Health::Alive));
         assert_eq!(d.health("n4", 1), Some(&Health::Alive));
     }
@@ -915,9 +1015,9 @@ mod tests {
         members[1].accuses = vec![Accusation {
             id: "n5".into(),
             generation: 1,
-            version: 5,
+            incarnation: 5,
         }];
-        d.sync(&members, 5, ms(0));
+        d.sync(&members, own(5), ms(0));
         let acts = d.tick(ms(0), &mut rng);
         assert!(matches!(&acts[0], Action::Ping { target, .. } if target == "n5"));
         // Paused for 30 s: the probe in flight and the suspicion are stale.
@@ -971,14 +1071,14 @@ mod tests {
         members[1].accuses = vec![Accusation {
             id: "n2".into(),
             generation: 1,
-            version: 5,
+            incarnation: 5,
         }];
         members[2].accuses = vec![Accusation {
             id: "n1".into(),
             generation: 1,
-            version: 5,
+            incarnation: 5,
         }];
-        d.sync(&members, 5, ms(0));
+        d.sync(&members, own(5), ms(0));
         run(&mut d, 0, 20_000, &mut rng, |_| false);
         assert_eq!(d.counts(), (0, 0, 2));
         // Every 5 s a dead member is probed (2 dead, 1 live: always); this one answers.
@@ -994,7 +1094,7 @@ mod tests {
             t += 50;
         }
         assert!(!revived.is_empty());
-        // An answer is not a refutation: still dead until a newer version.
+        // An answer is not a refutation: still dead until a newer incarnation.
         assert_eq!(d.counts(), (0, 0, 2));
     }
 
@@ -1004,7 +1104,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(8);
         members[1].leaving = true;
         members[2].leaving = true;
-        d.sync(&members, 5, ms(0));
+        d.sync(&members, own(5), ms(0));
         let acts = run(&mut d, 0, 3_000, &mut rng, |_| false);
         assert!(acts.is_empty(), "{acts:?}");
         assert!(d.live_addrs().is_empty());
