@@ -52,6 +52,9 @@ struct Figures {
     detection_s: f64,
     idle_bytes_per_node_s: Option<f64>,
     rss_kib_per_node: f64,
+    /// The anonymous part of RSS (heap, stacks): memory of this process
+    /// alone, where RSS also counts the binary's pages every node shares.
+    anon_kib_per_node: f64,
     /// Per loss level: members some node listed as dead (observer, member
     /// pairs) while every node was alive, or None when not run.
     false_deaths: [Option<usize>; 2],
@@ -89,17 +92,18 @@ fn main() -> anyhow::Result<()> {
         }
         rows.push((n, m, s));
     }
-    println!("\n| N | system | state change seen by all | kill -9 seen by all | idle B/s per node | RSS per node |");
-    println!("|---|---|---|---|---|---|");
+    println!("\n| N | system | state change seen by all | kill -9 seen by all | idle B/s per node | RSS per node | of it anonymous |");
+    println!("|---|---|---|---|---|---|---|");
     for (n, m, s) in &rows {
         for (name, f) in [("meshnode", m), ("serf", s)] {
             println!(
-                "| {n} | {name} | {:.2} s | {:.2} s | {} | {:.1} MiB |",
+                "| {n} | {name} | {:.2} s | {:.2} s | {} | {:.1} MiB | {:.1} MiB |",
                 f.propagation_s,
                 f.detection_s,
                 f.idle_bytes_per_node_s
                     .map_or("n/a".into(), |b| format!("{b:.0}")),
-                f.rss_kib_per_node / 1024.0
+                f.rss_kib_per_node / 1024.0,
+                f.anon_kib_per_node / 1024.0
             );
         }
         let ratio = |a: f64, b: f64| {
@@ -110,14 +114,15 @@ fn main() -> anyhow::Result<()> {
             }
         };
         println!(
-            "| {n} | **meshnode / serf** | **{}** | **{}** | **{}** | **{}** |",
+            "| {n} | **meshnode / serf** | **{}** | **{}** | **{}** | **{}** | **{}** |",
             ratio(m.propagation_s, s.propagation_s),
             ratio(m.detection_s, s.detection_s),
             match (m.idle_bytes_per_node_s, s.idle_bytes_per_node_s) {
                 (Some(a), Some(b)) => ratio(a, b),
                 _ => "n/a".into(),
             },
-            ratio(m.rss_kib_per_node, s.rss_kib_per_node)
+            ratio(m.rss_kib_per_node, s.rss_kib_per_node),
+            ratio(m.anon_kib_per_node, s.anon_kib_per_node)
         );
     }
     for (n, m, s) in rows.iter().filter(|(n, _, _)| *n == a.loss_n) {
@@ -214,18 +219,23 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
     Some(body)
 }
 
-fn rss_kib(pids: &[u32]) -> f64 {
-    let total: u64 = pids
+/// Mean (VmRSS, RssAnon) per process, KiB.
+fn rss_kib(pids: &[u32]) -> (f64, f64) {
+    let field = |s: &str, name: &str| -> u64 {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (rss, anon) = pids
         .iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .sum();
-    total as f64 / pids.len().max(1) as f64
+        .fold((0, 0), |(r, a), s| {
+            (r + field(&s, "VmRSS:"), a + field(&s, "RssAnon:"))
+        });
+    let n = pids.len().max(1) as f64;
+    (rss as f64 / n, anon as f64 / n)
 }
 
 /// Bytes sent from `subnet` (127.S.N.0/24) during `window`, per node and
@@ -407,7 +417,7 @@ fn meshnode_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
     let pids: Vec<u32> = procs.0.iter().map(Child::id).collect();
     let idle = idle_bytes(&format!("127.77.{n}.0/24"), n, a.idle);
     // After the idle window: the steady state, with every connection open.
-    let rss = rss_kib(&pids);
+    let (rss, anon) = rss_kib(&pids);
     let mut false_deaths = [None; 2];
     if n == a.loss_n {
         let dead_pairs = || {
@@ -477,6 +487,7 @@ fn meshnode_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
         detection_s: t0.elapsed().as_secs_f64(),
         idle_bytes_per_node_s: idle,
         rss_kib_per_node: rss,
+        anon_kib_per_node: anon,
         false_deaths,
     })
 }
@@ -537,7 +548,7 @@ fn serf_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
     std::thread::sleep(settle(n));
     let pids: Vec<u32> = procs.0.iter().map(Child::id).collect();
     let idle = idle_bytes(&format!("127.78.{n}.0/24"), n, a.idle);
-    let rss = rss_kib(&pids);
+    let (rss, anon) = rss_kib(&pids);
     let mut false_deaths = [None; 2];
     if n == a.loss_n {
         let dead_pairs = || {
@@ -612,6 +623,7 @@ fn serf_run(a: &Args, n: usize) -> anyhow::Result<Figures> {
         detection_s: detection,
         idle_bytes_per_node_s: idle,
         rss_kib_per_node: rss,
+        anon_kib_per_node: anon,
         false_deaths,
     })
 }
