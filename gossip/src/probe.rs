@@ -178,18 +178,24 @@ pub(crate) async fn run(ctx: ProbeCtx) {
         let mut state_changed = false;
         if dirty_ticks > 0 || now.saturating_sub(last_sync) >= RESYNC {
             dirty_ticks = dirty_ticks.saturating_sub(1);
-            let (views, mine, fp, lagging) = {
+            let resync = now.saturating_sub(last_sync) >= RESYNC;
+            let (views, fp, lagging) = {
                 let cc = ctx.chitchat.lock().await;
                 let fp = state_fingerprint(&cc);
-                let (views, mine) = member_views(&cc, &me);
-                (views, mine, fp, lags(&cc, &me, &ctx.guard))
+                // The members' views (their accusations decoded) only when
+                // some state moved: most messages that mark the state dirty
+                // (anti-entropy of nothing new, copies of a push) change none.
+                let views = (fp != fingerprint || resync).then(|| member_views(&cc, &me));
+                (views, fp, lags(&cc, &me, &ctx.guard))
             };
             if lagging {
                 ctx.plane.hurry();
                 dirty_ticks = dirty_ticks.max(1);
             }
-            det.sync(&views, mine, now);
-            last_sync = now;
+            if let Some((views, mine)) = views {
+                det.sync(&views, mine, now);
+                last_sync = now;
+            }
             state_changed = fp != fingerprint;
             fingerprint = fp;
         }
