@@ -684,10 +684,6 @@ fn to_snapshot(
         kvs: Arc::new(
             state
                 .key_values()
-                // The certificate is the gate's business (it checked every
-                // value against it); a copy per member here would be the
-                // largest value each snapshot keeps.
-                .filter(|(k, _)| *k != CERT_KEY)
                 .filter_map(|(k, v)| Some((k.to_string(), signed::payload(v)?.to_string())))
                 .collect(),
         ),
