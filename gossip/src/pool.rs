@@ -396,17 +396,12 @@ impl GossipHandle {
     /// copy may still be the only one this node has seen).
     pub async fn replica_view(&self, prefix: &str) -> ReplicaView {
         let cc = self.inner.chitchat.lock().await;
-        let live_ids: HashSet<&ChitchatId> = cc.live_nodes().collect();
         let me = cc.self_chitchat_id().clone();
-        let verdicts = self.inner.verdicts.as_deref();
+        let judge = judge(&cc, self.inner.verdicts.as_deref());
         let mut live = Vec::new();
         let mut values = Vec::new();
         for (id, state) in cc.node_states() {
-            let alive = match verdicts.and_then(|v| v.judged(&id.node_id, id.generation_id)) {
-                _ if *id == me => true,
-                Some(dead) => !dead,
-                None => live_ids.contains(id),
-            };
+            let alive = judge(id);
             if alive && state.get(LEAVING_KEY).is_none() {
                 live.push(id.node_id.to_string());
             }
@@ -692,7 +687,26 @@ fn to_snapshot(
 
 /// Every node; live per the prober's verdicts when there are any, else per chitchat.
 fn snapshot(cc: &Chitchat, kind: &PoolKind, verdicts: Option<&Verdicts>) -> Vec<NodeSnapshot> {
-    SnapshotCache::default().snapshot(cc, kind, verdicts)
+    let alive = judge(cc, verdicts);
+    cc.node_states()
+        .iter()
+        .filter_map(|(id, state)| to_snapshot(id, state, alive(id), kind))
+        .collect()
+}
+
+/// Whether a node counts as live: this node always, else the prober's
+/// verdict when it judges the node, else chitchat's live set.
+fn judge<'a>(
+    cc: &'a Chitchat,
+    verdicts: Option<&'a Verdicts>,
+) -> impl Fn(&ChitchatId) -> bool + 'a {
+    let live: HashSet<&ChitchatId> = cc.live_nodes().collect();
+    let me = cc.self_chitchat_id();
+    move |id| match verdicts.and_then(|v| v.judged(&id.node_id, id.generation_id)) {
+        _ if id == me => true,
+        Some(dead) => !dead,
+        None => live.contains(id),
+    }
 }
 
 /// Each node's snapshot as of its state version, kept between catalog
@@ -711,17 +725,12 @@ impl SnapshotCache {
         kind: &PoolKind,
         verdicts: Option<&Verdicts>,
     ) -> Vec<NodeSnapshot> {
-        let live: HashSet<&ChitchatId> = cc.live_nodes().collect();
-        let me = cc.self_chitchat_id();
+        let judge = judge(cc, verdicts);
         let states = cc.node_states();
         self.nodes.retain(|id, _| states.contains_key(id));
         let mut out = Vec::with_capacity(states.len());
         for (id, state) in states {
-            let alive = match verdicts.and_then(|v| v.judged(&id.node_id, id.generation_id)) {
-                _ if id == me => true,
-                Some(dead) => !dead,
-                None => live.contains(id),
-            };
+            let alive = judge(id);
             let version = state.max_version();
             let mut snap = match self.nodes.get(id) {
                 Some((v, snap)) if *v == version => snap.clone(),
